@@ -1,0 +1,346 @@
+"""Where documents come from: the bundled corpus, local files, or Hugging Face datasets.
+
+``load_documents(source)`` returns ``(documents, provenance)``. Sources:
+
+* ``bundled``: ``corpus/bundled.jsonl.xz`` shipped with the package (see its PROVENANCE.md).
+* a local path: a ``.txt`` file (one file = one document), a ``.jsonl`` file (one JSON object
+  per line, text in ``text_field``; also ``.jsonl.gz`` / ``.jsonl.xz``), or a folder (all
+  ``*.txt`` and ``*.jsonl[.gz|.xz]`` files below it, in sorted order).
+* ``hf:NAME[#split]``: ``datasets`` loading. Aliases: ``openwebtext`` ->
+  ``Skylion007/openwebtext``; ``lm1b`` -> ``lm1b`` (one sentence per document);
+  ``wikitext103`` -> ``Salesforce/wikitext``, config ``wikitext-103-raw-v1`` (lines regrouped
+  into articles); ``text8`` -> ``afmck/text8`` (one string, cut into ~10,000-character
+  documents at spaces). Any other ``hf:owner/name`` is passed to ``load_dataset``;
+  ``hf:/local/dir`` uses ``load_from_disk`` for a ``save_to_disk`` folder, else
+  ``load_dataset(dir)``; ``hf:file.jsonl|.json|.parquet|.csv|.txt`` loads that file with the
+  matching builder. The split defaults to ``train`` (or the only split). Set
+  ``HF_DATASETS_OFFLINE=1`` to use only the local cache.
+
+``split_documents`` makes a deterministic document-level train/validation split.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import re
+from typing import Iterator, Optional, Sequence
+
+from ..errors import DataError
+
+CORPUS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
+BUNDLED_PATH = os.path.join(CORPUS_DIR, "bundled.jsonl.xz")
+TEXT_SUFFIXES = (".txt",)
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.xz")
+
+# alias -> (path, config name, text field, post-processing)
+HF_ALIASES = {
+    "openwebtext": ("Skylion007/openwebtext", None, "text", None),
+    "lm1b": ("lm1b", None, "text", None),
+    "wikitext103": ("Salesforce/wikitext", "wikitext-103-raw-v1", "text", "wikitext"),
+    "text8": ("afmck/text8", None, "text", "chunk"),
+}
+TEXT8_CHUNK_CHARS = 10_000
+
+
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
+
+
+# ---- local files ---------------------------------------------------------------------------
+def _read_bytes(path: str) -> bytes:
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        if path.endswith(".xz"):
+            with lzma.open(path, "rb") as f:
+                return f.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise DataError(f"cannot read {path}: {_first_line(e)}") from None
+
+
+def _decode(path: str, raw: bytes) -> str:
+    if b"\x00" in raw:
+        raise DataError(f"{path} is not UTF-8 text (binary file: contains NUL bytes)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at "
+                        f"offset {e.start})") from None
+
+
+def _read_jsonl(path: str, text_field: str) -> list[str]:
+    text = _decode(path, _read_bytes(path))
+    docs = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}: line {lineno} is not a JSON object")
+        if text_field not in obj:
+            fields = ", ".join(sorted(map(str, obj))[:10]) or "none"
+            raise DataError(f"{path}: line {lineno} has no '{text_field}' field "
+                            f"(fields: {fields})")
+        value = obj[text_field]
+        if not isinstance(value, str):
+            raise DataError(f"{path}: line {lineno}: field '{text_field}' is not a string")
+        docs.append(value)
+    return docs
+
+
+def _read_path(path: str, text_field: str) -> list[str]:
+    if path.endswith(JSONL_SUFFIXES):
+        return _read_jsonl(path, text_field)
+    return [_decode(path, _read_bytes(path))]
+
+
+def _folder_files(folder: str) -> list[str]:
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for n in names:
+            if not n.startswith(".") and n.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
+                files.append(os.path.join(root, n))
+    return sorted(files, key=lambda p: os.path.relpath(p, folder))
+
+
+def _load_local(path: str, text_field: str) -> tuple[list[str], str]:
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        raise DataError(f"data source not found: {path}")
+    if os.path.isdir(path):
+        files = _folder_files(path)
+        if not files:
+            raise DataError(f"no .txt or .jsonl files in folder {path}")
+        docs = [d for f in files for d in _read_path(f, text_field)]
+        return docs, f"folder:{path} ({len(files)} files)"
+    if not path.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
+        raise DataError(f"unsupported data file {path}: expected .txt, .jsonl, .jsonl.gz, "
+                        ".jsonl.xz or a folder")
+    return _read_path(path, text_field), f"file:{path}"
+
+
+def load_bundled() -> list[dict]:
+    """The bundled corpus as records {"id", "source", "title", "text"}."""
+    if not os.path.exists(BUNDLED_PATH):
+        raise DataError(f"bundled corpus missing: {BUNDLED_PATH} (rebuild with "
+                        "scripts/build_corpus.py)")
+    raw = _read_bytes(BUNDLED_PATH)
+    return [json.loads(line) for line in raw.decode("utf-8").splitlines() if line]
+
+
+def _bundled_sha() -> str:
+    h = hashlib.sha256()
+    with open(BUNDLED_PATH, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- Hugging Face ----------------------------------------------------------------------------
+class HFDocuments(Sequence):
+    """A lazy, read-only sequence of texts from one column of a ``datasets.Dataset``
+    (Arrow, memory-mapped), so large corpora are not copied into Python strings at once."""
+
+    def __init__(self, dataset, field: str, batch: int = 1000) -> None:
+        self.dataset, self.field, self.batch = dataset, field, batch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        return self.dataset[int(i)][self.field] or ""
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self.dataset), self.batch):
+            for text in self.dataset[start:start + self.batch][self.field]:
+                yield text or ""
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, n))
+        for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _pick_split(ds, split: Optional[str], name: str):
+    if not hasattr(ds, "keys"):          # already a Dataset
+        return ds
+    keys = sorted(ds.keys())
+    if split is None:
+        split = "train" if "train" in keys else (keys[0] if len(keys) == 1 else None)
+    if split is None or split not in keys:
+        raise DataError(f"dataset {name!r} has splits {', '.join(keys)}; choose one with "
+                        f"hf:{name}#SPLIT")
+    return ds[split]
+
+
+def _wikitext_articles(lines) -> list[str]:
+    """Regroup WikiText lines into articles at top-level headings (' = Title = ')."""
+    articles, cur = [], []
+    for line in lines:
+        if re.match(r"^ = [^=].* = $", line.rstrip("\n")) and cur:
+            articles.append("".join(cur).strip())
+            cur = []
+        cur.append(line)
+    if cur:
+        articles.append("".join(cur).strip())
+    return [a for a in articles if a]
+
+
+def _chunk_text(text: str, size: int = TEXT8_CHUNK_CHARS) -> list[str]:
+    out, i = [], 0
+    while i < len(text):
+        j = min(len(text), i + size)
+        if j < len(text):
+            k = text.rfind(" ", i, j)
+            j = k if k > i else j
+        out.append(text[i:j].strip())
+        i = j
+    return [c for c in out if c]
+
+
+def _load_hf(spec: str, text_field: str) -> tuple[Sequence[str], str]:
+    import datasets  # imported lazily: slow to import
+
+    name, _, split = spec.partition("#")
+    split = split or None
+    if not name:
+        raise DataError("empty Hugging Face dataset name in 'hf:'")
+    path, config, field, post = HF_ALIASES.get(name, (name, None, text_field, None))
+    if text_field != "text":
+        field = text_field
+    local = os.path.expanduser(name)
+    try:
+        if _is_saved_dataset(local):
+            ds = datasets.load_from_disk(local)
+            where = f"hf-disk:{os.path.abspath(local)}"
+        elif os.path.isfile(local):
+            ext = local.split(".")[-2] if local.endswith((".gz", ".xz", ".bz2")) else \
+                local.rsplit(".", 1)[-1]
+            builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv",
+                       "txt": "text"}.get(ext)
+            if builder is None:
+                raise DataError(f"unsupported dataset file {local}: expected .json, .jsonl, "
+                                ".parquet, .csv or .txt")
+            ds = datasets.load_dataset(builder, data_files=local)
+            where = f"hf-file:{os.path.abspath(local)}"
+        elif os.path.isdir(local):               # a folder of data files
+            ds = datasets.load_dataset(local)
+            where = f"hf-dir:{os.path.abspath(local)}"
+        elif name.startswith((".", "/", "~")):
+            raise DataError(f"data source not found: {os.path.abspath(local)}")
+        else:
+            ds = datasets.load_dataset(path, config)
+            where = f"hf:{path}" + (f"/{config}" if config else "")
+        ds = _pick_split(ds, split, name)
+    except DataError:
+        raise
+    except Exception as e:  # hub/network/offline/format errors: one line for the user
+        raise DataError(f"could not load Hugging Face dataset {name!r}: {_first_line(e)}") from None
+    if field not in ds.column_names:
+        raise DataError(f"dataset {name!r} has no '{field}' column "
+                        f"(columns: {', '.join(ds.column_names)})")
+    split_name = str(getattr(ds, "split", None) or split or "train")
+    fingerprint = getattr(ds, "_fingerprint", "?")
+    prov = f"{where} split={split_name} field={field} fingerprint={fingerprint}"
+    docs = HFDocuments(ds, field)
+    if post == "wikitext":
+        return _wikitext_articles(docs), prov + " (articles)"
+    if post == "chunk":
+        chunks = [c for t in docs for c in _chunk_text(t)]
+        return chunks, prov + f" (chunks of {TEXT8_CHUNK_CHARS})"
+    return docs, prov
+
+
+# ---- public API ------------------------------------------------------------------------------
+def load_documents(source: str, text_field: str = "text") -> tuple[Sequence[str], str]:
+    """Return ``(documents, provenance)`` for ``source`` (see the module docstring).
+    Whitespace-only documents are dropped; DataError if nothing is left."""
+    if not isinstance(source, str) or not source.strip():
+        raise DataError(f"invalid data source {source!r}")
+    if source == "bundled":
+        docs: Sequence[str] = [r["text"] for r in load_bundled()]
+        prov = f"bundled:{_bundled_sha()[:16]}"
+    elif source.startswith("hf:"):
+        docs, prov = _load_hf(source[3:], text_field)
+    else:
+        docs, prov = _load_local(source, text_field)
+    if isinstance(docs, list):
+        docs = [d for d in docs if d.strip()]
+        if not docs:
+            raise DataError(f"empty corpus: no non-whitespace text in {source}")
+    elif not any(d.strip() for d in _head(docs, 10_000)):
+        raise DataError(f"empty corpus: no non-whitespace text in the first documents of {source}")
+    return docs, prov
+
+
+def _head(docs: Sequence[str], n: int) -> Iterator[str]:
+    for i, d in enumerate(docs):
+        if i >= n:
+            return
+        yield d
+
+
+def _doc_key(seed: int, i: int) -> float:
+    h = hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2.0 ** 64
+
+
+class _Subset(Sequence):
+    """A view of some documents of a lazy sequence."""
+
+    def __init__(self, docs: Sequence[str], indices: list[int]) -> None:
+        self.docs, self.indices = docs, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.docs[j] for j in self.indices[i]]
+        return self.docs[self.indices[i]]
+
+    def __iter__(self) -> Iterator[str]:
+        for j in self.indices:
+            yield self.docs[j]
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Document indices (train, val): index i goes to validation when a hash of (seed, i)
+    falls below ``val_fraction``; at least one document on each side."""
+    if n < 2:
+        raise DataError(f"need at least 2 documents to make a train/validation split, got {n}")
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    keys = [_doc_key(seed, i) for i in range(n)]
+    val = [i for i in range(n) if keys[i] < val_fraction]
+    if not val:                                   # smallest key goes to validation
+        val = [min(range(n), key=keys.__getitem__)]
+    if len(val) == n:                             # largest key stays in training
+        val.remove(max(range(n), key=keys.__getitem__))
+    val_set = set(val)
+    return [i for i in range(n) if i not in val_set], sorted(val_set)
+
+
+def split_documents(docs: Sequence[str], val_fraction: float,
+                    seed: int) -> tuple[Sequence[str], Sequence[str]]:
+    """Deterministic document-level split (stable across runs and machines)."""
+    train_idx, val_idx = split_indices(len(docs), val_fraction, seed)
+    if isinstance(docs, list):
+        return [docs[i] for i in train_idx], [docs[i] for i in val_idx]
+    return _Subset(docs, train_idx), _Subset(docs, val_idx)

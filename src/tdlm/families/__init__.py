@@ -1,0 +1,2 @@
+"""Model families: each module registers a process + objective + sampler (see base.py)."""
+from .base import Family, LossTerms, get_family, get_family_class, register  # noqa: F401

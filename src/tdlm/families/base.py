@@ -1,0 +1,110 @@
+"""What every model family provides, and the registry that maps a config's family to it.
+
+A family = a model builder + an objective (``loss``; with ``exact=True`` it is the
+evaluation NELBO with exact weights) + a sampler. Shared code (training, evaluation, CLI)
+talks only to this interface, never ``if family == ...``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from ..config import RunConfig
+from ..errors import ConfigError
+
+
+@dataclass
+class LossTerms:
+    """Per-sequence negative-ELBO terms in nats.
+
+    ``nll[b]``: the (Monte-Carlo) NELBO of sequence b; ``n_tokens[b]``: tokens it is
+    normalised by (non-padding tokens); ``parts``: named per-sequence components that sum to
+    ``nll`` (e.g. per tree level)."""
+    nll: torch.Tensor
+    n_tokens: torch.Tensor
+    parts: dict = field(default_factory=dict)
+
+    def per_token(self) -> torch.Tensor:
+        return self.nll.sum() / self.n_tokens.sum().clamp_min(1)
+
+
+class Family:
+    """Interface of a model family. Subclasses set ``name`` and implement the methods."""
+    name = "base"
+    is_diffusion = True
+
+    def __init__(self, cfg: RunConfig, **resources):
+        self.cfg = cfg
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator,
+             exact: bool = False) -> LossTerms:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, num: int, seq_len: int, steps: int,
+               generator: torch.Generator, temperature: float = 1.0, top_p: float = 1.0,
+               **kw) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state_files(self) -> dict:
+        """Extra artefacts saved with a checkpoint (e.g. a vocabulary tree): name -> writer."""
+        return {}
+
+    @classmethod
+    def prepare(cls, cfg: RunConfig, data, run_dir) -> dict:
+        """Build resources the family needs before training (e.g. a vocabulary tree from the
+        corpus); returned as keyword arguments for ``__init__``."""
+        return {}
+
+    @classmethod
+    def resources_from_checkpoint(cls, ckpt) -> dict:
+        """Load the resources saved by ``state_files`` back from a checkpoint."""
+        return {}
+
+
+_REGISTRY: dict[str, Callable[..., Family]] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        _REGISTRY[name] = cls
+        cls.name = name
+        return cls
+    return deco
+
+
+def get_family_class(name: str) -> type:
+    import importlib
+    for mod in ("masked", "autoregressive", "tree", "deletion_insertion"):
+        try:
+            importlib.import_module(f"{__package__}.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.{mod}":
+                raise
+    if name not in _REGISTRY:
+        raise ConfigError(f"model family {name!r} is not available; available: "
+                          f"{', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def get_family(cfg: RunConfig, **resources) -> Family:
+    return get_family_class(cfg.model.family)(cfg, **resources)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def autocast_ctx(device: torch.device, precision: str):
+    """bf16 autocast on CUDA only; float32 elsewhere (bf16 matmuls are very slow on CPU)."""
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    import contextlib
+    return contextlib.nullcontext()
+

@@ -1,0 +1,173 @@
+"""MDLM: absorbing ("masking") diffusion with the SUBS parameterisation (Sahoo et al. 2024).
+
+Forward process (``corrupt``): each token independently becomes [MASK] with probability
+``1 - alpha_t``:  q(z_t,i | x_i) = alpha_t * onehot(x_i) + (1 - alpha_t) * onehot(MASK).
+
+SUBS (``subs_log_probs``): the [MASK] logit is -inf and unmasked positions copy their token
+(carry-over), so only masked positions carry loss.
+
+Continuous-time NELBO (``loss``), per sequence:
+    L(x) = E_{t ~ U(0,1)} [ w(t) * sum_i 1{z_t,i = MASK} * (-log p_theta(x_i | z_t)) ],
+    w(t) = -alpha'_t / (1 - alpha_t)   (= 1/t for the log-linear schedule),
+with antithetic t over the batch. Discrete time with T steps (t_i = i/T):
+    L_T(x) = T * E_{i ~ U{1..T}} [ (alpha_{s} - alpha_{t}) / (1 - alpha_{t}) * sum_i 1{masked} CE_i ],
+    s = (i-1)/T, which is a valid bound for any T and tends to L(x) as T grows.
+The prior term KL(q(z_1|x) || all-mask) is omitted as in MDLM (alpha_1 = eps is tiny).
+
+Ancestral sampler (``sample``): on the grid linspace(1, t_min, T+1), from t to s every
+masked position is unmasked with probability ``(alpha_s - alpha_t) / (1 - alpha_t)`` and its
+token drawn from p_theta(x | z_t) (float64 Gumbel, temperature, top-p); unmasked positions
+never change. If nothing changed and the model ignores t, the prediction is reused (cache).
+The last step's remaining masks are filled with the argmax ("noise removal").
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from ..config import RunConfig
+from ..nn.dit import DiT, FinalLayer
+from ..sampling.gumbel import adjust_logits, gumbel_argmax
+from ..schedules import get_schedule, sample_times
+from .base import Family, LossTerms, register
+
+TRAIN_T_MIN = 1e-3   # MDLM's sampling_eps: training draws t in [1e-3, 1]
+EVAL_T_MIN = 1e-5    # evaluation: bias below 1e-5 * (per-token CE), negligible
+
+
+class MaskedLM(nn.Module):
+    """DiT + V+1-way output layer. ``forward(z, sigma) -> logits [B, L, V+1]`` (raw)."""
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__()
+        m = cfg.model
+        self.vocab_size = m.vocab_size
+        self.mask_id = m.vocab_size
+        self.backbone = DiT(m, m.vocab_size + 1)
+        self.head = FinalLayer(m.d_model, m.cond_dim, m.vocab_size + 1)
+
+    def forward(self, z: torch.Tensor, sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h, c = self.backbone(z, sigma)
+        return self.head(h, c)
+
+
+def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """SUBS: log-softmax with the [MASK] class removed; unmasked rows become one-hot at z
+    (log 1 = 0 at z, -inf elsewhere). Written as the reference code does (full V-sized
+    float32 tensors), which is what the memory benchmark compares against."""
+    logits = logits.float()
+    logits[..., mask_id] = float("-inf")
+    logp = torch.log_softmax(logits, dim=-1)
+    unmasked = z != mask_id
+    carry = torch.full_like(logp, float("-inf"))
+    carry.scatter_(-1, z.clamp_max(logp.shape[-1] - 1)[..., None], 0.0)
+    return torch.where(unmasked[..., None], carry, logp)
+
+
+@register("mdlm")
+class MaskedDiffusion(Family):
+    def __init__(self, cfg: RunConfig, **resources):
+        super().__init__(cfg)
+        self.schedule = get_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)
+        self.mask_id = cfg.model.vocab_size
+
+    def build_model(self) -> nn.Module:
+        return MaskedLM(self.cfg)
+
+    # ---- forward process ---------------------------------------------------------------
+    def corrupt(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """z_t: each token -> [MASK] independently with probability 1 - alpha_t."""
+        p_move = (1 - self.schedule.alpha(t))[:, None]
+        u = torch.rand(x0.shape, generator=generator, device=x0.device)
+        return torch.where(u < p_move, torch.full_like(x0, self.mask_id), x0)
+
+    def _times(self, B: int, generator, device, exact: bool):
+        """Returns (t, weight) per sequence for the continuous or discrete-time NELBO."""
+        d = self.cfg.diffusion
+        t = sample_times(B, generator, d.antithetic, EVAL_T_MIN if exact else TRAIN_T_MIN, device)
+        if d.num_timesteps > 0:
+            T = d.num_timesteps
+            i = torch.ceil(t * T).clamp(1, T)
+            t, s = i / T, (i - 1) / T
+            a_t, a_s = self.schedule.alpha(t), self.schedule.alpha(s)
+            return t, T * (a_s - a_t) / (1 - a_t)
+        return t, self.schedule.weight(t)
+
+    # ---- objective ---------------------------------------------------------------------
+    def loss(self, model, batch, generator, exact: bool = False) -> LossTerms:
+        x0 = batch["input_ids"]
+        valid = batch.get("valid", torch.ones_like(x0, dtype=torch.bool))
+        t, w = self._times(x0.shape[0], generator, x0.device, exact)
+        z = self.corrupt(x0, t, generator)
+        logits = model(z, self.schedule.sigma(t))
+        return self.loss_from_logits(logits, x0, z, w, valid)
+
+    def loss_from_logits(self, logits, x0, z, w, valid) -> LossTerms:
+        """Weighted masked cross-entropy from given network outputs (used for parity tests)."""
+        logp = subs_log_probs(logits, z, self.mask_id)
+        ce = -logp.gather(-1, x0[..., None]).squeeze(-1)
+        masked = z == self.mask_id
+        ce = torch.where(masked, ce, torch.zeros_like(ce))
+        nll = w.float() * ce.sum(-1)
+        return LossTerms(nll=nll, n_tokens=valid.sum(-1).float(), parts={})
+
+    # ---- sampler -----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, model, num, seq_len, steps, generator, temperature=1.0, top_p=1.0,
+               t_min: float = EVAL_T_MIN, cache: bool = True, noise_removal: bool = True,
+               prefix: Optional[torch.Tensor] = None,
+               predict: Optional[Callable] = None, on_forward: Optional[Callable] = None,
+               **kw) -> torch.Tensor:
+        """Ancestral sampling from all-[MASK]. ``prefix`` [num, k] clamps the first k tokens.
+        ``predict(z, sigma, step)`` overrides the model call (model scheduling);
+        ``on_forward(step)`` is called for every forward pass actually made."""
+        device = next(model.parameters()).device
+        z = torch.full((num, seq_len), self.mask_id, dtype=torch.long, device=device)
+        if prefix is not None:
+            z[:, :prefix.shape[1]] = prefix.to(device)
+        ts = torch.linspace(1.0, t_min, steps + 1, dtype=torch.float64)
+        logp = None
+        reuse_ok = cache and not self.cfg.model.time_conditioning and predict is None
+        for k in range(steps):
+            t, s = ts[k], ts[k + 1]
+            if logp is None:
+                sigma = self.schedule.sigma(torch.full((num,), float(t), device=device))
+                logits = predict(z, sigma, k) if predict else model(z, sigma)
+                if on_forward:
+                    on_forward(k)
+                logp = self._prediction(logits, temperature, top_p)
+            a_t = float(self.schedule.alpha(t))
+            a_s = float(self.schedule.alpha(s))
+            z_new = self.step(z, logp, (a_s - a_t) / (1 - a_t), generator)
+            if not (reuse_ok and torch.equal(z_new, z)):
+                logp = None
+            z = z_new
+        if noise_removal and (z == self.mask_id).any():
+            if logp is None:
+                sigma = self.schedule.sigma(torch.full((num,), float(ts[-1]), device=device))
+                logits = predict(z, sigma, steps) if predict else model(z, sigma)
+                if on_forward:
+                    on_forward(steps)
+                logp = self._prediction(logits, temperature, top_p)
+            z = torch.where(z == self.mask_id, logp.argmax(-1), z)
+        return z
+
+    def _prediction(self, logits, temperature, top_p):
+        logits = logits.double()
+        logits[..., self.mask_id] = float("-inf")
+        return adjust_logits(logits, temperature, top_p)
+
+    def step(self, z: torch.Tensor, logp: torch.Tensor, p_move: float,
+             generator: torch.Generator) -> torch.Tensor:
+        """One reverse step t -> s: masked positions move with probability p_move to a class
+        drawn from ``logp`` (float64 Gumbel, only for the positions that move)."""
+        noised = z == self.mask_id
+        u = torch.rand(z.shape, generator=generator, device=z.device, dtype=torch.float64)
+        move = noised & (u < p_move)
+        if move.any():
+            choice = gumbel_argmax(logp[move], generator)
+            z = z.clone()
+            z[move] = choice
+        return z

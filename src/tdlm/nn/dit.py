@@ -1,0 +1,182 @@
+"""The DiT backbone of MDLM (Sahoo et al. 2024), free of any diffusion logic.
+
+``DiT(tokens, sigma) -> (hidden, c)``: token embedding, rotary positions, ``n_layers`` blocks
+with adaLN-zero modulation by the time embedding ``c = TimestepEmbedder(sigma)``, PyTorch SDPA
+attention (bidirectional, or causal for the AR family). Heads (``tdlm.nn.heads``) turn
+``hidden`` into predictions; the final adaLN layer lives in the head so that the head's
+parameter count matches the papers' convention (the output linear).
+
+Parameter layout follows MDLM's ``DIT`` exactly, so ``mdlm-small`` (d=768, 12 blocks, 12 heads,
+cond 128, vocab 50257+1) has 169,627,218 parameters, of which the output linear is 22.8%.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ModelConfig
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a weight and no bias (MDLM), computed in float32."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.float(), (self.dim,))
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: ``x * (1 + scale) + shift`` with per-sequence ``shift, scale`` of shape [B, 1, d]."""
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of the noise level sigma (256 frequencies) -> MLP -> cond_dim."""
+
+    def __init__(self, cond_dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(),
+                                 nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) *
+                          torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
+        args = sigma.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (base 10000) on the head dimension; positions 0..L-1."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None]       # [L, hd/2]
+        return freqs.cos(), freqs.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, L, hd]; rotate pairs (x1, x2) = halves of the head dimension."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[None, None], sin[None, None]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-zero: shift/scale/gate for attention and MLP
+    come from ``Linear(cond_dim, 6d)(c)``, initialised to zero so each block starts as identity."""
+
+    def __init__(self, d: int, n_heads: int, cond_dim: int, mlp_ratio: int, dropout: float,
+                 causal: bool):
+        super().__init__()
+        self.n_heads, self.causal, self.dropout = n_heads, causal, dropout
+        self.norm1 = LayerNorm(d)
+        self.attn_qkv = nn.Linear(d, 3 * d, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.norm2 = LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(approximate="tanh"),
+                                 nn.Linear(mlp_ratio * d, d))
+        self.adaLN_modulation = nn.Linear(cond_dim, 6 * d)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        B, L, d = x.shape
+        mod = self.adaLN_modulation(c)[:, None, :].chunk(6, dim=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        qkv = self.attn_qkv(h).view(B, L, 3, self.n_heads, d // self.n_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                # [B, H, L, hd]
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        drop = self.dropout if self.training else 0.0
+        # No attention-probability dropout (MDLM applies dropout to the residual branches only).
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           is_causal=self.causal and attn_mask is None)
+        a = a.transpose(1, 2).reshape(B, L, d)
+        x = x + gate_msa * F.dropout(self.attn_out(a), drop, self.training)
+        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
+        return x + gate_mlp * F.dropout(self.mlp(h), drop, self.training)
+
+
+class DiT(nn.Module):
+    """Backbone: ``forward(tokens [B, L], sigma [B] | None, attn_mask) -> (hidden [B, L, d], c [B, cond])``.
+
+    ``n_embed`` is the number of input embedding rows (vocabulary + [MASK] for MDLM; all tree
+    nodes for TDLM). With ``time_conditioning=False`` sigma is replaced by zeros (MDLM OWT).
+    """
+
+    def __init__(self, cfg: ModelConfig, n_embed: int):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.vocab_embed = nn.Embedding(n_embed, d)
+        nn.init.kaiming_uniform_(self.vocab_embed.weight, a=math.sqrt(5))
+        self.sigma_map = TimestepEmbedder(cfg.cond_dim)
+        self.rotary = Rotary(d // cfg.n_heads)
+        self.blocks = nn.ModuleList(
+            DiTBlock(d, cfg.n_heads, cfg.cond_dim, cfg.mlp_ratio, cfg.dropout, cfg.causal)
+            for _ in range(cfg.n_layers))
+
+    def forward(self, tokens: torch.Tensor, sigma: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        B, L = tokens.shape
+        if sigma is None or not self.cfg.time_conditioning:
+            sigma = torch.zeros(B, device=tokens.device)
+        c = F.silu(self.sigma_map(sigma))
+        x = self.vocab_embed(tokens)
+        rope = self.rotary(torch.arange(L, device=tokens.device))
+        for block in self.blocks:
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(block, x, c, rope, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, c, rope, attn_mask)
+        return x, c
+
+
+class FinalLayer(nn.Module):
+    """adaLN final norm + zero-initialised ``Linear(d, out_dim)`` (MDLM's ``DDitFinalLayer``)."""
+
+    def __init__(self, d: int, cond_dim: int, out_dim: int):
+        super().__init__()
+        self.norm_final = LayerNorm(d)
+        self.linear = nn.Linear(d, out_dim)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.adaLN_modulation = nn.Linear(cond_dim, 2 * d)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def features(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=-1)
+        return modulate(self.norm_final(x), shift, scale)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(x, c))
+
+
+def count_parameters(model: nn.Module) -> dict:
+    """Total, embedding (input table), head (output linear(s)) and transformer-block counts."""
+    total = sum(p.numel() for p in model.parameters())
+    emb = sum(p.numel() for n, p in model.named_parameters() if "vocab_embed" in n)
+    head = sum(p.numel() for n, p in model.named_parameters()
+               if n.startswith("head.") and ".linear" in n)
+    blocks = sum(p.numel() for n, p in model.named_parameters() if ".blocks." in n or n.startswith("blocks."))
+    return {"total": total, "embedding": emb, "head": head, "blocks": blocks,
+            "other": total - emb - head - blocks, "head_share": head / total}
