@@ -142,7 +142,7 @@ def test_one_step_transition_law():
     n = 200000
     z = torch.full((n, 1), fam.mask_id)
     p = torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.float64)
-    logp = p.log().expand(n, 1, V + 1)
+    logp = p[:V].log().expand(n, 1, V)
     g = torch.Generator().manual_seed(0)
     p_move = 0.37
     out = fam.step(z, logp, p_move, g)

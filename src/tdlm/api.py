@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -15,9 +16,19 @@ from typing import Optional, Sequence
 import torch
 
 from .config import RunConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .families import Family, get_family_class
 from .train.checkpoint import Checkpoint, load_checkpoint
+
+
+def _posint(name: str, v) -> int:
+    try:
+        i = operator.index(v)
+    except TypeError:
+        raise ConfigError(f"{name} must be an integer >= 1, got {v!r}") from None
+    if i < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+    return i
 
 
 @dataclass
@@ -36,14 +47,22 @@ class Pipeline:
     def generate_ids(self, num: int = 1, steps: int = 128, seq_len: Optional[int] = None,
                      seed: int = 0, temperature: float = 1.0, top_p: float = 1.0,
                      prefix: Optional[torch.Tensor] = None, **kw) -> torch.Tensor:
-        if steps <= 0:
-            raise ValueError("steps must be >= 1")
-        if num <= 0:
-            raise ValueError("num must be >= 1")
-        seq_len = seq_len or self.cfg.data.seq_len
+        steps, num = _posint("steps", steps), _posint("num", num)
+        seq_len = _posint("seq_len", self.cfg.data.seq_len if seq_len is None else seq_len)
         if seq_len > self.cfg.model.max_seq_len:
-            raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len "
-                             f"{self.cfg.model.max_seq_len}")
+            raise ConfigError(f"seq_len {seq_len} exceeds the model's max_seq_len "
+                              f"{self.cfg.model.max_seq_len}")
+        if not temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature!r}")
+        if not 0 < top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}")
+        if prefix is not None:
+            prefix = torch.as_tensor(prefix, dtype=torch.long)
+            if prefix.dim() == 1:
+                prefix = prefix[None].expand(num, -1)
+            if prefix.dim() != 2 or prefix.shape[0] != num or prefix.shape[1] > seq_len:
+                raise ConfigError(f"prefix must have shape [num={num}, k <= {seq_len}], got "
+                                  f"{list(prefix.shape)}")
         gen = torch.Generator(device=self.device).manual_seed(seed)
         self.model.eval()
         return self.family.sample(self.model, num, seq_len, steps, gen, temperature=temperature,
@@ -57,14 +76,25 @@ class Pipeline:
     @torch.no_grad()
     def nelbo(self, texts: Sequence[str], seed: int = 0, repeats: int = 4) -> dict:
         """NELBO (nats/token, averaged over ``repeats`` noise draws) of texts, each encoded and
-        cut/padded to the model's sequence length as in training (packed layout)."""
+        cut/padded to the model's sequence length as in training: packed layout, text + EOS
+        cut into blocks; crop_pad layout, BOS + text + EOS cut into windows. Padding is not
+        scored."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            raise ConfigError("nelbo: no texts given")
+        if repeats < 1:
+            raise ConfigError(f"repeats must be >= 1, got {repeats}")
         L = self.cfg.data.seq_len
+        tok = self.tokenizer
         ids = []
         for t in texts:
-            toks = self.tokenizer.encode(t) + [self.tokenizer.eos_id]
+            toks = tok.encode(t) + [tok.eos_id]
+            if self.cfg.data.layout == "crop_pad":
+                toks = [tok.bos_id] + toks
             for i in range(0, len(toks), L):
                 ids.append(toks[i:i + L])
-        x = torch.full((len(ids), L), self.tokenizer.pad_id, dtype=torch.long)
+        x = torch.full((len(ids), L), tok.pad_id, dtype=torch.long)
         valid = torch.zeros((len(ids), L), dtype=torch.bool)
         for i, row in enumerate(ids):
             x[i, :len(row)] = torch.tensor(row)
@@ -97,6 +127,12 @@ def load(path: str | Path, device: str = "cpu", use_ema: bool = True,
          expect_family: Optional[str] = None) -> Pipeline:
     """Load a checkpoint (a step folder or a run folder) into a :class:`Pipeline`."""
     ckpt = load_checkpoint(path, expect_family=expect_family)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"invalid device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
     cfg = ckpt.config
     fam_cls = get_family_class(cfg.model.family)
     family = fam_cls(cfg, **fam_cls.resources_from_checkpoint(ckpt))
@@ -107,5 +143,5 @@ def load(path: str | Path, device: str = "cpu", use_ema: bool = True,
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {ckpt.path} weights do not fit its config: "
                               f"{str(e).splitlines()[0]}") from None
-    model.to(device).eval()
+    model.to(dev).eval()
     return Pipeline(cfg, family, model, load_tokenizer(ckpt), ckpt)

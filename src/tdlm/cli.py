@@ -1,12 +1,14 @@
 """``tdlm`` command line: a thin layer over the library.
 
     tdlm run                         main job: train a tiny model on the bundled corpus, evaluate, sample
-    tdlm train --preset tiny --out runs/x [--set train.max_steps=100 ...] [--resume]
+    tdlm train --preset tiny --out runs/x [--set train.max_steps=100 ...]
+    tdlm train --out runs/x --resume     continue a run exactly, with its saved config
     tdlm eval CKPT [--json] [--batches N] [--seed S]
     tdlm sample CKPT --num N --steps T
     tdlm info --preset mdlm-small [--preset ...] [--json]
 
-User errors print ``error: <one line>`` and exit with status 2 (no traceback).
+User errors (bad config, data, checkpoints, paths, usage) print ``error: <one line>`` on
+stderr and exit with status 2 (no traceback); nothing existing is overwritten.
 """
 from __future__ import annotations
 
@@ -16,12 +18,22 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import TdlmError
+from .errors import ConfigError, TdlmError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error convention: one ``error:`` line, exit status 2."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {' '.join(message.split())}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _config_from_args(args):
     from .config import get_preset, load_config
-    cfg = load_config(args.config) if args.config else get_preset(args.preset)
+    if args.config and args.preset:
+        raise ConfigError("give either --preset or --config, not both")
+    cfg = load_config(args.config) if args.config else get_preset(args.preset or "tiny")
     if args.set:
         preset = cfg.preset
         cfg = cfg.override(args.set)
@@ -30,7 +42,7 @@ def _config_from_args(args):
 
 
 def _add_config_args(p):
-    p.add_argument("--preset", default="tiny", help="named preset (see `tdlm info --list`)")
+    p.add_argument("--preset", help="named preset (default: tiny; see `tdlm info --list`)")
     p.add_argument("--config", help="a JSON config file (instead of --preset)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config field, e.g. --set train.max_steps=200")
@@ -38,10 +50,14 @@ def _add_config_args(p):
 
 def cmd_train(args) -> int:
     from .train.loop import train
-    cfg = _config_from_args(args) if not args.resume else None
     if args.resume:
-        from .config import get_preset
-        cfg = get_preset("tiny")   # replaced by the checkpoint's config
+        if args.preset or args.config or args.set:
+            raise ConfigError("--resume continues the run with its saved config; do not pass "
+                              "--preset, --config or --set with it")
+        from .config import RunConfig
+        cfg = RunConfig()          # ignored: train() uses the checkpoint's config
+    else:
+        cfg = _config_from_args(args)
     res = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"trained to step {res.step}; run folder: {res.run_dir}")
     if res.final_checkpoint:
@@ -54,6 +70,10 @@ def _eval(ckpt_path: str, batches: int, seed: int, repeats: int, out: str | None
     from .api import load
     from .data import build_data
     from .eval.nelbo import evaluate_nelbo
+    if batches < 0:
+        raise ConfigError(f"--batches must be >= 0 (0: the whole validation split), got {batches}")
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {repeats}")
     pipe = load(ckpt_path, use_ema=use_ema)
     cfg = pipe.cfg
     data = build_data(cfg.data, None, tokenizer=pipe.tokenizer)
@@ -66,10 +86,19 @@ def _eval(ckpt_path: str, batches: int, seed: int, repeats: int, out: str | None
                 "data_layout": cfg.data.layout, "seq_len": cfg.data.seq_len,
                 "data_source": cfg.data.source, "tokenizer": cfg.data.tokenizer,
                 "schedule": cfg.diffusion.schedule, "num_timesteps": cfg.diffusion.num_timesteps})
-    out_dir = Path(out) if out else pipe.checkpoint.path.parent.parent / "eval"
+    out_dir = Path(out) if out else _run_dir_of(pipe.checkpoint.path) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "metrics.json", res)
     return res, out_dir
+
+
+def _run_dir_of(ckpt_path: Path) -> Path:
+    """The run folder of ``<run>/checkpoints/step_N``; for a checkpoint folder kept
+    elsewhere, the folder that holds it (never the checkpoint folder itself)."""
+    ckpt_path = Path(ckpt_path)
+    if ckpt_path.parent.name == "checkpoints":
+        return ckpt_path.parent.parent
+    return ckpt_path.parent
 
 
 def _write_json(path: Path, obj) -> None:
@@ -93,9 +122,15 @@ def _sample(ckpt_path: str, num: int, steps: int, seed: int, temperature: float,
             seq_len: int | None, out: str | None) -> tuple[list, Path]:
     from .api import load
     if steps <= 0:
-        raise TdlmError(f"--steps must be >= 1, got {steps}")
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
     if num <= 0:
-        raise TdlmError(f"--num must be >= 1, got {num}")
+        raise ConfigError(f"--num must be >= 1, got {num}")
+    if seq_len is not None and seq_len <= 0:
+        raise ConfigError(f"--seq-len must be >= 1, got {seq_len}")
+    if not temperature > 0:
+        raise ConfigError(f"--temperature must be > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
     pipe = load(ckpt_path)
     if seq_len and seq_len > pipe.cfg.model.max_seq_len:
         raise TdlmError(f"--seq-len {seq_len} exceeds the model's max_seq_len "
@@ -106,7 +141,7 @@ def _sample(ckpt_path: str, num: int, steps: int, seed: int, temperature: float,
     dt = time.perf_counter() - t0
     recs = [{"id": i, "text": pipe.tokenizer.decode(row.tolist()), "ids": row.tolist()}
             for i, row in enumerate(ids)]
-    out_path = Path(out) if out else pipe.checkpoint.path.parent.parent / "samples" / "samples.jsonl"
+    out_path = Path(out) if out else _run_dir_of(pipe.checkpoint.path) / "samples" / "samples.jsonl"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     from .train.checkpoint import atomic_write_text
     atomic_write_text(out_path, "".join(json.dumps(r) + "\n" for r in recs))
@@ -137,13 +172,23 @@ def cmd_info(args) -> int:
     rows = {}
     for name in args.preset or ["tiny"]:
         cfg = get_preset(name)
+        kw = {}
+        if cfg.model.family == "tdlm":
+            # parameter counts depend only on the tree's shape: a frequency-sorted tree of
+            # the preset's K, H has the node count of a k-means one
+            import numpy as np
+            from .tree import build_frequency_tree
+            kw["tree"] = build_frequency_tree(np.ones(cfg.model.vocab_size), cfg.model.tree_K,
+                                              cfg.model.tree_H)
         with torch.device("meta"):
-            model = get_family(cfg).build_model()
+            model = get_family(cfg, **kw).build_model()
         c = count_parameters(model)
         m = cfg.model
         rows[name] = {"family": m.family, "d_model": m.d_model, "n_layers": m.n_layers,
                       "n_heads": m.n_heads, "vocab_size": m.vocab_size, "seq_len": cfg.data.seq_len,
                       "parameters": c}
+        if m.family == "tdlm":
+            rows[name].update(tree_K=m.tree_K, tree_H=m.tree_H, tree_nodes=kw["tree"].num_nodes)
     if args.json:
         print(json.dumps(rows if len(rows) > 1 else next(iter(rows.values())), indent=2))
     else:
@@ -157,38 +202,64 @@ def cmd_info(args) -> int:
 
 
 def cmd_run(args) -> int:
-    """Main job: train the tiny preset on the bundled corpus, evaluate it, sample from it."""
+    """Main job: train each preset on the bundled corpus on the same tokens and seed,
+    evaluate all on the same validation batches, print NELBOs side by side and samples."""
     from .config import get_preset
     from .train.loop import train
+    presets = args.preset or ["tdlm-tiny", "tiny-gpt2"]
     out = Path(args.out or f"runs/quickstart-{time.strftime('%Y%m%d-%H%M%S')}")
-    cfg = get_preset(args.preset)
-    if args.set:
-        cfg = cfg.override(args.set)
-        cfg.preset = args.preset
-    print(f"[tdlm] training preset {args.preset!r} ({cfg.model.family}) on the bundled corpus "
-          f"for {cfg.train.max_steps} steps -> {out}")
-    res = train(cfg, out, progress=not args.no_progress)
-    ck = res.final_checkpoint
-    ev, ev_dir = _eval(str(ck), 0 if args.full_eval else 32, 0, 1, None)
-    print(f"[tdlm] validation NELBO/token {ev['nelbo_per_token']:.4f}, perplexity bound "
-          f"{ev['ppl_bound']:.2f}, bits/token {ev['bits_per_token']:.3f} over {ev['tokens']} tokens")
-    recs, spath = _sample(str(ck), args.num_samples, args.steps, 0, 1.0, 1.0, None, None)
-    for r in recs[:3]:
-        print(f"--- sample {r['id']} ({args.steps} steps) ---\n{r['text'][:400]}")
+    cfgs = {}
+    for name in presets:       # validate everything before any work
+        cfg = get_preset(name)
+        if args.set:
+            cfg = cfg.override(args.set)
+            cfg.preset = name
+        cfgs[name] = cfg
+    rows, outputs = {}, []
+    for name, cfg in cfgs.items():
+        run_dir = out / name
+        where = "the bundled corpus" if cfg.data.source == "bundled" else cfg.data.source
+        print(f"[tdlm] training {name!r} ({cfg.model.family}, {cfg.model.n_layers} blocks, "
+              f"d={cfg.model.d_model}) on {where} for {cfg.train.max_steps} steps -> {run_dir}")
+        res = train(cfg, run_dir, progress=not args.no_progress)
+        ck = res.final_checkpoint
+        ev, ev_dir = _eval(str(ck), 0 if args.full_eval else 32, 0, 1, None)
+        recs, spath = _sample(str(ck), args.num_samples, args.steps, 0, 1.0, 1.0, None, None)
+        rows[name] = (cfg, ev, recs)
+        outputs += [(f"{name} run folder", run_dir), (f"{name} checkpoint", ck),
+                    (f"{name} eval metrics", ev_dir / "metrics.json"), (f"{name} samples", spath),
+                    (f"{name} loss curve", run_dir / "loss_curve.png")]
+    print("\n[tdlm] validation (same batches, same noise seed):")
+    print(f"  {'preset':<12}{'family':<7}{'params':>12}{'NELBO/token':>13}{'ppl <=':>11}{'bits/token':>12}")
+    from .nn.dit import count_parameters
+    import torch
+    from .api import load
+    summary = {}
+    for name, (cfg, ev, recs) in rows.items():
+        n_params = count_parameters(load(ev["checkpoint"]).model)["total"]
+        summary[name] = {"family": cfg.model.family, "parameters": n_params, **ev}
+        print(f"  {name:<12}{cfg.model.family:<7}{n_params:>12,}{ev['nelbo_per_token']:>13.4f}"
+              f"{ev['ppl_bound']:>11.1f}{ev['bits_per_token']:>12.3f}")
+        if "parts_per_token" in ev:
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(ev["parts_per_token"].items()))
+            print(f"  {'':<19}per level: {parts}")
+    _write_json(out / "summary.json", summary)
+    for name, (cfg, ev, recs) in rows.items():
+        for r in recs[:2]:
+            print(f"--- {name} sample {r['id']} ({args.steps} steps) ---\n{r['text'][:300]}")
     print("[tdlm] outputs:")
-    for label, p in (("run folder", out), ("resolved config", out / "config.json"),
-                     ("training metrics", out / "metrics.jsonl"), ("loss curve", out / "loss_curve.png"),
-                     ("checkpoint", ck), ("eval metrics", ev_dir / "metrics.json"), ("samples", spath)):
-        print(f"  {label:<17} {p}")
+    for label, p in outputs + [("summary", out / "summary.json")]:
+        print(f"  {label:<26} {p}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tdlm", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="tdlm", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("run", help="main job: train + evaluate + sample a tiny model")
-    p.add_argument("--preset", default="tiny")
+    p = sub.add_parser("run", help="main job: train + evaluate + sample tiny TDLM and MDLM side by side")
+    p.add_argument("--preset", action="append",
+                   help="preset(s) to train side by side (default: tdlm-tiny and tiny-gpt2)")
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--out")
     p.add_argument("--steps", type=int, default=128, help="sampling steps")
@@ -231,15 +302,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--list", action="store_true")
     p.set_defaults(fn=cmd_info)
+
+    # `tdlm tree ...` is registered by the tree package when it is installed
+    try:
+        from .tree.cli import add_tree_parser
+    except ImportError:
+        pass
+    else:
+        add_tree_parser(sub)
     return ap
 
 
+def _os_error_line(e: OSError) -> str:
+    what = e.strerror or (str(e).strip().splitlines() or [type(e).__name__])[0]
+    where = f": {e.filename}" if getattr(e, "filename", None) else ""
+    return f"{what}{where}"
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split()) or "unknown error"
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:          # usage errors (one line, see _Parser) and --help
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     try:
         return args.fn(args)
     except TdlmError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:             # unwritable/unreadable paths, disk full, ...
+        print(f"error: {_one_line(_os_error_line(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -65,6 +65,11 @@ class ModelConfig:
     tree_K: int = 512
     tree_H: int = 2
     tree_head: str = "shared"           # shared | per_level
+    tree_source: str = "corpus"         # corpus | random | frequency | checkpoint | file
+    tree_path: str = ""                 # a tree file (file) or a checkpoint (checkpoint)
+    tree_seed: int = 0
+    tree_capacity_ratio: float = 1.0    # leaf-cluster capacity / K ("cluster size ratio")
+    tree_embed_dim: int = 64            # corpus/random embedding dimension
 
     def __post_init__(self) -> None:
         _choice(self, "family", FAMILIES)
@@ -76,6 +81,11 @@ class ModelConfig:
                "head dimension must be even for rotary embeddings")
         _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         _choice(self, "tree_head", ("shared", "per_level"))
+        _choice(self, "tree_source", ("corpus", "random", "frequency", "checkpoint", "file"))
+        _check(self.tree_source not in ("checkpoint", "file") or bool(self.tree_path),
+               "tree_path", f"required when tree_source={self.tree_source!r}")
+        _check(self.tree_K >= 2, "tree_K", f"must be >= 2, got {self.tree_K}")
+        _positive(self, "tree_capacity_ratio", "tree_embed_dim")
 
     @property
     def causal(self) -> bool:
@@ -282,6 +292,9 @@ _GIDD_TRAIN = dict(global_batch=512, lr=5e-4, betas=(0.9, 0.99), weight_decay=0.
 # CPU-scale training used by the README main job and the tests.
 _TINY_TRAIN = dict(global_batch=16, lr=1e-3, warmup_steps=50, max_steps=600, eval_every=200,
                    eval_batches=8, ckpt_every=200, log_every=10, ema=0.0)
+# GPT-2-vocabulary tiny models cost ~1 s per step of 8 x 128 tokens on 2 cores.
+_TINY_GPT2_TRAIN = dict(global_batch=8, lr=1e-3, warmup_steps=20, max_steps=200, eval_every=100,
+                        eval_batches=8, ckpt_every=100, log_every=10, ema=0.0)
 
 PRESETS: dict[str, dict] = {
     # Published sizes (MDLM paper / code). GPT-2 vocabulary, L=1024, packed OWT recipe.
@@ -302,13 +315,26 @@ PRESETS: dict[str, dict] = {
     "ar-small": _preset(dict(family="ar", vocab_size=_GPT2, d_model=768, n_layers=12, n_heads=12,
                              max_seq_len=1024, time_conditioning=False),
                         dict(seq_len=1024, layout="packed", source="hf:openwebtext"), _OWT_TRAIN),
+    # TDLM (GIDD setup, L=512): depth chosen so total parameters equal mdlm-small / mdlm-base
+    # within 1% (tests/test_presets.py); H=2, K=512 [reported]; head < 0.5% of parameters.
+    "tdlm-small": _preset(dict(family="tdlm", vocab_size=_GPT2, d_model=768, n_layers=17, n_heads=12,
+                               max_seq_len=512, tree_K=512, tree_H=2),
+                          dict(seq_len=512, layout="crop_pad", source="hf:openwebtext"), _GIDD_TRAIN),
+    "tdlm-base": _preset(dict(family="tdlm", vocab_size=_GPT2, d_model=1024, n_layers=28, n_heads=16,
+                              max_seq_len=512, tree_K=512, tree_H=2),
+                         dict(seq_len=512, layout="crop_pad", source="hf:openwebtext"), _GIDD_TRAIN),
     # CPU presets: run in minutes on 2 cores with the bundled corpus.
+    # tdlm-tiny has the parameter budget of tiny-gpt2 (13.9M): the V-way head's 6.4M
+    # parameters become 26 more blocks.
+    "tdlm-tiny": _preset(dict(family="tdlm", vocab_size=_GPT2, d_model=128, n_layers=30, n_heads=4,
+                              cond_dim=64, max_seq_len=128, dropout=0.0, tree_K=256, tree_H=2),
+                         dict(seq_len=128, tokenizer="gpt2", layout="packed"), _TINY_GPT2_TRAIN),
     "tiny": _preset(dict(family="mdlm", vocab_size=8192, d_model=128, n_layers=4, n_heads=4,
                          cond_dim=64, max_seq_len=128, dropout=0.0),
                     dict(seq_len=128, tokenizer="bpe-8k", layout="packed"), _TINY_TRAIN),
     "tiny-gpt2": _preset(dict(family="mdlm", vocab_size=_GPT2, d_model=128, n_layers=4, n_heads=4,
                               cond_dim=64, max_seq_len=128, dropout=0.0),
-                         dict(seq_len=128, tokenizer="gpt2", layout="packed"), _TINY_TRAIN),
+                         dict(seq_len=128, tokenizer="gpt2", layout="packed"), _TINY_GPT2_TRAIN),
     "ar-tiny": _preset(dict(family="ar", vocab_size=8192, d_model=128, n_layers=4, n_heads=4,
                             cond_dim=64, max_seq_len=128, dropout=0.0, time_conditioning=False),
                        dict(seq_len=128, tokenizer="bpe-8k", layout="packed"), _TINY_TRAIN),

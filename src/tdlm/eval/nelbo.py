@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ..errors import ConfigError
 from ..families.base import Family, autocast_ctx
 
 
@@ -22,6 +23,12 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
     """Average the NELBO over ``max_batches`` validation batches (0: the whole split),
     ``repeats`` independent noise draws each."""
     from ..data import BatchIterator
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if repeats < 1:
+        raise ConfigError(f"repeats must be >= 1, got {repeats}")
+    if max_batches < 0:
+        raise ConfigError(f"max_batches must be >= 0 (0: the whole split), got {max_batches}")
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -31,18 +38,20 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
     it = BatchIterator(dataset, batch_size, seed, start_batch=0, shuffle=False)
     gen = torch.Generator(device=device).manual_seed(seed + 12345)
     nll, toks, seqs, parts = 0.0, 0.0, 0, {}
-    for bi in range(n_batches):
-        keep = min(batch_size, len(dataset) - bi * batch_size)   # no wrap-around into epoch 2
-        batch = {k: v[:keep].to(device) for k, v in next(it).items()}
-        for _ in range(repeats):
-            with autocast_ctx(device, precision):
-                terms = family.loss(model, batch, gen, exact=True)
-            nll += terms.nll.double().sum().item()
-            toks += terms.n_tokens.double().sum().item()
-            for k, v in terms.parts.items():
-                parts[k] = parts.get(k, 0.0) + v.double().sum().item()
-        seqs += batch["input_ids"].shape[0]
-    model.train(was_training)
+    try:
+        for bi in range(n_batches):
+            keep = min(batch_size, len(dataset) - bi * batch_size)   # no wrap-around into epoch 2
+            batch = {k: v[:keep].to(device) for k, v in next(it).items()}
+            for _ in range(repeats):
+                with autocast_ctx(device, precision):
+                    terms = family.loss(model, batch, gen, exact=True)
+                nll += terms.nll.double().sum().item()
+                toks += terms.n_tokens.double().sum().item()
+                for k, v in terms.parts.items():
+                    parts[k] = parts.get(k, 0.0) + v.double().sum().item()
+            seqs += batch["input_ids"].shape[0]
+    finally:
+        model.train(was_training)
     per_tok = nll / max(toks, 1)
     out = {"nelbo_per_token": per_tok, "ppl_bound": math.exp(min(per_tok, 700)),
            "bits_per_token": per_tok / math.log(2), "tokens": int(toks / repeats),

@@ -29,7 +29,8 @@ import torch.nn as nn
 
 from ..config import RunConfig
 from ..nn.dit import DiT, FinalLayer
-from ..sampling.gumbel import adjust_logits, gumbel_argmax
+from ..sampling.gumbel import adjust_logits
+from ..sampling.loop import reverse_step
 from ..schedules import get_schedule, sample_times
 from .base import Family, LossTerms, register
 
@@ -155,19 +156,15 @@ class MaskedDiffusion(Family):
         return z
 
     def _prediction(self, logits, temperature, top_p):
-        logits = logits.double()
-        logits[..., self.mask_id] = float("-inf")
-        return adjust_logits(logits, temperature, top_p)
+        """log p_theta(x | z_t) over the V tokens ([MASK] is the last class and dropped)."""
+        return adjust_logits(logits[..., :self.mask_id].double(), temperature, top_p)
 
     def step(self, z: torch.Tensor, logp: torch.Tensor, p_move: float,
              generator: torch.Generator) -> torch.Tensor:
-        """One reverse step t -> s: masked positions move with probability p_move to a class
-        drawn from ``logp`` (float64 Gumbel, only for the positions that move)."""
-        noised = z == self.mask_id
-        u = torch.rand(z.shape, generator=generator, device=z.device, dtype=torch.float64)
-        move = noised & (u < p_move)
+        """One reverse step t -> s: masked positions move with probability p_move to a token
+        drawn from ``logp`` (shared ``reverse_step``: float64 Gumbel, moving rows only)."""
+        move, choice = reverse_step(z == self.mask_id, logp, p_move, generator)
         if move.any():
-            choice = gumbel_argmax(logp[move], generator)
             z = z.clone()
             z[move] = choice
         return z

@@ -51,13 +51,43 @@ def _write_json(path: Path, obj) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path``, fsync it and rename it into place:
+    readers see the old content or the new one, never a partial file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _step_of(p: Path) -> int:
+    try:
+        return int(p.name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -88,12 +118,25 @@ def save_checkpoint(run_dir: Path, step: int, cfg: RunConfig, model: torch.nn.Mo
                     ema: Optional[dict] = None, trainer_state: Optional[dict] = None,
                     extra_files: Optional[dict] = None, keep: int = 2) -> Path:
     """Write ``run_dir/checkpoints/step_<step>`` atomically and point ``latest`` at it.
-    ``extra_files``: name -> callable(folder) that writes an artefact into ``extra/<name>``."""
+    ``extra_files``: name -> callable(folder) that writes an artefact into ``extra/<name>``.
+
+    Order: everything goes into a hidden temporary folder (manifest.json last), which is
+    fsynced and renamed to ``step_<step>``; only then is ``latest`` replaced (atomically).
+    A failure at any point leaves ``latest`` on the previous checkpoint, and a folder
+    without its manifest never loads. Older checkpoints beyond ``keep`` are deleted last
+    (never the one ``latest`` points at)."""
     ckdir = Path(run_dir) / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckdir, prefix=f".tmp-{name}-"))
+    final = ckdir / name
+    tmp: Optional[Path] = None
     try:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        # leftovers of a write killed midway (one writer per run folder)
+        for stale in ckdir.glob(".tmp-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in ckdir.glob(".old-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=ckdir, prefix=f".tmp-{name}-"))
         _write_json(tmp / "config.json", cfg.to_dict())
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                   str(tmp / "model.safetensors"), metadata={"format": FORMAT,
@@ -117,23 +160,34 @@ def save_checkpoint(run_dir: Path, step: int, cfg: RunConfig, model: torch.nn.Mo
             writer(tmp / "extra" / ename)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {"format": FORMAT, "family": cfg.model.family, "step": step,
-                    "files": {str(p.relative_to(tmp)): _sha256(p) for p in files}}
+                    "files": {p.relative_to(tmp).as_posix(): _sha256(p) for p in files}}
         _write_json(tmp / "manifest.json", manifest)
-        final = ckdir / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint to {ckdir}: {e.strerror or e}") from None
+        _fsync_dir(tmp)
+        if final.exists():          # re-writing a step: move the old copy aside first
+            aside = ckdir / f".old-{name}-{os.getpid()}"
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        tmp = None
+        _fsync_dir(ckdir)
+        atomic_write_text(ckdir / "latest", name + "\n")
+    except (OSError, SafetensorError) as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        msg = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"could not write checkpoint to {ckdir}: {msg}") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(ckdir / "latest", name + "\n")
     # keep the newest `keep` checkpoints
-    old = sorted(p for p in ckdir.glob("step_*") if p.is_dir())
-    for p in old[:-keep] if keep > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
+    if keep > 0:
+        old = sorted((p for p in ckdir.glob("step_*") if p.is_dir()), key=_step_of)
+        for p in old[:-keep]:
+            if p.name != name:
+                shutil.rmtree(p, ignore_errors=True)
     return final
 
 
@@ -150,11 +204,19 @@ class Checkpoint:
         f = self.path / "optimizer.safetensors"
         if not f.exists():
             return None
-        meta = json.loads((self.path / "optimizer.json").read_text())
-        return _optimizer_state_dict(load_file(str(f)), meta)
+        meta = _read_json(self.path, "optimizer.json")
+        try:
+            return _optimizer_state_dict(load_file(str(f)), meta)
+        except (SafetensorError, OSError, KeyError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {self.path} optimizer state cannot be read: "
+                                  f"{e}") from None
 
     def rng_state(self) -> dict:
-        return load_file(str(self.path / "rng.safetensors"))
+        f = self.path / "rng.safetensors"
+        try:
+            return load_file(str(f))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"checkpoint {self.path} RNG state cannot be read: {e}") from None
 
     def extra(self, name: str) -> Optional[Path]:
         p = self.path / "extra" / name
@@ -166,16 +228,37 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
+    if p.is_file():
+        raise CheckpointError(f"{p} is not a tdlm checkpoint folder (expected a folder with "
+                              "manifest.json, or a run folder)")
     if (p / "manifest.json").exists() or (p / "model.safetensors").exists():
         return p
     for cand in (p / "checkpoints", p):
         latest = cand / "latest"
         if latest.is_file():
-            name = latest.read_text().strip()
-            return cand / name
-    if p.is_file():
-        raise CheckpointError(f"{p} is not a tdlm checkpoint folder (expected a folder with manifest.json)")
-    raise CheckpointError(f"no checkpoint found in {p}")
+            try:
+                name = latest.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"cannot read {latest}: {e}") from None
+            target = cand / name
+            if not name or "/" in name or "\\" in name or name in (".", "..") \
+                    or not target.is_dir():
+                raise CheckpointError(f"{latest} points at {name!r}, which is not a "
+                                      f"checkpoint folder in {cand}")
+            return target
+    raise CheckpointError(f"no checkpoint found in {p} (not a checkpoint or run folder)")
+
+
+def _read_json(p: Path, rel: str):
+    try:
+        return json.loads((p / rel).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {p}: cannot read {rel}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint {p} has a corrupt {rel}") from None
+
+
+REQUIRED = ("config.json", "model.safetensors", "trainer.json")
 
 
 def load_checkpoint(path: str | Path, expect_family: Optional[str] = None,
@@ -187,23 +270,34 @@ def load_checkpoint(path: str | Path, expect_family: Optional[str] = None,
     if not mpath.is_file():
         raise CheckpointError(f"checkpoint {p} is incomplete: manifest.json missing "
                               "(an interrupted write?)")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"checkpoint {p} has a corrupt manifest.json") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{p} is not a {FORMAT} checkpoint (format {manifest.get('format')!r})")
-    for rel, digest in manifest.get("files", {}).items():
+    manifest = _read_json(p, "manifest.json")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"{p} is not a {FORMAT} checkpoint (format {fmt!r})")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"checkpoint {p} has a corrupt manifest.json (no file list)")
+    for rel in REQUIRED:
+        if rel not in files:
+            raise CheckpointError(f"checkpoint {p} is incomplete: manifest.json does not list {rel}")
+    for rel, digest in files.items():
         f = p / rel
         if not f.is_file():
             raise CheckpointError(f"checkpoint {p} is missing {rel}")
-        if _sha256(f) != digest:
+        try:
+            ok = _sha256(f) == digest
+        except OSError as e:
+            raise CheckpointError(f"checkpoint {p}: cannot read {rel}: {e.strerror or e}") from None
+        if not ok:
             raise CheckpointError(f"checkpoint {p} is corrupt: {rel} does not match its hash "
                                   "(truncated or modified)")
     try:
-        cfg = RunConfig.from_dict(json.loads((p / "config.json").read_text()))
+        cfg = RunConfig.from_dict(_read_json(p, "config.json"))
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {p} has an invalid config: {e}") from None
+    if manifest.get("family", cfg.model.family) != cfg.model.family:
+        raise CheckpointError(f"checkpoint {p} is inconsistent: manifest family "
+                              f"{manifest.get('family')!r}, config family {cfg.model.family!r}")
     if expect_family is not None and cfg.model.family != expect_family:
         raise CheckpointError(f"checkpoint {p} holds a {cfg.model.family!r} model, "
                               f"expected {expect_family!r}")
@@ -212,6 +306,9 @@ def load_checkpoint(path: str | Path, expect_family: Optional[str] = None,
         ema = (load_file(str(p / "ema.safetensors"), device=map_location)
                if (p / "ema.safetensors").exists() else None)
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"checkpoint {p} weights cannot be read: {e}") from None
-    trainer = json.loads((p / "trainer.json").read_text()) if (p / "trainer.json").exists() else {}
+        raise CheckpointError(f"checkpoint {p} weights cannot be read: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    trainer = _read_json(p, "trainer.json")
+    if not isinstance(trainer, dict) or "step" not in trainer:
+        raise CheckpointError(f"checkpoint {p} has a corrupt trainer.json (no step)")
     return Checkpoint(p, cfg, model_state, ema, trainer, manifest)

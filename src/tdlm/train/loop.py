@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,47 +78,88 @@ class TrainResult:
     val: Optional[dict]
 
 
-def _check_out_dir(run_dir: Path, resume: bool) -> None:
+def _check_out_dir(run_dir: Path, resume: bool) -> bool:
+    """Refuse to overwrite a run; make sure the folder is writable. Returns True when this
+    call created the folder (so a failure before training can remove it again)."""
     if resume:
         if not (run_dir / "checkpoints" / "latest").is_file():
             raise TdlmError(f"--resume: no checkpoint in {run_dir}")
-        return
-    if (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
+        return False
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TdlmError(f"output folder {run_dir} is a file")
+    if any((run_dir / n).exists() for n in ("checkpoints", "metrics.jsonl", "config.json")):
         raise TdlmError(f"output folder {run_dir} already holds a run; pass --resume to continue "
                         "it or choose another --out")
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise TdlmError(f"output folder {run_dir} is not writable: {e.strerror or e}") from None
+    return created
+
+
+def _write_metrics(path: Path, history: list) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in history))
 
 
 def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
           stop_after: Optional[int] = None, log: Callable[[str], None] = print) -> TrainResult:
     """Train ``cfg`` into ``out_dir``. ``stop_after`` stops (after checkpointing) at that
-    step, simulating an interruption; ``resume`` continues from the latest checkpoint."""
+    step, simulating an interruption; ``resume`` continues from the latest checkpoint (the
+    run's saved config is used and ``cfg`` is ignored).
+
+    The training loss of a step is ``sum of the micro-batches' NELBOs / sum of their
+    n_tokens`` (the family's own token count, as in evaluation): gradients of the summed NELBO
+    are accumulated over the micro-batches and divided by the step's token count."""
     from ..data import BatchIterator, build_data
+    from ..data.tokenizer import Tokenizer
     from ..eval.nelbo import evaluate_nelbo
 
+    if stop_after is not None and stop_after < 1:
+        raise TdlmError(f"stop_after must be >= 1, got {stop_after}")
     run_dir = Path(out_dir)
-    _check_out_dir(run_dir, resume)
+    created = _check_out_dir(run_dir, resume)
     ckpt = None
-    if resume:
-        ckpt = load_checkpoint(run_dir)
-        cfg = ckpt.config      # the run's own resolved config
-    tc = cfg.train
-    device = resolve_device(tc.device)
-    data = build_data(cfg.data, str(run_dir))
-    if cfg.model.vocab_size != data.tokenizer.vocab_size:
-        cfg.model.vocab_size = data.tokenizer.vocab_size   # resolved from the tokenizer
-    fam_cls = get_family_class(cfg.model.family)
-    resources = (fam_cls.resources_from_checkpoint(ckpt) if ckpt is not None
-                 else fam_cls.prepare(cfg, data, run_dir))
-    family = fam_cls(cfg, **resources)
-    atomic_write_text(run_dir / "config.json", cfg.to_json())
-    atomic_write_text(run_dir / "data.json", json.dumps(data.provenance, indent=2))
+    try:
+        if resume:
+            ckpt = load_checkpoint(run_dir)
+            cfg = ckpt.config      # the run's own resolved config
+        else:
+            # work on a copy: the vocabulary size is resolved below and must not leak into
+            # the caller's object
+            preset = cfg.preset
+            cfg = RunConfig.from_dict(cfg.to_dict())
+            cfg.preset = preset
+        tc = cfg.train
+        device = resolve_device(tc.device)
+        if ckpt is not None and ckpt.extra("tokenizer") is not None:
+            # the checkpoint's own tokenizer: resuming never retrains or swaps it
+            data = build_data(cfg.data, None, tokenizer=Tokenizer.load(str(ckpt.extra("tokenizer"))))
+        else:
+            # a fresh run never reuses a tokenizer left in the folder by an earlier attempt
+            data = build_data(cfg.data, None)
+        data.tokenizer.save(str(run_dir))
+        if cfg.model.vocab_size != data.tokenizer.vocab_size:
+            if ckpt is not None:
+                raise TdlmError(f"checkpoint {ckpt.path} was trained with vocab_size "
+                                f"{cfg.model.vocab_size}, but its tokenizer has "
+                                f"{data.tokenizer.vocab_size} tokens")
+            cfg.model.vocab_size = data.tokenizer.vocab_size   # resolved from the tokenizer
+        fam_cls = get_family_class(cfg.model.family)
+        resources = (fam_cls.resources_from_checkpoint(ckpt) if ckpt is not None
+                     else fam_cls.prepare(cfg, data, run_dir))
+        family = fam_cls(cfg, **resources)
+        atomic_write_text(run_dir / "config.json", cfg.to_json())
+        atomic_write_text(run_dir / "data.json", json.dumps(data.provenance, indent=2))
+    except BaseException:
+        if created:     # nothing of this run exists yet: leave no half-made folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
     torch.manual_seed(tc.seed)
     model = family.build_model().to(device)
@@ -126,22 +168,30 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                             weight_decay=tc.weight_decay, fused=fused or None)
     ema = EMA(model, tc.ema) if tc.ema > 0 else None
     start, history = 0, []
+    metrics_path = run_dir / "metrics.jsonl"
     if ckpt is not None:
         model.load_state_dict(ckpt.model_state)
         osd = ckpt.optimizer_state()
         if osd is not None:
             opt.load_state_dict(osd)
-        if ema is not None and ckpt.ema_state is not None:
+        if ema is not None:
+            if ckpt.ema_state is None:
+                raise TdlmError(f"checkpoint {ckpt.path} has no EMA weights but the run uses "
+                                f"ema={tc.ema}")
             ema.shadow = {k: v.float() for k, v in ckpt.ema_state.items()}
         start = int(ckpt.trainer["step"])
-        history = ckpt.trainer.get("history", [])
-        torch.set_rng_state(ckpt.rng_state()["torch_cpu"])
+        history = list(ckpt.trainer.get("history", []))
+        rng = ckpt.rng_state()
+        torch.set_rng_state(rng["torch_cpu"])
+        if "torch_cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["torch_cuda"])
+        # records written after the checkpoint (by the interrupted process) are replayed
+        _write_metrics(metrics_path, history)
         log(f"resumed from {ckpt.path} at step {start}")
     model_fwd = torch.compile(model) if (tc.compile and device.type == "cuda") else model
 
     micro = tc.micro_batch or tc.global_batch
     batches = BatchIterator(data.train, tc.global_batch, tc.seed, start_batch=start)
-    metrics_path = run_dir / "metrics.jsonl"
     extra = family.state_files()
     extra["tokenizer"] = data.tokenizer.save
 
@@ -169,9 +219,12 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=tc.max_steps, initial=start, desc="train", dynamic_ncols=True)
-    losses, last_val, final = [], None, None
+    losses: list = []
+    last_val = next((r for r in reversed(history) if r.get("split") == "val"), None)
+    final = ckpt.path if ckpt is not None else None
     t_last, tok_count = time.perf_counter(), 0
-    step = start
+    done = start
+    params = [p for p in model.parameters() if p.requires_grad]
     try:
         for step in range(start, tc.max_steps):
             model.train()
@@ -181,36 +234,41 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             lr = lr_at(step, tc)
             for g in opt.param_groups:
                 g["lr"] = lr
-            n_tok_total = batch["valid"].sum().clamp_min(1).float().to(device)
             opt.zero_grad(set_to_none=True)
-            loss_sum = 0.0
+            nll_sum, n_tok = 0.0, 0.0
             for i in range(0, tc.global_batch, micro):
                 mb = {k: v[i:i + micro].to(device) for k, v in batch.items()}
                 with autocast_ctx(device, tc.precision):
                     terms = family.loss(model_fwd, mb, gen)
-                loss = terms.nll.sum() / n_tok_total
-                if not torch.isfinite(loss):
+                nll = terms.nll.float().sum()
+                if not torch.isfinite(nll):
                     raise TdlmError(f"non-finite loss at step {step}; stopped, last good "
                                     f"checkpoint kept in {run_dir / 'checkpoints'}")
-                loss.backward()
-                loss_sum += loss.item()
-            gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
+                nll.backward()
+                nll_sum += nll.item()
+                n_tok += terms.n_tokens.sum().item()
+            n_tok = max(n_tok, 1.0)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(n_tok)
+            loss_val = nll_sum / n_tok
+            gnorm = (torch.nn.utils.clip_grad_norm_(params, tc.grad_clip).item()
                      if tc.grad_clip > 0 else float("nan"))
             opt.step()
             if ema is not None:
                 ema.update(model)
-            losses.append(loss_sum)
-            tok_count += int(n_tok_total.item())
+            losses.append(loss_val)
+            tok_count += int(batch["valid"].sum().item())
             done = step + 1
             if done % tc.log_every == 0 or done == tc.max_steps:
                 dt = time.perf_counter() - t_last
-                rec = {"step": done, "split": "train", "loss": loss_sum, "lr": lr,
+                rec = {"step": done, "split": "train", "loss": loss_val, "lr": lr,
                        "grad_norm": gnorm, "tokens_per_s": tok_count / max(dt, 1e-9)}
                 history.append(rec)
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 t_last, tok_count = time.perf_counter(), 0
             if bar is not None:
                 bar.update(1)
@@ -227,7 +285,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         if bar is not None:
             bar.close()
     plot_history(history, run_dir / "loss_curve.png")
-    return TrainResult(run_dir, step + 1, losses, final, last_val)
+    return TrainResult(run_dir, done, losses, final, last_val)
 
 
 def plot_history(history: list, path: Path) -> None:

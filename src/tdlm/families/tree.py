@@ -1,0 +1,319 @@
+"""TDLM: tree-structured diffusion over a vocabulary tree (spec: shared/spec/TDLM.md).
+
+Tree: leaves are tokens (node id = token id), internal nodes above, root last; ``a_h(x)``
+is the height-h ancestor of token x (``tree.anc[h, x]``).
+
+Level windows (§3): ``0 = t_0 < t_1 < ... < t_H = 1``; ``linear`` allocation gives equal
+windows, ``exponential`` gives window lengths proportional to ``r^h`` (r = window_ratio).
+Inside window h, with local time ``u = (t - t_h) / (t_{h+1} - t_h)``, the forward marginal is
+absorbing diffusion whose absorbing state is the parent:
+
+    q_t(z_i | x) = alpha_h(t) onehot(a_h(x_i)) + (1 - alpha_h(t)) onehot(a_{h+1}(x_i)).
+
+The in-level schedule is the configured schedule with its eps removed so every window ends
+exactly at the parent: ``alpha_h(t) = (alpha(u) - alpha(1)) / (1 - alpha(1))`` (log-linear
+gives the spec's default ``alpha_h = 1 - u``, i.e. linear). **[ours]**
+
+Tree NELBO (§5), per sequence:
+
+    L(x) = sum_h int_{t_h}^{t_{h+1}} w_h(t) E[ sum_i 1{z_t,i = a_{h+1}(x_i)} CE_i ] dt,
+    w_h(t) = -alpha_h'(t) / (1 - alpha_h(t))  (= 1 / (t - t_h) for the linear in-level schedule),
+    CE_i = -log p_theta(rank(a_h(x_i)) | z_t, t)  over the children of z_t,i (others masked).
+
+Monte-Carlo: t ~ U(0, 1) antithetic over the batch; its window gives the level. The per-level
+split is returned in ``parts`` (``level_h``, summing to the total). The top of the chain is
+exact (every position is the root at t = 1), so there is no prior term. Training may multiply
+level h by lambda_h (linear/exponential level weighting) and clip w (``train_weight_clip``);
+evaluation always uses lambda = 1 and exact weights. Discrete time: ``num_timesteps`` = T steps
+split evenly over the levels, weights ``(alpha_s - alpha_t) / (1 - alpha_t)`` times the number
+of steps, which is the exact ELBO of the discrete-time reverse chain.
+
+Sampler (§6): coarse to fine; for h = H-1 .. 0, ``n_h`` steps over window h. From t to s every
+position at height h+1 moves to a child with probability ``(alpha_h(s) - alpha_h(t)) /
+(1 - alpha_h(t))`` (1 on the window's last step), the child drawn from the masked K-way
+softmax with float64 Gumbel, temperature and nucleus; positions already at height h stay.
+
+Sanity case (tested): H = 1, K = V is MDLM with alpha_t = 1 - t (root = [MASK]).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..nn.dit import DiT, FinalLayer
+from ..sampling.gumbel import adjust_logits
+from ..sampling.loop import reverse_step
+from ..schedules import get_schedule, sample_times
+from .base import Family, LossTerms, register
+
+
+TRAIN_U_MIN = 1e-3
+
+
+def level_windows(H: int, allocation: str = "linear", ratio: float = 2.0) -> torch.Tensor:
+    """Window boundaries ``[t_0 = 0, ..., t_H = 1]`` (float64)."""
+    if allocation == "linear":
+        lengths = torch.ones(H, dtype=torch.float64)
+    elif allocation == "exponential":
+        lengths = torch.tensor([ratio ** h for h in range(H)], dtype=torch.float64)
+    else:
+        raise ConfigError(f"unknown window allocation {allocation!r}; allowed: linear, exponential")
+    b = torch.cat([torch.zeros(1, dtype=torch.float64), lengths.cumsum(0) / lengths.sum()])
+    b[-1] = 1.0
+    return b
+
+
+class TreeLM(nn.Module):
+    """DiT over tree-node embeddings + K-way child head.
+
+    ``forward(z, sigma, level) -> logits [B, L, K]``: logit r = "child of rank r of the node at
+    this position"; ranks >= n_children(node) are set to -inf. ``level`` [B] selects the head
+    slice when heads are per level. Internal-node embedding rows start as the mean of their
+    children's rows (bottom-up)."""
+
+    def __init__(self, cfg: RunConfig, tree):
+        super().__init__()
+        m = cfg.model
+        self.K, self.H = tree.K, tree.H
+        self.per_level = m.tree_head == "per_level"
+        self.backbone = DiT(m, tree.num_nodes)
+        self.head = FinalLayer(m.d_model, m.cond_dim, self.K * (self.H if self.per_level else 1))
+        bufs = tree.torch_buffers(include_children=False)
+        for name in ("n_children", "child_start", "child_list", "height", "rank", "anc"):
+            self.register_buffer(name, bufs[name], persistent=False)
+        self._init_internal_rows(tree)
+
+    @torch.no_grad()
+    def _init_internal_rows(self, tree) -> None:
+        W = self.backbone.vocab_embed.weight
+        if W.device.type == "meta":
+            return
+        parent = torch.from_numpy(tree.parent)
+        for h in range(1, tree.H + 1):
+            nodes = torch.from_numpy(tree.nodes_at_height(h - 1))
+            par = parent[nodes]
+            sums = torch.zeros_like(W).index_add_(0, par, W[nodes])
+            cnt = torch.bincount(par, minlength=W.shape[0]).clamp_min(1).to(W.dtype)
+            hn = torch.from_numpy(tree.nodes_at_height(h))
+            W[hn] = sums[hn] / cnt[hn, None]
+
+    def child_mask(self, z: torch.Tensor) -> torch.Tensor:
+        """[..., K] True where rank r is a valid child of node z."""
+        return torch.arange(self.K, device=z.device) < self.n_children[z][..., None]
+
+    def features(self, z, sigma):
+        h, c = self.backbone(z, sigma)
+        return self.head.features(h, c)
+
+    def logits_from_features(self, feats: torch.Tensor, z: torch.Tensor,
+                             level: Optional[torch.Tensor]) -> torch.Tensor:
+        out = self.head.linear(feats).float()
+        if self.per_level:
+            out = out.view(*out.shape[:-1], self.H, self.K)
+            lv = level.view(-1, *([1] * (out.dim() - 3)), 1, 1).expand(*out.shape[:-2], 1, self.K)
+            out = out.gather(-2, lv).squeeze(-2)
+        return out.masked_fill(~self.child_mask(z), float("-inf"))
+
+    def forward(self, z, sigma=None, level=None):
+        if self.per_level and level is None:
+            raise ValueError("per-level heads need the level")
+        lv = None if level is None else level[:, None].expand(z.shape)
+        return self.logits_from_features(self.features(z, sigma), z, lv)
+
+    def child(self, node: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return self.child_list[self.child_start[node] + r]
+
+
+@register("tdlm")
+class TreeDiffusion(Family):
+    def __init__(self, cfg: RunConfig, tree=None, **resources):
+        super().__init__(cfg)
+        if tree is None:
+            raise ConfigError("the tdlm family needs a vocabulary tree (model.tree_source or "
+                              "model.tree_path)")
+        if tree.V != cfg.model.vocab_size:
+            raise ConfigError(f"vocabulary tree has V={tree.V} tokens but the model's vocab_size "
+                              f"is {cfg.model.vocab_size}")
+        self.tree = tree
+        self.H = tree.H
+        d = cfg.diffusion
+        self.base_schedule = get_schedule(d.schedule, d.eps)
+        self.windows = level_windows(self.H, d.window_allocation, d.window_ratio)
+        self.anc = torch.from_numpy(tree.anc)
+        self.rank = torch.from_numpy(tree.rank)
+        self.height = torch.from_numpy(tree.height)
+        self.root = tree.root
+        lam = torch.ones(self.H, dtype=torch.float64)
+        if d.level_weighting == "linear":
+            lam = torch.arange(1, self.H + 1, dtype=torch.float64)
+        elif d.level_weighting == "exponential":
+            lam = d.level_weight_ratio ** torch.arange(self.H, dtype=torch.float64)
+        self.level_mult = lam * self.H / lam.sum()     # mean 1
+
+    # ---- schedule inside a level window ----------------------------------------------
+    def _a1(self) -> float:
+        return float(self.base_schedule.alpha(torch.tensor(1.0, dtype=torch.float64)))
+
+    def alpha_local(self, u: torch.Tensor) -> torch.Tensor:
+        """alpha_h as a function of local time u in [0, 1]: 1 at u=0, exactly 0 at u=1."""
+        a1 = self._a1()
+        return ((self.base_schedule.alpha(u) - a1) / (1 - a1)).clamp(0.0, 1.0)
+
+    def locate(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """t -> (level h, local time u, window length) for t in (0, 1]."""
+        w = self.windows.to(t.device)
+        h = (torch.searchsorted(w, t.double(), right=False) - 1).clamp(0, self.H - 1)
+        lo, hi = w[h], w[h + 1]
+        return h, ((t.double() - lo) / (hi - lo)).clamp(0, 1), hi - lo
+
+    def sigma_input(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Network time input: ``4 (h + 1 - alpha_h)`` in [0, 4H], increasing in t (scaled so
+        the sinusoidal time embedding resolves the level as MDLM's sigma in [0, ~7] does)."""
+        return (4 * (h.double() + 1 - self.alpha_local(u))).float()
+
+    def _times(self, B, generator, device, exact):
+        d = self.cfg.diffusion
+        t = sample_times(B, generator, d.antithetic, 0.0, device).double().clamp_min(1e-9)
+        if d.num_timesteps > 0:
+            n = self.steps_per_level(d.num_timesteps)
+            h, u, width = self.locate(t)
+            nh = torch.tensor(n, dtype=torch.float64, device=device)[h]
+            k = torch.ceil(u * nh).clamp_min(1)          # step k of n_h in window h
+            u_t, u_s = k / nh, (k - 1) / nh
+            a_t, a_s = self.alpha_local(u_t), self.alpha_local(u_s)
+            # window h is visited with probability width; n_h steps of it
+            w = (a_s - a_t) / (1 - a_t) * nh / width
+            return h, u_t, w
+        h, u, width = self.locate(t)
+        if not exact:
+            # as MDLM's sampling_eps: training skips the first 1e-3 of each window, where the
+            # weight 1/(t - t_h) makes the estimator's variance unbounded
+            u = TRAIN_U_MIN + (1 - TRAIN_U_MIN) * u
+        # w_h(t) = -d alpha_h / dt / (1 - alpha_h),  d/dt = (1/width) d/du
+        a1 = self._a1()
+        da = self.base_schedule.dalpha(u) / (1 - a1) / width
+        w = -da / (1 - self.alpha_local(u)).clamp_min(1e-12)
+        return h, u, w
+
+    def steps_per_level(self, steps: int, split: Optional[list] = None) -> list[int]:
+        """Sampling/discrete steps per level, index h (finest first). Even by default."""
+        if split is not None:
+            if len(split) != self.H or sum(split) != steps or min(split) < 1:
+                raise ConfigError(f"invalid steps split {split}: need {self.H} positive parts "
+                                  f"summing to {steps}")
+            return list(split)
+        if steps < self.H:
+            raise ConfigError(f"steps={steps} is fewer than the tree's {self.H} levels")
+        base = [steps // self.H] * self.H
+        for i in range(steps - sum(base)):
+            base[self.H - 1 - i] += 1
+        return base
+
+    # ---- model, resources -------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        return TreeLM(self.cfg, self.tree)
+
+    def state_files(self) -> dict:
+        return {"tree": lambda folder: self.tree.save(Path(folder) / "tree.safetensors")}
+
+    @classmethod
+    def resources_from_checkpoint(cls, ckpt) -> dict:
+        from ..tree import VocabTree
+        p = ckpt.extra("tree")
+        if p is None:
+            raise ConfigError(f"tdlm checkpoint {ckpt.path} carries no vocabulary tree")
+        return {"tree": VocabTree.load(p / "tree.safetensors")}
+
+    @classmethod
+    def prepare(cls, cfg: RunConfig, data, run_dir) -> dict:
+        from ..tree.resources import tree_for_run
+        return {"tree": tree_for_run(cfg, data, run_dir)}
+
+    # ---- forward process and objective ------------------------------------------------
+    def corrupt(self, x0: torch.Tensor, h: torch.Tensor, u: torch.Tensor,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """z_t: a_h(x) with probability alpha_h(t), else a_{h+1}(x). Returns (z, moved)."""
+        anc = self.anc.to(x0.device)
+        a_lo = anc[h[:, None], x0]
+        a_hi = anc[h[:, None] + 1, x0]
+        p_move = (1 - self.alpha_local(u)).float()[:, None]
+        rnd = torch.rand(x0.shape, generator=generator, device=x0.device)
+        moved = rnd < p_move
+        return torch.where(moved, a_hi, a_lo), moved
+
+    def loss(self, model, batch, generator, exact: bool = False) -> LossTerms:
+        x0 = batch["input_ids"]
+        valid = batch.get("valid", torch.ones_like(x0, dtype=torch.bool))
+        B = x0.shape[0]
+        h, u, w = self._times(B, generator, x0.device, exact)
+        z, moved = self.corrupt(x0, h, u, generator)
+        sigma = self.sigma_input(h, u)
+        feats = model.features(z, sigma)
+        target = self.rank.to(x0.device)[self.anc.to(x0.device)[h[:, None], x0]]
+        return self.loss_from_features(model, feats, z, moved, target, h, w, valid, exact)
+
+    def loss_from_features(self, model, feats, z, moved, target, h, w, valid, exact) -> LossTerms:
+        """Cross-entropy over the children only at moved positions (the head is applied to
+        those rows alone), weighted per sequence."""
+        B = z.shape[0]
+        bidx = torch.arange(B, device=z.device)[:, None].expand_as(z)[moved]
+        logits = model.logits_from_features(feats[moved], z[moved], h[bidx])
+        ce = -torch.log_softmax(logits, -1).gather(-1, target[moved][:, None]).squeeze(-1)
+        per_seq = torch.zeros(B, device=z.device, dtype=torch.float32).index_add_(0, bidx, ce.float())
+        w = w.clone()
+        if not exact:
+            d = self.cfg.diffusion
+            w = w * self.level_mult.to(w.device)[h]
+            if d.train_weight_clip > 0:
+                w = w.clamp_max(d.train_weight_clip)
+        nll = w.float() * per_seq
+        parts = {f"level_{lv}": torch.where(h == lv, nll, torch.zeros_like(nll)) for lv in range(self.H)}
+        return LossTerms(nll=nll, n_tokens=valid.sum(-1).float(), parts=parts)
+
+    # ---- sampler ----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, model, num, seq_len, steps, generator, temperature=1.0, top_p=1.0,
+               steps_split: Optional[list] = None, cache: bool = True,
+               prefix: Optional[torch.Tensor] = None, predict=None, on_forward=None,
+               **kw) -> torch.Tensor:
+        """Coarse-to-fine ancestral sampling from all-root; returns token ids [num, seq_len].
+        ``prefix`` clamps the first tokens (leaves never move)."""
+        device = next(model.parameters()).device
+        z = torch.full((num, seq_len), self.root, dtype=torch.long, device=device)
+        if prefix is not None:
+            z[:, :prefix.shape[1]] = prefix.to(device)
+        height = self.height.to(device)
+        n = self.steps_per_level(steps, steps_split)
+        reuse_ok = cache and not self.cfg.model.time_conditioning and predict is None
+        k_global = 0
+        for lv in range(self.H - 1, -1, -1):
+            us = torch.linspace(1.0, 0.0, n[lv] + 1, dtype=torch.float64)
+            hv = torch.full((num,), lv, device=device)
+            logp = None
+            for j in range(n[lv]):
+                noised = height[z] == lv + 1
+                if logp is None:
+                    sigma = self.sigma_input(hv, torch.full((num,), float(us[j]), device=device,
+                                                            dtype=torch.float64))
+                    logits = (predict(z, sigma, k_global, lv) if predict
+                              else model(z, sigma, hv))
+                    if on_forward:
+                        on_forward(k_global)
+                    logp = adjust_logits(logits.double(), temperature, top_p)
+                a_t = float(self.alpha_local(us[j]))
+                a_s = float(self.alpha_local(us[j + 1]))
+                move, choice = reverse_step(noised, logp, (a_s - a_t) / (1 - a_t), generator)
+                if move.any():
+                    z = z.clone()
+                    z[move] = model.child(z[move], choice)
+                if move.any() or not reuse_ok:
+                    logp = None
+                k_global += 1
+        return z

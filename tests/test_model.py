@@ -1,0 +1,176 @@
+"""The DiT backbone and model-level properties: published parameter counts, causal vs
+bidirectional attention, time conditioning, dropout, activation checkpointing, and the AR
+family's loss against a hand-computed cross-entropy."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tdlm.cli import main
+from tdlm.config import DataConfig, ModelConfig, RunConfig
+from tdlm.families import get_family
+from tdlm.nn.dit import DiT
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def mcfg(family="mdlm", **kw) -> ModelConfig:
+    base = dict(family=family, vocab_size=50, d_model=32, n_layers=2, n_heads=2, cond_dim=16,
+                max_seq_len=16, dropout=0.0, time_conditioning=True)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def randomized(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere: adaLN-zero and the zero-initialised output layer make a
+    fresh model ignore attention and sigma, which would make the checks below vacuous."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return module
+
+
+def tokens(B=2, L=12, V=50, seed=0):
+    return torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def test_info_mdlm_small(capsys):
+    assert main(["info", "--preset", "mdlm-small", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    c = info["parameters"]
+    assert c["total"] == 169_627_218
+    assert c["total"] == pytest.approx(169.6e6, rel=0.002)
+    assert round(100 * c["head_share"], 1) == 22.8
+    assert c["head"] == 768 * 50258 + 50258          # the output linear, [MASK] included
+    assert c["embedding"] == 50258 * 768
+    assert info["vocab_size"] == 50257 and info["d_model"] == 768 and info["n_layers"] == 12
+
+
+@pytest.mark.parametrize("family,causal", [("ar", True), ("mdlm", False)])
+def test_causal_attention_ignores_the_future(family, causal):
+    m = randomized(DiT(mcfg(family), 50)).eval()
+    assert m.cfg.causal is causal
+    x = tokens()
+    j = 7
+    x2 = x.clone()
+    x2[:, j] = (x[:, j] + 1) % 50
+    with torch.no_grad():
+        h1, _ = m(x)
+        h2, _ = m(x2)
+    assert not torch.allclose(h1[:, j], h2[:, j])
+    if causal:
+        assert torch.equal(h1[:, :j], h2[:, :j])            # past untouched, bit for bit
+        assert not torch.allclose(h1[:, j + 1:], h2[:, j + 1:])
+    else:
+        for i in range(j):                                   # every earlier position moves
+            assert (h1[:, i] - h2[:, i]).abs().max() > 1e-4, i
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_time_conditioning(on):
+    m = randomized(DiT(mcfg(time_conditioning=on), 50)).eval()
+    x = tokens()
+    with torch.no_grad():
+        h1, c1 = m(x, torch.tensor([0.1, 0.1]))
+        h2, c2 = m(x, torch.tensor([3.0, 3.0]))
+        h0, _ = m(x, None)
+    if on:
+        assert not torch.allclose(h1, h2) and not torch.allclose(c1, c2)
+    else:
+        assert torch.equal(h1, h2) and torch.equal(c1, c2) and torch.equal(h0, h1)
+
+
+def test_dropout_only_in_train_mode():
+    m = randomized(DiT(mcfg(dropout=0.3), 50))
+    x = tokens()
+    sig = torch.tensor([0.5, 0.5])
+    m.eval()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        e1, _ = m(x, sig)
+        torch.manual_seed(2)
+        e2, _ = m(x, sig)
+        assert torch.equal(e1, e2)
+        m.train()
+        torch.manual_seed(1)
+        t1, _ = m(x, sig)
+        torch.manual_seed(2)
+        t2, _ = m(x, sig)
+        torch.manual_seed(1)
+        t1b, _ = m(x, sig)
+    assert not torch.allclose(t1, t2) and not torch.allclose(t1, e1)
+    assert torch.equal(t1, t1b)          # dropout follows the torch RNG (exact resume)
+    no_drop = randomized(DiT(mcfg(dropout=0.0), 50)).train()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a, _ = no_drop(x, sig)
+        torch.manual_seed(2)
+        b, _ = no_drop(x, sig)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", ["mdlm", "ar"])
+def test_activation_checkpointing_matches_plain(family):
+    """Same loss and same gradients with and without activation checkpointing, dropout on
+    (checkpointing replays the RNG state during recomputation)."""
+    cfgs = [RunConfig(model=mcfg(family, dropout=0.2, activation_checkpointing=ac,
+                                 time_conditioning=family == "mdlm"),
+                      data=DataConfig(seq_len=16)) for ac in (False, True)]
+    fams = [get_family(c) for c in cfgs]
+    models = [randomized(f.build_model()) for f in fams]
+    models[1].load_state_dict(models[0].state_dict())
+    batch = {"input_ids": tokens(B=4, L=16), "valid": torch.ones(4, 16, dtype=torch.bool)}
+    out = []
+    for fam, model in zip(fams, models):
+        model.train()
+        torch.manual_seed(123)
+        terms = fam.loss(model, batch, torch.Generator().manual_seed(7))
+        loss = terms.nll.sum() / terms.n_tokens.sum()
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = out
+    assert torch.isfinite(l0) and l0 > 0
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    assert g0.keys() == g1.keys()
+    n_nonzero = 0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-6, atol=1e-7, msg=n)
+        n_nonzero += int(g0[n].abs().sum() > 0)
+    assert n_nonzero > len(g0) // 2
+
+
+def test_ar_loss_is_hand_computed_cross_entropy():
+    cfg = RunConfig(model=mcfg("ar", time_conditioning=False), data=DataConfig(seq_len=16))
+    fam = get_family(cfg)
+    model = randomized(fam.build_model()).eval()
+    x = tokens(B=3, L=10)
+    valid = torch.ones(3, 10, dtype=torch.bool)
+    valid[1, 6:] = False          # padding: not scored
+    valid[2, 2:] = False
+    with torch.no_grad():
+        terms = fam.loss(model, {"input_ids": x, "valid": valid}, torch.Generator(), exact=True)
+        logits = model(x[:, :-1]).double()
+    for b in range(3):
+        nll, n = 0.0, 0
+        for i in range(1, 10):                # token i predicted from tokens < i
+            if not valid[b, i]:
+                continue
+            row = logits[b, i - 1]
+            nll += -(row[x[b, i]] - torch.logsumexp(row, 0)).item()
+            n += 1
+        assert terms.n_tokens[b].item() == n
+        assert terms.nll[b].item() == pytest.approx(nll, rel=1e-5)
+    # the prediction at position i depends only on tokens <= i (teacher forcing is causal)
+    assert terms.n_tokens.tolist() == [9.0, 5.0, 1.0]
+    full = F.cross_entropy(logits[0].float(), x[0, 1:], reduction="sum")
+    assert terms.nll[0].item() == pytest.approx(full.item(), rel=1e-5)

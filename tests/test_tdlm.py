@@ -1,0 +1,270 @@
+"""TDLM against exact references: MDLM parity (H=1, K=V), forward marginals vs products of
+per-step transition matrices, the one-step reverse posterior, the discrete-time tree NELBO vs
+the exact likelihood of the same reverse chain (enumeration of all paths), and ground truth."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import tdlm.families.masked as masked_mod
+from tdlm.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig
+from tdlm.families import get_family
+from tdlm.families.tree import TreeDiffusion, level_windows
+from tdlm.schedules import LogLinear
+from tdlm.tree import VocabTree
+
+
+def cfg_for(family, V, L, H=1, K=None, T=0, time_cond=False, d=16, **diff):
+    return RunConfig(model=ModelConfig(family=family, vocab_size=V, d_model=d, n_layers=1, n_heads=2,
+                                       cond_dim=8, max_seq_len=L, dropout=0.0,
+                                       time_conditioning=time_cond, tree_H=H, tree_K=K or max(V, 2)),
+                     diffusion=DiffusionConfig(num_timesteps=T, **diff), data=DataConfig(seq_len=L))
+
+
+def small_tree():
+    # V=6 tokens, H=2, K=3: {0,1,2} -> n6, {3,4} -> n7, {5} -> n8; root n9
+    return VocabTree.from_assignment([np.array([0, 0, 0, 1, 1, 2]), np.array([0, 0, 0])], K=3).validate()
+
+
+class SharedNet(torch.nn.Module):
+    """One network seen by both families: MDLM gets [B, L, V+1] logits; TDLM (one-level tree)
+    gets the first V columns, i.e. rank r = token r."""
+
+    def __init__(self, mdlm_model, tree_model):
+        super().__init__()
+        self.m = mdlm_model
+        self.t = tree_model
+
+    def forward(self, z, sigma=None, level=None):
+        out = self.m(z, None)
+        return out if level is None else out[..., :self.t.K]
+
+    def features(self, z, sigma):
+        return self.m(z, None)[..., :self.t.K]
+
+    def logits_from_features(self, feats, z, level):
+        return feats.float().masked_fill(~self.t.child_mask(z), float("-inf"))
+
+    def child(self, node, r):
+        return self.t.child(node, r)
+
+
+@pytest.fixture
+def parity(monkeypatch):
+    V, L = 11, 7
+    torch.manual_seed(0)
+    mdlm = get_family(cfg_for("mdlm", V, L))
+    mdlm.schedule = LogLinear(eps=0.0)            # alpha_t = 1 - t, the one-level tree's schedule
+    monkeypatch.setattr(masked_mod, "EVAL_T_MIN", 0.0)
+    tdlm = TreeDiffusion(cfg_for("tdlm", V, L, H=1, K=V), tree=VocabTree.one_level(V))
+    mm = mdlm.build_model()
+    for p in mm.parameters():                     # non-trivial outputs
+        torch.nn.init.normal_(p, std=0.3)
+    net = SharedNet(mm, tdlm.build_model())
+    return V, L, mdlm, tdlm, net
+
+
+def test_one_level_tree_loss_equals_mdlm(parity):
+    V, L, mdlm, tdlm, net = parity
+    x = torch.randint(0, V, (64, L), generator=torch.Generator().manual_seed(1))
+    a = mdlm.loss(lambda z, s: net(z), {"input_ids": x}, torch.Generator().manual_seed(7), exact=True)
+    b = tdlm.loss(net, {"input_ids": x}, torch.Generator().manual_seed(7), exact=True)
+    assert torch.allclose(a.nll, b.nll, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(b.parts["level_0"], b.nll)
+
+
+def test_one_level_tree_sampler_equals_mdlm(parity):
+    V, L, mdlm, tdlm, net = parity
+    for steps in (1, 5, 32):
+        a = mdlm.sample(net, 16, L, steps, torch.Generator().manual_seed(3), t_min=0.0)
+        b = tdlm.sample(net, 16, L, steps, torch.Generator().manual_seed(3))
+        assert torch.equal(a, b), steps
+
+
+def step_matrix(tree, fam, t, s):
+    """Brute-force forward transition matrix Q(s -> t) over all nodes for s < t (same or
+    different windows), built from the per-level absorbing-to-parent definition."""
+    N = tree.num_nodes
+    Q = torch.eye(N, dtype=torch.float64)
+    w = fam.windows
+    cur = s
+    while cur < t - 1e-15:
+        h = int((torch.searchsorted(w, torch.tensor(cur, dtype=torch.float64), right=True) - 1).clamp(0, fam.H - 1))
+        end = min(t, float(w[h + 1]))
+        u0 = (cur - float(w[h])) / float(w[h + 1] - w[h])
+        u1 = (end - float(w[h])) / float(w[h + 1] - w[h])
+        a0 = float(fam.alpha_local(torch.tensor(u0, dtype=torch.float64)))
+        a1 = float(fam.alpha_local(torch.tensor(u1, dtype=torch.float64)))
+        M = torch.eye(N, dtype=torch.float64)
+        p = 0.0 if a0 == 0 else (a0 - a1) / a0      # a node at height h jumps to its parent
+        for n in tree.nodes_at_height(h):
+            M[n, n] = 1 - p
+            M[n, tree.parent[n]] += p
+        Q = Q @ M
+        cur = end
+    return Q
+
+
+@pytest.mark.parametrize("alloc", ["linear", "exponential"])
+def test_forward_marginals_match_transition_products(alloc):
+    tree = small_tree()
+    fam = TreeDiffusion(cfg_for("tdlm", 6, 4, H=2, K=3, window_allocation=alloc), tree=tree)
+    g = torch.Generator().manual_seed(0)
+    n = 600000
+    for t in (0.1, 0.37, 0.5, 0.62, 0.93):
+        # brute force: product of many small per-step matrices from 0 to t
+        Q = torch.eye(tree.num_nodes, dtype=torch.float64)
+        grid = np.linspace(0, t, 200)
+        for a, b in zip(grid[:-1], grid[1:]):
+            Q = Q @ step_matrix(tree, fam, b, a)
+        x0 = torch.arange(6).repeat(n // 6)[:, None]
+        tt = torch.full((len(x0),), t, dtype=torch.float64)
+        h, u, _ = fam.locate(tt)
+        z, moved = fam.corrupt(x0, h, u, g)
+        for tok in range(6):
+            emp = torch.bincount(z[x0[:, 0] == tok, 0], minlength=tree.num_nodes).double()
+            emp /= emp.sum()
+            assert torch.allclose(emp, Q[tok], atol=0.006), (t, tok, emp, Q[tok])
+
+
+def test_one_step_reverse_posterior():
+    """Sampler transition z_t -> z_s equals sum_x p_theta(x|z_t) q(z_s | z_t, x) computed with
+    Bayes' rule on the brute-force transition matrices."""
+    tree = small_tree()
+    fam = TreeDiffusion(cfg_for("tdlm", 6, 1, H=2, K=3), tree=tree)
+    model = fam.build_model()
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    node = 7                       # height-1 node with children {3, 4}
+    t, s = 0.4, 0.15               # inside window 0 = [0, 0.5]
+    Qt = step_matrix(tree, fam, t, 0.0)
+    Qs = step_matrix(tree, fam, s, 0.0)
+    Qst = step_matrix(tree, fam, t, s)
+    z = torch.tensor([[node]])
+    logits = model(z, torch.zeros(1), torch.zeros(1, dtype=torch.long))[0, 0].double()
+    p_child = torch.softmax(logits[:2], -1)               # over ranks 0, 1
+    # p_theta(x | z_t): child of rank r -> token x
+    truth = torch.zeros(tree.num_nodes, dtype=torch.float64)
+    for r, x in enumerate((3, 4)):
+        post = Qs[x] * Qst[:, node] / Qt[x, node]         # q(z_s | z_t = node, x)
+        truth += p_child[r] * post
+    # empirical one-step transitions of the sampler's step
+    n = 200000
+    h = torch.zeros(1, dtype=torch.long)
+    a_t = float(fam.alpha_local(torch.tensor(t / 0.5, dtype=torch.float64)))
+    a_s = float(fam.alpha_local(torch.tensor(s / 0.5, dtype=torch.float64)))
+    from tdlm.sampling.loop import reverse_step
+    zz = torch.full((n, 1), node)
+    logp = torch.log_softmax(model(zz[:1], torch.zeros(1), h).double(), -1).expand(n, 1, 3)
+    move, choice = reverse_step(fam.height[zz] == 1, logp, (a_s - a_t) / (1 - a_t),
+                                torch.Generator().manual_seed(0))
+    out = zz.clone()
+    out[move] = model.child(zz[move], choice)
+    emp = torch.bincount(out[:, 0], minlength=tree.num_nodes).double() / n
+    assert torch.allclose(emp, truth, atol=4e-3), (emp, truth)
+
+
+@torch.no_grad()
+def test_discrete_tree_nelbo_bounds_exact_path_likelihood():
+    tree = small_tree()
+    L, per_level = 2, 2
+    T = per_level * tree.H
+    fam = TreeDiffusion(cfg_for("tdlm", 6, L, H=2, K=3, T=T, time_cond=True), tree=tree)
+    model = fam.build_model().double()
+    torch.manual_seed(1)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    N = tree.num_nodes
+    height = fam.height
+
+    def cond_logp(z, lv, u):
+        zt = torch.tensor([z])
+        sig = fam.sigma_input(torch.tensor([lv]), torch.tensor([u], dtype=torch.float64))
+        return torch.log_softmax(model(zt, sig, torch.tensor([lv]))[0].double(), -1)   # [L, K]
+
+    # exact likelihood of the discrete reverse chain: DP over joint states
+    dist = {tuple([tree.root] * L): 1.0}
+    steps = []
+    for lv in range(tree.H - 1, -1, -1):
+        for j in range(per_level):
+            u_t, u_s = 1 - j / per_level, 1 - (j + 1) / per_level
+            steps.append((lv, u_t, u_s))
+    for lv, u_t, u_s in steps:
+        a_t = float(fam.alpha_local(torch.tensor(u_t, dtype=torch.float64)))
+        a_s = float(fam.alpha_local(torch.tensor(u_s, dtype=torch.float64)))
+        pm = (a_s - a_t) / (1 - a_t)
+        new = {}
+        for z, pz in dist.items():
+            lp = cond_logp(z, lv, u_t)
+            opts = []
+            for i, node in enumerate(z):
+                if height[node] == lv + 1:
+                    ch = [int(model.child(torch.tensor(node), torch.tensor(r)))
+                          for r in range(int(tree.n_children[node]))]
+                    o = [(c, pm * math.exp(lp[i, r])) for r, c in enumerate(ch)]
+                    if pm < 1:
+                        o.append((node, 1 - pm))
+                    opts.append(o)
+                else:
+                    opts.append([(node, 1.0)])
+            for combo in itertools.product(*opts):
+                zn = tuple(c for c, _ in combo)
+                new[zn] = new.get(zn, 0.0) + pz * math.prod(p for _, p in combo)
+        dist = new
+    assert abs(sum(dist.values()) - 1) < 1e-9
+    # exact discrete NELBO by enumerating the forward marginals (positions independent given x)
+    for x in itertools.product(range(6), repeat=L):
+        nelbo = 0.0
+        for lv, u_t, u_s in steps:
+            a_t = float(fam.alpha_local(torch.tensor(u_t, dtype=torch.float64)))
+            a_s = float(fam.alpha_local(torch.tensor(u_s, dtype=torch.float64)))
+            coef = (a_s - a_t) / (1 - a_t)
+            for mv in itertools.product([0, 1], repeat=L):
+                pr = math.prod((1 - a_t) if m else a_t for m in mv)
+                if pr == 0:
+                    continue
+                z = tuple(int(tree.anc[lv + m, xi]) for m, xi in zip(mv, x))
+                lp = cond_logp(z, lv, u_t)
+                ce = sum(-float(lp[i, tree.rank[tree.anc[lv, xi]]]) for i, (m, xi) in enumerate(zip(mv, x)) if m)
+                nelbo += pr * coef * ce
+        nll = -math.log(dist[x])
+        assert nelbo >= nll - 1e-9, (x, nelbo, nll)
+    # and the family's Monte-Carlo discrete loss estimates the same NELBO
+    x = torch.tensor([[0, 4]])
+    g = torch.Generator().manual_seed(0)
+    vals = torch.stack([fam.loss(model, {"input_ids": x.repeat(256, 1)}, g, exact=True).nll.double()
+                        for _ in range(60)]).flatten()
+    exact = 0.0
+    for lv, u_t, u_s in steps:
+        a_t = float(fam.alpha_local(torch.tensor(u_t, dtype=torch.float64)))
+        a_s = float(fam.alpha_local(torch.tensor(u_s, dtype=torch.float64)))
+        coef = (a_s - a_t) / (1 - a_t)
+        for mv in itertools.product([0, 1], repeat=L):
+            pr = math.prod((1 - a_t) if m else a_t for m in mv)
+            if pr == 0:
+                continue
+            z = tuple(int(tree.anc[lv + m, xi]) for m, xi in zip(mv, (0, 4)))
+            lp = cond_logp(z, lv, u_t)
+            exact += pr * coef * sum(-float(lp[i, tree.rank[tree.anc[lv, xi]]])
+                                     for i, (m, xi) in enumerate(zip(mv, (0, 4))) if m)
+    se = vals.std().item() / math.sqrt(len(vals))
+    assert abs(vals.mean().item() - exact) < 4 * se, (vals.mean().item(), exact, se)
+
+
+def test_level_windows_and_steps_split():
+    w = level_windows(3, "exponential", 2.0)
+    assert torch.allclose(w, torch.tensor([0, 1 / 7, 3 / 7, 1.0], dtype=torch.float64))
+    fam = TreeDiffusion(cfg_for("tdlm", 6, 4, H=2, K=3), tree=small_tree())
+    assert fam.steps_per_level(7) == [3, 4] and sum(fam.steps_per_level(512)) == 512
+    s = fam.sample(fam.build_model(), 3, 4, 6, torch.Generator().manual_seed(0))
+    assert s.shape == (3, 4) and s.max() < 6 and s.min() >= 0     # every position reaches a leaf
+
+
+def test_internal_embeddings_start_as_mean_of_children():
+    fam = TreeDiffusion(cfg_for("tdlm", 6, 4, H=2, K=3), tree=small_tree())
+    W = fam.build_model().backbone.vocab_embed.weight
+    assert torch.allclose(W[6], W[[0, 1, 2]].mean(0)) and torch.allclose(W[8], W[5])
+    assert torch.allclose(W[9], W[[6, 7, 8]].mean(0))
