@@ -53,13 +53,6 @@ def tree_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):

@@ -15,13 +15,6 @@ from tdlm.families import get_family
 from tdlm.nn.dit import DiT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def mcfg(family="mdlm", **kw) -> ModelConfig:
     base = dict(family=family, vocab_size=50, d_model=32, n_layers=2, n_heads=2, cond_dim=16,
@@ -174,3 +167,20 @@ def test_ar_loss_is_hand_computed_cross_entropy():
     assert terms.n_tokens.tolist() == [9.0, 5.0, 1.0]
     full = F.cross_entropy(logits[0].float(), x[0, 1:], reduction="sum")
     assert terms.nll[0].item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    from tdlm.nn.dit import Rotary, apply_rotary
+    torch.manual_seed(0)
+    hd, L = 16, 12
+    rot = Rotary(hd)
+    cos, sin = rot(torch.arange(L))
+    q, k = torch.randn(hd), torch.randn(hd)
+    Q = apply_rotary(q.expand(L, hd), cos, sin)
+    K = apply_rotary(k.expand(L, hd), cos, sin)
+    S = Q @ K.T                                   # S[m, n] = f(m - n)
+    for off in range(-3, 4):
+        d = torch.diagonal(S, off)
+        assert torch.allclose(d, d[0].expand_as(d), atol=1e-4)
+    assert torch.allclose(Q.norm(dim=-1), q.norm().expand(L), atol=1e-5)   # a rotation
+    assert not torch.allclose(S[0, 1], S[0, 2])

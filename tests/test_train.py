@@ -23,22 +23,7 @@ from tdlm.train import checkpoint as ckpt_mod
 from tdlm.train.checkpoint import load_checkpoint, save_checkpoint
 from tdlm.train.loop import EMA, lr_at, train
 
-WORDS = ("the a one two small large red green river stone house garden quickly slowly "
-         "walks runs sees finds under over near behind with and but because today "
-         "yesterday bird fish tree cloud mountain city road window light dark").split()
-
-
-def write_corpus(folder: Path, n_docs: int = 24, seed: int = 0) -> Path:
-    """A folder of small .txt documents (one document per file)."""
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        sents = []
-        for _ in range(rng.randint(15, 30)):
-            words = [rng.choice(WORDS) for _ in range(rng.randint(4, 12))]
-            sents.append(" ".join(words).capitalize() + ".")
-        (folder / f"doc{i:02d}.txt").write_text(" ".join(sents) + "\n", encoding="utf-8")
-    return folder
+from test_cli import write_corpus  # noqa: E402  (one corpus writer for the tests)
 
 
 def tiny_cfg(corpus: Path, cache: Path, *extra: str) -> RunConfig:
@@ -55,16 +40,6 @@ def tiny_cfg(corpus: Path, cache: Path, *extra: str) -> RunConfig:
 # the resume configuration: accumulation, EMA, cosine LR, dropout (exercises every RNG)
 RESUME_SET = ("train.micro_batch=2", "train.ema=0.9", "train.lr_schedule=cosine",
               "train.min_lr_ratio=0.2", "model.dropout=0.1", "train.ckpt_every=2")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread (two threads on a shared 2-core machine spin and run
-    up to 100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -133,7 +133,7 @@ class DataConfig:
     seq_len: int = 128
     val_fraction: float = 0.02
     split_seed: int = 0
-    cache_dir: str = ".tdlm_cache"
+    cache_dir: str = "~/.cache/tdlm"  # token caches, trained tokenizers, built trees
     max_train_docs: int = 0          # 0: all
     text_field: str = "text"
 
@@ -145,6 +145,12 @@ class DataConfig:
         _check(self.max_train_docs >= 0, "max_train_docs", "must be >= 0")
         _check(self.tokenizer == "gpt2" or self.tokenizer.startswith("bpe-"), "tokenizer",
                f"{self.tokenizer!r} is not one of gpt2, bpe-<size> (e.g. bpe-8k)")
+
+    @property
+    def cache_path(self) -> str:
+        """``cache_dir`` with ``~`` expanded (the config keeps the portable form)."""
+        import os
+        return os.path.expanduser(self.cache_dir)
 
 
 @dataclass

@@ -90,12 +90,7 @@ def _paths(cache_dir: str, key: str) -> tuple[str, str, str]:
     return base + ".tokens.bin", base + ".offsets.npy", base + ".meta.json"
 
 
-def _file_sha(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+from ..utils import sha256_file as _file_sha  # noqa: E402
 
 
 def load_cache(cache_dir: str, key: str, verify: bool = True) -> Optional[TokenCache]:

@@ -197,7 +197,7 @@ def _resolve_tokenizer(cfg, train_docs, prov: str, run_dir: Optional[str]) -> To
             pass
     fp = docs_fingerprint(_first_docs(train_docs, BPE_TRAIN_MAX_CHARS))
     tag = hashlib.sha256(f"{prov}|{fp['sha256']}|{BPE_TRAIN_MAX_CHARS}".encode()).hexdigest()[:16]
-    save_dir = os.path.join(cfg.cache_dir, "tokenizers", f"{cfg.tokenizer}-{tag}")
+    save_dir = os.path.join(cfg.cache_path, "tokenizers", f"{cfg.tokenizer}-{tag}")
     return get_tokenizer(cfg.tokenizer, _first_docs(train_docs, BPE_TRAIN_MAX_CHARS), save_dir)
 
 
@@ -217,10 +217,10 @@ def build_data(cfg, run_dir: Optional[str] = None,
     if run_dir is not None:
         tok.save(run_dir)
     common = {"source": prov, "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed}
-    train_cache = build_or_load_cache(train_docs, tok, cfg.cache_dir,
+    train_cache = build_or_load_cache(train_docs, tok, cfg.cache_path,
                                       {**common, "split": "train",
                                        "max_train_docs": cfg.max_train_docs})
-    val_cache = build_or_load_cache(val_docs, tok, cfg.cache_dir, {**common, "split": "val"})
+    val_cache = build_or_load_cache(val_docs, tok, cfg.cache_path, {**common, "split": "val"})
     if cfg.layout == "packed":
         train = PackedDataset(train_cache, cfg.seq_len, tok.eos_id)
         val = PackedDataset(val_cache, cfg.seq_len, tok.eos_id)

@@ -59,7 +59,8 @@ class TimestepEmbedder(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (base 10000) on the head dimension; positions 0..L-1."""
+    """Rotary position embedding (base 10000) on the head dimension; positions 0..L-1.
+    Returns ``(cos, sin)`` of shape [L, hd], each half repeated (the "rotate half" layout)."""
 
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
@@ -68,14 +69,16 @@ class Rotary(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None]       # [L, hd/2]
+        freqs = torch.cat([freqs, freqs], dim=-1)                       # [L, hd]
         return freqs.cos(), freqs.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, L, hd]; rotate pairs (x1, x2) = halves of the head dimension."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[None, None], sin[None, None]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+    """x: [..., L, hd]; rotates the pairs (x_j, x_{j+hd/2}) by position-dependent angles:
+    ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = (-x2, x1)``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rot = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rot.float() * sin).to(x.dtype)
 
 
 class DiTBlock(nn.Module):
@@ -103,8 +106,9 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         h = modulate(self.norm1(x), shift_msa, scale_msa)
         qkv = self.attn_qkv(h).view(B, L, 3, self.n_heads, d // self.n_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                # [B, H, L, hd]
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        qkv = qkv.permute(2, 0, 3, 1, 4)                              # [3, B, H, L, hd]
+        q, k = apply_rotary(qkv[:2], *rope).unbind(0)                 # q and k in one pass
+        v = qkv[2]
         drop = self.dropout if self.training else 0.0
         # No attention-probability dropout (MDLM applies dropout to the residual branches only).
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,

@@ -16,7 +16,6 @@ loads as valid. Loading verifies every hash. Nothing is unpickled.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -35,12 +34,7 @@ from ..errors import CheckpointError, ConfigError
 FORMAT = "tdlm-checkpoint-v1"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from ..utils import sha256_file as _sha256  # noqa: E402
 
 
 def _write_json(path: Path, obj) -> None:

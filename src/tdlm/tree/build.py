@@ -23,7 +23,7 @@ ratio" whose meaning is unknown. We read it as two knobs:
   many leaves); the lower bound ``>= 1`` keeps internal nodes non-empty. With ``r = 1`` the
   structural cap binds; with ``r < 1`` clusters can follow the data within the ratios.
 
-The brief's alternative reading (hard capacity ``ceil(r K^(h-1))``) makes every cluster near
+The alternative reading (hard capacity ``ceil(r K^(h-1))``) makes every cluster near
 full for every ``r`` and the min/max ratios inert, which is why we chose the target reading.
 
 **Balanced k-means** per node: k-means++ initialisation (D^2 sampling, ``numpy`` generator
@@ -32,15 +32,21 @@ problem ``min sum_i ||x_i - c_a(i)||^2  s.t.  lo <= |{i : a(i) = j}| <= hi`` wit
 (Jacobi) auction algorithm for the transportation problem (Bertsekas): every unassigned point
 bids for its best cluster ``j1`` under current prices ``p`` with the increment
 ``(v1 - v2) + eps`` (``v = -(d + p)``, best and second best); a full cluster keeps its ``hi``
-highest bids and its price becomes the lowest kept bid. It always terminates with every point
-placed (total capacity >= n) and is ``n*eps``-optimal; eps is scaled down over phases, and
-prices are warm-started across Lloyd iterations. Lower bounds (rarely active) are then
-repaired by moving the cheapest points from clusters above their minimum. Everything is
-deterministic given ``seed``.
+highest bids and its price becomes the lowest kept bid; clusters with room cost 0
+(complementary slackness). It always terminates with every point placed (total capacity >= n)
+and is ``n*eps``-optimal (checked against ``scipy.optimize.linear_sum_assignment`` in the
+tests). Prices and assignments are warm-started across Lloyd iterations, which use a coarse
+``eps`` (0.1 of the typical cost spread); the final assignment adds a 0.01 phase. Lower bounds
+(rarely active) are then repaired by moving the cheapest points from clusters above their
+minimum. Everything is deterministic given ``seed``.
+
+Measured on 2 CPU cores, V=50,257 (GPT-2), H=2: random 64-d embeddings 7.8 s (K=225) and
+5.1 s (K=256); PPMI-SVD embeddings of a 7M-token synthetic corpus 9.9 s / 8.7 s; a hard case
+(128-d mixture of 300 Zipf-sized blobs, natural clusters up to 10x over capacity) 40 s / 41 s.
+K=512 6 s, K=2 with H=16 7 s.
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -52,7 +58,8 @@ from .tree import VocabTree
 
 _NODE_LOOP_MAX = 64          # up to this many nodes per level: per-node BLAS; else batched gather
 _GATHER_BYTES = 1 << 24      # chunk size (bytes) of the batched centroid gather
-_ROUNDS: list = []           # auction rounds per phase (diagnostics)
+EPS_ITER = 1e-1              # auction eps during Lloyd iterations (fraction of the cost spread)
+EPS_LAST = (1e-1, 1e-2)      # eps phases of the final assignment
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -79,7 +86,8 @@ def plan_groups(sizes: np.ndarray, h: int, K: int, leaf_capacity_ratio: float = 
     g = np.maximum(g, 1)
     mean = n / g
     cap = int(min(struct, float(n.max(initial=1))))
-    hi = np.minimum(cap, np.maximum(np.ceil(mean), np.floor(max_size_ratio * mean))).astype(np.int64)
+    hi = np.minimum(cap, np.maximum(np.ceil(mean), np.floor(max_size_ratio * mean)))
+    hi = hi.astype(np.int64)
     lo = np.maximum(1, np.minimum(np.floor(min_size_ratio * mean), np.floor(mean))).astype(np.int64)
     if (g * hi < n).any():
         raise ConfigError(f"invalid tree shape: K={K} cannot hold {int(n.max())} tokens below "
@@ -213,24 +221,31 @@ def auction_assign(D: np.ndarray, pt_coff: np.ndarray, cap: np.ndarray, eps_sche
     rows = np.arange(n)
     for eps in eps_schedule:
         eps = float(eps)
-        held = asg < G
-        cnt = np.bincount(asg[held], minlength=G)
-        P = np.where(cnt >= cap, P, 0.0)   # a cluster with room costs nothing (CS for slack)
-        R = P.copy()                       # price of an empty slot during this phase
+        # keep only points that satisfy eps-CS under prices where every cluster with room
+        # costs 0 (complementary slackness of the capacity constraint); freeing points can
+        # open room elsewhere, so repeat until stable. Each kept point holds the bid it would
+        # place now, p_own + (second best - own) + eps, so ties do not stall its cluster's price.
         bidv = np.zeros(n)
         minb = np.full(G, np.inf)          # lowest kept bid per cluster
-        if held.any():
-            # keep only the points that satisfy eps-CS; each keeps the bid it would place now,
-            # p_own + (second best - own) + eps, so ties do not stall the price of its cluster
+        held = asg < G
+        while True:
+            cnt = np.bincount(asg[held], minlength=G)
+            P = np.where(cnt >= cap, P, 0.0)
+            if not held.any():
+                break
             cost = D + (P[None, :Km] if single else np.take(P, pt_coff[:, None] + ar, mode="clip"))
             own = np.where(held, asg - pt_coff, 0)
             c_own = cost[rows, own]
             cost[rows, own] = np.inf
             other = cost.min(axis=1)
             del cost
-            held &= c_own <= np.minimum(other, c_own) + eps
+            ok = held & (c_own <= np.minimum(other, c_own) + eps)
+            if np.array_equal(ok, held):
+                break
+            held = ok
             asg[~held] = G
-            cnt = np.bincount(asg[held], minlength=G)
+        R = P.copy()                       # price of an empty slot during this phase
+        if held.any():
             idx = np.flatnonzero(held)
             bidv[idx] = P[asg[idx]] + np.where(np.isfinite(other[idx]),
                                                other[idx] - c_own[idx], 1.0) + eps
@@ -303,7 +318,6 @@ def auction_assign(D: np.ndarray, pt_coff: np.ndarray, cap: np.ndarray, eps_sche
             np.minimum.at(minb, cls[keep], bids[keep])
             P = np.where(cnt >= cap, minb, R)
             free = np.sort(pts[~keep])
-        _ROUNDS.append(rounds)
     return asg - pt_coff, P
 
 
@@ -339,27 +353,25 @@ def repair_lower(lv: _Level, D: np.ndarray, local: np.ndarray) -> np.ndarray:
     return local
 
 
-def _eps_schedule(D: np.ndarray) -> list:
-    """eps phases (absolute cost units) relative to the typical cost spread ``s``: the median
-    over points of (mean - min) of the point's finite costs; phases ``s * (1e-1, 1e-2, 1e-3)``.
-    The last bounds the loss against the optimal assignment by ``n * 1e-3 * s``."""
+def _cost_spread(D: np.ndarray) -> float:
+    """Typical cost spread ``s``: the median over points of (mean - min) of the point's finite
+    costs. eps phases are fractions of it."""
     fin = np.isfinite(D)
     mean = np.where(fin, D, 0.0).sum(axis=1, dtype=np.float64) / np.maximum(fin.sum(axis=1), 1)
-    spread = float(np.median(mean - D.min(axis=1)))
-    spread = max(spread, 1e-6)
-    return [spread * f for f in (1e-1, 1e-2, 1e-3)]
+    return max(float(np.median(mean - D.min(axis=1))), 1e-6)
 
 
 def balanced_kmeans_level(lv: _Level, rng: np.random.Generator, max_iter: int = 20,
-                          tol: float = 1e-3) -> tuple[np.ndarray, dict]:
+                          tol: float = 1e-4) -> tuple[np.ndarray, dict]:
     """Balanced k-means for every node of a level at once; returns local group ids per point.
 
-    k-means++ seeding, then Lloyd iterations: balanced assignment (auction with eps phases
-    ``s*(1e-1, 1e-2)``, warm-started from the previous prices and assignment, then the
-    lower-bound repair) and centroid update (means). Stops after ``max_iter`` iterations or
-    when the mean squared distance improves by less than ``tol`` (relative) or fewer than a
-    ``tol`` fraction of points move. A last assignment to the final centroids uses the finest
-    phase ``s*1e-3`` as well."""
+    k-means++ seeding, then Lloyd iterations: balanced assignment (auction with
+    ``eps = 0.1 s``, ``s`` = typical cost spread, warm-started from the previous prices and
+    assignment, then the lower-bound repair) and centroid update (means). Stops after
+    ``max_iter`` iterations or when the mean squared distance improves by less than ``tol``
+    (relative) or fewer than a ``tol`` fraction of points move. The final assignment to the
+    last centroids adds a finer phase ``eps = 0.01 s`` (measured on a hard GPT-2-sized case:
+    within 0.15% of the optimal assignment cost; ``0.1 s`` alone is within ~1%)."""
     C = lv.kmeanspp(rng)
     local = None
     prices = None
@@ -368,8 +380,9 @@ def balanced_kmeans_level(lv: _Level, rng: np.random.Generator, max_iter: int = 
     for it in range(max_iter + 1):
         last = it == max_iter
         D = lv.distances(C)
-        eps = _eps_schedule(D)
-        new, prices = auction_assign(D, lv.pt_coff, lv.cap, eps if last else eps[:2],
+        s = _cost_spread(D)
+        new, prices = auction_assign(D, lv.pt_coff, lv.cap,
+                                     [s * EPS_LAST[0], s * EPS_LAST[1]] if last else [s * EPS_ITER],
                                      prices=prices, init=local)
         new = repair_lower(lv, D, new)
         changed = 1.0 if local is None else float(np.mean(new != local))
@@ -391,7 +404,8 @@ def balanced_kmeans_level(lv: _Level, rng: np.random.Generator, max_iter: int = 
 def _check_shape(V: int, K: int, H: int) -> None:
     for name, v in (("K", K), ("H", H)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"invalid tree value for '{name}': must be an integer >= 1, got {v!r}")
+            raise ConfigError(f"invalid tree value for '{name}': must be an integer >= 1, "
+                              f"got {v!r}")
     if V < 1:
         raise DataError("cannot build a vocabulary tree over 0 tokens")
     if K ** H < V:
@@ -401,7 +415,8 @@ def _check_shape(V: int, K: int, H: int) -> None:
 
 def _check_ratios(r: float, lo: float, hi: float) -> None:
     if not 0.0 < r <= 1.0:
-        raise ConfigError(f"invalid tree value for 'leaf_capacity_ratio': must be in (0, 1], got {r}")
+        raise ConfigError(f"invalid tree value for 'leaf_capacity_ratio': must be in (0, 1], "
+                          f"got {r}")
     if not 0.0 <= lo <= 1.0:
         raise ConfigError(f"invalid tree value for 'min_size_ratio': must be in [0, 1], got {lo}")
     if not hi >= 1.0:
@@ -411,7 +426,7 @@ def _check_ratios(r: float, lo: float, hi: float) -> None:
 def build_tree(embeddings: np.ndarray, K: int, H: int, seed: int = 0,
                leaf_capacity_ratio: float = 1.0, min_size_ratio: float = 0.1,
                max_size_ratio: float = 5.0, vocab_hash: str = "", meta: dict | None = None,
-               *, max_iter: int = 20, tol: float = 1e-3) -> VocabTree:
+               *, max_iter: int = 20, tol: float = 1e-4) -> VocabTree:
     """Build a :class:`VocabTree` of height ``H``, branching ``<= K``, over the ``V`` rows of
     ``embeddings [V, d]`` by top-down balanced k-means (module docstring). Deterministic in
     ``seed``. ``meta`` (e.g. ``{"embedding_source": ...}``) is stored with the build settings."""

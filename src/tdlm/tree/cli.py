@@ -24,7 +24,7 @@ def add_tree_parser(sub) -> None:
     b.add_argument("--checkpoint", default="", help="checkpoint for --source checkpoint")
     b.add_argument("--data-source", default="bundled", help="corpus (see DataConfig.source)")
     b.add_argument("--tokenizer", default="gpt2")
-    b.add_argument("--cache-dir", default=".tdlm_cache")
+    b.add_argument("--cache-dir", default="~/.cache/tdlm")
     b.add_argument("--out", required=True, help="tree file (.safetensors)")
     b.set_defaults(fn=cmd_tree_build)
 

@@ -71,12 +71,14 @@ def describe_tree(tree: VocabTree, decode: Callable[[list[int]], str] | None = N
              "tokens/node mean p10/p50/p90 [min, max]"]
     for lv in reversed(st["levels"]):
         c, f, t = lv["children"], lv["fill"], lv["tokens"]
-        lines.append(f"{lv['height']:>6}  {lv['nodes']:>5}  {c['mean']:>8.1f} [{c['min']}, {c['max']}]"
+        lines.append(f"{lv['height']:>6}  {lv['nodes']:>5}  "
+                     f"{c['mean']:>8.1f} [{c['min']}, {c['max']}]"
                      f"  {100 * f['mean']:>8.1f}% [{100 * f['min']:.1f}%, {100 * f['max']:.1f}%]"
                      f"  {t['mean']:.1f} {t['p10']:g}/{t['p50']:g}/{t['p90']:g} "
                      f"[{t['min']}, {t['max']}]")
     for lv in reversed(st["levels"]):
-        hist = ", ".join(f"{a}-{b}:{n}" if a != b else f"{a}:{n}" for a, b, n in lv["tokens_hist"])
+        hist = ", ".join(f"{a}-{b}:{n}" if a != b else f"{a}:{n}"
+                         for a, b, n in lv["tokens_hist"] if n)
         lines.append(f"cluster sizes at height {lv['height']} (tokens: nodes): {hist}")
     h1 = tree.nodes_at_height(1)
     rng = np.random.default_rng(seed)

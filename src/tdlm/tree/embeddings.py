@@ -134,7 +134,8 @@ def corpus_embeddings(token_ids: np.ndarray, V: int, dim: int = 64, window: int 
     with no co-occurrence information (never seen, or an all-zero PPMI row) get a deterministic
     random direction (from ``seed``) of the median norm, so every token is placed; such tokens
     then fill the clusters' spare capacity. Signs are fixed (largest entry of each column
-    positive). About 15 s for 7M tokens, V=50,257, dim=64 on 2 cores.
+    positive). About 25 s for 7M tokens, V=50,257, dim=64, window=4 on 2 cores (mostly the
+    SVD's sparse products).
     """
     if int(V) < 1:
         raise DataError(f"invalid vocabulary size {V}")

@@ -56,7 +56,7 @@ def tree_for_run(cfg, data, run_dir) -> VocabTree:
                           "cap": m.tree_capacity_ratio, "dim": m.tree_embed_dim, "vocab": vh,
                           "ckpt": m.tree_path, "corpus": data.train_cache.key}, sort_keys=True)
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        cached = Path(cfg.data.cache_dir) / f"tree-{digest}.safetensors"
+        cached = Path(cfg.data.cache_path) / f"tree-{digest}.safetensors"
         if cached.exists():
             tree = VocabTree.load(cached, expected_vocab_hash=vh)
         else:

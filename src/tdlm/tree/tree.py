@@ -12,7 +12,7 @@ Arrays (numpy ``int64``):
 * ``parent[n]``      parent node id, ``-1`` for the root;
 * ``height[n]``      0 for leaves, ``H`` for the root; ``height[parent[n]] == height[n] + 1``;
 * ``rank[n]``        position of ``n`` among its siblings, ``0 .. n_children[parent[n]] - 1``
-                     (siblings are ranked by node id); the head's logit ``r`` means "child of rank r";
+                     (siblings are ranked by node id); head logit ``r`` = "child of rank r";
 * ``n_children[n]``  number of children (0 for leaves, ``1..K`` for internal nodes);
 * ``anc[h, x]``      the height-``h`` ancestor of token ``x``: ``anc[0] = arange(V)``,
                      ``anc[h] = parent[anc[h-1]]``, ``anc[H] = root``;
@@ -37,7 +37,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -398,8 +398,9 @@ class VocabTree:
             raise CheckpointError(f"cannot read vocabulary tree {path}: bad header "
                                   f"({_one_line(exc)})") from None
         if expected_vocab_hash is not None and stored_hash != expected_vocab_hash:
-            raise CheckpointError(f"tree was built for another tokenizer (vocab hash "
-                                  f"{stored_hash or '<none>'} != {expected_vocab_hash or '<none>'})")
+            raise CheckpointError(
+                f"tree was built for another tokenizer (vocab hash {stored_hash or '<none>'} "
+                f"!= {expected_vocab_hash or '<none>'})")
         for n, a in arrays.items():
             if not np.issubdtype(a.dtype, np.integer):
                 raise CheckpointError(f"cannot read vocabulary tree {path}: array '{n}' is not "
