@@ -262,3 +262,26 @@ def test_internal_embeddings_start_as_mean_of_children():
     W = fam.build_model().backbone.vocab_embed.weight
     assert torch.allclose(W[6], W[[0, 1, 2]].mean(0)) and torch.allclose(W[8], W[5])
     assert torch.allclose(W[9], W[[6, 7, 8]].mean(0))
+
+
+def test_per_level_head_uses_its_own_slice_and_trains():
+    tree = small_tree()
+    cfg = cfg_for("tdlm", 6, 4, H=2, K=3)
+    cfg.model.tree_head = "per_level"
+    fam = TreeDiffusion(cfg, tree=tree)
+    model = fam.build_model()
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    z = torch.tensor([[9, 6, 7, 8]])
+    l0 = model(z, torch.zeros(1), torch.tensor([0]))
+    l1 = model(z, torch.zeros(1), torch.tensor([1]))
+    assert not torch.allclose(l0[0, 0], l1[0, 0])                       # different head slices
+    W = model.head.linear.weight.view(2, 3, -1)
+    feats = model.features(z, torch.zeros(1))
+    ref = feats[0, 1] @ W[1].T + model.head.linear.bias.view(2, 3)[1]
+    assert torch.allclose(l1[0, 1], ref.masked_fill(~model.child_mask(z)[0, 1], float("-inf")))
+    x = torch.randint(0, 6, (8, 4))
+    terms = fam.loss(model, {"input_ids": x}, torch.Generator().manual_seed(0))
+    terms.per_token().backward()
+    assert model.head.linear.weight.grad.abs().sum() > 0

@@ -56,6 +56,11 @@ def test_tree_build_show_and_train_eval_sample(tmp_path, capsys):
     assert main(["sample", str(run), "--num", "2", "--steps", "8"]) == 0
     recs = [json.loads(l) for l in (run / "samples" / "samples.jsonl").read_text().splitlines()]
     assert len(recs) == 2 and all(max(r["ids"]) < 512 for r in recs)
+    assert main(["sample", str(run), "--num", "1", "--steps", "8", "--steps-split", "1,1,2,4",
+                 "--out", str(tmp_path / "s.jsonl")]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(run), "--num", "1", "--steps", "8", "--steps-split", "4,4"]) == 2
+    assert "steps split" in capsys.readouterr().err
 
 
 def test_tree_for_another_tokenizer_is_refused(tmp_path, capsys):

@@ -119,7 +119,8 @@ def cmd_eval(args) -> int:
 
 
 def _sample(ckpt_path: str, num: int, steps: int, seed: int, temperature: float, top_p: float,
-            seq_len: int | None, out: str | None) -> tuple[list, Path]:
+            seq_len: int | None, out: str | None,
+            steps_split: str | None = None) -> tuple[list, Path]:
     from .api import load
     if steps <= 0:
         raise ConfigError(f"--steps must be >= 1, got {steps}")
@@ -135,9 +136,19 @@ def _sample(ckpt_path: str, num: int, steps: int, seed: int, temperature: float,
     if seq_len and seq_len > pipe.cfg.model.max_seq_len:
         raise TdlmError(f"--seq-len {seq_len} exceeds the model's max_seq_len "
                         f"{pipe.cfg.model.max_seq_len}")
+    extra = {}
+    if steps_split:
+        if pipe.cfg.model.family != "tdlm":
+            raise ConfigError("--steps-split applies to tdlm (tree) models only")
+        try:
+            parts = [int(v) for v in steps_split.split(",")]
+        except ValueError:
+            raise ConfigError(f"--steps-split {steps_split!r}: expected integers like 64,64") from None
+        extra["steps_split"] = parts[::-1]      # given root-to-leaf; the family indexes by height
+        pipe.family.steps_per_level(steps, extra["steps_split"])   # validates
     t0 = time.perf_counter()
     ids = pipe.generate_ids(num, steps, seq_len=seq_len, seed=seed, temperature=temperature,
-                            top_p=top_p)
+                            top_p=top_p, **extra)
     dt = time.perf_counter() - t0
     recs = [{"id": i, "text": pipe.tokenizer.decode(row.tolist()), "ids": row.tolist()}
             for i, row in enumerate(ids)]
@@ -147,14 +158,15 @@ def _sample(ckpt_path: str, num: int, steps: int, seed: int, temperature: float,
     atomic_write_text(out_path, "".join(json.dumps(r) + "\n" for r in recs))
     meta = {"checkpoint": str(pipe.checkpoint.path), "num": num, "steps": steps, "seed": seed,
             "temperature": temperature, "top_p": top_p, "gumbel": "float64",
-            "seq_len": int(ids.shape[1]), "seconds": dt}
+            "seq_len": int(ids.shape[1]), "seconds": dt,
+            "steps_split_root_to_leaf": steps_split or "even"}
     _write_json(out_path.with_suffix(".meta.json"), meta)
     return recs, out_path
 
 
 def cmd_sample(args) -> int:
     recs, path = _sample(args.checkpoint, args.num, args.steps, args.seed, args.temperature,
-                         args.top_p, args.seq_len, args.out)
+                         args.top_p, args.seq_len, args.out, args.steps_split)
     for r in recs[:args.show]:
         print(f"--- sample {r['id']} ---\n{r['text'][:600]}")
     print(f"samples: {path}")
@@ -294,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seq-len", type=int)
     p.add_argument("--show", type=int, default=3)
+    p.add_argument("--steps-split", help="TDLM: steps per level, root to leaves, e.g. 32,96 "
+                   "(default: even)")
     p.add_argument("--out", help="JSONL path (default: <run>/samples/samples.jsonl)")
     p.set_defaults(fn=cmd_sample)
 

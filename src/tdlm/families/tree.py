@@ -117,7 +117,8 @@ class TreeLM(nn.Module):
         out = self.head.linear(feats).float()
         if self.per_level:
             out = out.view(*out.shape[:-1], self.H, self.K)
-            lv = level.view(-1, *([1] * (out.dim() - 3)), 1, 1).expand(*out.shape[:-2], 1, self.K)
+            # level has the shape of out's leading dims ([M] rows or [B, L] positions)
+            lv = level[..., None, None].expand(*out.shape[:-2], 1, self.K)
             out = out.gather(-2, lv).squeeze(-2)
         return out.masked_fill(~self.child_mask(z), float("-inf"))
 
