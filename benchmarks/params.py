@@ -1,0 +1,64 @@
+"""Parameter budget of TDLM vs MDLM presets side by side (issue: efficiency benchmarks, item 1).
+
+    python benchmarks/params.py            # writes benchmarks/results/params.{json,md}
+
+Counts come from the real model classes built on the meta device; a TDLM tree of the preset's
+K, H (frequency-sorted, same node count as a k-means tree) fixes the node-embedding rows.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tdlm.config import get_preset
+from tdlm.families import get_family
+from tdlm.nn.dit import count_parameters
+from tdlm.tree import build_frequency_tree
+
+PAIRS = [("mdlm-small", "tdlm-small"), ("mdlm-base", "tdlm-base"), ("tiny-gpt2", "tdlm-tiny")]
+
+
+def counts(name: str) -> dict:
+    cfg = get_preset(name)
+    kw = {}
+    if cfg.model.family == "tdlm":
+        kw["tree"] = build_frequency_tree(np.ones(cfg.model.vocab_size), cfg.model.tree_K,
+                                          cfg.model.tree_H)
+    with torch.device("meta"):
+        model = get_family(cfg, **kw).build_model()
+    c = count_parameters(model)
+    m = cfg.model
+    return {"preset": name, "family": m.family, "d_model": m.d_model, "n_layers": m.n_layers,
+            "vocab_size": m.vocab_size, **({"K": m.tree_K, "H": m.tree_H} if m.family == "tdlm" else {}),
+            **c}
+
+
+def main(out_dir: str = "benchmarks/results") -> None:
+    rows = []
+    for base, tree in PAIRS:
+        b, t = counts(base), counts(tree)
+        rows.append({"mdlm": b, "tdlm": t, "total_ratio": t["total"] / b["total"],
+                     "head_ratio": b["head"] / t["head"]})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "params.json").write_text(json.dumps(rows, indent=2))
+    lines = ["# Parameters: TDLM vs MDLM at equal budget", "",
+             "Command: `python benchmarks/params.py` (counts from the model classes; machine-independent).", "",
+             "| preset | layers | total | embedding | head | blocks | head share | TDLM/MDLM total | head shrink |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for key in ("mdlm", "tdlm"):
+            c = r[key]
+            extra = (f"{r['total_ratio']:.4f} | {r['head_ratio']:.0f}x" if key == "tdlm" else " | ")
+            lines.append(f"| {c['preset']} | {c['n_layers']} | {c['total']:,} | {c['embedding']:,} | "
+                         f"{c['head']:,} | {c['blocks']:,} | {100 * c['head_share']:.2f}% | {extra} |")
+    (out / "params.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
