@@ -524,3 +524,28 @@ def test_bundled_gpt2_tokenisation_speed(tmp_path):
     t = time.time()
     c = build_or_load_cache(docs, get_tokenizer("gpt2"), str(tmp_path), {"source": "bundled"})
     assert time.time() - t < 60 and c.n_tokens > 6_000_000
+
+
+def test_validation_only_build_skips_the_train_split(tmp_path, gpt2):
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(60)), encoding="utf-8")
+    cfg = DataConfig(source=str(src), tokenizer="gpt2", seq_len=16, val_fraction=0.2,
+                     cache_dir=str(tmp_path / "cache"))
+    calls = []
+    real = cache_mod.build_cache
+
+    def counting(docs, *a, **kw):
+        docs = list(docs)
+        calls.append(len(docs))
+        return real(docs, *a, **kw)
+
+    import tdlm.data.cache as cm
+    cm.build_cache = counting
+    try:
+        ev = build_data(cfg, None, tokenizer=gpt2, need_train=False)
+    finally:
+        cm.build_cache = real
+    full = build_data(cfg, None, tokenizer=gpt2)
+    assert ev.train is None and ev.train_cache is None and len(calls) == 1
+    assert ev.val_cache.key == full.val_cache.key and len(ev.val) == len(full.val)
+    assert torch.equal(ev.val.get(0)[0], full.val.get(0)[0])

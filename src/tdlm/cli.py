@@ -76,7 +76,7 @@ def _eval(ckpt_path: str, batches: int, seed: int, repeats: int, out: str | None
         raise ConfigError(f"--repeats must be >= 1, got {repeats}")
     pipe = load(ckpt_path, use_ema=use_ema)
     cfg = pipe.cfg
-    data = build_data(cfg.data, None, tokenizer=pipe.tokenizer)
+    data = build_data(cfg.data, None, tokenizer=pipe.tokenizer, need_train=False)
     res = evaluate_nelbo(pipe.family, pipe.model, data.val,
                          batch_size=cfg.train.micro_batch or cfg.train.global_batch,
                          max_batches=batches, seed=seed, repeats=repeats)

@@ -202,8 +202,10 @@ def _resolve_tokenizer(cfg, train_docs, prov: str, run_dir: Optional[str]) -> To
 
 
 def build_data(cfg, run_dir: Optional[str] = None,
-               tokenizer: Optional[Tokenizer] = None) -> DataBundle:
+               tokenizer: Optional[Tokenizer] = None, need_train: bool = True) -> DataBundle:
     """Load, split, tokenise (cached) and lay out the data described by a DataConfig.
+    ``need_train=False`` (evaluation with a given tokenizer) skips tokenising the train split;
+    the bundle's ``train`` and ``train_cache`` are then None.
 
     The tokenizer is ``tokenizer`` when given (e.g. a checkpoint's), else gpt2 or a bpe
     tokenizer trained on the training split (reused from ``run_dir`` or the cache folder).
@@ -216,34 +218,40 @@ def build_data(cfg, run_dir: Optional[str] = None,
                                                                      run_dir)
     if run_dir is not None:
         tok.save(run_dir)
+    if not need_train and tokenizer is None:
+        raise ValueError("need_train=False requires a tokenizer")
     common = {"source": prov, "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed}
-    train_cache = build_or_load_cache(train_docs, tok, cfg.cache_path,
-                                      {**common, "split": "train",
-                                       "max_train_docs": cfg.max_train_docs})
+    train_cache = (build_or_load_cache(train_docs, tok, cfg.cache_path,
+                                       {**common, "split": "train",
+                                        "max_train_docs": cfg.max_train_docs})
+                   if need_train else None)
     val_cache = build_or_load_cache(val_docs, tok, cfg.cache_path, {**common, "split": "val"})
     if cfg.layout == "packed":
-        train = PackedDataset(train_cache, cfg.seq_len, tok.eos_id)
-        val = PackedDataset(val_cache, cfg.seq_len, tok.eos_id)
+        def make(cache):
+            return PackedDataset(cache, cfg.seq_len, tok.eos_id)
     elif cfg.layout == "crop_pad":
-        train = CropPadDataset(train_cache, cfg.seq_len, tok.bos_id, tok.eos_id, tok.pad_id,
-                               seed=cfg.split_seed)
-        val = CropPadDataset(val_cache, cfg.seq_len, tok.bos_id, tok.eos_id, tok.pad_id,
-                             seed=cfg.split_seed)
+        def make(cache):
+            return CropPadDataset(cache, cfg.seq_len, tok.bos_id, tok.eos_id, tok.pad_id,
+                                  seed=cfg.split_seed)
     else:
         raise DataError(f"unknown layout {cfg.layout!r}; allowed: packed, crop_pad")
+    train = make(train_cache) if train_cache is not None else None
+    val = make(val_cache)
     for split, ds, cache in (("train", train, train_cache), ("validation", val, val_cache)):
-        if len(ds) == 0:
+        if ds is not None and len(ds) == 0:
             raise DataError(f"the {split} split of {cfg.source} has {cache.n_tokens} tokens, "
                             f"fewer than one block of seq_len={cfg.seq_len}")
     provenance = {
         "source": prov, "layout": cfg.layout, "seq_len": cfg.seq_len,
         "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed,
         "max_train_docs": cfg.max_train_docs,
-        "n_train_docs": train_cache.n_docs, "n_val_docs": val_cache.n_docs,
-        "n_train_tokens": train_cache.n_tokens, "n_val_tokens": val_cache.n_tokens,
-        "n_train_items": len(train), "n_val_items": len(val),
+        "n_train_docs": train_cache.n_docs if train_cache else len(train_docs),
+        "n_val_docs": val_cache.n_docs,
+        "n_train_tokens": train_cache.n_tokens if train_cache else None,
+        "n_val_tokens": val_cache.n_tokens,
+        "n_train_items": len(train) if train is not None else None, "n_val_items": len(val),
         "tokenizer": tok.name, "vocab_size": tok.vocab_size, "vocab_hash": tok.vocab_hash(),
         "eos_id": tok.eos_id, "bos_id": tok.bos_id, "pad_id": tok.pad_id,
-        "train_cache": train_cache.key, "val_cache": val_cache.key,
+        "train_cache": train_cache.key if train_cache else None, "val_cache": val_cache.key,
     }
     return DataBundle(tok, train, val, provenance, train_cache, val_cache)
