@@ -1,0 +1,292 @@
+"""Peak training memory of TDLM vs MDLM at paper shapes (issue: efficiency benchmarks).
+
+    python benchmarks/memory.py --batch 1 2            # writes benchmarks/results/memory.{json,md,png}
+    python benchmarks/memory.py --batch 1 --regimes plain --models mdlm-small   # one calibration run
+
+Every (model, regime, micro-batch B) runs in a fresh subprocess (``--worker``) that builds the
+preset (mdlm-small / tdlm-small, sequence length overridden to 512, GPT-2 vocabulary 50,257),
+creates AdamW, and runs full optimizer steps (forward, ``family.loss``, backward, clip, AdamW
+step) on random tokens. The family's own loss is used for both models, so MDLM computes full
+logits + SUBS log-softmax exactly as the reference does.
+
+Memory, CPU: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (peak resident set of the process)
+after the steps; the baseline is the resident set after model + optimizer creation (Adam moments
+and gradients are allocated lazily, so they are part of the increment; the "activation"
+increment subtracts them: 12 B/param). CUDA: ``torch.cuda.max_memory_allocated`` and two more
+regimes with bf16 autocast (``bf16``, ``bf16_ckpt``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODELS = ("mdlm-small", "tdlm-small")
+SEQ_LEN = 512
+MIB = 1024 * 1024
+
+
+def _rss_now() -> int:
+    """Current resident set in bytes (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KiB on Linux
+
+
+def worker(model_name: str, regime: str, batch: int, steps: int, threads: int) -> dict:
+    import numpy as np
+    import torch
+
+    from tdlm.config import get_preset
+    from tdlm.families import get_family
+    from tdlm.families.base import autocast_ctx
+    from tdlm.tree import build_frequency_tree
+
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = get_preset(model_name)
+    cfg.model.max_seq_len = max(cfg.model.max_seq_len, SEQ_LEN)
+    cfg.data.seq_len = SEQ_LEN
+    cfg.model.activation_checkpointing = regime.endswith("ckpt")
+    precision = "bf16" if regime.startswith("bf16") else "fp32"
+    kw = {}
+    if cfg.model.family == "tdlm":
+        kw["tree"] = build_frequency_tree(np.ones(cfg.model.vocab_size), cfg.model.tree_K,
+                                          cfg.model.tree_H)
+    torch.manual_seed(0)
+    family = get_family(cfg, **kw)
+    model = family.build_model().to(device)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    tc = cfg.train
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, eps=tc.adam_eps,
+                            weight_decay=tc.weight_decay, fused=(device.type == "cuda") or None)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randint(0, cfg.model.vocab_size, (batch, SEQ_LEN),
+                      generator=torch.Generator().manual_seed(1)).to(device)
+    batch_d = {"input_ids": x}
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        base_maxrss = None
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_now()
+        base_maxrss = _maxrss()
+
+    times, losses = [], []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with autocast_ctx(device, precision):
+            terms = family.loss(model, batch_d, gen)
+        loss = terms.nll.float().sum() / terms.n_tokens.sum().clamp_min(1)
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        losses.append(float(loss.detach()))
+        del terms, loss
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+
+    if device.type == "cuda":
+        peak, measure = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    else:
+        peak, measure = _maxrss(), "ru_maxrss"
+    static_lazy = 12 * n_params     # grads + 2 Adam moments, fp32, allocated during the steps
+    step_s = min(times[1:]) if len(times) > 1 else times[0]
+    return {"model": model_name, "family": cfg.model.family, "regime": regime, "precision": precision,
+            "activation_checkpointing": cfg.model.activation_checkpointing, "batch": batch,
+            "seq_len": SEQ_LEN, "vocab_size": cfg.model.vocab_size, "n_layers": cfg.model.n_layers,
+            "n_params": n_params, "device": str(device), "measure": measure, "steps": steps,
+            "peak_bytes": peak, "baseline_bytes": base, "baseline_maxrss_bytes": base_maxrss,
+            "increment_bytes": peak - base,
+            "activation_increment_bytes": peak - base - static_lazy,
+            "step_times_s": times, "step_s": step_s, "tokens_per_s": batch * SEQ_LEN / step_s,
+            "losses": losses}
+
+
+def run_one(model: str, regime: str, batch: int, steps: int, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", model, regime, str(batch),
+           "--steps", str(steps), "--threads", str(threads)]
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        return {"model": model, "regime": regime, "batch": batch, "error": p.stderr[-2000:]}
+    row = json.loads(p.stdout.strip().splitlines()[-1])
+    row["wall_s"] = time.time() - t0
+    return row
+
+
+def machine() -> dict:
+    import torch
+    d = {"platform": platform.platform(), "python": platform.python_version(),
+         "torch": torch.__version__, "cpu_count": os.cpu_count(),
+         "cuda": torch.cuda.is_available()}
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                d["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                d["mem_total"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if d["cuda"]:
+        d["gpu"] = torch.cuda.get_device_name(0)
+    return d
+
+
+def _mib(b):
+    return b / MIB
+
+
+def write_results(rows: list, mach: dict, command: str, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory.json").write_text(json.dumps({"command": command, "machine": mach, "rows": rows},
+                                                indent=2))
+    ok = [r for r in rows if "error" not in r]
+    idx = {(r["family"], r["regime"], r["batch"]): r for r in ok}
+    regimes = sorted({r["regime"] for r in ok}, key=lambda s: ("ckpt" in s, s))
+    batches = sorted({r["batch"] for r in ok})
+    dev = "GPU: " + mach.get("gpu", "") if mach.get("cuda") else f"CPU: {mach.get('cpu', '?')}"
+    measure = ok[0]["measure"] if ok else "?"
+    L = ["# Peak training memory: TDLM vs MDLM (small, GPT-2 vocabulary, L=512)", "",
+         f"Command: `{command}`", "",
+         f"Machine: {dev}, {mach.get('cpu_count')} cores, {mach.get('mem_total', '?')}, "
+         f"torch {mach.get('torch')}, 2 threads. Measure: `{measure}` after {ok[0]['steps'] if ok else '?'} "
+         "full optimizer steps (forward + family loss + backward + clip + AdamW), fp32, fresh process "
+         "per row.", "",
+         "Columns: *peak* = peak resident memory of the process (includes Python/torch runtime); "
+         "*base* = resident memory after model + AdamW creation (parameters only: grads and Adam "
+         "moments are allocated lazily); *act.* = peak − base − 12 B/param (grads + 2 Adam moments), "
+         "i.e. what activations, logits and the loss add on top of the static 16 B/param "
+         "(it also carries allocator slack and the init-time high-water mark, so compare it across "
+         "models at equal B rather than reading it as exact activation bytes).", "",
+         "| regime | B | model | params | peak MiB | base MiB | act. MiB | peak T/M | act. T/M | step s | tokens/s | tok/s T/M |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for reg in regimes:
+        for B in batches:
+            m, t = idx.get(("mdlm", reg, B)), idx.get(("tdlm", reg, B))
+            for r in (m, t):
+                if r is None:
+                    continue
+                ratio = " | | "
+                if r is t and m is not None:
+                    ratio = (f"{t['peak_bytes'] / m['peak_bytes']:.3f} | "
+                             f"{t['activation_increment_bytes'] / m['activation_increment_bytes']:.3f} | ")
+                tp = (f"{t['tokens_per_s'] / m['tokens_per_s']:.2f}" if (r is t and m is not None) else "")
+                L.append(f"| {reg} | {B} | {r['model']} | {r['n_params'] / 1e6:.1f}M | "
+                         f"{_mib(r['peak_bytes']):.0f} | {_mib(r['baseline_bytes']):.0f} | "
+                         f"{_mib(r['activation_increment_bytes']):.0f} | {ratio}"
+                         f"{r['step_s']:.1f} | {r['tokens_per_s']:.1f} | {tp} |")
+    errs = [r for r in rows if "error" in r]
+    if errs:
+        L += ["", "Failed rows: " + ", ".join(f"{r['model']}/{r['regime']}/B={r['batch']}" for r in errs)]
+    # honest verdict on the <=0.5 target
+    ratios = [(reg, B, idx[("tdlm", reg, B)]["peak_bytes"] / idx[("mdlm", reg, B)]["peak_bytes"])
+              for reg in regimes for B in batches if ("tdlm", reg, B) in idx and ("mdlm", reg, B) in idx]
+    best = min(ratios, key=lambda x: x[2]) if ratios else None
+    L += ["", "## Reading", "",
+          "- On CPU at these micro-batches the static part dominates: parameters + gradients + the "
+          "two AdamW moments are 16 B/param, about 2.5 GiB for both models (169.6M vs ~170M "
+          "parameters, equal budget), plus the Python/torch runtime (~0.7 GiB). What one 512-token "
+          "sample adds (activations, logits, loss, allocator slack) is ~0.3-1 GiB here, so at small B "
+          "the peak ratio is pulled towards 1 (spec section 9, "
+          "\"Where the memory goes\").",
+          "- The activation increment (act.) is where the models differ: MDLM keeps V-sized "
+          "float32 tensors (512 x 50,258 = 98 MiB per sample each: logits, SUBS log-softmax, its "
+          "gradient), TDLM keeps 17 instead of 12 blocks and a K=512-way head applied only to "
+          "the moved positions. With activation checkpointing the block activations shrink and "
+          "the V-sized tensors become the dominant per-sample cost for MDLM.",
+          "- The paper's ≈0.5x claim and the acceptance target (TDLM/MDLM peak ≤ 0.5) concern "
+          "GPU training at micro-batches that fill a 24 GB device, not the B ≤ 2-4 measured here.",
+          ]
+    if best is not None:
+        met = best[2] <= 0.5
+        L.append(f"- Verdict for what was measured: the lowest peak ratio is {best[2]:.3f} "
+                 f"({best[0]}, B={best[1]}); the ≤0.5 target is **{'met' if met else 'not met'}** "
+                 f"in these CPU measurements" + ("" if met else
+                 " — expected at this scale, where the 16 B/param static memory dominates; "
+                 "the act. ratio shows the trend toward larger B") + ".")
+    L.append("- Not run here: the CUDA regimes (`torch.cuda.max_memory_allocated`, bf16 autocast "
+             "`bf16`/`bf16_ckpt`); the code path is present and selected automatically on a GPU.")
+    (out / "memory.md").write_text("\n".join(L) + "\n")
+    print("\n".join(L))
+
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for fam, color in (("mdlm", "tab:red"), ("tdlm", "tab:blue")):
+            for reg in regimes:
+                pts = sorted((B, _mib(idx[(fam, reg, B)]["peak_bytes"])) for B in batches
+                             if (fam, reg, B) in idx)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", color=color,
+                            linestyle="--" if "ckpt" in reg else "-", label=f"{fam} {reg}")
+        ax.set_xlabel("micro-batch B (L=512)")
+        ax.set_ylabel(f"peak memory, MiB ({measure})")
+        ax.set_title("Peak training memory, small models, fp32 + AdamW")
+        ax.set_xticks(batches)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "memory.png", dpi=120)
+    except Exception as e:   # plotting is optional
+        print(f"plot skipped: {e}", file=sys.stderr)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", nargs=3, metavar=("MODEL", "REGIME", "B"))
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--regimes", nargs="+", default=None,
+                    help="default: plain ckpt (+ bf16 bf16_ckpt on CUDA)")
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results")
+    a = ap.parse_args()
+    if a.worker:
+        m, reg, B = a.worker
+        print(json.dumps(worker(m, reg, int(B), a.steps, a.threads)))
+        return
+    import torch
+    regimes = a.regimes or (["plain", "ckpt"] + (["bf16", "bf16_ckpt"] if torch.cuda.is_available() else []))
+    command = "python " + " ".join(shlex.quote(x) for x in sys.argv)
+    rows = []
+    for B in a.batch:
+        for reg in regimes:
+            for m in a.models:
+                r = run_one(m, reg, B, a.steps, a.threads)
+                rows.append(r)
+                if "error" in r:
+                    print(f"{m} {reg} B={B}: FAILED\n{r['error']}", file=sys.stderr, flush=True)
+                else:
+                    print(f"{m} {reg} B={B}: peak {_mib(r['peak_bytes']):.0f} MiB, base "
+                          f"{_mib(r['baseline_bytes']):.0f} MiB, step {r['step_s']:.1f} s",
+                          file=sys.stderr, flush=True)
+    write_results(rows, machine(), command, Path(a.out))
+
+
+if __name__ == "__main__":
+    main()
