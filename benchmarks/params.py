@@ -11,26 +11,16 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from tdlm.config import get_preset
-from tdlm.families import get_family
+from tdlm.families import meta_model
 from tdlm.nn.dit import count_parameters
-from tdlm.tree import build_frequency_tree
 
 PAIRS = [("mdlm-small", "tdlm-small"), ("mdlm-base", "tdlm-base"), ("tiny-gpt2", "tdlm-tiny")]
 
 
 def counts(name: str) -> dict:
     cfg = get_preset(name)
-    kw = {}
-    if cfg.model.family == "tdlm":
-        kw["tree"] = build_frequency_tree(np.ones(cfg.model.vocab_size), cfg.model.tree_K,
-                                          cfg.model.tree_H)
-    with torch.device("meta"):
-        model = get_family(cfg, **kw).build_model()
-    c = count_parameters(model)
+    c = count_parameters(meta_model(cfg))
     m = cfg.model
     return {"preset": name, "family": m.family, "d_model": m.d_model, "n_layers": m.n_layers,
             "vocab_size": m.vocab_size, **({"K": m.tree_K, "H": m.tree_H} if m.family == "tdlm" else {}),

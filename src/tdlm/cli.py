@@ -174,9 +174,8 @@ def cmd_sample(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import torch
     from .config import get_preset, preset_names
-    from .families import get_family
+    from .families import meta_model
     from .nn.dit import count_parameters
     if args.list:
         print("\n".join(preset_names()))
@@ -184,23 +183,15 @@ def cmd_info(args) -> int:
     rows = {}
     for name in args.preset or ["tiny"]:
         cfg = get_preset(name)
-        kw = {}
-        if cfg.model.family == "tdlm":
-            # parameter counts depend only on the tree's shape: a frequency-sorted tree of
-            # the preset's K, H has the node count of a k-means one
-            import numpy as np
-            from .tree import build_frequency_tree
-            kw["tree"] = build_frequency_tree(np.ones(cfg.model.vocab_size), cfg.model.tree_K,
-                                              cfg.model.tree_H)
-        with torch.device("meta"):
-            model = get_family(cfg, **kw).build_model()
+        model = meta_model(cfg)
         c = count_parameters(model)
         m = cfg.model
         rows[name] = {"family": m.family, "d_model": m.d_model, "n_layers": m.n_layers,
                       "n_heads": m.n_heads, "vocab_size": m.vocab_size, "seq_len": cfg.data.seq_len,
                       "parameters": c}
         if m.family == "tdlm":
-            rows[name].update(tree_K=m.tree_K, tree_H=m.tree_H, tree_nodes=kw["tree"].num_nodes)
+            rows[name].update(tree_K=m.tree_K, tree_H=m.tree_H,
+                              tree_nodes=model.backbone.vocab_embed.num_embeddings)
     if args.json:
         print(json.dumps(rows if len(rows) > 1 else next(iter(rows.values())), indent=2))
     else:

@@ -63,6 +63,11 @@ class Family:
         return {}
 
     @classmethod
+    def shape_resources(cls, cfg: RunConfig) -> dict:
+        """Resources with the right shapes but no data, for counting parameters."""
+        return {}
+
+    @classmethod
     def resources_from_checkpoint(cls, ckpt) -> dict:
         """Load the resources saved by ``state_files`` back from a checkpoint."""
         return {}
@@ -95,6 +100,14 @@ def get_family_class(name: str) -> type:
 
 def get_family(cfg: RunConfig, **resources) -> Family:
     return get_family_class(cfg.model.family)(cfg, **resources)
+
+
+def meta_model(cfg: RunConfig) -> nn.Module:
+    """The family's model built on the meta device (no memory), for parameter counts."""
+    cls = get_family_class(cfg.model.family)
+    fam = cls(cfg, **cls.shape_resources(cfg))
+    with torch.device("meta"):
+        return fam.build_model()
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -233,6 +233,13 @@ class TreeDiffusion(Family):
         return {"tree": VocabTree.load(p / "tree.safetensors")}
 
     @classmethod
+    def shape_resources(cls, cfg: RunConfig) -> dict:
+        """A frequency-sorted tree of the config's K, H: the node count of a k-means tree."""
+        from ..tree import build_frequency_tree
+        m = cfg.model
+        return {"tree": build_frequency_tree(np.ones(m.vocab_size), m.tree_K, m.tree_H)}
+
+    @classmethod
     def prepare(cls, cfg: RunConfig, data, run_dir) -> dict:
         from ..tree.resources import tree_for_run
         return {"tree": tree_for_run(cfg, data, run_dir)}
