@@ -217,7 +217,7 @@ def write_results(rows: list, mach: dict, command: str, out: Path) -> None:
           "the moved positions. With activation checkpointing the block activations shrink and "
           "the V-sized tensors become the dominant per-sample cost for MDLM.",
           "- The paper's ≈0.5x claim and the acceptance target (TDLM/MDLM peak ≤ 0.5) concern "
-          "GPU training at micro-batches that fill a 24 GB device, not the B ≤ 2-4 measured here.",
+          "GPU training at micro-batches that fill a 24 GB device, not the small B measured here.",
           ]
     if best is not None:
         met = best[2] <= 0.5
