@@ -18,6 +18,7 @@ import torch
 from .config import RunConfig
 from .errors import CheckpointError, ConfigError
 from .families import Family, get_family_class
+from .families.base import model_device
 from .train.checkpoint import Checkpoint, load_checkpoint
 
 
@@ -41,7 +42,7 @@ class Pipeline:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return model_device(self.model)
 
     @torch.no_grad()
     def generate_ids(self, num: int = 1, steps: int = 128, seq_len: Optional[int] = None,

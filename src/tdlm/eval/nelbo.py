@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..errors import ConfigError
-from ..families.base import Family, autocast_ctx
+from ..families.base import Family, autocast_ctx, model_device
 
 
 @torch.no_grad()
@@ -29,7 +29,7 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
     if max_batches < 0:
         raise ConfigError(f"max_batches must be >= 0 (0: the whole split), got {max_batches}")
-    device = device or next(model.parameters()).device
+    device = device or model_device(model)
     was_training = model.training
     model.eval()
     n_batches = math.ceil(len(dataset) / batch_size)

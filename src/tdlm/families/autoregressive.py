@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..config import RunConfig
 from ..nn.dit import DiT, FinalLayer
 from ..sampling.gumbel import adjust_logits, gumbel_argmax
-from .base import Family, LossTerms, register
+from .base import Family, LossTerms, model_device, register
 
 
 class CausalLM(nn.Module):
@@ -51,7 +51,7 @@ class Autoregressive(Family):
     def sample(self, model, num, seq_len, steps, generator, temperature=1.0, top_p=1.0,
                prefix: Optional[torch.Tensor] = None, bos_id: Optional[int] = None, **kw):
         """Ancestral left-to-right sampling (``steps`` is ignored: one token per forward)."""
-        device = next(model.parameters()).device
+        device = model_device(model)
         if prefix is None:
             start = bos_id if bos_id is not None else self.cfg.model.vocab_size - 1
             x = torch.full((num, 1), start, dtype=torch.long, device=device)

@@ -32,7 +32,7 @@ from ..nn.dit import DiT, FinalLayer
 from ..sampling.gumbel import adjust_logits
 from ..sampling.loop import reverse_step
 from ..schedules import get_schedule, sample_times
-from .base import Family, LossTerms, register
+from .base import Family, LossTerms, model_device, register
 
 TRAIN_T_MIN = 1e-3   # MDLM's sampling_eps: training draws t in [1e-3, 1]
 EVAL_T_MIN = 1e-5    # evaluation: bias below 1e-5 * (per-token CE), negligible
@@ -124,7 +124,7 @@ class MaskedDiffusion(Family):
         """Ancestral sampling from all-[MASK]. ``prefix`` [num, k] clamps the first k tokens.
         ``predict(z, sigma, step)`` overrides the model call (model scheduling);
         ``on_forward(step)`` is called for every forward pass actually made."""
-        device = next(model.parameters()).device
+        device = model_device(model)
         z = torch.full((num, seq_len), self.mask_id, dtype=torch.long, device=device)
         if prefix is not None:
             z[:, :prefix.shape[1]] = prefix.to(device)

@@ -51,7 +51,7 @@ from ..nn.dit import DiT, FinalLayer
 from ..sampling.gumbel import adjust_logits
 from ..sampling.loop import reverse_step
 from ..schedules import get_schedule, sample_times
-from .base import Family, LossTerms, register
+from .base import Family, LossTerms, model_device, register
 
 
 TRAIN_U_MIN = 1e-3
@@ -147,6 +147,8 @@ class TreeDiffusion(Family):
         d = cfg.diffusion
         self.base_schedule = get_schedule(d.schedule, d.eps)
         self.windows = level_windows(self.H, d.window_allocation, d.window_ratio)
+        # alpha(1) of the base schedule; removed so every window ends exactly at the parent
+        self.a1 = float(self.base_schedule.alpha(torch.tensor(1.0, dtype=torch.float64)))
         self.anc = torch.from_numpy(tree.anc)
         self.rank = torch.from_numpy(tree.rank)
         self.height = torch.from_numpy(tree.height)
@@ -159,13 +161,9 @@ class TreeDiffusion(Family):
         self.level_mult = lam * self.H / lam.sum()     # mean 1
 
     # ---- schedule inside a level window ----------------------------------------------
-    def _a1(self) -> float:
-        return float(self.base_schedule.alpha(torch.tensor(1.0, dtype=torch.float64)))
-
     def alpha_local(self, u: torch.Tensor) -> torch.Tensor:
         """alpha_h as a function of local time u in [0, 1]: 1 at u=0, exactly 0 at u=1."""
-        a1 = self._a1()
-        return ((self.base_schedule.alpha(u) - a1) / (1 - a1)).clamp(0.0, 1.0)
+        return ((self.base_schedule.alpha(u) - self.a1) / (1 - self.a1)).clamp(0.0, 1.0)
 
     def locate(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """t -> (level h, local time u, window length) for t in (0, 1]."""
@@ -198,8 +196,7 @@ class TreeDiffusion(Family):
             # weight 1/(t - t_h) makes the estimator's variance unbounded
             u = TRAIN_U_MIN + (1 - TRAIN_U_MIN) * u
         # w_h(t) = -d alpha_h / dt / (1 - alpha_h),  d/dt = (1/width) d/du
-        a1 = self._a1()
-        da = self.base_schedule.dalpha(u) / (1 - a1) / width
+        da = self.base_schedule.dalpha(u) / (1 - self.a1) / width
         w = -da / (1 - self.alpha_local(u)).clamp_min(1e-12)
         return h, u, w
 
@@ -293,7 +290,7 @@ class TreeDiffusion(Family):
                **kw) -> torch.Tensor:
         """Coarse-to-fine ancestral sampling from all-root; returns token ids [num, seq_len].
         ``prefix`` clamps the first tokens (leaves never move)."""
-        device = next(model.parameters()).device
+        device = model_device(model)
         z = torch.full((num, seq_len), self.root, dtype=torch.long, device=device)
         if prefix is not None:
             z[:, :prefix.shape[1]] = prefix.to(device)
