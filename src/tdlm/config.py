@@ -20,7 +20,7 @@ from .errors import ConfigError
 
 FAMILIES = ("mdlm", "ar", "tdlm", "did")
 SCHEDULES = ("loglinear", "linear", "cosine")
-LAYOUTS = ("packed", "crop_pad")
+LAYOUTS = ("packed", "crop_pad", "packed_bos", "varlen")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
 
@@ -70,6 +70,8 @@ class ModelConfig:
     tree_seed: int = 0
     tree_capacity_ratio: float = 1.0    # leaf-cluster capacity / K ("cluster size ratio")
     tree_embed_dim: int = 64            # corpus/random embedding dimension
+    # DID (deletion-insertion) options; ignored by other families.
+    did_length: str = "fixed"           # fixed (DICE, gap-softmax, no time) | variable (DISE)
 
     def __post_init__(self) -> None:
         _choice(self, "family", FAMILIES)
@@ -86,6 +88,7 @@ class ModelConfig:
                "tree_path", f"required when tree_source={self.tree_source!r}")
         _check(self.tree_K >= 2, "tree_K", f"must be >= 2, got {self.tree_K}")
         _positive(self, "tree_capacity_ratio", "tree_embed_dim")
+        _choice(self, "did_length", ("fixed", "variable"))
 
     @property
     def causal(self) -> bool:
@@ -105,6 +108,7 @@ class DiffusionConfig:
     level_weighting: str = "none"       # none | linear | exponential
     level_weight_ratio: float = 2.0
     train_weight_clip: float = 0.0      # 0: exact weights; > 0 clips ELBO weights in training
+    train_weighting: str = "elbo"       # elbo | simple (DID: drop the w(t) weight in training)
 
     def __post_init__(self) -> None:
         _choice(self, "schedule", SCHEDULES)
@@ -115,6 +119,7 @@ class DiffusionConfig:
         _choice(self, "level_weighting", ("none", "linear", "exponential"))
         _positive(self, "window_ratio", "level_weight_ratio")
         _check(self.train_weight_clip >= 0, "train_weight_clip", "must be >= 0")
+        _choice(self, "train_weighting", ("elbo", "simple"))
 
 
 @dataclass
@@ -136,6 +141,10 @@ class DataConfig:
     cache_dir: str = "~/.cache/tdlm"  # token caches, trained tokenizers, built trees
     max_train_docs: int = 0          # 0: all
     text_field: str = "text"
+    # varlen layout: batches are drawn from windows of ``bucket_factor`` x batch items sorted
+    # by length (0: no bucketing); micro-batches hold at most ``micro_tokens`` tokens (0: off).
+    bucket_factor: int = 16
+    micro_tokens: int = 0
 
     def __post_init__(self) -> None:
         _choice(self, "layout", LAYOUTS)
@@ -143,6 +152,8 @@ class DataConfig:
         _check(0.0 < self.val_fraction < 0.5, "val_fraction",
                f"must be in (0, 0.5), got {self.val_fraction}")
         _check(self.max_train_docs >= 0, "max_train_docs", "must be >= 0")
+        _check(self.bucket_factor >= 0, "bucket_factor", "must be >= 0")
+        _check(self.micro_tokens >= 0, "micro_tokens", "must be >= 0")
         _check(self.tokenizer == "gpt2" or self.tokenizer.startswith("bpe-"), "tokenizer",
                f"{self.tokenizer!r} is not one of gpt2, bpe-<size> (e.g. bpe-8k)")
 
