@@ -89,9 +89,18 @@ class Pipeline:
         L = self.cfg.data.seq_len
         tok = self.tokenizer
         ids = []
+        layout = self.cfg.data.layout
         for t in texts:
-            toks = tok.encode(t) + [tok.eos_id]
-            if self.cfg.data.layout == "crop_pad":
+            toks = tok.encode(t)
+            if layout in ("packed_bos", "varlen"):
+                # BOS-led windows: [BOS] + up to L-1 tokens (varlen: no EOS, as in training)
+                if layout == "packed_bos":
+                    toks = toks + [tok.eos_id]
+                for i in range(0, max(len(toks), 1), L - 1):
+                    ids.append([tok.bos_id] + toks[i:i + L - 1])
+                continue
+            toks = toks + [tok.eos_id]
+            if layout == "crop_pad":
                 toks = [tok.bos_id] + toks
             for i in range(0, len(toks), L):
                 ids.append(toks[i:i + L])

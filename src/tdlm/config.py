@@ -222,6 +222,14 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
                f"{self.data.seq_len} exceeds the model's max_seq_len {self.model.max_seq_len}")
+        if self.model.family == "did":
+            _check(self.data.layout in ("packed_bos", "varlen"), "data.layout",
+                   f"the did family needs BOS-led sequences: packed_bos or varlen, "
+                   f"got {self.data.layout!r}")
+        else:
+            _check(self.data.layout != "varlen", "data.layout",
+                   f"varlen (ragged batches) is supported by the did family only, "
+                   f"not {self.model.family!r}")
 
     # ---- JSON round trip -------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -352,6 +360,25 @@ PRESETS: dict[str, dict] = {
     "tiny-gpt2": _preset(dict(family="mdlm", vocab_size=_GPT2, d_model=128, n_layers=4, n_heads=4,
                               cond_dim=64, max_seq_len=128, dropout=0.0),
                          dict(seq_len=128, tokenizer="gpt2", layout="packed"), _TINY_GPT2_TRAIN),
+    # DID (Ding et al. 2026): the MDLM backbone sizes without the [MASK] row, plus a d -> 1
+    # rate head. Fixed length (DICE, no time input) on packed [BOS]+text blocks, L = 1024.
+    "did-small": _preset(dict(family="did", vocab_size=_GPT2, d_model=768, n_layers=12, n_heads=12,
+                              max_seq_len=1024, time_conditioning=False, did_length="fixed"),
+                         dict(seq_len=1024, layout="packed_bos", source="hf:openwebtext"), _OWT_TRAIN),
+    "did-medium": _preset(dict(family="did", vocab_size=_GPT2, d_model=1024, n_layers=24, n_heads=16,
+                               max_seq_len=1024, time_conditioning=False, did_length="fixed"),
+                          dict(seq_len=1024, layout="packed_bos", source="hf:openwebtext"), _OWT_TRAIN),
+    # CPU: the backbone of tiny-gpt2. did-tiny: fixed length on packed blocks; did-tiny-var:
+    # variable length (DISE, time-conditioned) on bundled paragraphs, ragged batches.
+    "did-tiny": _preset(dict(family="did", vocab_size=_GPT2, d_model=128, n_layers=4, n_heads=4,
+                             cond_dim=64, max_seq_len=128, dropout=0.0, time_conditioning=False,
+                             did_length="fixed"),
+                        dict(seq_len=128, tokenizer="gpt2", layout="packed_bos"), _TINY_GPT2_TRAIN),
+    "did-tiny-var": _preset(dict(family="did", vocab_size=_GPT2, d_model=128, n_layers=4, n_heads=4,
+                                 cond_dim=64, max_seq_len=128, dropout=0.0, time_conditioning=True,
+                                 did_length="variable"),
+                            dict(seq_len=128, tokenizer="gpt2", layout="varlen",
+                                 source="bundled:paragraphs"), _TINY_GPT2_TRAIN),
     "ar-tiny": _preset(dict(family="ar", vocab_size=8192, d_model=128, n_layers=4, n_heads=4,
                             cond_dim=64, max_seq_len=128, dropout=0.0, time_conditioning=False),
                        dict(seq_len=128, tokenizer="bpe-8k", layout="packed"), _TINY_TRAIN),

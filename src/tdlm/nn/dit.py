@@ -6,6 +6,12 @@ attention (bidirectional, or causal for the AR family). Heads (``tdlm.nn.heads``
 ``hidden`` into predictions; the final adaLN layer lives in the head so that the head's
 parameter count matches the papers' convention (the output linear).
 
+Packed ragged batches (DID; ``forward(tokens [T], sigma [B], cu_seqlens=[B+1])``): the B
+sequences are concatenated without padding; linear layers and the MLP run on the T real
+tokens only, rotary positions restart at 0 in every sequence, adaLN modulation is per
+sequence, and attention never crosses sequences (``packed_attention``: flash varlen on CUDA
+when available, otherwise SDPA on a [B, max_len] scatter with a key-padding mask).
+
 Parameter layout follows MDLM's ``DIT`` exactly, so ``mdlm-small`` (d=768, 12 blocks, 12 heads,
 cond 128, vocab 50257+1) has 169,627,218 parameters, of which the output linear is 22.8%.
 """
@@ -81,6 +87,69 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x.float() * cos + rot.float() * sin).to(x.dtype)
 
 
+class Packing:
+    """Index bookkeeping of a packed ragged batch: ``cu_seqlens`` [B+1] offsets into the
+    T concatenated tokens; ``seq_id`` [T] the sequence of each token; ``pos`` [T] its
+    position inside its sequence; ``pad_index`` [T] its slot in a [B, max_len] layout."""
+
+    def __init__(self, cu_seqlens: torch.Tensor):
+        cu = cu_seqlens.long()
+        if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0:
+            raise ValueError("cu_seqlens must be a 1-D tensor [B+1] starting at 0")
+        self.cu_seqlens = cu
+        self.lengths = cu[1:] - cu[:-1]
+        if bool((self.lengths <= 0).any()):
+            raise ValueError("every packed sequence must have at least one token")
+        self.B = int(self.lengths.numel())
+        self.T = int(cu[-1])
+        self.max_len = int(self.lengths.max())
+        self.seq_id = torch.repeat_interleave(torch.arange(self.B, device=cu.device),
+                                              self.lengths, output_size=self.T)
+        self.pos = torch.arange(self.T, device=cu.device) - cu[:-1][self.seq_id]
+        self.pad_index = self.seq_id * self.max_len + self.pos
+        self._key_mask = None
+
+    def key_mask(self) -> torch.Tensor:
+        """[B, 1, 1, max_len] bool: True where the key slot holds a real token."""
+        if self._key_mask is None:
+            ar = torch.arange(self.max_len, device=self.cu_seqlens.device)
+            self._key_mask = (ar[None, :] < self.lengths[:, None])[:, None, None, :]
+        return self._key_mask
+
+
+def _varlen_attn_fn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:          # pragma: no cover - depends on the torch build
+        return None
+    return varlen_attn
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     packing: Packing) -> torch.Tensor:
+    """Bidirectional attention within each packed sequence. q, k, v: [T, H, hd] -> [T, H, hd].
+
+    CUDA with half precision: ``torch.nn.attention.varlen.varlen_attn`` (flash, no padding).
+    Otherwise: scatter into [B, H, max_len, hd], SDPA with a key-padding mask, gather back
+    (padding only inside attention; with length-bucketed batches max_len is close to every
+    length)."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        fn = _varlen_attn_fn()
+        if fn is not None:
+            cu = packing.cu_seqlens.to(torch.int32)
+            return fn(q, k, v, cu, cu, packing.max_len, packing.max_len)   # window (-1,-1): full
+    T, H, hd = q.shape
+    B, Lm = packing.B, packing.max_len
+
+    def pad(x):
+        out = x.new_zeros(B * Lm, H, hd)
+        out[packing.pad_index] = x
+        return out.view(B, Lm, H, hd).transpose(1, 2)             # [B, H, Lm, hd]
+
+    a = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=packing.key_mask())
+    return a.transpose(1, 2).reshape(B * Lm, H, hd)[packing.pad_index]
+
+
 class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-zero: shift/scale/gate for attention and MLP
     come from ``Linear(cond_dim, 6d)(c)``, initialised to zero so each block starts as identity."""
@@ -100,7 +169,10 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+                attn_mask: Optional[torch.Tensor], packing: Optional[Packing] = None
+                ) -> torch.Tensor:
+        if packing is not None:
+            return self._forward_packed(x, c, rope, packing)
         B, L, d = x.shape
         mod = self.adaLN_modulation(c)[:, None, :].chunk(6, dim=-1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
@@ -114,6 +186,23 @@ class DiTBlock(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            is_causal=self.causal and attn_mask is None)
         a = a.transpose(1, 2).reshape(B, L, d)
+        x = x + gate_msa * F.dropout(self.attn_out(a), drop, self.training)
+        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
+        return x + gate_mlp * F.dropout(self.mlp(h), drop, self.training)
+
+    def _forward_packed(self, x: torch.Tensor, c: torch.Tensor,
+                        rope: tuple[torch.Tensor, torch.Tensor], packing: Packing) -> torch.Tensor:
+        """x: [T, d] packed tokens; c: [B, cond] per sequence; rope: per-token (cos, sin)."""
+        T, d = x.shape
+        mod = self.adaLN_modulation(c)[packing.seq_id].chunk(6, dim=-1)   # each [T, d]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        qkv = self.attn_qkv(h).view(T, 3, self.n_heads, d // self.n_heads)
+        qkv = qkv.permute(1, 0, 2, 3)                                  # [3, T, H, hd]
+        cos, sin = rope
+        q, k = apply_rotary(qkv[:2], cos[:, None, :], sin[:, None, :]).unbind(0)
+        a = packed_attention(q, k, qkv[2], packing).reshape(T, d)
+        drop = self.dropout if self.training else 0.0
         x = x + gate_msa * F.dropout(self.attn_out(a), drop, self.training)
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)
         return x + gate_mlp * F.dropout(self.mlp(h), drop, self.training)
@@ -139,7 +228,12 @@ class DiT(nn.Module):
             for _ in range(cfg.n_layers))
 
     def forward(self, tokens: torch.Tensor, sigma: Optional[torch.Tensor] = None,
-                attn_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                attn_mask: Optional[torch.Tensor] = None,
+                packing: Optional[Packing] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense: tokens [B, L] -> hidden [B, L, d]. Packed (``packing`` given): tokens [T]
+        -> hidden [T, d]; sigma is per sequence [B]. Returns ``(hidden, c [B, cond])``."""
+        if packing is not None:
+            return self._forward_packed(tokens, sigma, packing)
         B, L = tokens.shape
         if sigma is None or not self.cfg.time_conditioning:
             sigma = torch.zeros(B, device=tokens.device)
@@ -151,6 +245,23 @@ class DiT(nn.Module):
                 x = checkpoint(block, x, c, rope, attn_mask, use_reentrant=False)
             else:
                 x = block(x, c, rope, attn_mask)
+        return x, c
+
+    def _forward_packed(self, tokens: torch.Tensor, sigma: Optional[torch.Tensor],
+                        packing: Packing) -> tuple[torch.Tensor, torch.Tensor]:
+        if tokens.dim() != 1 or tokens.numel() != packing.T:
+            raise ValueError(f"packed tokens must be 1-D with {packing.T} entries, "
+                             f"got shape {tuple(tokens.shape)}")
+        if sigma is None or not self.cfg.time_conditioning:
+            sigma = torch.zeros(packing.B, device=tokens.device)
+        c = F.silu(self.sigma_map(sigma))
+        x = self.vocab_embed(tokens)
+        rope = self.rotary(packing.pos)                       # positions restart per sequence
+        for block in self.blocks:
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(block, x, c, rope, None, packing, use_reentrant=False)
+            else:
+                x = block(x, c, rope, None, packing)
         return x, c
 
 
@@ -167,12 +278,16 @@ class FinalLayer(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def features(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=-1)
+    def features(self, x: torch.Tensor, c: torch.Tensor,
+                 packing: Optional[Packing] = None) -> torch.Tensor:
+        mod = self.adaLN_modulation(c)
+        mod = mod[packing.seq_id] if packing is not None else mod[:, None, :]
+        shift, scale = mod.chunk(2, dim=-1)
         return modulate(self.norm_final(x), shift, scale)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.features(x, c))
+    def forward(self, x: torch.Tensor, c: torch.Tensor,
+                packing: Optional[Packing] = None) -> torch.Tensor:
+        return self.linear(self.features(x, c, packing))
 
 
 def count_parameters(model: nn.Module) -> dict:
