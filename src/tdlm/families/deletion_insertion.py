@@ -87,7 +87,9 @@ def log_rates(u: torch.Tensor, packing: Packing, mode: str, deletions: Optional[
     if mode == "variable":
         return u.clamp_max(float(torch.log(torch.tensor(float(max_len)))))
     lse = segment_logsumexp(u, packing.seq_id, packing.B)
-    return deletions.float().log()[packing.seq_id] + u - lse[packing.seq_id]
+    d = deletions.to(u.dtype)[packing.seq_id]
+    l = d.log() + u - lse[packing.seq_id]
+    return torch.where(d > 0, l, torch.full_like(l, float("-inf")))   # nothing deleted: rate 0
 
 
 def xlogx(x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +217,8 @@ class DeletionInsertion(Family):
                allowed: Optional[Sequence[Sequence[bool]]] = None,
                t_min: float = EVAL_T_MIN, cache: bool = True, max_extra_steps: int = 0,
                trajectory: Optional[list] = None, on_forward: Optional[Callable] = None,
-               stats: Optional[dict] = None, **kw) -> list[torch.Tensor]:
+               stats: Optional[dict] = None, exclude_tokens: Optional[Sequence[int]] = None,
+               **kw) -> list[torch.Tensor]:
         """Tau-leaping insertion from [BOS] (+ prompt). Returns ``num`` 1-D token tensors
         (BOS included). ``seq_len``: the target length (fixed) or the cap L_max (variable).
 
@@ -223,7 +226,8 @@ class DeletionInsertion(Family):
         only in gaps at/after the last prompt token; ``allowed`` (one bool per initial token,
         BOS first) gives any allowed-gap mask (infilling). A token inserted into an allowed gap
         makes both resulting gaps allowed. ``trajectory`` (a list) receives every step's
-        sequences; ``stats`` receives forward calls and tokens forwarded."""
+        sequences; ``stats`` receives forward calls and tokens forwarded. ``exclude_tokens``
+        are never inserted (e.g. BOS when it cannot occur inside a text)."""
         if bos_id is None:
             raise ConfigError("DID sampling needs the tokenizer's BOS id")
         if seq_len > self.max_len:
@@ -278,7 +282,10 @@ class DeletionInsertion(Family):
             ins = self._cap(ins, pk, seq_len - lengths, generator)
             new_tok = torch.empty(0, dtype=torch.long, device=dev)
             if bool(ins.any()):
-                lp = adjust_logits(logits[ins].float(), temperature, top_p)
+                lg = logits[ins].float()
+                if exclude_tokens:
+                    lg[:, list(exclude_tokens)] = float("-inf")
+                lp = adjust_logits(lg, temperature, top_p)
                 new_tok = gumbel_argmax(lp, generator)
             # interleave: each new token right after its gap's left token
             cnt = 1 + ins.long()

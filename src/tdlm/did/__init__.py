@@ -1,0 +1,7 @@
+"""Deletion-insertion diffusion (DID) building blocks: the deletion forward process and the
+exact subsequence-count DP that gives the insertion targets. The model family lives in
+``tdlm.families.deletion_insertion``."""
+from .dp import InsertionTargets, insertion_targets, log_prefix_counts
+from .process import delete, log_marginal
+
+__all__ = ["InsertionTargets", "insertion_targets", "log_prefix_counts", "delete", "log_marginal"]
