@@ -32,8 +32,12 @@ def random_case(rng, alphabet=3, max_m=8):
     return a, [a[i] for i in keep]
 
 
+BACKENDS = ["torch"] + (["numba"] if __import__("tdlm.did.dp_numba", fromlist=["x"]).AVAILABLE else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
-def test_dp_matches_enumeration_with_exact_fractions(dtype, tol):
+def test_dp_matches_enumeration_with_exact_fractions(dtype, tol, backend):
     rng = random.Random(0)
     for _ in range(12):                           # ragged batches of mixed m, n
         cases = [random_case(rng, alphabet=rng.choice([1, 2, 3])) for _ in range(7)]
@@ -41,7 +45,7 @@ def test_dp_matches_enumeration_with_exact_fractions(dtype, tol):
         Bs = [c[1] for c in cases]
         m = torch.tensor([len(a) for a in A])
         n = torch.tensor([len(b) for b in Bs])
-        tg = insertion_targets(pad(A, 7), m, pad(Bs, 9), n, dtype=dtype)
+        tg = insertion_targets(pad(A, 7), m, pad(Bs, 9), n, dtype=dtype, backend=backend)
         for k, (a, b) in enumerate(cases):
             N, rho = rho_enumerate(a, b)
             assert N == count_subsequences_python(a, b)
@@ -104,19 +108,20 @@ def test_worked_example():
     assert math.isclose(float(lq.exp()), 2 * 0.3 * 0.7 ** 3, rel_tol=1e-12)
 
 
-def test_edge_cases_and_sentinels():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edge_cases_and_sentinels(backend):
     x0 = pad([[], [5], [5, 5], [3, 4]], fill=0)
     m = torch.tensor([0, 1, 2, 2])
     xt = pad([[], [], [5, 5], [4]], fill=0)           # padding value 0 is never a match
     n = torch.tensor([0, 0, 2, 1])
-    tg = insertion_targets(x0, m, xt, n, dtype=torch.float64)
+    tg = insertion_targets(x0, m, xt, n, dtype=torch.float64, backend=backend)
     assert targets_dict(tg, 0) == {}
     assert targets_dict(tg, 1) == {(0, 5): 1.0}
     assert targets_dict(tg, 2) == {}                  # n = m: nothing deleted
     assert targets_dict(tg, 3) == {(0, 3): 1.0}
     assert tg.log_count.exp().tolist() == pytest.approx([1, 1, 1, 1])
     # all rows without deletions
-    tg = insertion_targets(pad([[1, 2]]), torch.tensor([2]), pad([[1, 2]]), torch.tensor([2]))
+    tg = insertion_targets(pad([[1, 2]]), torch.tensor([2]), pad([[1, 2]]), torch.tensor([2]), backend=backend)
     assert tg.rho.numel() == 0
 
 
@@ -159,8 +164,9 @@ def test_delete_keeps_order_and_respects_lengths():
     assert not keep[1, 4:].any()
 
 
-@pytest.mark.parametrize("accum,rho_tol", [(torch.float32, 2e-4), (None, 1e-6)])
-def test_all_one_token_L1024_float32_matches_float64(accum, rho_tol):
+@pytest.mark.parametrize("accum,rho_tol,backend", [(torch.float32, 2e-4, "torch"), (torch.float64, 1e-6, "torch")]
+                         + [(None, 1e-6, b) for b in BACKENDS if b != "torch"])
+def test_all_one_token_L1024_float32_matches_float64(accum, rho_tol, backend):
     """Worst case for precision (counts ~1e306). Pure float32 tables: log N within 1e-7
     relative, rho within 2e-4 relative (measured 1.1e-4); the CPU default (float64 tables,
     float32 outputs): within 1e-6."""
@@ -169,8 +175,8 @@ def test_all_one_token_L1024_float32_matches_float64(accum, rho_tol):
     n = torch.tensor([511, 100])
     xt = torch.full((2, 511), 7)
     lens = torch.tensor([m, m])
-    t64 = insertion_targets(x0, lens, xt, n, dtype=torch.float64)
-    t32 = insertion_targets(x0, lens, xt, n, dtype=torch.float32, accum=accum)
+    t64 = insertion_targets(x0, lens, xt, n, dtype=torch.float64, backend="torch")
+    t32 = insertion_targets(x0, lens, xt, n, dtype=torch.float32, accum=accum, backend=backend)
     assert torch.isfinite(t32.rho).all() and torch.isfinite(t32.log_count).all()
     assert float(t64.log_count[0]) > 700                     # C(1023, 511) ~ 1e306
     torch.testing.assert_close(t32.log_count.double(), t64.log_count, rtol=1e-7, atol=0)

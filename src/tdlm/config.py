@@ -128,9 +128,13 @@ class DataConfig:
 
     ``source``: ``bundled`` (the corpus shipped with the package), ``hf:NAME`` for
     openwebtext, lm1b, wikitext103, text8 (hub name or local cache), or a path to a
-    .txt/.jsonl file or a folder of them. ``layout``: ``packed`` (MDLM: documents joined
-    with EOS, cut into blocks) or ``crop_pad`` (GIDD/TDLM: BOS+text+EOS per document,
-    random crop, padding).
+    .txt/.jsonl file or a folder of them; ``bundled:paragraphs`` is the bundled corpus cut into
+    passages of at least 200 characters (a variable-length corpus). ``layout``: ``packed``
+    (MDLM: documents joined with EOS, cut into blocks), ``crop_pad`` (GIDD/TDLM: BOS+text+EOS
+    per document, random crop, padding), ``packed_bos`` (DID fixed length: the packed stream
+    in blocks of seq_len-1 tokens, each led by BOS) or ``varlen`` (DID variable length: BOS +
+    document per item, no EOS, no padding, at most seq_len tokens; ragged batches, see
+    ``tdlm.data.batches``). ``bucket_factor`` and ``micro_tokens`` apply to ``varlen`` only.
     """
     source: str = "bundled"
     tokenizer: str = "gpt2"          # gpt2 | bpe-<size> (trained locally, e.g. bpe-8k)

@@ -1,13 +1,33 @@
 """Sequence layouts, deterministic resumable batches, and ``build_data``.
 
+Dense layouts (batches ``{"input_ids": LongTensor[B, L], "valid": BoolTensor[B, L]}``):
+
 * ``packed`` (MDLM "wrap"): documents joined with EOS after each one, cut into consecutive
   blocks of ``seq_len`` (the last partial block is dropped); every position is valid.
+* ``packed_bos`` (DID fixed length): the same EOS-joined stream cut into consecutive blocks of
+  ``seq_len - 1`` tokens, each preceded by BOS: block i is ``[BOS] + stream[i(L-1):(i+1)(L-1)]``,
+  so position 0 is always BOS (with GPT-2, BOS = EOS = 50256 also occurs inside blocks, as the
+  document separator); every position is valid. Needs ``seq_len >= 2``.
 * ``crop_pad`` (GIDD/TDLM): one item per document, BOS + text + EOS; a longer item is cropped
   to a window of ``seq_len`` at an offset that is a pure function of (seed, epoch, index); a
   shorter one is padded with ``pad_id`` and ``valid=False`` there.
 
+Ragged layout (batches ``{"input_ids": LongTensor[T], "cu_seqlens": LongTensor[B+1],
+"valid": BoolTensor[T]}``, see ``tdlm.data.batches``):
+
+* ``varlen`` (DID variable length): one item per document, BOS + document tokens, no EOS and
+  no padding, at most ``seq_len`` tokens: a document of more than ``seq_len - 1`` tokens
+  contributes a window of ``seq_len - 1`` tokens at an offset that is a pure function of
+  (seed, epoch, index). An empty document is the item [BOS]. Needs ``seq_len >= 2``.
+
 ``BatchIterator`` batch k is a pure function of (seed, k), so a run resumes exactly from a
-stored ``position``.
+stored ``position``. With ``bucket_factor = F > 0`` (ragged datasets, which know their item
+lengths) the items at the F*B consecutive positions of each window are sorted by length, cut
+into F batches of similar lengths, and the F batches are taken in an order given by a
+permutation seeded by (seed, window); still a pure function of (seed, k), and each item still
+appears exactly once per epoch. Training buckets (``data.bucket_factor``, varlen only);
+evaluation (``evaluate_nelbo``: ``shuffle=False``) does not: its batches are consecutive items,
+so the result does not depend on ``bucket_factor``.
 """
 from __future__ import annotations
 
@@ -20,7 +40,9 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from .batches import collate_ragged
 from .cache import TokenCache, build_or_load_cache, docs_fingerprint
+from .histogram import length_stats, write_length_histogram
 from .sources import load_documents, split_documents
 from .tokenizer import Tokenizer, get_tokenizer
 
@@ -113,22 +135,124 @@ class CropPadDataset:
         return self.get(i)
 
 
+class PackedBosDataset:
+    """The ``packed`` EOS-joined stream cut into blocks of ``seq_len - 1`` tokens, each led by
+    BOS: block i = [BOS] + stream[i(L-1):(i+1)(L-1)] (the last partial block is dropped)."""
+
+    ragged = False
+
+    def __init__(self, cache: TokenCache, seq_len: int, bos_id: int, eos_id: int) -> None:
+        if seq_len < 2:
+            raise DataError(f"layout packed_bos needs seq_len >= 2 (BOS + at least one token), "
+                            f"got {seq_len}")
+        if bos_id is None:
+            raise DataError("layout packed_bos needs a tokenizer with a BOS token")
+        self.cache, self.seq_len = cache, int(seq_len)
+        self.bos_id, self.eos_id = int(bos_id), int(eos_id)
+        self.stream = PackedDataset(cache, self.seq_len - 1, eos_id)   # blocks of L-1
+        self.n_blocks = len(self.stream)
+
+    def __len__(self) -> int:
+        return self.n_blocks
+
+    def get(self, i: int, epoch: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ``i`` as (ids LongTensor[L] with ids[0] = BOS, valid BoolTensor[L] all True)."""
+        body, _ = self.stream.get(i)
+        ids = torch.cat([torch.tensor([self.bos_id], dtype=torch.long), body])
+        return ids, torch.ones(self.seq_len, dtype=torch.bool)
+
+    def __getitem__(self, i: int):
+        return self.get(i)
+
+
+class VarLenDataset:
+    """One item per document: BOS + document tokens, no EOS, no padding, at most ``seq_len``
+    tokens (a longer document gives a window of ``seq_len - 1`` tokens at an offset that is a
+    pure function of (seed, epoch, index)). Items have different lengths: batches are ragged."""
+
+    ragged = True
+
+    def __init__(self, cache: TokenCache, seq_len: int, bos_id: int, seed: int = 0) -> None:
+        if seq_len < 2:
+            raise DataError(f"layout varlen needs seq_len >= 2 (BOS + at least one token), "
+                            f"got {seq_len}")
+        if bos_id is None:
+            raise DataError("layout varlen needs a tokenizer with a BOS token")
+        self.cache, self.seq_len = cache, int(seq_len)
+        self.bos_id, self.seed = int(bos_id), int(seed)
+        self._lengths: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return self.cache.n_docs
+
+    def doc_length(self, i: int) -> int:
+        return int(self.cache.offsets[i + 1] - self.cache.offsets[i])
+
+    def item_lengths(self) -> np.ndarray:
+        """int64[N]: the length of every item (BOS included, after capping at ``seq_len``);
+        independent of the epoch (only the window's offset changes)."""
+        if self._lengths is None:
+            self._lengths = np.minimum(self.cache.doc_lengths().astype(np.int64) + 1,
+                                       self.seq_len)
+        return self._lengths
+
+    def crop_offset(self, i: int, epoch: int = 0, seed: Optional[int] = None) -> int:
+        """Start of the window of ``seq_len - 1`` tokens inside the document (0 if it fits)."""
+        n, w = self.doc_length(i), self.seq_len - 1
+        if n <= w:
+            return 0
+        s = self.seed if seed is None else seed
+        return _hash_int(s, epoch, i) % (n - w + 1)
+
+    def get(self, i: int, epoch: int = 0, seed: Optional[int] = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item ``i`` as (ids LongTensor[n] = BOS + tokens, valid BoolTensor[n] all True)."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"document {i} out of range [0, {len(self)})")
+        o = self.crop_offset(i, epoch, seed)
+        doc = self.cache.doc(i)[o:o + self.seq_len - 1]
+        ids = np.empty(len(doc) + 1, dtype=np.int64)
+        ids[0] = self.bos_id
+        ids[1:] = doc
+        return torch.from_numpy(ids), torch.ones(len(ids), dtype=torch.bool)
+
+    def __getitem__(self, i: int):
+        return self.get(i)
+
+
 class BatchIterator:
     """Deterministic, exactly resumable batches. Batch k takes global sample positions
     k*B .. k*B+B-1; position g is item ``perm(seed, g // N)[g % N]`` (or ``g % N`` without
     shuffling) of epoch ``g // N``, so batches may straddle epochs. ``position`` counts the
     batches produced (plus ``start_batch``): store it and resume with
-    ``start_batch=position``."""
+    ``start_batch=position``.
+
+    ``bucket_factor = F > 0`` (datasets with ``item_lengths()``, i.e. ``varlen``): the F*B
+    positions of window w = k // F are sorted by item length (ties: by position) and cut into
+    F batches; batch k is cut number ``pi_w[k % F]`` of its window, with ``pi_w`` a permutation
+    seeded by (seed, w) (identity when ``shuffle=False``: the cuts in increasing length).
+    Batch k stays a pure function of (seed, k) and every item still appears once per epoch
+    (a window may straddle two epochs, like a batch). Ragged datasets give ragged batches."""
 
     def __init__(self, dataset, batch_size: int, seed: int, start_batch: int = 0,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, bucket_factor: int = 0) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
         if len(dataset) == 0:
             raise DataError("dataset has no items (corpus too small for the sequence length?)")
+        if bucket_factor < 0:
+            raise DataError(f"bucket_factor must be >= 0, got {bucket_factor}")
+        if bucket_factor and not hasattr(dataset, "item_lengths"):
+            raise DataError(f"length bucketing needs a variable-length dataset (layout varlen), "
+                            f"not {type(dataset).__name__}")
+        if start_batch < 0:
+            raise DataError(f"start_batch must be >= 0, got {start_batch}")
         self.dataset, self.batch_size, self.seed = dataset, int(batch_size), int(seed)
         self.shuffle, self.position = shuffle, int(start_batch)
+        self.bucket_factor = int(bucket_factor)
+        self.ragged = bool(getattr(dataset, "ragged", False))
         self._perms: dict[int, np.ndarray] = {}
+        self._windows: dict[int, list] = {}
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
@@ -138,18 +262,42 @@ class BatchIterator:
             self._perms[epoch] = rng.permutation(len(self.dataset))
         return self._perms[epoch]
 
+    def _item(self, g: int) -> tuple[int, int]:
+        """(epoch, item index) at global sample position g."""
+        e, r = divmod(g, len(self.dataset))
+        return e, (int(self._perm(e)[r]) if self.shuffle else r)
+
+    def _window(self, w: int) -> list[list[tuple[int, int]]]:
+        """The F batches (lists of (epoch, index)) of bucketing window w, in batch order."""
+        if w not in self._windows:
+            if len(self._windows) >= 2:
+                self._windows.pop(min(self._windows))
+            F, B = self.bucket_factor, self.batch_size
+            items = [self._item(g) for g in range(w * F * B, (w + 1) * F * B)]
+            lengths = np.asarray(self.dataset.item_lengths())[[i for _, i in items]]
+            order = np.argsort(lengths, kind="stable")
+            cuts = [[items[j] for j in order[c * B:(c + 1) * B]] for c in range(F)]
+            if self.shuffle:
+                rng = np.random.Generator(np.random.PCG64(
+                    np.random.SeedSequence([self.seed, w, 0x6275636B])))
+                cuts = [cuts[c] for c in rng.permutation(F)]
+            self._windows[w] = cuts
+        return self._windows[w]
+
     def indices(self, k: int) -> list[tuple[int, int]]:
         """(epoch, item index) of each row of batch k."""
-        n = len(self.dataset)
-        out = []
-        for g in range(k * self.batch_size, (k + 1) * self.batch_size):
-            e, r = divmod(g, n)
-            out.append((e, int(self._perm(e)[r]) if self.shuffle else r))
-        return out
+        if self.bucket_factor:
+            w, c = divmod(k, self.bucket_factor)
+            return list(self._window(w)[c])
+        return [self._item(g) for g in range(k * self.batch_size, (k + 1) * self.batch_size)]
 
     def batch(self, k: int) -> dict[str, torch.Tensor]:
-        """Batch k: {"input_ids": LongTensor[B, L], "valid": BoolTensor[B, L]}."""
+        """Batch k: dense {"input_ids": LongTensor[B, L], "valid": BoolTensor[B, L]}, or for a
+        ragged dataset {"input_ids": LongTensor[T], "cu_seqlens": LongTensor[B+1],
+        "valid": BoolTensor[T]}."""
         rows = [self.dataset.get(i, epoch=e, seed=self.seed) for e, i in self.indices(k)]
+        if self.ragged:
+            return collate_ragged(rows)
         return {"input_ids": torch.stack([r[0] for r in rows]),
                 "valid": torch.stack([r[1] for r in rows])}
 
@@ -233,8 +381,15 @@ def build_data(cfg, run_dir: Optional[str] = None,
         def make(cache):
             return CropPadDataset(cache, cfg.seq_len, tok.bos_id, tok.eos_id, tok.pad_id,
                                   seed=cfg.split_seed)
+    elif cfg.layout == "packed_bos":
+        def make(cache):
+            return PackedBosDataset(cache, cfg.seq_len, tok.bos_id, tok.eos_id)
+    elif cfg.layout == "varlen":
+        def make(cache):
+            return VarLenDataset(cache, cfg.seq_len, tok.bos_id, seed=cfg.split_seed)
     else:
-        raise DataError(f"unknown layout {cfg.layout!r}; allowed: packed, crop_pad")
+        raise DataError(f"unknown layout {cfg.layout!r}; allowed: packed, crop_pad, "
+                        "packed_bos, varlen")
     train = make(train_cache) if train_cache is not None else None
     val = make(val_cache)
     for split, ds, cache in (("train", train, train_cache), ("validation", val, val_cache)):
@@ -254,4 +409,30 @@ def build_data(cfg, run_dir: Optional[str] = None,
         "eos_id": tok.eos_id, "bos_id": tok.bos_id, "pad_id": tok.pad_id,
         "train_cache": train_cache.key if train_cache else None, "val_cache": val_cache.key,
     }
-    return DataBundle(tok, train, val, provenance, train_cache, val_cache)
+    if cfg.layout == "varlen":
+        provenance["bucket_factor"] = cfg.bucket_factor
+        provenance["item_lengths"] = {
+            split: length_stats(ds.item_lengths(), cfg.seq_len)
+            for split, ds in (("train", train), ("val", val)) if ds is not None}
+    bundle = DataBundle(tok, train, val, provenance, train_cache, val_cache)
+    if run_dir is not None:
+        write_length_report(bundle, run_dir)
+    return bundle
+
+
+def write_length_report(bundle: DataBundle, run_dir: str) -> Optional[tuple[str, str]]:
+    """For a variable-length layout, write ``length_histogram.json`` / ``.png`` (item lengths
+    after capping, train and val) into ``run_dir``; returns the two paths (None for fixed-length
+    layouts, where every item has length seq_len)."""
+    splits = {name: ds.item_lengths() for name, ds in (("train", bundle.train),
+                                                        ("val", bundle.val))
+              if ds is not None and hasattr(ds, "item_lengths")}
+    if not splits:
+        return None
+    prov = bundle.provenance
+    seq_len = prov.get("seq_len")
+    return write_length_histogram(
+        splits, os.path.join(str(run_dir), "length_histogram"),
+        f"item lengths (BOS + text, capped at {seq_len}): {prov.get('source')}",
+        cap=seq_len, extra={"source": prov.get("source"), "layout": prov.get("layout"),
+                            "seq_len": seq_len, "tokenizer": prov.get("tokenizer")})

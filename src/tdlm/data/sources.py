@@ -3,6 +3,14 @@
 ``load_documents(source)`` returns ``(documents, provenance)``. Sources:
 
 * ``bundled``: ``corpus/bundled.jsonl.xz`` shipped with the package (see its PROVENANCE.md).
+* ``bundled:paragraphs``: the bundled documents cut into passages (a variable-length corpus):
+  paragraphs are the blocks between blank lines, hard line wraps inside a paragraph are joined
+  into single spaces; a paragraph longer than 2000 characters (chiefly State of the Union
+  addresses, stored without paragraph breaks) is cut at sentence ends into pieces of at most
+  2000 characters; then, within each document, a paragraph shorter than 200 characters is
+  merged (joined with a blank line) with the following one(s) until the passage has at least
+  200 characters (a short remainder at a document's end joins the previous passage).
+  Deterministic; the train/validation split is then made over passages.
 * a local path: a ``.txt`` file (one file = one document), a ``.jsonl`` file (one JSON object
   per line, text in ``text_field``; also ``.jsonl.gz`` / ``.jsonl.xz``), or a folder (all
   ``*.txt`` and ``*.jsonl[.gz|.xz]`` files below it, in sorted order).
@@ -147,6 +155,75 @@ def _bundled_sha() -> str:
     return h.hexdigest()
 
 
+# ---- paragraphs ------------------------------------------------------------------------------
+PARAGRAPH_MIN_CHARS = 200
+PARAGRAPH_MAX_CHARS = 2000
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+_SPACES = re.compile(r"\s+")
+_SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*\s+")
+
+
+def _cut_long(text: str, max_chars: int) -> list[str]:
+    """``text`` cut at sentence ends (else at spaces, else anywhere) into greedy pieces of at
+    most ``max_chars`` characters."""
+    if len(text) <= max_chars:
+        return [text]
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    out, start, last_ok = [], 0, None
+    bounds = ends + [len(text)]
+    i = 0
+    while start < len(text):
+        if len(text) - start <= max_chars:
+            out.append(text[start:].strip())
+            break
+        limit = start + max_chars
+        cut = None
+        while i < len(bounds) and bounds[i] <= limit:     # last sentence end within the limit
+            if bounds[i] > start:
+                cut = bounds[i]
+            i += 1
+        if cut is None:                                    # one over-long sentence
+            sp = text.rfind(" ", start + 1, limit)
+            cut = sp if sp > start else limit
+        out.append(text[start:cut].strip())
+        start = cut
+        while start < len(text) and text[start] == " ":
+            start += 1
+    return [p for p in out if p]
+
+
+def paragraphs_of(text: str, min_chars: int = PARAGRAPH_MIN_CHARS,
+                  max_chars: int = PARAGRAPH_MAX_CHARS) -> list[str]:
+    """One document's passages (see ``bundled:paragraphs`` in the module docstring)."""
+    pieces = []
+    for block in _BLANK_LINE.split(text):
+        para = _SPACES.sub(" ", block).strip()
+        if para:
+            pieces.extend(_cut_long(para, max_chars))
+    out: list[str] = []
+    acc: list[str] = []
+    size = 0
+    for p in pieces:
+        acc.append(p)
+        size += len(p) + (2 if size else 0)
+        if size >= min_chars:
+            out.append("\n\n".join(acc))
+            acc, size = [], 0
+    if acc:
+        rest = "\n\n".join(acc)
+        if out:
+            out[-1] = out[-1] + "\n\n" + rest
+        else:
+            out.append(rest)
+    return out
+
+
+def paragraph_documents(docs, min_chars: int = PARAGRAPH_MIN_CHARS,
+                        max_chars: int = PARAGRAPH_MAX_CHARS) -> list[str]:
+    """All documents' passages, in document order."""
+    return [p for d in docs for p in paragraphs_of(d, min_chars, max_chars)]
+
+
 # ---- Hugging Face ----------------------------------------------------------------------------
 class HFDocuments(Sequence):
     """A lazy, read-only sequence of texts from one column of a ``datasets.Dataset``
@@ -276,6 +353,16 @@ def load_documents(source: str, text_field: str = "text") -> tuple[Sequence[str]
     if source == "bundled":
         docs: Sequence[str] = [r["text"] for r in load_bundled()]
         prov = f"bundled:{_bundled_sha()[:16]}"
+    elif source == "bundled:paragraphs":
+        records = load_bundled()
+        docs = paragraph_documents(r["text"] for r in records)
+        prov = (f"bundled:{_bundled_sha()[:16]} paragraphs: {len(records)} documents split at "
+                f"blank lines, line wraps joined with spaces, paragraphs over "
+                f"{PARAGRAPH_MAX_CHARS} chars cut at sentence ends, passages under "
+                f"{PARAGRAPH_MIN_CHARS} chars merged with the next -> {len(docs)} passages")
+    elif source.startswith("bundled:"):
+        raise DataError(f"unknown bundled source {source!r}; allowed: bundled, "
+                        "bundled:paragraphs")
     elif source.startswith("hf:"):
         docs, prov = _load_hf(source[3:], text_field)
     else:

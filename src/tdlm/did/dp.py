@@ -59,28 +59,29 @@ def _reverse_within(x: torch.Tensor, lengths: torch.Tensor, pad: int) -> torch.T
 def log_prefix_scaled(a: torch.Tensor, m: torch.Tensor, b: torch.Tensor, n: torch.Tensor,
                       dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Column-scaled log prefix counts: ``log P[b, i, j] = rel[b, i, j] + off[b, j]`` with
-    ``rel`` in ``dtype`` (max 0 over i in each column) and the offsets in float64. Keeping
-    the large magnitudes (up to ~700) in float64 makes float32 tables accurate to ~1e-6
-    relative in the counts that matter."""
+    ``rel`` in ``dtype`` (max 0 over i in each column) and the offsets in float64, so the
+    large magnitudes (up to ~700) never sit in float32. ``rel`` is returned as a [B, M+1, N+1]
+    view of a column-contiguous table (each column is one contiguous ``logcumsumexp``)."""
     a = _masked(a.long(), m, PAD_A)
     b = _masked(b.long(), n, PAD_B)
     B, M = a.shape
     Nn = b.shape[1]
-    rel = torch.full((B, M + 1, Nn + 1), float("-inf"), dtype=dtype, device=a.device)
-    rel[:, :, 0] = 0.0
+    relT = torch.empty((B, Nn + 1, M + 1), dtype=dtype, device=a.device)
+    relT[:, 0, :] = 0.0                                   # P[i][0] = 1
+    relT[:, 1:, 0] = float("-inf")                        # P[0][j>0] = 0
     off = torch.zeros((B, Nn + 1), dtype=torch.float64, device=a.device)
     if M == 0 or Nn == 0:
-        return rel, off
-    zero = torch.zeros((), dtype=dtype, device=a.device)
-    ninf = torch.full((), float("-inf"), dtype=dtype, device=a.device)
-    logE = torch.where(a[:, :, None] == b[:, None, :], zero, ninf)     # log [a_i = b_j]
+        return relT.transpose(1, 2), off
+    mx = torch.empty((Nn, B), dtype=dtype, device=a.device)
     for j in range(1, Nn + 1):
-        col = torch.logcumsumexp(logE[:, :, j - 1] + rel[:, :-1, j - 1], dim=1)   # [B, M]
-        mx = col[:, -1]                                  # the cumulative sum peaks at i = M
-        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        rel[:, 1:, j] = col - mx[:, None]
-        off[:, j] = off[:, j - 1] + mx.double()
-    return rel, off
+        # P[:, j] = cumsum_i([a_i = b_j] P[i-1, j-1]) in log space
+        x = relT[:, j - 1, :-1].masked_fill(a != b[:, j - 1:j], float("-inf"))
+        col = torch.logcumsumexp(x, dim=1)
+        # the cumulative sum peaks at i = M: shift that maximum to 0 (all -inf: shift 0)
+        torch.nan_to_num(col[:, -1], neginf=0.0, out=mx[j - 1])
+        torch.sub(col, mx[j - 1][:, None], out=relT[:, j, 1:])
+    off[:, 1:] = mx.double().t().cumsum(1)                # log P = rel + off, off in float64
+    return relT.transpose(1, 2), off
 
 
 def log_prefix_counts(a: torch.Tensor, m: torch.Tensor, b: torch.Tensor, n: torch.Tensor,
@@ -94,13 +95,23 @@ def log_prefix_counts(a: torch.Tensor, m: torch.Tensor, b: torch.Tensor, n: torc
 @torch.no_grad()
 def insertion_targets(x0: torch.Tensor, m: torch.Tensor, xt: torch.Tensor, n: torch.Tensor,
                       dtype: torch.dtype = torch.float32,
-                      accum: torch.dtype | None = None) -> InsertionTargets:
+                      accum: torch.dtype | None = None, backend: str = "auto") -> InsertionTargets:
     """Sparse insertion targets of a batch. ``x0`` [B, M], ``xt`` [B, N] right-padded bodies
     (no BOS) with lengths ``m``, ``n`` (xt a subsequence of x0). ``dtype``: the outputs;
     ``accum``: the DP tables (default float64 on CPU, where it costs the same as float32,
     and float32 on accelerators; float32 tables put rho within ~1e-4 relative of float64 at
-    L = 1024 in the worst, all-one-token case)."""
+    L = 1024 in the worst, all-one-token case). ``backend``: "torch" (the vectorised column
+    loop, any device), "numba" (compiled CPU kernel, float64, ``dp_numba``) or "auto" (numba
+    on CPU when installed, torch otherwise)."""
     dev = x0.device
+    if backend not in ("auto", "torch", "numba"):
+        raise ValueError(f"backend must be auto, torch or numba, got {backend!r}")
+    if backend == "numba" or (backend == "auto" and dev.type == "cpu" and accum is None):
+        from . import dp_numba
+        if dp_numba.AVAILABLE and dev.type == "cpu":
+            return _targets_numba(x0, m, xt, n, dtype)
+        if backend == "numba":
+            raise RuntimeError("backend='numba' needs numba and CPU tensors")
     if accum is None:
         accum = torch.float64 if (dev.type == "cpu" or dtype == torch.float64) else torch.float32
     m, n = m.long().to(dev), n.long().to(dev)
@@ -120,34 +131,53 @@ def insertion_targets(x0: torch.Tensor, m: torch.Tensor, xt: torch.Tensor, n: to
     offP, offR = off2[:B], off2[B:]
     ar_b = torch.arange(B, device=dev)
     logN64 = relP[ar_b, m, n].double() + offP[ar_b, n]          # [B], float64
-    # term[b, i, g] = log P[i-1][g] + log S[i+1][g+1] - log N,  i = 1..M, g = 0..N
-    #               = log P[i-1][g] + log P_rev[m-i][n-g] - log N
-    # (small float32 parts + a float64 per-(b, g) offset)
-    i = torch.arange(1, M + 1, device=dev)
-    g = torch.arange(0, Nn + 1, device=dev)
-    ri = (m[:, None] - i[None, :]).clamp_min(0)                  # [B, M]
-    rg = (n[:, None] - g[None, :]).clamp_min(0)                  # [B, N+1]
-    suf = relR[ar_b[:, None, None], ri[:, :, None], rg[:, None, :]]      # [B, M, N+1]
-    shift = offP + offR.gather(1, rg) - logN64[:, None]                   # [B, N+1] float64
-    # the sum is formed in float64: only the float32 storage of the tables rounds
-    term = relP[:, :-1, :].double() + suf.double() + shift[:, None, :]
     logN = logN64.to(dtype)
-    valid = (i[None, :, None] <= m[:, None, None]) & (g[None, None, :] <= n[:, None, None])
-    valid &= torch.isfinite(term)
-    sb, si, sg = valid.nonzero(as_tuple=True)
-    val = term[sb, si, sg].exp().to(accum)
-    tok = a[sb, si]
-    keep = val > 0                                               # exact zeros only
+    # Band. P[i][j] > 0 iff i >= L_j (leftmost end of an embedding of b_1..j; L_0 = 0) and
+    # S[i][j] > 0 iff i <= R_j = m + 1 - Lrev_{n-j+1} (R_{n+1} = m + 1), so gap g only gets
+    # mass from x0 positions L_g < i < R_{g+1}. Only those (b, g, i) are formed.
+    relT2 = rel2.transpose(1, 2)                                  # [2B, N+1, M+1] contiguous
+    first = (M + 1) - torch.isfinite(relT2).sum(-1)               # first finite i per column
+    LP, Lrev = first[:B], first[B:]
+    g = torch.arange(0, Nn + 1, device=dev)
+    rg = (n[:, None] - g[None, :]).clamp_min(0)                   # n - g
+    lo = LP + 1
+    hi = torch.minimum(m[:, None], m[:, None] - Lrev.gather(1, rg))
+    cnt = torch.where(g[None, :] <= n[:, None], (hi - lo + 1).clamp_min(0), torch.zeros_like(lo))
+    cnt_f = cnt.flatten()
+    K = int(cnt_f.sum())
+    seg = torch.repeat_interleave(torch.arange(cnt_f.numel(), device=dev), cnt_f, output_size=K)
+    start = torch.cumsum(cnt_f, 0) - cnt_f
+    sb, sg = seg // (Nn + 1), seg % (Nn + 1)
+    si = lo.flatten()[seg] + (torch.arange(K, device=dev) - start[seg])        # i in 1..m
+    # term = log P[i-1][g] + log P_rev[m-i][n-g] - log N, the large parts added in float64
+    shift = offP + offR.gather(1, rg) - logN64[:, None]           # [B, N+1]
+    term = (relP[sb, si - 1, sg].double() + relR[sb, m[sb] - si, n[sb] - sg].double()
+            + shift[sb, sg])
+    val = term.exp().to(accum)
+    tok = a[sb, si - 1]
+    keep = val > 0                                                # exact zeros only
     sb, sg, tok, val = sb[keep], sg[keep], tok[keep], val[keep]
     # sum duplicates (same (seq, gap, token) from several i), sorted by (seq, gap, token)
+    sb_u, sg_u, tok_u, rho = _sum_duplicates(sb, sg, tok, val, Nn, dtype, accum)
+    return InsertionTargets(sb_u, sg_u, tok_u, rho, logN)
+
+
+def _sum_duplicates(sb, sg, tok, val, Nn, dtype, accum=torch.float64):
+    """Sum values with the same (seq, gap, token); output sorted by (seq, gap, token)."""
     vmax = int(tok.max()) + 1 if tok.numel() else 1
     key = (sb * (Nn + 1) + sg) * vmax + tok
     uk, inv = torch.unique(key, sorted=True, return_inverse=True)
-    rho = torch.zeros(uk.numel(), dtype=accum, device=dev).index_add_(0, inv, val).to(dtype)
-    tok_u = uk % vmax
-    sg_u = (uk // vmax) % (Nn + 1)
-    sb_u = uk // (vmax * (Nn + 1))
-    return InsertionTargets(sb_u, sg_u, tok_u, rho, logN)
+    rho = torch.zeros(uk.numel(), dtype=accum, device=key.device).index_add_(0, inv, val.to(accum))
+    return uk // (vmax * (Nn + 1)), (uk // vmax) % (Nn + 1), uk % vmax, rho.to(dtype)
+
+
+def _targets_numba(x0, m, xt, n, dtype) -> InsertionTargets:
+    from .dp_numba import raw_targets
+    sb, sg, tok, val, logN = raw_targets(x0.numpy(), m.numpy(), xt.numpy(), n.numpy())
+    keep = val > 0
+    t = [torch.from_numpy(v[keep]) for v in (sb, sg, tok, val)]
+    seq, gap, token, rho = _sum_duplicates(*t, xt.shape[1], dtype)
+    return InsertionTargets(seq, gap, token, rho, torch.from_numpy(logN).to(dtype))
 
 
 # ---- plain-Python references (tests, benchmarks) ------------------------------------------

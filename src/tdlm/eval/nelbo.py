@@ -23,6 +23,7 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
     """Average the NELBO over ``max_batches`` validation batches (0: the whole split),
     ``repeats`` independent noise draws each."""
     from ..data import BatchIterator
+    from ..data.batches import num_rows, slice_rows, to_device
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if repeats < 1:
@@ -41,7 +42,7 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
     try:
         for bi in range(n_batches):
             keep = min(batch_size, len(dataset) - bi * batch_size)   # no wrap-around into epoch 2
-            batch = {k: v[:keep].to(device) for k, v in next(it).items()}
+            batch = to_device(slice_rows(next(it), 0, keep), device)
             for _ in range(repeats):
                 with autocast_ctx(device, precision):
                     terms = family.loss(model, batch, gen, exact=True)
@@ -49,7 +50,7 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
                 toks += terms.n_tokens.double().sum().item()
                 for k, v in terms.parts.items():
                     parts[k] = parts.get(k, 0.0) + v.double().sum().item()
-            seqs += batch["input_ids"].shape[0]
+            seqs += num_rows(batch)
     finally:
         model.train(was_training)
     per_tok = nll / max(toks, 1)

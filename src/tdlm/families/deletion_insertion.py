@@ -233,6 +233,8 @@ class DeletionInsertion(Family):
         if seq_len > self.max_len:
             raise ConfigError(f"seq_len {seq_len} exceeds the model's max_seq_len {self.max_len}")
         dev = model_device(model)
+        if exclude_tokens is None and self.cfg.data.layout == "varlen":
+            exclude_tokens = [int(bos_id)]          # BOS never occurs inside a varlen text
         if prefix is not None and prompts is None:
             prompts = [list(map(int, row)) for row in prefix.tolist()]
         prompts = [list(p) for p in prompts] if prompts is not None else [[] for _ in range(num)]

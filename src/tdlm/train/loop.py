@@ -117,6 +117,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     n_tokens`` (the family's own token count, as in evaluation): gradients of the summed NELBO
     are accumulated over the micro-batches and divided by the step's token count."""
     from ..data import BatchIterator, build_data
+    from ..data.batches import num_tokens, split_micro, to_device
+    from ..data.layouts import write_length_report
     from ..data.tokenizer import Tokenizer
     from ..eval.nelbo import evaluate_nelbo
 
@@ -156,6 +158,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         family = fam_cls(cfg, **resources)
         atomic_write_text(run_dir / "config.json", cfg.to_json())
         atomic_write_text(run_dir / "data.json", json.dumps(data.provenance, indent=2))
+        write_length_report(data, str(run_dir))     # varlen: length_histogram.json/.png
     except BaseException:
         if created:     # nothing of this run exists yet: leave no half-made folder behind
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -191,7 +194,11 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     model_fwd = torch.compile(model) if (tc.compile and device.type == "cuda") else model
 
     micro = tc.micro_batch or tc.global_batch
-    batches = BatchIterator(data.train, tc.global_batch, tc.seed, start_batch=start)
+    # varlen (ragged) data: length-bucketed batches; micro-batches also capped at
+    # cfg.data.micro_tokens tokens (dense batches: rows only)
+    bucket = cfg.data.bucket_factor if getattr(data.train, "ragged", False) else 0
+    batches = BatchIterator(data.train, tc.global_batch, tc.seed, start_batch=start,
+                            bucket_factor=bucket)
     extra = family.state_files()
     extra["tokenizer"] = data.tokenizer.save
 
@@ -236,8 +243,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
             nll_sum, n_tok = 0.0, 0.0
-            for i in range(0, tc.global_batch, micro):
-                mb = {k: v[i:i + micro].to(device) for k, v in batch.items()}
+            for mb in split_micro(batch, micro, cfg.data.micro_tokens):
+                mb = to_device(mb, device)
                 with autocast_ctx(device, tc.precision):
                     terms = family.loss(model_fwd, mb, gen)
                 nll = terms.nll.float().sum()
@@ -258,7 +265,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             if ema is not None:
                 ema.update(model)
             losses.append(loss_val)
-            tok_count += int(batch["valid"].sum().item())
+            tok_count += num_tokens(batch)
             done = step + 1
             if done % tc.log_every == 0 or done == tc.max_steps:
                 dt = time.perf_counter() - t_last
