@@ -32,6 +32,7 @@ lengths are capped at L_max.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -85,7 +86,7 @@ def log_rates(u: torch.Tensor, packing: Packing, mode: str, deletions: Optional[
               max_len: int) -> torch.Tensor:
     """l_g from the raw u_g. ``deletions`` [B] = m - n (fixed length only)."""
     if mode == "variable":
-        return u.clamp_max(float(torch.log(torch.tensor(float(max_len)))))
+        return u.clamp_max(math.log(max_len))
     lse = segment_logsumexp(u, packing.seq_id, packing.B)
     d = deletions.to(u.dtype)[packing.seq_id]
     l = d.log() + u - lse[packing.seq_id]
@@ -257,7 +258,7 @@ class DeletionInsertion(Family):
         n_extra = (max_extra_steps or 4 * seq_len) if fixed else 0
         l_c = logits_c = None          # cached outputs (fixed length) for the current x
         stale = torch.ones(num, dtype=torch.bool, device=dev)
-        st = {"forward_calls": 0, "tokens_forwarded": 0, "steps": 0}
+        st = {"forward_calls": 0, "tokens_forwarded": 0, "sampler_steps": 0}
         for k in range(steps + n_extra):
             pk = Packing(torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]))
             full_now = lengths >= seq_len
@@ -309,7 +310,7 @@ class DeletionInsertion(Family):
                 logits_c[start[keep_rows]] = logits[keep_rows]
             stale = added > 0
             x, ok, lengths = x2, ok2, lengths + added
-            st["steps"] = k + 1
+            st["sampler_steps"] = k + 1
             if trajectory is not None:
                 cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).tolist()
                 xs = x.tolist()

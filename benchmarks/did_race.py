@@ -1,0 +1,293 @@
+"""The DID vs MDLM race (issue 8, spec DID.md §8), CPU scale, one command.
+
+Same backbone (the tiny-gpt2 DiT: d=128, 4 blocks, GPT-2 vocabulary), same batch (8), seed
+and optimiser, two settings on the bundled corpus:
+
+* fixed length: DID (``did-tiny``, packed [BOS]+127-token blocks, DICE, no time input) vs
+  MDLM on the same ``packed_bos`` blocks (L = 128);
+* variable length: DID (``did-tiny-var``, BOS + passage, no padding, cap 128, DISE,
+  length-bucketed ragged batches) vs MDLM on the same passages as BOS + text + EOS padded to
+  128 (``crop_pad``: MDLM pays for the pads).
+
+Per training step: real tokens forwarded, analytic training FLOPs (``tdlm.flops``; 3 x forward
+on the actual lengths), wall-clock (the DID DP timed apart), and peak RSS of the process (each
+run in a fresh subprocess). Validation NELBO against training FLOPs. Sampling at equal steps:
+seconds per sample, generative perplexity and mean unigram entropy under an AR judge trained
+here on the same corpus (``tdlm.eval.genppl``).
+
+NELBO comparability: DID's NELBO is per modeled (non-BOS) token. For the fixed setting MDLM's
+per-sequence NELBO is divided by the same L-1 modeled tokens (its position 0 is BOS in every
+block; predicting it costs ~0 nats once trained, so this slightly favours neither). In the
+variable setting MDLM also models EOS and the padding, DID the length through its rates: the
+per-sequence numbers bound different events and are reported as measured, not as a verdict.
+
+    python benchmarks/did_race.py [--steps 150] [--sample-steps 64] [--samples 16]
+Writes benchmarks/results/did_race.{json,md} and did_race.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+OUT = Path(__file__).parent / "results"
+RUNS = {
+    "fixed/did": ("did-tiny", []),
+    "fixed/mdlm": ("tiny-gpt2", ['data.layout="packed_bos"']),
+    "variable/did": ("did-tiny-var", []),
+    "variable/mdlm": ("tiny-gpt2", ['data.layout="crop_pad"', 'data.source="bundled:paragraphs"']),
+}
+
+
+def worker(name: str, steps: int, eval_every: int, sample_steps: int, n_samples: int,
+           judge: str, tmp: str) -> dict:
+    from tdlm.config import get_preset
+    from tdlm.data import BatchIterator, build_data
+    from tdlm.data.batches import num_tokens, to_device
+    from tdlm.eval.nelbo import evaluate_nelbo
+    from tdlm.families import get_family
+    from tdlm.flops import model_forward_flops
+    import tdlm.did.dp as dpmod
+
+    torch.set_num_threads(2)
+    preset, sets = RUNS[name]
+    cfg = get_preset(preset).override(sets + ["train.global_batch=8", "train.seed=0"])
+    data = build_data(cfg.data)
+    fam = get_family(cfg)
+    torch.manual_seed(0)
+    model = fam.build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    bucket = cfg.data.bucket_factor if getattr(data.train, "ragged", False) else 0
+    it = BatchIterator(data.train, 8, 0, bucket_factor=bucket)
+    # lengths actually forwarded: recorded by a pre-hook on the model
+    seen = []
+
+    def hook(mod, args):
+        if len(args) >= 2 and hasattr(args[1], "lengths"):
+            seen.append(args[1].lengths.tolist())
+        else:
+            seen.append([args[0].shape[1]] * args[0].shape[0])
+    model.register_forward_pre_hook(hook)
+    dp_time = [0.0]
+    orig = dpmod.insertion_targets
+
+    def timed(*a, **k):
+        t = time.perf_counter()
+        r = orig(*a, **k)
+        dp_time[0] += time.perf_counter() - t
+        return r
+    dpmod.insertion_targets = timed
+    rec = {"name": name, "preset": preset, "sets": sets, "steps": [], "evals": []}
+    flops_total = 0.0
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, steps + 1):
+        batch = next(it)
+        seen.clear()
+        dp_time[0] = 0.0
+        t0 = time.perf_counter()
+        terms = fam.loss(model, batch, g)
+        loss = terms.nll.sum() / terms.n_tokens.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for grp in opt.param_groups:
+            grp["lr"] = 1e-3 * min(1.0, step / 20)
+        opt.step()
+        dt = time.perf_counter() - t0
+        lens = [v for s in seen for v in s]
+        f = model_forward_flops(model, lens)
+        flops_total += 3 * f["full"]
+        rec["steps"].append({"step": step, "seconds": dt, "dp_seconds": dp_time[0],
+                             "tokens_forwarded": sum(lens), "data_tokens": int(num_tokens(batch)),
+                             "train_flops": 3 * f["full"], "train_block_flops": 3 * f["blocks"],
+                             "loss": float(loss)})
+        if step % eval_every == 0 or step == steps:
+            ev = evaluate_nelbo(fam, model, data.val, batch_size=8, max_batches=16, seed=0)
+            seq = ev["nelbo_per_token"] * ev["tokens"] / ev["sequences"]
+            row = {"step": step, "train_flops": flops_total, "nelbo_per_token": ev["nelbo_per_token"],
+                   "nelbo_per_sequence": seq, "tokens": ev["tokens"], "sequences": ev["sequences"]}
+            if name == "fixed/mdlm":      # per modeled (non-BOS) token, as DID counts
+                row["nelbo_per_modeled_token"] = seq / (cfg.data.seq_len - 1)
+            rec["evals"].append(row)
+            print(name, row, flush=True)
+    # sampling at equal steps
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    t0 = time.perf_counter()
+    out = fam.sample(model, n_samples, cfg.data.seq_len, sample_steps, g,
+                     bos_id=data.tokenizer.bos_id)
+    rec["sample_seconds_per_sample"] = (time.perf_counter() - t0) / n_samples
+    rows = [r.tolist() for r in out]
+    rec["sample_mean_length"] = sum(len(r) for r in rows) / len(rows)
+    rec["samples_text"] = [data.tokenizer.decode(r) for r in rows[:3]]
+    if judge:
+        from tdlm.eval.genppl import generative_perplexity
+        gp = generative_perplexity([{"ids": r} for r in rows], judge,
+                                   sample_vocab_hash=None, retokenise=False)
+        rec["gen_ppl"] = gp["gen_ppl"]
+        rec["entropy"] = gp["entropy"]
+    rec["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return rec
+
+
+def train_judge(path: Path, steps: int) -> str:
+    from tdlm.config import get_preset
+    from tdlm.train.loop import train
+    if (path / "checkpoints").exists():
+        return str(path)
+    cfg = get_preset("ar-tiny").override(['data.tokenizer="gpt2"', "model.vocab_size=50257",
+                                          f"train.max_steps={steps}", "train.global_batch=8",
+                                          "train.eval_every=100000", f"train.ckpt_every={steps}"])
+    train(cfg, path, progress=False, log=lambda s: None)
+    return str(path)
+
+
+def summarise(runs: dict, args) -> dict:
+    out = {}
+    for setting in ("fixed", "variable"):
+        d, m = runs[f"{setting}/did"], runs[f"{setting}/mdlm"]
+
+        def mean(r, k):
+            v = [s[k] for s in r["steps"][min(3, len(r["steps"]) - 1):]]
+            return sum(v) / len(v)
+        row = {}
+        for k in ("seconds", "tokens_forwarded", "train_flops", "dp_seconds"):
+            row[k] = {"did": mean(d, k), "mdlm": mean(m, k)}
+        row["step_time_ratio"] = row["seconds"]["did"] / row["seconds"]["mdlm"]
+        row["flops_ratio"] = row["train_flops"]["did"] / row["train_flops"]["mdlm"]
+        row["dp_share_of_did_step"] = row["dp_seconds"]["did"] / row["seconds"]["did"]
+        row["sample_seconds_per_sample"] = {"did": d["sample_seconds_per_sample"],
+                                            "mdlm": m["sample_seconds_per_sample"]}
+        row["sample_time_ratio"] = d["sample_seconds_per_sample"] / m["sample_seconds_per_sample"]
+        row["peak_rss_mib"] = {"did": d["peak_rss_mib"], "mdlm": m["peak_rss_mib"]}
+        row["final_val"] = {"did": d["evals"][-1], "mdlm": m["evals"][-1]}
+        for k in ("gen_ppl", "entropy", "sample_mean_length"):
+            if k in d:
+                row[k] = {"did": d.get(k), "mdlm": m.get(k)}
+        out[setting] = row
+    return out
+
+
+def plot(runs: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, setting in zip(axes, ("fixed", "variable")):
+        for fam in ("did", "mdlm"):
+            r = runs[f"{setting}/{fam}"]
+            key = "nelbo_per_modeled_token" if (setting, fam) == ("fixed", "mdlm") else "nelbo_per_token"
+            ax.plot([e["train_flops"] for e in r["evals"]], [e[key] for e in r["evals"]], "o-",
+                    label=f"{fam.upper()} ({key.replace('_', ' ')})")
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs (analytic, actual lengths)")
+        ax.set_ylabel("validation NELBO (nats/token)")
+        ax.set_title(f"{setting} length")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--sample-steps", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--judge-steps", type=int, default=300)
+    ap.add_argument("--work", default="/tmp/did_race")
+    ap.add_argument("--worker")
+    ap.add_argument("--judge", default="")
+    ap.add_argument("--fresh", action="store_true", help="ignore finished runs cached in --work")
+    args = ap.parse_args(argv)
+    if args.worker:
+        rec = worker(args.worker, args.steps, args.eval_every, args.sample_steps, args.samples,
+                     args.judge, args.work)
+        print("RESULT " + json.dumps(rec))
+        return
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    judge = train_judge(work / "judge", args.judge_steps)
+    runs = {}
+    for name in RUNS:
+        cached = work / (name.replace("/", "_") + ".json")
+        if cached.exists() and not args.fresh:
+            runs[name] = json.loads(cached.read_text())
+            continue
+        cmd = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps),
+               "--eval-every", str(args.eval_every), "--sample-steps", str(args.sample_steps),
+               "--samples", str(args.samples), "--judge", judge, "--work", str(work)]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+        if p.returncode or not line:
+            raise SystemExit(f"{name} failed:\n{p.stderr[-3000:]}")
+        runs[name] = json.loads(line[-1][7:])
+        cached.write_text(json.dumps(runs[name]))
+        print(name, "done", flush=True)
+    summary = summarise(runs, args)
+    res = {"command": "python benchmarks/did_race.py " + " ".join(argv or sys.argv[1:]),
+           "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "torch": torch.__version__,
+                       "threads": 2, "gpu": None},
+           "wall_seconds": time.perf_counter() - t0, "judge": {"path": judge, "preset": "ar-tiny (GPT-2 vocab)",
+                                                               "steps": args.judge_steps},
+           "summary": summary, "runs": runs}
+    OUT.mkdir(exist_ok=True)
+    (OUT / "did_race.json").write_text(json.dumps(res, indent=2))
+    plot(runs, OUT / "did_race.png")
+    (OUT / "did_race.md").write_text(report(res, args))
+    print(report(res, args))
+
+
+def _cpu() -> str:
+    try:
+        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except Exception:
+        return "unknown"
+
+
+def report(res: dict, args) -> str:
+    L = [f"# DID vs MDLM race (CPU, tiny backbone)", "",
+         f"Command: `{res['command']}` ({res['wall_seconds'] / 60:.1f} min)  ",
+         f"Machine: {res['machine']}  ",
+         f"Backbone: d=128, 4 blocks, 4 heads, GPT-2 vocabulary; batch 8; {args.steps} AdamW steps "
+         f"(lr 1e-3, warm-up 20), seed 0; step figures average steps 4..{args.steps}.  ",
+         f"Judge for generative perplexity: {res['judge']['preset']}, {res['judge']['steps']} steps "
+         "on the bundled corpus (a weak judge: compare the two columns, not with the literature).",
+         "", "![curves](did_race.png)", ""]
+    for setting, s in res["summary"].items():
+        fv = s["final_val"]
+        m_key = "nelbo_per_modeled_token" if setting == "fixed" else "nelbo_per_token"
+        L += [f"## {setting} length", "", "| | DID | MDLM | DID/MDLM |", "|---|---|---|---|"]
+
+        def row(label, d, m, fmt="{:.4g}"):
+            ratio = d / m if m else float("nan")
+            L.append(f"| {label} | {fmt.format(d)} | {fmt.format(m)} | {ratio:.3f} |")
+        row("wall-clock per training step (s)", s["seconds"]["did"], s["seconds"]["mdlm"])
+        L.append(f"| of which the DP (s) | {s['dp_seconds']['did']:.4f} | - | "
+                 f"{100 * s['dp_share_of_did_step']:.1f}% of the DID step |")
+        row("tokens forwarded per step", s["tokens_forwarded"]["did"], s["tokens_forwarded"]["mdlm"], "{:.0f}")
+        row("training FLOPs per step", s["train_flops"]["did"], s["train_flops"]["mdlm"], "{:.3e}")
+        row("peak RSS (MiB)", s["peak_rss_mib"]["did"], s["peak_rss_mib"]["mdlm"], "{:.0f}")
+        row(f"val NELBO/token at the end", fv["did"]["nelbo_per_token"], fv["mdlm"][m_key])
+        row("val NELBO/sequence at the end", fv["did"]["nelbo_per_sequence"], fv["mdlm"]["nelbo_per_sequence"])
+        row(f"sampling s/sample ({args.sample_steps} steps)", s["sample_seconds_per_sample"]["did"],
+            s["sample_seconds_per_sample"]["mdlm"])
+        if "gen_ppl" in s:
+            row("generative perplexity", s["gen_ppl"]["did"], s["gen_ppl"]["mdlm"], "{:.1f}")
+            row("entropy (nats)", s["entropy"]["did"], s["entropy"]["mdlm"], "{:.3f}")
+            row("mean sample length", s["sample_mean_length"]["did"], s["sample_mean_length"]["mdlm"], "{:.1f}")
+        L.append("")
+    return "\n".join(L) + "\n"
+
+
+if __name__ == "__main__":
+    main()
