@@ -155,3 +155,19 @@ def load(path: str | Path, device: str = "cpu", use_ema: bool = True,
                               f"{str(e).splitlines()[0]}") from None
     model.to(dev).eval()
     return Pipeline(cfg, family, model, load_tokenizer(ckpt), ckpt)
+
+
+def load_scheduled(paths: dict, device: str = "cpu", use_ema: bool = True):
+    """Load named checkpoints (``{"H": "runs/heavy", "L": "runs/light"}``) into a
+    :class:`tdlm.scheduling.ScheduledSampler`: ``generate_ids(num, steps, schedule=
+    "sandwich:0.25", seed=0)``; its ``last_report`` holds forward calls, FLOPs and savings."""
+    from .scheduling.sampler import load_scheduled as _load_scheduled
+    return _load_scheduled(paths, device=device, use_ema=use_ema)
+
+
+def generative_perplexity(samples, judge, **kw) -> dict:
+    """Gen PPL + mean unigram entropy of samples (texts, id lists or ``tdlm sample`` records,
+    any lengths) under a judge (a tdlm AR checkpoint or a local Hugging Face folder); see
+    :func:`tdlm.eval.genppl.generative_perplexity`."""
+    from .eval.genppl import generative_perplexity as _gp
+    return _gp(samples, judge, **kw)

@@ -5,6 +5,8 @@
     tdlm train --out runs/x --resume     continue a run exactly, with its saved config
     tdlm eval CKPT [--json] [--batches N] [--seed S]
     tdlm sample CKPT --num N --steps T
+    tdlm sample --model H=runs/heavy --model L=runs/light --schedule sandwich:0.25
+    tdlm genppl SAMPLES.jsonl --judge runs/ar      generative perplexity + entropy
     tdlm info --preset mdlm-small [--preset ...] [--json]
 
 User errors (bad config, data, checkpoints, paths, usage) print ``error: <one line>`` on
@@ -120,7 +122,8 @@ def cmd_eval(args) -> int:
 
 def _sample(ckpt_path: str, num: int, steps: int, seed: int, temperature: float, top_p: float,
             seq_len: int | None, out: str | None,
-            steps_split: str | None = None) -> tuple[list, Path]:
+            steps_split: str | None = None, trajectory: bool = False,
+            prompt: str | None = None) -> tuple[list, Path]:
     from .api import load
     if steps <= 0:
         raise ConfigError(f"--steps must be >= 1, got {steps}")
@@ -146,27 +149,65 @@ def _sample(ckpt_path: str, num: int, steps: int, seed: int, temperature: float,
             raise ConfigError(f"--steps-split {steps_split!r}: expected integers like 64,64") from None
         extra["steps_split"] = parts[::-1]      # given root-to-leaf; the family indexes by height
         pipe.family.steps_per_level(steps, extra["steps_split"])   # validates
+    is_did = pipe.cfg.model.family == "did"
+    if trajectory and not is_did:
+        raise ConfigError("--trajectory applies to did (insertion) models only")
+    if prompt is not None:
+        p_ids = pipe.tokenizer.encode(prompt)
+        if not p_ids:
+            raise ConfigError("--prompt encodes to no tokens")
+        import torch
+        extra["prefix"] = torch.tensor([p_ids] * num)
+    traj = [] if trajectory else None
+    stats: dict = {}
+    if is_did:
+        extra.update(trajectory=traj, stats=stats)
     t0 = time.perf_counter()
     ids = pipe.generate_ids(num, steps, seq_len=seq_len, seed=seed, temperature=temperature,
                             top_p=top_p, **extra)
     dt = time.perf_counter() - t0
-    recs = [{"id": i, "text": pipe.tokenizer.decode(row.tolist()), "ids": row.tolist()}
-            for i, row in enumerate(ids)]
+    rows = [row.tolist() for row in ids]
+    recs = [{"id": i, "text": pipe.tokenizer.decode(row), "ids": row, "length": len(row)}
+            for i, row in enumerate(rows)]
     out_path = Path(out) if out else _run_dir_of(pipe.checkpoint.path) / "samples" / "samples.jsonl"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     from .train.checkpoint import atomic_write_text
     atomic_write_text(out_path, "".join(json.dumps(r) + "\n" for r in recs))
-    meta = {"checkpoint": str(pipe.checkpoint.path), "num": num, "steps": steps, "seed": seed,
+    lengths = [len(r) for r in rows]
+    meta = {"checkpoint": str(pipe.checkpoint.path), "family": pipe.cfg.model.family,
+            "num": num, "steps": steps, "seed": seed,
             "temperature": temperature, "top_p": top_p, "gumbel": "float64",
-            "seq_len": int(ids.shape[1]), "seconds": dt,
+            "seq_len": max(lengths), "mean_length": sum(lengths) / len(lengths),
+            "seconds": dt, "seconds_per_sample": dt / num, "prompt": prompt,
             "steps_split_root_to_leaf": steps_split or "even"}
+    if is_did:
+        meta.update(did_length=pipe.cfg.model.did_length, **stats)
+        try:
+            from .data.histogram import write_length_histogram
+        except ImportError:
+            pass
+        else:
+            write_length_histogram(lengths, str(out_path.with_suffix("")) + ".length_histogram",
+                                   f"generated lengths ({num} samples, {steps} steps)")
+    if traj is not None:
+        tpath = out_path.with_suffix(".trajectory.jsonl")
+        atomic_write_text(tpath, "".join(
+            json.dumps({**rec, "text": [pipe.tokenizer.decode(x) for x in rec["ids"]]}) + "\n"
+            for rec in traj))
+        meta["trajectory"] = str(tpath)
     _write_json(out_path.with_suffix(".meta.json"), meta)
     return recs, out_path
 
 
 def cmd_sample(args) -> int:
+    from .scheduling.cli import cmd_sample_scheduled, wants_scheduled
+    if wants_scheduled(args):        # --model/--schedule/--prefix-from-val: scheduled sampler
+        return cmd_sample_scheduled(args)
+    if not args.checkpoint:
+        raise ConfigError("no model: give a checkpoint folder or --model NAME=PATH")
     recs, path = _sample(args.checkpoint, args.num, args.steps, args.seed, args.temperature,
-                         args.top_p, args.seq_len, args.out, args.steps_split)
+                         args.top_p, args.seq_len, args.out, args.steps_split,
+                         trajectory=args.trajectory, prompt=args.prompt)
     for r in recs[:args.show]:
         print(f"--- sample {r['id']} ---\n{r['text'][:600]}")
     print(f"samples: {path}")
@@ -289,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("sample", help="generate samples (JSONL with text and ids)")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", nargs="?", help="run or checkpoint folder (or --model NAME=PATH)")
     p.add_argument("--num", type=int, default=4)
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
@@ -300,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-split", help="TDLM: steps per level, root to leaves, e.g. 32,96 "
                    "(default: even)")
     p.add_argument("--out", help="JSONL path (default: <run>/samples/samples.jsonl)")
+    p.add_argument("--prompt", help="text every sample starts with (DID: kept fixed, insertions "
+                   "only after it; MDLM/TDLM: clamped prefix)")
+    p.add_argument("--trajectory", action="store_true",
+                   help="DID: also write every step's sequences (<out>.trajectory.jsonl)")
+    from .scheduling.cli import add_sample_schedule_args
+    add_sample_schedule_args(p)      # --model, --schedule, --light/--heavy, --prefix-from-val
     p.set_defaults(fn=cmd_sample)
 
     p = sub.add_parser("info", help="parameter counts of presets")
@@ -315,6 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_tree_parser(sub)
+    # `tdlm genppl` and `tdlm schedule ...` (model scheduling, generative evaluation)
+    try:
+        from .scheduling.cli import add_scheduling_parsers
+    except ImportError:
+        pass
+    else:
+        add_scheduling_parsers(sub)
     return ap
 
 

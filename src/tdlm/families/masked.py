@@ -18,7 +18,9 @@ Ancestral sampler (``sample``): on the grid linspace(1, t_min, T+1), from t to s
 masked position is unmasked with probability ``(alpha_s - alpha_t) / (1 - alpha_t)`` and its
 token drawn from p_theta(x | z_t) (float64 Gumbel, temperature, top-p); unmasked positions
 never change. If nothing changed and the model ignores t, the prediction is reused (cache).
-The last step's remaining masks are filled with the argmax ("noise removal").
+The last step's remaining masks are filled with the argmax ("noise removal"). The loop itself
+(per-step model choice for model scheduling, caching, forward-call log) is the shared
+``tdlm.sampling.loop.AncestralLoop``.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import torch.nn as nn
 from ..config import RunConfig
 from ..nn.dit import DiT, FinalLayer
 from ..sampling.gumbel import adjust_logits
-from ..sampling.loop import reverse_step
+from ..sampling.loop import AncestralLoop, ForwardLog, Step, reverse_step, single_plan
 from ..schedules import get_schedule, sample_times
 from .base import Family, LossTerms, model_device, register
 
@@ -115,43 +117,58 @@ class MaskedDiffusion(Family):
         return LossTerms(nll=nll, n_tokens=valid.sum(-1).float(), parts={})
 
     # ---- sampler -----------------------------------------------------------------------
+    def sample_steps(self, steps: int, t_min: float = EVAL_T_MIN) -> list[Step]:
+        """The reverse steps on ``linspace(1, t_min, T+1)``: step k goes from t_k to t_{k+1}
+        with ``p_move = (alpha(t_{k+1}) - alpha(t_k)) / (1 - alpha(t_k))``."""
+        ts = torch.linspace(1.0, t_min, steps + 1, dtype=torch.float64)
+        out = []
+        for k in range(steps):
+            t, s = ts[k], ts[k + 1]
+            a_t = float(self.schedule.alpha(t))
+            a_s = float(self.schedule.alpha(s))
+            out.append(Step(float(t), (a_s - a_t) / (1 - a_t)))
+        return out
+
     @torch.no_grad()
     def sample(self, model, num, seq_len, steps, generator, temperature=1.0, top_p=1.0,
                t_min: float = EVAL_T_MIN, cache: bool = True, noise_removal: bool = True,
                prefix: Optional[torch.Tensor] = None,
-               predict: Optional[Callable] = None, on_forward: Optional[Callable] = None,
-               **kw) -> torch.Tensor:
+               models: Optional[dict] = None, plan: Optional[list] = None,
+               time_conditioned: Optional[dict] = None, log: Optional[ForwardLog] = None,
+               on_forward: Optional[Callable] = None, **kw) -> torch.Tensor:
         """Ancestral sampling from all-[MASK]. ``prefix`` [num, k] clamps the first k tokens.
-        ``predict(z, sigma, step)`` overrides the model call (model scheduling);
-        ``on_forward(step)`` is called for every forward pass actually made."""
+
+        Model scheduling: ``models`` (name -> module) and ``plan`` (a name per step; the final
+        noise-removal pass uses the last step's model) choose the predicting model per step;
+        ``time_conditioned`` (name -> bool, default this config's) decides per model whether
+        its prediction may be cached while nothing changes. ``log`` records the forward calls
+        made; ``on_forward(step)`` is called for every forward pass actually made."""
         device = model_device(model)
         z = torch.full((num, seq_len), self.mask_id, dtype=torch.long, device=device)
         if prefix is not None:
             z[:, :prefix.shape[1]] = prefix.to(device)
-        ts = torch.linspace(1.0, t_min, steps + 1, dtype=torch.float64)
-        logp = None
-        reuse_ok = cache and not self.cfg.model.time_conditioning and predict is None
-        for k in range(steps):
-            t, s = ts[k], ts[k + 1]
-            if logp is None:
-                sigma = self.schedule.sigma(torch.full((num,), float(t), device=device))
-                logits = predict(z, sigma, k) if predict else model(z, sigma)
-                if on_forward:
-                    on_forward(k)
-                logp = self._prediction(logits, temperature, top_p)
-            a_t = float(self.schedule.alpha(t))
-            a_s = float(self.schedule.alpha(s))
-            z_new = self.step(z, logp, (a_s - a_t) / (1 - a_t), generator)
-            if not (reuse_ok and torch.equal(z_new, z)):
-                logp = None
-            z = z_new
+        if models is None:
+            models, plan = single_plan(model, steps)
+        if len(plan) != steps:
+            raise ValueError(f"plan has {len(plan)} entries for {steps} steps")
+        tc = time_conditioned or {}
+        reuse = {n: cache and not tc.get(n, self.cfg.model.time_conditioning) for n in models}
+        t_last = float(torch.linspace(1.0, t_min, steps + 1, dtype=torch.float64)[-1])
+
+        def predict(m, zz, st):
+            sigma = self.schedule.sigma(torch.full((num,), st.t, device=device))
+            return self._prediction(m(zz, sigma), temperature, top_p)
+
+        def apply(m, zz, move, choice):
+            zz = zz.clone()
+            zz[move] = choice
+            return zz
+
+        loop = AncestralLoop(models, list(plan) + [plan[-1]], reuse, predict, log, on_forward)
+        z = loop.run(z, self.sample_steps(steps, t_min), lambda zz, st: zz == self.mask_id,
+                     apply, generator)
         if noise_removal and (z == self.mask_id).any():
-            if logp is None:
-                sigma = self.schedule.sigma(torch.full((num,), float(ts[-1]), device=device))
-                logits = predict(z, sigma, steps) if predict else model(z, sigma)
-                if on_forward:
-                    on_forward(steps)
-                logp = self._prediction(logits, temperature, top_p)
+            logp = loop.prediction(steps, Step(t_last, 1.0), z)
             z = torch.where(z == self.mask_id, logp.argmax(-1), z)
         return z
 

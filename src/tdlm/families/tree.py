@@ -37,7 +37,6 @@ Sanity case (tested): H = 1, K = V is MDLM with alpha_t = 1 - t (root = [MASK]).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -49,7 +48,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..nn.dit import DiT, FinalLayer
 from ..sampling.gumbel import adjust_logits
-from ..sampling.loop import reverse_step
+from ..sampling.loop import AncestralLoop, ForwardLog, Step, single_plan
 from ..schedules import get_schedule, sample_times
 from .base import Family, LossTerms, model_device, register
 
@@ -283,42 +282,58 @@ class TreeDiffusion(Family):
         return LossTerms(nll=nll, n_tokens=valid.sum(-1).float(), parts=parts)
 
     # ---- sampler ----------------------------------------------------------------------
+    def sample_steps(self, steps: int, steps_split: Optional[list] = None) -> list[Step]:
+        """The reverse steps, coarse to fine: level h = H-1 .. 0 takes ``n_h`` steps on the
+        local grid ``u_j = linspace(1, 0, n_h + 1)``, step j moving a height-(h+1) position
+        with ``p_move = (alpha_h(u_{j+1}) - alpha_h(u_j)) / (1 - alpha_h(u_j))``; ``phase = h``.
+        The steps of a level are contiguous (a schedule can give a model whole levels)."""
+        n = self.steps_per_level(steps, steps_split)
+        out = []
+        for lv in range(self.H - 1, -1, -1):
+            us = torch.linspace(1.0, 0.0, n[lv] + 1, dtype=torch.float64)
+            for j in range(n[lv]):
+                a_t = float(self.alpha_local(us[j]))
+                a_s = float(self.alpha_local(us[j + 1]))
+                out.append(Step(float(us[j]), (a_s - a_t) / (1 - a_t), lv))
+        return out
+
+    def level_steps_root_to_leaf(self, steps: int, steps_split: Optional[list] = None) -> list[int]:
+        """Steps per level in sampling order (root level first)."""
+        return self.steps_per_level(steps, steps_split)[::-1]
+
     @torch.no_grad()
     def sample(self, model, num, seq_len, steps, generator, temperature=1.0, top_p=1.0,
                steps_split: Optional[list] = None, cache: bool = True,
-               prefix: Optional[torch.Tensor] = None, predict=None, on_forward=None,
-               **kw) -> torch.Tensor:
+               prefix: Optional[torch.Tensor] = None, models: Optional[dict] = None,
+               plan: Optional[list] = None, time_conditioned: Optional[dict] = None,
+               log: Optional[ForwardLog] = None, on_forward=None, **kw) -> torch.Tensor:
         """Coarse-to-fine ancestral sampling from all-root; returns token ids [num, seq_len].
-        ``prefix`` clamps the first tokens (leaves never move)."""
+        ``prefix`` clamps the first tokens (leaves never move). ``models``/``plan``/
+        ``time_conditioned``/``log``: model scheduling and call counting as in MDLM's sampler
+        (shared ``AncestralLoop``); a level change always makes a new prediction."""
         device = model_device(model)
         z = torch.full((num, seq_len), self.root, dtype=torch.long, device=device)
         if prefix is not None:
             z[:, :prefix.shape[1]] = prefix.to(device)
         height = self.height.to(device)
-        n = self.steps_per_level(steps, steps_split)
-        reuse_ok = cache and not self.cfg.model.time_conditioning and predict is None
-        k_global = 0
-        for lv in range(self.H - 1, -1, -1):
-            us = torch.linspace(1.0, 0.0, n[lv] + 1, dtype=torch.float64)
-            hv = torch.full((num,), lv, device=device)
-            logp = None
-            for j in range(n[lv]):
-                noised = height[z] == lv + 1
-                if logp is None:
-                    sigma = self.sigma_input(hv, torch.full((num,), float(us[j]), device=device,
-                                                            dtype=torch.float64))
-                    logits = (predict(z, sigma, k_global, lv) if predict
-                              else model(z, sigma, hv))
-                    if on_forward:
-                        on_forward(k_global)
-                    logp = adjust_logits(logits.double(), temperature, top_p)
-                a_t = float(self.alpha_local(us[j]))
-                a_s = float(self.alpha_local(us[j + 1]))
-                move, choice = reverse_step(noised, logp, (a_s - a_t) / (1 - a_t), generator)
-                if move.any():
-                    z = z.clone()
-                    z[move] = model.child(z[move], choice)
-                if move.any() or not reuse_ok:
-                    logp = None
-                k_global += 1
-        return z
+        if models is None:
+            models, plan = single_plan(model, steps)
+        if len(plan) != steps:
+            raise ValueError(f"plan has {len(plan)} entries for {steps} steps")
+        tc = time_conditioned or {}
+        reuse = {n: cache and not tc.get(n, self.cfg.model.time_conditioning) for n in models}
+
+        def predict(m, zz, st):
+            hv = torch.full((num,), st.phase, device=device)
+            sigma = self.sigma_input(hv, torch.full((num,), st.t, device=device,
+                                                    dtype=torch.float64))
+            return adjust_logits(m(zz, sigma, hv).double(), temperature, top_p)
+
+        def apply(m, zz, move, choice):
+            zz = zz.clone()
+            zz[move] = m.child(zz[move], choice)
+            return zz
+
+        loop = AncestralLoop(models, plan, reuse, predict, log, on_forward)
+        return loop.run(z, self.sample_steps(steps, steps_split),
+                        lambda zz, st: height[zz] == st.phase + 1, apply, generator)

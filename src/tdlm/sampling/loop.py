@@ -1,12 +1,31 @@
-"""The reverse step shared by the absorbing-type samplers (MDLM, TDLM).
+"""The ancestral loop shared by the absorbing-type samplers (MDLM, TDLM).
 
-From t to s, each position still in the noised state moves with probability
-``p_move = (alpha_s - alpha_t) / (1 - alpha_t)`` and its destination class is drawn from
-``logp`` by float64 Gumbel-max. Random draws: one float64 uniform per position (the move
-decision), then Gumbel noise for the moving rows only, so the cost is proportional to the
+Reverse step (``reverse_step``): from t to s, each position still in the noised state moves
+with probability ``p_move = (alpha_s - alpha_t) / (1 - alpha_t)`` and its destination class is
+drawn from ``logp`` by float64 Gumbel-max. Random draws: one float64 uniform per position (the
+move decision), then Gumbel noise for the moving rows only, so the cost is proportional to the
 positions that move and the stream of draws is the same for any family with the same classes.
+
+Loop (``AncestralLoop``): a family describes its time grid as a list of :class:`Step`
+(model time input, ``p_move``, phase = tree level or 0) and gives three functions: which
+positions are noised, the prediction ``log p_theta`` of a model at a step, and how a move is
+applied. The loop owns what is common:
+
+* which model predicts at step k (``plan[k]`` names it; one name everywhere = plain sampling,
+  several = model scheduling);
+* caching: the prediction made at step k is reused at step k+1 only if no position moved,
+  the model ignores t (``reuse[name]``), the phase is the same **and the same model is named**
+  (a cached prediction never crosses a model switch);
+* counting: every forward pass actually made is recorded per model name with its batch shape
+  (cache hits cost nothing), so FLOPs are computed from the calls made (``tdlm.flops``).
+
+Random draws do not depend on the model or on caching, so the same seed gives the same stream
+of uniforms; a one-model plan is bit-identical to the family's plain sampler.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -21,3 +40,85 @@ def reverse_step(noised: torch.Tensor, logp: torch.Tensor, p_move: float,
     if not move.any():
         return move, torch.empty(0, dtype=torch.long, device=noised.device)
     return move, gumbel_argmax(logp[move], generator)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One reverse step: ``t`` is the time value the family turns into the model's input
+    (MDLM: global t; TDLM: local time u inside the level window), ``p_move`` the probability
+    that a noised position moves, ``phase`` a label whose change invalidates the cache (TDLM:
+    the tree level being denoised; MDLM: 0)."""
+    t: float
+    p_move: float
+    phase: int = 0
+
+
+@dataclass
+class ForwardLog:
+    """Forward passes actually made, per model name: ``calls[name]`` and the batch shapes
+    ``shapes[name][(num, seq_len)] = count`` (what FLOPs are computed from), plus the step
+    index of every call in order (``steps``: list of (step, name))."""
+    calls: dict = field(default_factory=dict)
+    shapes: dict = field(default_factory=dict)
+    steps: list = field(default_factory=list)
+
+    def record(self, name: str, k: int, shape: tuple) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        by = self.shapes.setdefault(name, {})
+        by[tuple(shape)] = by.get(tuple(shape), 0) + 1
+        self.steps.append((k, name))
+
+
+class AncestralLoop:
+    """Runs ``steps`` reverse steps with per-step model choice and caching (module docstring).
+
+    ``models``: name -> module; ``plan``: the model name for each step (``len(plan)`` must
+    cover every step index the caller asks a prediction for: T steps, plus one for MDLM's
+    final noise removal); ``reuse``: name -> whether that model's prediction may be reused
+    while nothing changed; ``predict(model, z, step) -> logp`` (float64 log-probabilities over
+    the classes ``choice`` indexes); ``on_forward(k)`` is called after every forward pass."""
+
+    def __init__(self, models: Mapping[str, torch.nn.Module], plan: Sequence[str],
+                 reuse: Mapping[str, bool], predict: Callable,
+                 log: Optional[ForwardLog] = None, on_forward: Optional[Callable] = None):
+        missing = sorted(set(plan) - set(models))
+        if missing:
+            raise ValueError(f"plan names unknown models: {missing}")
+        self.models, self.plan, self.reuse = models, list(plan), dict(reuse)
+        self.predict, self.log, self.on_forward = predict, log, on_forward
+        self._logp: Optional[torch.Tensor] = None
+        self._key = None                 # (model name, phase) of the cached prediction
+
+    def prediction(self, k: int, step: Step, z: torch.Tensor) -> torch.Tensor:
+        """``log p_theta(. | z)`` of the model planned for step k: the cached one when it was
+        made by the same model in the same phase and not invalidated since, else a forward."""
+        name = self.plan[k]
+        if self._logp is None or self._key != (name, step.phase):
+            self._logp = self.predict(self.models[name], z, step)
+            self._key = (name, step.phase)
+            if self.log is not None:
+                self.log.record(name, k, tuple(z.shape))
+            if self.on_forward:
+                self.on_forward(k)
+        return self._logp
+
+    def run(self, z: torch.Tensor, steps: Sequence[Step], noised: Callable,
+            apply: Callable, generator: torch.Generator, start: int = 0) -> torch.Tensor:
+        """Steps ``start .. start+len(steps)-1`` of the plan. ``noised(z, step) -> [B, L] bool``
+        (positions that may move); ``apply(model, z, move, choice) -> z`` writes the moves into
+        a copy of z. The cache is dropped when a position moved or the model must not reuse."""
+        for j, st in enumerate(steps):
+            k = start + j
+            logp = self.prediction(k, st, z)
+            move, choice = reverse_step(noised(z, st), logp, st.p_move, generator)
+            moved = bool(move.any())
+            if moved:
+                z = apply(self.models[self.plan[k]], z, move, choice)
+            if moved or not self.reuse[self.plan[k]]:
+                self._logp = None
+        return z
+
+
+def single_plan(model: torch.nn.Module, n: int, name: str = "model") -> tuple[dict, list]:
+    """``(models, plan)`` for plain sampling with one model over ``n`` step indices."""
+    return {name: model}, [name] * n

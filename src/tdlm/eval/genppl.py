@@ -1,0 +1,426 @@
+"""Generative perplexity of samples under a judge LM, with the samples' unigram entropy.
+
+Judge: a ``tdlm`` autoregressive checkpoint (family ``ar``, e.g. trained with ``tdlm train
+--preset ar-tiny``; labelled as this library's AR model, not GPT-2) or a local Hugging Face
+causal-LM folder (``config.json`` + weights + tokenizer files; loaded with ``transformers``,
+never downloaded), e.g. GPT-2 Large.
+
+For sample i with judge tokens ``g_i`` (the generated part) after a context ``c_i`` (a clamped
+prefix, if any), the judge sees ``[BOS] + c_i + g_i`` and scores the tokens of ``g_i``:
+
+    NLL = sum_i sum_{j in S_i} -log p_judge(g_ij | BOS, c_i, g_i,<j),   N = sum_i |S_i|,
+    gen PPL = exp(NLL / N)   (token-pooled over all samples, not a mean of per-sample PPLs).
+
+``S_i`` (``eos="first"``, the default): positions up to and including the first EOS of
+``g_i``; EOS tokens at the very start of ``g_i`` (a sample that opens on a document boundary)
+are moved into the context first. ``eos="mdlm"``: every non-EOS token plus the first EOS (the
+MDLM reference code's mask); ``eos="none"``: every token. Sequences longer than the judge's
+context are scored in consecutive windows of ``context`` inputs (each window restarts its
+context; every target is scored exactly once).
+
+Retokenisation: when the samples' tokenizer has the judge's vocabulary (the same token string
+for every id: :func:`vocab_ids_hash`; merges may differ, the ids mean the same) the sample
+ids are scored as they are; otherwise the text is split on ``<|endoftext|>``, each piece is
+encoded with the judge's tokenizer and the pieces are joined with the judge's EOS id.
+
+Entropy: for each sample, the unigram entropy ``H_i = -sum_v p_v log p_v`` (nats) of the token
+frequencies ``p_v`` of its generated part (all generated tokens, in the sampler's own
+tokenizer when ids are given), averaged over samples; reported beside gen PPL because a low
+gen PPL with a low entropy means repetitive text.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CheckpointError, ConfigError
+
+EOT = "<|endoftext|>"
+EOS_MODES = ("first", "mdlm", "none")
+
+
+# ---- judges ------------------------------------------------------------------------------------
+def vocab_ids_hash(backend) -> str:
+    """sha256 of a ``tokenizers.Tokenizer``'s vocabulary as the list of token strings by id
+    (added tokens included). Two tokenizers with the same hash give every id the same meaning
+    (their BPE merges, i.e. which tokenisation of a text is canonical, may still differ)."""
+    import hashlib
+    vocab = backend.get_vocab(with_added_tokens=True)
+    ordered = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    return hashlib.sha256(json.dumps(ordered, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+class Judge:
+    """A causal LM that scores token ids: ``logits(x [B, L], mask [B, L]) -> [B, L, V]``."""
+    kind = "base"
+    label = ""
+    path = ""
+    context = 1024
+    eos_id = 0
+    bos_id = 0
+    precision = "fp32"
+    vocab_size = 0
+    device = torch.device("cpu")
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def vocab_hash(self) -> Optional[str]:
+        return None
+
+    def logits(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        return {"kind": self.kind, "path": self.path, "label": self.label,
+                "context": self.context, "eos_id": self.eos_id, "bos_id": self.bos_id,
+                "vocab_hash": self.vocab_hash()}
+
+
+class TdlmARJudge(Judge):
+    """This library's AR model (family ``ar``) loaded from a run or checkpoint folder."""
+    kind = "tdlm-ar"
+
+    def __init__(self, path: str, device: str = "cpu", precision: str = "fp32"):
+        from ..api import load
+        pipe = load(path, device=device)
+        if pipe.cfg.model.family != "ar":
+            raise CheckpointError(f"judge {path} holds a {pipe.cfg.model.family!r} model; a judge "
+                                  "must be autoregressive (a tdlm 'ar' checkpoint or a Hugging "
+                                  "Face causal LM folder)")
+        self.pipe, self.path = pipe, str(pipe.checkpoint.path)
+        self.context = pipe.cfg.model.max_seq_len
+        self.vocab_size = pipe.cfg.model.vocab_size
+        tok = pipe.tokenizer
+        self.eos_id, self.bos_id = tok.eos_id, tok.bos_id
+        self.device, self.precision = pipe.device, precision
+        m = pipe.cfg.model
+        self.label = (f"tdlm AR model ({m.n_layers} blocks, d={m.d_model}, step "
+                      f"{pipe.checkpoint.trainer.get('step')}, data {pipe.cfg.data.source}, "
+                      f"tokenizer {tok.name}); not GPT-2")
+
+    def encode(self, text):
+        return self.pipe.tokenizer.encode(text)
+
+    def vocab_hash(self):
+        return vocab_ids_hash(self.pipe.tokenizer.hf)
+
+    def logits(self, x, mask):
+        from ..families.base import autocast_ctx
+        with autocast_ctx(self.device, "bf16" if self.precision == "bf16" else "fp32"):
+            return self.pipe.model(x).float()
+
+
+class HFJudge(Judge):
+    """A local Hugging Face causal LM folder, through ``transformers`` (no download)."""
+    kind = "hf"
+
+    def __init__(self, path: str, device: str = "cpu", precision: str = "fp32"):
+        try:
+            import transformers
+        except ImportError:
+            raise ConfigError("a Hugging Face judge needs the transformers package "
+                              "(pip install 'tdlm[hf]')") from None
+        try:
+            self.tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"cannot load the Hugging Face judge in {path}: "
+                                  f"{' '.join(str(e).split())[:300]}") from None
+        self.device = torch.device(device)
+        self.model.to(self.device).float().eval()
+        self.precision = precision
+        self.path = str(path)
+        cfg = self.model.config
+        self.context = int(getattr(cfg, "n_positions", None)
+                           or getattr(cfg, "max_position_embeddings", 1024))
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        if self.tok.eos_token_id is None:
+            raise CheckpointError(f"the judge tokenizer in {path} has no EOS token")
+        self.eos_id = int(self.tok.eos_token_id)
+        self.bos_id = int(self.tok.bos_token_id if self.tok.bos_token_id is not None
+                          else self.eos_id)
+        self.label = (f"Hugging Face {cfg.model_type} ({getattr(cfg, 'name_or_path', '') or path},"
+                      f" {sum(p.numel() for p in self.model.parameters()):,} parameters)")
+        self._hash = None
+
+    def encode(self, text):
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def vocab_hash(self):
+        if self._hash is None:
+            backend = getattr(self.tok, "backend_tokenizer", None)
+            if backend is None:
+                return None
+            self._hash = vocab_ids_hash(backend)
+        return self._hash
+
+    def logits(self, x, mask):
+        if self.precision == "bf16" and self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.model(input_ids=x, attention_mask=mask.long()).logits.float()
+        return self.model(input_ids=x, attention_mask=mask.long()).logits.float()
+
+
+def load_judge(path, device: str = "cpu", precision: str = "fp32") -> Judge:
+    """A judge from a path: a tdlm run/checkpoint folder (family ar) or a local Hugging Face
+    model folder (``config.json`` with a ``model_type``)."""
+    if isinstance(path, Judge):
+        return path
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"judge precision must be fp32 or bf16, got {precision!r}")
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"judge not found: {p} (a tdlm AR run/checkpoint folder or a local "
+                          "Hugging Face model folder; nothing is downloaded)")
+    is_tdlm = (p / "manifest.json").exists() or (p / "checkpoints").is_dir() or \
+        (p / "latest").is_file()
+    if is_tdlm:
+        return TdlmARJudge(str(p), device, precision)
+    cfgf = p / "config.json"
+    if cfgf.is_file():
+        try:
+            cfg = json.loads(cfgf.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            cfg = {}
+        if isinstance(cfg, dict) and "model_type" in cfg:
+            return HFJudge(str(p), device, precision)
+    raise ConfigError(f"{p} is neither a tdlm checkpoint/run folder nor a Hugging Face model "
+                      "folder (config.json with model_type)")
+
+
+# ---- samples -------------------------------------------------------------------------------
+def read_samples(path) -> tuple[list[dict], dict]:
+    """Records of a samples JSONL (``text`` and/or ``ids``) and its ``.meta.json`` if any."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"samples file not found: {p}")
+    recs = []
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(f"samples file {p} is not UTF-8 text") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            raise ConfigError(f"samples file {p} line {n} is not JSON") from None
+        if isinstance(r, str):
+            r = {"text": r}
+        if not isinstance(r, dict) or not ("text" in r or "ids" in r):
+            raise ConfigError(f"samples file {p} line {n}: expected an object with 'text' or 'ids'")
+        recs.append(r)
+    if not recs:
+        raise ConfigError(f"samples file {p} holds no samples")
+    meta = {}
+    mp = p.with_suffix(".meta.json")
+    if mp.is_file():
+        try:
+            meta = json.loads(mp.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            meta = {}
+    return recs, meta
+
+
+def unigram_entropy(ids: Sequence[int]) -> float:
+    """``-sum_v p_v log p_v`` (nats) of the token frequencies of one sample (0 if empty)."""
+    n = len(ids)
+    if n == 0:
+        return 0.0
+    return -sum(c / n * math.log(c / n) for c in Counter(int(i) for i in ids).values())
+
+
+def _retokenise(text: str, judge: Judge) -> list[int]:
+    out: list[int] = []
+    for i, piece in enumerate(text.split(EOT)):
+        if i:
+            out.append(judge.eos_id)
+        if piece:
+            out += judge.encode(piece)
+    return out
+
+
+def _scored(targets: list[int], eos: int, mode: str) -> tuple[list[int], list[bool], int]:
+    """(targets kept, count mask, leading EOS tokens moved to the context)."""
+    if mode == "none":
+        return targets, [True] * len(targets), 0
+    lead = 0
+    if mode == "first":
+        while lead < len(targets) and targets[lead] == eos:
+            lead += 1
+        t = targets[lead:]
+        if eos in t:
+            t = t[:t.index(eos) + 1]
+        return t, [True] * len(t), lead
+    first = targets.index(eos) if eos in targets else -1
+    return targets, [(v != eos) or (j == first) for j, v in enumerate(targets)], 0
+
+
+@torch.no_grad()
+def generative_perplexity(samples: Sequence, judge, eos: str = "first", batch_size: int = 8,
+                          sample_vocab_hash: Optional[str] = None, retokenise: Optional[bool] = None,
+                          device: str = "cpu", precision: str = "fp32") -> dict:
+    """Token-pooled gen PPL of ``samples`` under ``judge`` (module docstring).
+
+    ``samples``: records ``{"text", "ids", "prefix_len"}`` (as written by ``tdlm sample``;
+    ``prefix_len`` = clamped prefix tokens, scored as context only), plain strings, or id lists
+    (then the samples' tokenizer must be the judge's). Samples may have different lengths.
+    ``sample_vocab_hash``: :func:`vocab_ids_hash` of the samples' tokenizer (retokenise when it
+    differs from the judge's; unknown -> retokenise the text). ``judge``: a :class:`Judge` or a path.
+    Returns gen_ppl, nll_per_token, tokens, entropy (mean, std), per-sample values, settings."""
+    if eos not in EOS_MODES:
+        raise ConfigError(f"eos must be one of {', '.join(EOS_MODES)}, got {eos!r}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    judge = load_judge(judge, device, precision)
+    recs = []
+    for s in samples:
+        if isinstance(s, str):
+            recs.append({"text": s})
+        elif isinstance(s, dict):
+            recs.append(s)
+        else:
+            recs.append({"ids": [int(v) for v in (s.tolist() if hasattr(s, "tolist") else s)]})
+    if not recs:
+        raise ConfigError("no samples to score")
+    same = (sample_vocab_hash is not None and judge.vocab_hash() is not None
+            and sample_vocab_hash == judge.vocab_hash())
+    if retokenise is None:
+        retokenise = not same
+    items = []         # (context ids, targets, count mask)
+    ents, moved = [], 0
+    for i, r in enumerate(recs):
+        k = int(r.get("prefix_len", 0) or 0)
+        ids = r.get("ids")
+        if ids is not None:
+            gen_ids = list(ids)[k:]
+        if retokenise:
+            if "text" not in r:
+                raise ConfigError(f"sample {i} has ids but no text, and its tokenizer is not the "
+                                  "judge's: cannot retokenise")
+            if k and "prefix_text" in r:
+                ctx = _retokenise(r["prefix_text"], judge)
+                tgt = _retokenise(r["text"][len(r["prefix_text"]):]
+                                  if r["text"].startswith(r["prefix_text"]) else r["text"], judge)
+            else:
+                ctx, tgt = [], _retokenise(r["text"], judge)
+        else:
+            if ids is None:
+                raise ConfigError(f"sample {i} has no ids")
+            ctx, tgt = list(ids)[:k], list(ids)[k:]
+        ents.append(unigram_entropy(gen_ids if ids is not None else tgt))
+        bad = [v for v in ctx + tgt if not 0 <= v < judge.vocab_size]
+        if bad:
+            raise ConfigError(f"sample {i} holds token id {bad[0]}, outside the judge's "
+                              f"vocabulary of {judge.vocab_size} (an unfilled [MASK]?)")
+        tgt, cnt, lead = _scored(tgt, judge.eos_id, eos)
+        moved += lead
+        ctx = ctx + [judge.eos_id] * lead
+        items.append((ctx, tgt, cnt))
+    # windows of at most `context` inputs over [BOS] + ctx + tgt
+    windows = []       # (sample index, inputs, targets, count mask)
+    for i, (ctx, tgt, cnt) in enumerate(items):
+        if not tgt:
+            continue
+        seq = [judge.bos_id] + ctx + tgt
+        counted = [False] * len(ctx) + cnt          # aligned with seq[1:]
+        C = judge.context
+        for a in range(0, len(seq) - 1, C):
+            inp = seq[a:a + C]
+            tg = seq[a + 1:a + C + 1]
+            inp = inp[:len(tg)]
+            cm = counted[a:a + len(tg)]
+            if any(cm):
+                windows.append((i, inp, tg, cm))
+    nll = [0.0] * len(items)
+    ntok = [0] * len(items)
+    order = sorted(range(len(windows)), key=lambda j: len(windows[j][1]))
+    dev = judge.device
+    for b in range(0, len(order), batch_size):
+        chunk = [windows[j] for j in order[b:b + batch_size]]
+        Lm = max(len(w[1]) for w in chunk)
+        x = torch.full((len(chunk), Lm), judge.eos_id, dtype=torch.long)
+        y = torch.zeros((len(chunk), Lm), dtype=torch.long)
+        m = torch.zeros((len(chunk), Lm), dtype=torch.bool)
+        c = torch.zeros((len(chunk), Lm), dtype=torch.bool)
+        for r, (_, inp, tg, cm) in enumerate(chunk):
+            x[r, :len(inp)] = torch.tensor(inp)
+            y[r, :len(tg)] = torch.tensor(tg)
+            m[r, :len(inp)] = True
+            c[r, :len(cm)] = torch.tensor(cm)
+        logits = judge.logits(x.to(dev), m.to(dev)).double()
+        ce = F.cross_entropy(logits.transpose(1, 2), y.to(dev), reduction="none")
+        ce = torch.where(c.to(dev), ce, torch.zeros_like(ce)).sum(-1).cpu()
+        for r, (i, *_rest) in enumerate(chunk):
+            nll[i] += float(ce[r])
+            ntok[i] += int(c[r].sum())
+    N = sum(ntok)
+    per_tok = sum(nll) / N if N else float("nan")
+    ent_t = torch.tensor(ents, dtype=torch.float64)
+    return {"gen_ppl": math.exp(min(per_tok, 700)) if N else float("nan"),
+            "nll_per_token": per_tok, "tokens": N, "num_samples": len(recs),
+            "samples_without_tokens": sum(1 for v in ntok if v == 0),
+            "leading_eos_moved_to_context": moved,
+            "entropy": float(ent_t.mean()),
+            "entropy_std": float(ent_t.std()) if len(ents) > 1 else 0.0,
+            "eos": eos, "retokenised": bool(retokenise), "judge": judge.info(),
+            "precision": judge.precision,
+            "per_sample": [{"nll": a, "tokens": t, "entropy": e}
+                           for a, t, e in zip(nll, ntok, ents)]}
+
+
+def genppl_file(samples_path, judge, out: Optional[str] = None, eos: str = "first",
+                batch_size: int = 8, device: str = "cpu", precision: str = "fp32") -> tuple[dict, Path]:
+    """Score a samples JSONL written by ``tdlm sample`` and write the metrics JSON: to ``out``
+    (a .json path, or a folder -> ``folder/metrics.json``), by default next to the samples
+    (``metrics.json`` for ``samples.jsonl``, else ``<stem>.metrics.json``)."""
+    from ..train.checkpoint import atomic_write_text
+    recs, meta = read_samples(samples_path)
+    tokinfo = meta.get("tokenizer") if isinstance(meta.get("tokenizer"), dict) else {}
+    vhash = tokinfo.get("vocab_ids_hash")
+    if vhash is None and meta.get("checkpoint"):
+        vhash = _checkpoint_vocab_hash(meta["checkpoint"])
+    res = generative_perplexity(recs, judge, eos=eos, batch_size=batch_size,
+                                sample_vocab_hash=vhash, device=device, precision=precision)
+    per_sample = res.pop("per_sample")
+    sp = Path(samples_path)
+    res.update({"samples": str(sp), "sampler": {k: meta.get(k) for k in (
+        "family", "checkpoint", "checkpoints", "schedule", "temperature", "top_p", "gumbel",
+        "seed", "seq_len", "prefix_len", "saved_blocks", "saved_full") if k in meta},
+        "steps": meta.get("steps")})
+    if out is None:
+        dest = sp.parent / ("metrics.json" if sp.stem == "samples" else f"{sp.stem}.metrics.json")
+    else:
+        o = Path(out)
+        dest = o if o.suffix == ".json" else o / "metrics.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(dest, json.dumps(res, indent=2, sort_keys=True))
+    res["per_sample"] = per_sample
+    return res, dest
+
+
+def _checkpoint_vocab_hash(path) -> Optional[str]:
+    """:func:`vocab_ids_hash` of a checkpoint's tokenizer, without loading its weights."""
+    try:
+        from ..train.checkpoint import resolve_checkpoint
+        p = resolve_checkpoint(path)
+        tdir = p / "extra" / "tokenizer"
+        if tdir.is_dir():
+            from ..data.tokenizer import Tokenizer
+            return vocab_ids_hash(Tokenizer.load(str(tdir)).hf)
+        cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        if cfg.get("data", {}).get("tokenizer") == "gpt2":
+            from ..data import get_tokenizer
+            return vocab_ids_hash(get_tokenizer("gpt2").hf)
+    except Exception:      # unknown tokenizer -> retokenise (always correct)
+        return None
+    return None

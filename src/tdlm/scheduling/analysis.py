@@ -1,0 +1,562 @@
+"""Where does the light model hurt? Step-importance analysis and the segment search.
+
+**Step importance** (:func:`analyze_steps`, ``tdlm schedule analyze``). For a grid of noise
+levels t_i (midpoints of ``grid`` equal bins of (0, 1]), validation sequences x are noised
+once, z ~ q(z_t | x), and the *same* z goes to both models. Over the noised positions M
+(MDLM: masked; TDLM: positions whose node moved to its parent at level h(t)):
+
+    loss_m(t)   = mean_{i in M} -log p_m(x_i | z)        (TDLM: the child on x's path)
+    gap(t)      = loss_light(t) - loss_heavy(t)            (+ its standard error over positions)
+    KL_HL(t)    = mean_{i in M} KL(p_heavy(. | z)_i || p_light(. | z)_i)
+    KL_LH(t)    = mean_{i in M} KL(p_light(. | z)_i || p_heavy(. | z)_i)
+
+``step_fraction = 1 - t`` places t on the sampler's clock (0 = first step, all noise).
+Variant on the heavy model's own sampling trajectories (:func:`analyze_trajectories`): the
+heavy model samples (no cache); at every step, the light model sees the same z and KL both ways
+and top-1 agreement are averaged over the positions still noised.
+
+**Segment search** (:func:`segment_search`, ``tdlm schedule search``). T steps are cut into S
+contiguous segments (``split_even``); every assignment of the light model to a set of segments
+(all sets of a given size, or all 2^S) is sampled with the same seeds (common random numbers:
+schedules differ only by the model used, not by the random draws) and scored by a judge (gen
+PPL, entropy); block and full FLOPs saved come from the forward calls made. The frontier holds
+the schedules not dominated in (saved block FLOPs up, gen PPL down).
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..errors import ConfigError
+from .schedule import Schedule, split_even
+
+
+# ---- per-t loss / KL on held-out data ----------------------------------------------------------
+def _log_probs_on_noised(pipe, x0, valid, t: float, gen):
+    """Draw z ~ q(z_t | x0) once (with ``pipe``'s family) and return ``(run, n)``: ``run(model)``
+    gives ``(log p_model [n, C], target [n])`` at the n noised positions of that same z, so
+    both models are evaluated on identical inputs."""
+    fam = pipe.family
+    B = x0.shape[0]
+    tv = torch.full((B,), t, dtype=torch.float64, device=x0.device)
+    if pipe.cfg.model.family == "mdlm":
+        z = fam.corrupt(x0, tv.float(), gen)
+        sigma = fam.schedule.sigma(tv.float())
+        noised = (z == fam.mask_id) & valid
+
+        def run(model):
+            logits = model(z, sigma)[..., :fam.mask_id]
+            return torch.log_softmax(logits[noised].double(), -1), x0[noised]
+        return run, int(noised.sum())
+    if pipe.cfg.model.family == "tdlm":
+        h, u, _ = fam.locate(tv)
+        z, moved = fam.corrupt(x0, h, u, gen)
+        sigma = fam.sigma_input(h, u)
+        noised = moved & valid
+        target = fam.rank.to(x0.device)[fam.anc.to(x0.device)[h[:, None], x0]]
+
+        def run(model):
+            logits = model(z, sigma, h)
+            return torch.log_softmax(logits[noised].double(), -1), target[noised]
+        return run, int(noised.sum())
+    raise ConfigError(f"step analysis applies to mdlm and tdlm models, not "
+                      f"{pipe.cfg.model.family!r}")
+
+
+def _kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """Row-wise KL(p || q) from log-probabilities (classes with p = 0 contribute 0)."""
+    p = lp.exp()
+    d = torch.where(p > 0, lp - lq, torch.zeros_like(lp))
+    return (p * d).sum(-1)
+
+
+@torch.no_grad()
+def analyze_steps(heavy, light, grid: int = 20, batches: int = 4, batch_size: int = 16,
+                  seed: int = 0) -> list[dict]:
+    """Rows ``{t, step_fraction, noised, loss_heavy, loss_light, gap, gap_se, kl_heavy_light,
+    kl_light_heavy}`` for t on a grid (module docstring), on the first validation batches."""
+    from ..data import BatchIterator, build_data
+    if grid < 1 or batches < 1 or batch_size < 1:
+        raise ConfigError("grid, batches and batch size must be >= 1")
+    data = build_data(heavy.cfg.data, None, tokenizer=heavy.tokenizer, need_train=False)
+    val = data.val
+    n_b = min(batches, math.ceil(len(val) / batch_size))
+    it = BatchIterator(val, batch_size, seed, start_batch=0, shuffle=False)
+    dev = heavy.device
+    bs = []
+    for bi in range(n_b):
+        keep = min(batch_size, len(val) - bi * batch_size)
+        b = next(it)
+        x = b["input_ids"][:keep].to(dev)
+        bs.append((x, b.get("valid", torch.ones_like(b["input_ids"], dtype=torch.bool))[:keep]
+                   .to(dev)))
+    heavy.model.eval()
+    light.model.eval()
+    rows = []
+    for i in range(grid):
+        t = (i + 0.5) / grid
+        acc = {"n": 0, "lh": 0.0, "ll": 0.0, "g2": 0.0, "klhl": 0.0, "kllh": 0.0}
+        for bi, (x, valid) in enumerate(bs):
+            gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + i * 1009 + bi)
+            run, n = _log_probs_on_noised(heavy, x, valid, t, gen)
+            if n == 0:
+                continue
+            lph, tgt = run(heavy.model)
+            lpl, _ = run(light.model)
+            ceh = -lph.gather(-1, tgt[:, None]).squeeze(-1).double()
+            cel = -lpl.gather(-1, tgt[:, None]).squeeze(-1).double()
+            acc["n"] += n
+            acc["lh"] += float(ceh.sum())
+            acc["ll"] += float(cel.sum())
+            acc["g2"] += float(((cel - ceh) ** 2).sum())
+            acc["klhl"] += float(_kl(lph.double(), lpl.double()).sum())
+            acc["kllh"] += float(_kl(lpl.double(), lph.double()).sum())
+        n = acc["n"]
+        if n == 0:
+            rows.append({"t": t, "step_fraction": 1 - t, "noised": 0})
+            continue
+        gap = (acc["ll"] - acc["lh"]) / n
+        var = max(acc["g2"] / n - gap ** 2, 0.0)
+        rows.append({"t": t, "step_fraction": 1 - t, "noised": n,
+                     "loss_heavy": acc["lh"] / n, "loss_light": acc["ll"] / n, "gap": gap,
+                     "gap_se": math.sqrt(var / n), "kl_heavy_light": acc["klhl"] / n,
+                     "kl_light_heavy": acc["kllh"] / n})
+    return rows
+
+
+class _Probe(torch.nn.Module):
+    """Wraps the heavy model: returns its output and, on the same input, records KL both ways
+    and top-1 agreement with the light model over the positions still noised."""
+
+    def __init__(self, pipe, heavy, light, records):
+        super().__init__()
+        self.pipe, self.heavy, self.light, self.records = pipe, heavy, light, records
+        self.dummy = torch.nn.Parameter(torch.zeros(1, device=pipe.device))
+
+    def forward(self, z, sigma=None, level=None):
+        fam = self.pipe.family
+        if level is None:
+            out_h, out_l = self.heavy(z, sigma), self.light(z, sigma)
+            noised = z == fam.mask_id
+            cut = fam.mask_id
+        else:
+            out_h, out_l = self.heavy(z, sigma, level), self.light(z, sigma, level)
+            noised = fam.height.to(z.device)[z] == (level[:, None] + 1)
+            cut = out_h.shape[-1]
+        if bool(noised.any()):
+            lph = torch.log_softmax(out_h.double()[..., :cut][noised], -1)
+            lpl = torch.log_softmax(out_l.double()[..., :cut][noised], -1)
+            self.records.append({"noised": int(noised.sum()),
+                                 "kl_heavy_light": float(_kl(lph, lpl).mean()),
+                                 "kl_light_heavy": float(_kl(lpl, lph).mean()),
+                                 "top1_agreement": float((lph.argmax(-1) == lpl.argmax(-1))
+                                                         .double().mean())})
+        else:
+            self.records.append({"noised": 0})
+        return out_h
+
+    def child(self, node, r):
+        return self.heavy.child(node, r)
+
+
+@torch.no_grad()
+def analyze_trajectories(heavy, light, num: int = 8, steps: int = 64, seed: int = 0) -> list[dict]:
+    """Per sampling step of the heavy model: KL both ways and top-1 agreement on its own z_t."""
+    records: list = []
+    probe = _Probe(heavy, heavy.model, light.model, records)
+    ts: list = []
+    heavy.generate_ids(num, steps, seed=seed, models={"probe": probe},
+                       plan=["probe"] * steps, cache=False, on_forward=ts.append)
+    step_t = [st.t for st in heavy.family.sample_steps(steps)]
+    rows = []
+    for k, rec in zip(ts, records):
+        if k >= steps:              # MDLM's final noise-removal pass
+            continue
+        rows.append({"step": k, "step_fraction": k / steps, "t_input": step_t[k], **rec})
+    return rows
+
+
+def write_csv(path: Path, rows: Sequence[dict]) -> None:
+    keys: list = []
+    for r in rows:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    from ..train.checkpoint import atomic_write_text
+    import io
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    atomic_write_text(path, buf.getvalue())
+
+
+def plot_analysis(rows, traj_rows, path: Path, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in rows if r.get("noised")]
+    x = [r["step_fraction"] for r in ok]
+    fig, ax = plt.subplots(1, 3 if traj_rows else 2, figsize=(15 if traj_rows else 10, 3.8))
+    ax[0].plot(x, [r["loss_heavy"] for r in ok], "o-", label="heavy")
+    ax[0].plot(x, [r["loss_light"] for r in ok], "s-", label="light")
+    ax0b = ax[0].twinx()
+    ax0b.errorbar(x, [r["gap"] for r in ok], yerr=[2 * r["gap_se"] for r in ok], color="C3",
+                  fmt="^--", label="gap (light - heavy), 2 s.e.")
+    ax[0].set_xlabel("sampling progress 1 - t (0 = all masked)")
+    ax[0].set_ylabel("masked-token loss (nats)")
+    ax0b.set_ylabel("gap (nats)", color="C3")
+    ax[0].legend(loc="upper left", fontsize=8)
+    ax0b.legend(loc="upper right", fontsize=8)
+    ax[1].plot(x, [r["kl_heavy_light"] for r in ok], "o-", label="KL(heavy || light)")
+    ax[1].plot(x, [r["kl_light_heavy"] for r in ok], "s-", label="KL(light || heavy)")
+    ax[1].set_xlabel("sampling progress 1 - t")
+    ax[1].set_ylabel("nats / noised position")
+    ax[1].legend(fontsize=8)
+    ax[1].set_title("same noised validation input")
+    if traj_rows:
+        tr = [r for r in traj_rows if r.get("noised")]
+        xs = [r["step_fraction"] for r in tr]
+        ax[2].plot(xs, [r["kl_heavy_light"] for r in tr], label="KL(heavy || light)")
+        ax[2].plot(xs, [r["kl_light_heavy"] for r in tr], label="KL(light || heavy)")
+        ax[2].set_xlabel("sampling step / T")
+        ax[2].set_title("heavy model's own trajectories")
+        ax[2].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- segment search ------------------------------------------------------------------------------
+def segment_schedules(steps: int, segments: int, light_segments: Optional[int],
+                      light: str = "L", heavy: str = "H", extra_masks: Sequence[str] = ()
+                      ) -> list[tuple[str, Schedule]]:
+    """``(mask, Schedule)`` for every assignment of the light model to ``light_segments`` of the
+    S segments (None: all 2^S assignments; -1: none, only ``extra_masks``) plus ``extra_masks``.
+    ``mask`` reads like ``LHHHHHHL``. The all-heavy schedule is always included (the
+    reference)."""
+    lens = split_even(steps, segments)
+    for m in extra_masks:
+        if len(m) != segments or set(m) - {"L", "H"}:
+            raise ConfigError(f"mask {m!r}: expected {segments} letters L/H, e.g. "
+                              f"{'L' + 'H' * (segments - 2) + 'L'}")
+    if light_segments is None:
+        masks = list(itertools.product("HL", repeat=segments))
+    elif light_segments == -1:
+        masks = [("H",) * segments]
+    else:
+        if not 0 <= light_segments <= segments:
+            raise ConfigError(f"light segments must be in [0, {segments}], got {light_segments}")
+        masks = []
+        for chosen in itertools.combinations(range(segments), light_segments):
+            masks.append(tuple("L" if i in chosen else "H" for i in range(segments)))
+        masks.append(("H",) * segments)
+    masks += [tuple(m) for m in extra_masks]
+    out, seen = [], set()
+    for m in masks:
+        key = "".join(m)
+        if key in seen:
+            continue
+        seen.add(key)
+        segs = [(light if c == "L" else heavy, n) for c, n in zip(m, lens)]
+        from .schedule import _merge
+        out.append((key, Schedule(key, steps, _merge(segs), light=light, heavy=heavy)))
+    return out
+
+
+NAMED_OF_MASK = {"sandwich": lambda S, k: "L" * ((k + 1) // 2) + "H" * (S - k) + "L" * (k // 2),
+                 "light-first": lambda S, k: "L" * k + "H" * (S - k),
+                 "light-last": lambda S, k: "H" * (S - k) + "L" * k,
+                 "light-middle": lambda S, k: ("H" * ((S - k + 1) // 2) + "L" * k
+                                               + "H" * ((S - k) // 2))}
+
+
+def name_of_mask(mask: str) -> str:
+    S, k = len(mask), mask.count("L")
+    if k == 0:
+        return "heavy-only"
+    if k == S:
+        return "light-only"
+    for name, f in NAMED_OF_MASK.items():
+        if f(S, k) == mask:
+            return name
+    return ""
+
+
+def pareto_front(rows: Sequence[dict], x: str = "saved_blocks", y: str = "gen_ppl") -> list[dict]:
+    """Rows not dominated: no other row saves at least as much with a gen PPL at most as high
+    (one of them strictly)."""
+    front = []
+    for r in rows:
+        dom = any((o[x] >= r[x] and o[y] <= r[y]) and (o[x] > r[x] or o[y] < r[y]) for o in rows)
+        if not dom:
+            front.append(r)
+    return sorted(front, key=lambda r: r[x])
+
+
+def segment_search(sampler, judge, steps: int, segments: int, light_segments: Optional[int],
+                   num: int, seeds: Sequence[int], light: str = "L", heavy: str = "H",
+                   include_light_only: bool = True, batch: int = 0, progress=None,
+                   extra_masks: Sequence[str] = (), prefix: Optional[torch.Tensor] = None,
+                   **sample_kw) -> list[dict]:
+    """Sample and score every candidate schedule (module docstring). Per row: mask, name,
+    run-length schedule, light steps, saved block/full FLOPs (from counted calls), gen PPL
+    and entropy pooled over all seeds, per-seed gen PPL (``ppl_seed_<s>``), their standard
+    deviation, seconds. ``batch``: samples per sampler call (0: all ``num`` at once).
+    ``prefix`` [num, k]: clamped prefixes (prefix-conditional generation); only the generated
+    continuation is scored (the prefix is the judge's context)."""
+    if prefix is not None and prefix.shape[0] != num:
+        raise ConfigError(f"prefix has {prefix.shape[0]} rows for num={num} samples")
+    from ..eval.genppl import generative_perplexity, load_judge, vocab_ids_hash
+    judge = load_judge(judge)
+    tok = sampler.tokenizer
+    vh = vocab_ids_hash(tok.hf) if hasattr(tok, "hf") else None
+    cands = segment_schedules(steps, segments, light_segments, light, heavy, extra_masks)
+    if include_light_only and light_segments is not None and "L" * segments not in \
+            {m for m, _ in cands}:
+        lens = split_even(steps, segments)
+        from .schedule import _merge
+        cands.append(("L" * segments, Schedule("L" * segments, steps,
+                                               _merge([(light, n) for n in lens]), light, heavy)))
+    rows = []
+    for ci, (mask, sched) in enumerate(cands):
+        t0 = time.perf_counter()
+        recs, calls, flops_b, flops_f, ref_b, ref_f = [], 0, 0, 0, 0, 0
+        per_seed = {}
+        for s in seeds:
+            srecs = []
+            bsz = batch or num
+            for start in range(0, num, bsz):
+                n = min(bsz, num - start)
+                kw = dict(sample_kw)
+                if prefix is not None:
+                    kw["prefix"] = prefix[start:start + n]
+                ids = sampler.generate_ids(n, steps, schedule=sched, seed=s * 100_003 + start,
+                                           **kw)
+                rep = sampler.last_report
+                calls += rep["forward_calls_total"]
+                flops_b += rep["flops"]["blocks"]
+                flops_f += rep["flops"]["full"]
+                ref_b += rep["reference"]["blocks"]
+                ref_f += rep["reference"]["full"]
+                k = 0 if prefix is None else prefix.shape[1]
+                srecs += [{"text": tok.decode(r.tolist()), "ids": r.tolist(), "prefix_len": k,
+                           "prefix_text": tok.decode(r[:k].tolist())} for r in ids]
+            g = generative_perplexity(srecs, judge, sample_vocab_hash=vh)
+            per_seed[s] = g
+            recs += srecs
+        pooled = generative_perplexity(recs, judge, sample_vocab_hash=vh)
+        ppls = [per_seed[s]["gen_ppl"] for s in seeds]
+        row = {"mask": mask, "name": name_of_mask(mask), "schedule": str(sched),
+               "light_steps": sched.counts().get(light, 0),
+               "saved_blocks": 1 - flops_b / ref_b, "saved_full": 1 - flops_f / ref_f,
+               "gen_ppl": pooled["gen_ppl"], "nll_per_token": pooled["nll_per_token"],
+               "entropy": pooled["entropy"], "tokens": pooled["tokens"],
+               "samples": len(recs), "forward_calls": calls,
+               "gen_ppl_seed_std": (float(torch.tensor(ppls, dtype=torch.float64).std())
+                                    if len(ppls) > 1 else 0.0),
+               "seconds": time.perf_counter() - t0}
+        for s in seeds:
+            row[f"ppl_seed_{s}"] = per_seed[s]["gen_ppl"]
+            row[f"entropy_seed_{s}"] = per_seed[s]["entropy"]
+        rows.append(row)
+        if progress:
+            progress(ci + 1, len(cands), row)
+    return rows
+
+
+def plot_frontier(rows, path: Path, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    x = [100 * r["saved_blocks"] for r in rows]
+    y = [r["gen_ppl"] for r in rows]
+    ax.scatter(x, y, s=14, color="0.6", label="schedules")
+    front = pareto_front(rows)
+    ax.plot([100 * r["saved_blocks"] for r in front], [r["gen_ppl"] for r in front], "k-",
+            lw=1, label="frontier")
+    for r in rows:
+        if r["name"]:
+            ax.annotate(r["name"], (100 * r["saved_blocks"], r["gen_ppl"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+            ax.scatter([100 * r["saved_blocks"]], [r["gen_ppl"]], s=22)
+    ax.set_xlabel("block FLOPs saved vs heavy-only (%)")
+    ax.set_ylabel("generative perplexity")
+    ax.legend(fontsize=8)
+    if title:
+        import textwrap
+        ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- command line ----------------------------------------------------------------------------
+def _pipes(args):
+    from .cli import parse_model_args
+    from .sampler import load_scheduled
+    paths = parse_model_args(args.model)
+    sampler = load_scheduled(paths, device=args.device)
+    light = args.light or ("L" if "L" in paths else None)
+    heavy = args.heavy or ("H" if "H" in paths else None)
+    if len(paths) != 2:
+        raise ConfigError(f"give exactly two models (--model H=... --model L=...), got {len(paths)}")
+    if light is None or heavy is None:
+        cost = sampler.block_cost()
+        a, b = list(paths)
+        if cost[a] == cost[b]:
+            raise ConfigError("cannot tell the light from the heavy model; name them L and H "
+                              "or pass --light/--heavy")
+        light, heavy = (a, b) if cost[a] < cost[b] else (b, a)
+    for role, n in (("light", light), ("heavy", heavy)):
+        if n not in paths:
+            raise ConfigError(f"--{role} {n!r} is not one of the models ({', '.join(paths)})")
+    if light == heavy:
+        raise ConfigError("the light and the heavy model must differ")
+    return sampler, light, heavy
+
+
+def cmd_analyze(args) -> int:
+    sampler, light, heavy = _pipes(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    H, L = sampler.pipes[heavy], sampler.pipes[light]
+    t0 = time.perf_counter()
+    rows = analyze_steps(H, L, args.grid, args.batches, args.batch_size, args.seed)
+    write_csv(out / "step_importance.csv", rows)
+    traj = []
+    if args.trajectory_samples > 0:
+        traj = analyze_trajectories(H, L, args.trajectory_samples, args.trajectory_steps,
+                                    args.seed)
+        write_csv(out / "step_importance_trajectory.csv", traj)
+    title = (f"heavy {heavy} ({H.cfg.model.n_layers} blocks) vs light {light} "
+             f"({L.cfg.model.n_layers} blocks), {H.cfg.model.family}")
+    plot_analysis(rows, traj, out / "step_importance.png", title)
+    meta = {"heavy": {"name": heavy, "checkpoint": str(H.checkpoint.path)},
+            "light": {"name": light, "checkpoint": str(L.checkpoint.path)},
+            "grid": args.grid, "batches": args.batches, "batch_size": args.batch_size,
+            "seed": args.seed, "trajectory_samples": args.trajectory_samples,
+            "trajectory_steps": args.trajectory_steps, "seconds": time.perf_counter() - t0}
+    from ..cli import _write_json
+    _write_json(out / "analysis.json", meta)
+    ok = [r for r in rows if r.get("noised")]
+    if ok:
+        worst = max(ok, key=lambda r: r["kl_heavy_light"])
+        print(f"largest KL(heavy||light) {worst['kl_heavy_light']:.3f} at t={worst['t']:.3f} "
+              f"(progress {worst['step_fraction']:.2f}); loss gap there {worst['gap']:.3f} nats")
+    for f in ("step_importance.csv", "step_importance_trajectory.csv", "step_importance.png",
+              "analysis.json"):
+        if (out / f).exists():
+            print(f"  {out / f}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    sampler, light, heavy = _pipes(args)
+    if args.steps < args.segments:
+        raise ConfigError(f"--steps {args.steps} is fewer than --segments {args.segments}")
+    if args.light_segments is not None and args.light_segments < -1:
+        raise ConfigError(f"--light-segments must be >= -1, got {args.light_segments}")
+    if args.segments > 12 and args.light_segments is None:
+        raise ConfigError("all 2^S schedules for S > 12 is too many; give --light-segments")
+    if args.num < 1:
+        raise ConfigError(f"--num must be >= 1, got {args.num}")
+    seeds = [args.seed + i for i in range(args.seeds)]
+    masks = [m.strip() for m in (args.masks or "").split(",") if m.strip()]
+    if not seeds:
+        raise ConfigError("--seeds must be >= 1")
+    prefix = None
+    if args.prefix_from_val is not None:
+        from .sampler import prefixes_from_validation
+        prefix, _ = prefixes_from_validation(sampler.pipes[heavy], args.num, args.prefix_from_val)
+    from ..eval.genppl import load_judge
+    judge = load_judge(args.judge, args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def progress(i, n, r):
+        print(f"[{i}/{n}] {r['mask']:<12} saved {100 * r['saved_blocks']:5.1f}%  gen PPL "
+              f"{r['gen_ppl']:8.2f}  entropy {r['entropy']:.3f}  ({r['seconds']:.0f} s)",
+              flush=True)
+
+    rows = segment_search(sampler, judge, args.steps, args.segments, args.light_segments,
+                          args.num, seeds, light, heavy, batch=args.batch,
+                          temperature=args.temperature, top_p=args.top_p, progress=progress,
+                          extra_masks=masks, prefix=prefix)
+    front = pareto_front(rows)
+    fm = {r["mask"] for r in front}
+    for r in rows:
+        r["frontier"] = r["mask"] in fm
+    write_csv(out / "search.csv", rows)
+    plot_frontier(rows, out / "frontier.png",
+                  f"{args.steps} steps in {args.segments} segments, {args.num} samples x "
+                  f"{args.seeds} seeds; judge {judge.label[:60]}")
+    from ..cli import _write_json
+    _write_json(out / "search.json", {
+        "models": {n: str(p.checkpoint.path) for n, p in sampler.pipes.items()},
+        "light": light, "heavy": heavy, "steps": args.steps, "segments": args.segments,
+        "light_segments": args.light_segments, "num": args.num, "seeds": seeds,
+        "temperature": args.temperature, "top_p": args.top_p, "gumbel": "float64",
+        "prefix_from_val": args.prefix_from_val,
+        "judge": judge.info(), "rows": rows})
+    print(f"frontier: {', '.join(r['mask'] for r in front)}")
+    for f in ("search.csv", "frontier.png", "search.json"):
+        print(f"  {out / f}")
+    return 0
+
+
+def add_schedule_parser(sub) -> None:
+    p = sub.add_parser("schedule", help="model scheduling: step-importance analysis, segment "
+                       "search")
+    ss = p.add_subparsers(dest="schedule_cmd", required=True)
+
+    def common(q):
+        q.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                       help="the two models, e.g. --model H=runs/heavy --model L=runs/light")
+        q.add_argument("--light")
+        q.add_argument("--heavy")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--device", default="cpu")
+        q.add_argument("--out", required=True, help="output folder")
+
+    a = ss.add_parser("analyze", help="per-t masked-token loss of both models, gap, KL both "
+                      "ways on the same noised validation input (+ on heavy trajectories)")
+    common(a)
+    a.add_argument("--grid", type=int, default=20, help="number of t values")
+    a.add_argument("--batches", type=int, default=4)
+    a.add_argument("--batch-size", type=int, default=16)
+    a.add_argument("--trajectory-samples", type=int, default=8,
+                   help="heavy-model samples for the trajectory variant (0: skip)")
+    a.add_argument("--trajectory-steps", type=int, default=64)
+    a.set_defaults(fn=cmd_analyze)
+
+    s = ss.add_parser("search", help="sample + judge every light/heavy assignment of S "
+                      "segments; saved-FLOPs vs gen PPL frontier")
+    common(s)
+    s.add_argument("--judge", required=True, help="AR judge: tdlm ar run or HF folder")
+    s.add_argument("--steps", type=int, default=128)
+    s.add_argument("--segments", type=int, default=8)
+    s.add_argument("--light-segments", type=int,
+                   help="number of light segments (default: all 2^S assignments; -1: only "
+                        "--masks)")
+    s.add_argument("--masks", help="more assignments to evaluate, e.g. LLHHHHHL,HHLLLHHH")
+    s.add_argument("--prefix-from-val", type=int, metavar="K",
+                   help="prefix-conditional: clamp the first K tokens of held-out documents "
+                        "(the same prefixes for every schedule and seed)")
+    s.add_argument("--num", type=int, default=16, help="samples per seed")
+    s.add_argument("--seeds", type=int, default=2, help="number of sampling seeds (--seed, "
+                   "--seed + 1, ...; the same for every schedule)")
+    s.add_argument("--batch", type=int, default=0, help="samples per sampler call (0: all)")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.set_defaults(fn=cmd_search)

@@ -1,0 +1,240 @@
+"""Scheduled sampling: several loaded models, one ancestral loop, a schedule picks the model
+of every step (spec: shared/spec/MODEL_SCHEDULING.md).
+
+``ScheduledSampler({"H": heavy_pipe, "L": light_pipe})`` checks that the models can be mixed
+(:func:`check_compatible`) and samples with ``generate_ids(num, steps, schedule=...)``, which
+runs the family's own sampler (MDLM or TDLM) with the per-step plan of the schedule, so with a
+one-model schedule the output is bit-identical to ``Pipeline.generate_ids`` at the same seed.
+The loop never reuses a cached prediction across a model switch (``tdlm.sampling.loop``).
+
+Cost report (``last_report``): forward calls actually made per model, their FLOPs
+(``tdlm.flops``: block-only = the paper's convention, and full), the FLOPs the heavy model
+alone would have spent on the same calls, the saved fractions
+``saved = 1 - FLOPs(scheduled) / FLOPs(heavy on every call made)``, and wall-clock seconds.
+With the sandwich of 250 light steps of 1000 and a light model of 4 blocks next to 12 of the
+same width (no cache hits): ``saved_blocks = 250/1000 * (1 - 4/12) = 16.7%``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..flops import flops_from_log, model_forward_flops
+from ..sampling.loop import ForwardLog
+from .schedule import Schedule, parse_schedule, resolve_schedule
+
+SCHEDULABLE = ("mdlm", "tdlm")
+
+
+def _tree_signature(pipe) -> Optional[tuple]:
+    tree = getattr(pipe.family, "tree", None)
+    if tree is None:
+        return None
+    return (tree.K, tree.H, tree.num_nodes, np.asarray(tree.anc).tobytes(),
+            np.asarray(tree.rank).tobytes())
+
+
+def compatibility_key(pipe) -> dict:
+    """What models must share to be mixed in one sampling run: family (diffusion type),
+    its noise process (schedule, eps; TDLM: tree, level windows), tokenizer (vocabulary hash),
+    vocabulary size (so the [MASK] id), sequence length. Depth, width, heads and time
+    conditioning may differ."""
+    c = pipe.cfg
+    tok = pipe.tokenizer
+    key = {"family": c.model.family, "vocab_size": c.model.vocab_size,
+           "mask_id": getattr(pipe.family, "mask_id", None),
+           "seq_len": c.data.seq_len, "noise schedule": c.diffusion.schedule,
+           "eps": c.diffusion.eps,
+           "tokenizer": getattr(tok, "vocab_hash", lambda: getattr(tok, "name", None))()}
+    if c.model.family == "tdlm":
+        key.update({"tree": _tree_signature(pipe), "window_allocation":
+                    c.diffusion.window_allocation, "window_ratio": c.diffusion.window_ratio})
+    return key
+
+
+def check_compatible(pipes: Mapping[str, object]) -> None:
+    """ConfigError (one line) naming the first property two models do not share."""
+    if not pipes:
+        raise ConfigError("no models given")
+    names = list(pipes)
+    for n in names:
+        fam = pipes[n].cfg.model.family
+        if fam not in SCHEDULABLE:
+            raise ConfigError(f"model {n!r} is a {fam!r} model; model scheduling applies to "
+                              f"{', '.join(SCHEDULABLE)} models")
+    ref = compatibility_key(pipes[names[0]])
+    for n in names[1:]:
+        k = compatibility_key(pipes[n])
+        for field in ref:
+            if k.get(field) != ref[field]:
+                shown = ("differs" if field in ("tree", "tokenizer") else
+                         f"{ref[field]!r} vs {k.get(field)!r}")
+                raise ConfigError(f"models {names[0]!r} and {n!r} cannot be mixed: {field} "
+                                  f"{shown}")
+    devs = {str(p.device) for p in pipes.values()}
+    if len(devs) > 1:
+        raise ConfigError(f"models are on different devices: {', '.join(sorted(devs))}")
+
+
+class ScheduledSampler:
+    """Name -> :class:`tdlm.api.Pipeline`; samples under a schedule (module docstring)."""
+
+    def __init__(self, pipes: Mapping[str, object]):
+        check_compatible(pipes)
+        self.pipes = dict(pipes)
+        self.names = list(self.pipes)
+        self.last_report: Optional[dict] = None
+
+    @property
+    def primary(self):
+        return self.pipes[self.names[0]]
+
+    @property
+    def tokenizer(self):
+        return self.primary.tokenizer
+
+    @property
+    def cfg(self):
+        return self.primary.cfg
+
+    def block_cost(self, seq_len: Optional[int] = None) -> dict:
+        """Block FLOPs of one forward of one sequence, per model (light/heavy ordering);
+        None for a model that is not a library DiT model (e.g. an exact test denoiser)."""
+        L = seq_len or self.cfg.data.seq_len
+        out = {}
+        for n, p in self.pipes.items():
+            try:
+                out[n] = model_forward_flops(p.model, [L])["blocks"]
+            except ValueError:
+                out[n] = None
+        return out
+
+    def resolve(self, schedule, steps: int, light: Optional[str] = None,
+                heavy: Optional[str] = None, steps_split: Optional[Sequence[int]] = None
+                ) -> Schedule:
+        """A Schedule for ``steps`` steps from a string, a Schedule or None (one model)."""
+        if isinstance(schedule, Schedule):
+            if schedule.steps != steps:
+                raise ConfigError(f"schedule {schedule.spec!r} covers {schedule.steps} steps, "
+                                  f"sampling uses {steps}")
+            schedule.check_models(self.names)
+            return schedule
+        level_steps = None
+        if self.cfg.model.family == "tdlm":
+            level_steps = self.primary.family.level_steps_root_to_leaf(steps, steps_split)
+        return resolve_schedule(schedule, steps, self.names, light, heavy, level_steps,
+                                self.block_cost())
+
+    @torch.no_grad()
+    def generate_ids(self, num: int = 1, steps: int = 128, schedule=None, seed: int = 0,
+                     light: Optional[str] = None, heavy: Optional[str] = None,
+                     steps_split: Optional[Sequence[int]] = None, **kw) -> torch.Tensor:
+        """Token ids [num, seq_len] sampled under ``schedule`` (string, Schedule, or None for
+        a single loaded model). ``steps_split``: TDLM steps per level, leaf level first (as
+        the family's ``steps_per_level``). Other keywords as ``Pipeline.generate_ids``
+        (seq_len, temperature, top_p, prefix, cache, ...). The cost report is left in
+        ``self.last_report``."""
+        if not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")
+        sched = self.resolve(schedule, steps, light, heavy, steps_split)
+        used = sched.names()
+        models = {n: self.pipes[n].model for n in used}
+        tc = {n: self.pipes[n].cfg.model.time_conditioning for n in used}
+        log = ForwardLog()
+        if steps_split is not None:
+            kw["steps_split"] = list(steps_split)
+        # the first loaded model's pipeline runs the family code (device, checks); the models
+        # are compatible, so the family's process is the same for all of them
+        t0 = time.perf_counter()
+        ids = self.primary.generate_ids(num, steps, seed=seed, models=models,
+                                        plan=sched.per_step(), time_conditioned=tc, log=log,
+                                        **kw)
+        seconds = time.perf_counter() - t0
+        self.last_report = self.report(sched, log, seconds)
+        return ids
+
+    def generate(self, num: int = 1, steps: int = 128, **kw) -> list[str]:
+        ids = self.generate_ids(num, steps, **kw)
+        return [self.tokenizer.decode(row.tolist()) for row in ids]
+
+    def report(self, sched: Schedule, log: ForwardLog, seconds: float) -> dict:
+        """Calls, FLOPs (blocks, full), heavy-only reference on the same calls, savings.
+        FLOPs are None when a model is not a library DiT model."""
+        models = {n: p.model for n, p in self.pipes.items()}
+        out = {"schedule": sched.to_dict(), "forward_calls": dict(log.calls),
+               "forward_calls_total": sum(log.calls.values()), "seconds": seconds,
+               "flops": None, "reference": None, "saved_blocks": None, "saved_full": None}
+        cost = self.block_cost()
+        if any(cost[n] is None for n in sched.names()):
+            return out
+        fl = flops_from_log(log, models)
+        heavy = sched.heavy
+        if heavy is None:                     # the model with the most block FLOPs per call
+            heavy = max(sched.names(), key=lambda n: (cost[n], -self.names.index(n)))
+        ref = {"blocks": 0, "full": 0}
+        for shapes in log.shapes.values():
+            for (num, L), cnt in shapes.items():
+                f = model_forward_flops(models[heavy], [L] * num)
+                ref["blocks"] += cnt * f["blocks"]
+                ref["full"] += cnt * f["full"]
+        saved = {k: (1 - fl[k] / ref[k]) if ref[k] else 0.0 for k in ("blocks", "full")}
+        out.update({"flops": {"blocks": fl["blocks"], "full": fl["full"],
+                              "per_model": fl["per_model"]},
+                    "reference": {"model": heavy, **ref},
+                    "saved_blocks": saved["blocks"], "saved_full": saved["full"]})
+        return out
+
+
+def load_scheduled(paths: Mapping[str, str], device: str = "cpu", use_ema: bool = True
+                   ) -> ScheduledSampler:
+    """Load checkpoints by name (``{"H": "runs/heavy", "L": "runs/light"}``)."""
+    from ..api import load
+    for n in paths:
+        try:
+            parse_schedule(n)
+        except ConfigError:
+            raise ConfigError(f"invalid model name {n!r}: use letters, digits, _ or -, not "
+                              "ending in a digit (e.g. H, L, heavy)") from None
+        if parse_schedule(n).kind != "explicit":
+            raise ConfigError(f"invalid model name {n!r}: it is a schedule form")
+    return ScheduledSampler({n: load(p, device=device, use_ema=use_ema)
+                             for n, p in paths.items()})
+
+
+# ---- prefixes from held-out documents ------------------------------------------------------
+def prefixes_from_validation(pipe, num: int, k: int, skip: int = 0) -> tuple[torch.Tensor, list]:
+    """The first ``k`` tokens of the first ``num`` validation documents (the run's own split
+    of its data source, in split order, after ``skip`` documents) that have more than ``k``
+    tokens. BOS-led layouts (crop_pad, packed_bos, varlen) get ``[BOS]`` in front, as in
+    training, so the clamped prefix is then k+1 tokens. Returns ``(prefix [num, k'], info)``
+    with ``info[i] = {"doc": index in the validation split, "reference": the document's
+    next tokens up to the sequence length}``."""
+    from ..data.sources import load_documents, split_documents
+    if k < 1:
+        raise ConfigError(f"prefix length must be >= 1, got {k}")
+    cfg = pipe.cfg
+    bos = cfg.data.layout in ("crop_pad", "packed_bos", "varlen")
+    if k + int(bos) >= cfg.data.seq_len:
+        raise ConfigError(f"prefix of {k} tokens leaves nothing to generate at seq_len "
+                          f"{cfg.data.seq_len}")
+    docs, _ = load_documents(cfg.data.source, cfg.data.text_field)
+    _, val = split_documents(docs, cfg.data.val_fraction, cfg.data.split_seed)
+    tok = pipe.tokenizer
+    rows, info = [], []
+    for i in range(skip, len(val)):
+        ids = tok.encode(val[i])
+        if len(ids) <= k:
+            continue
+        lead = [tok.bos_id] if bos else []
+        rows.append(lead + ids[:k])
+        info.append({"doc": i, "reference_ids": ids[k:cfg.data.seq_len - len(lead)]})
+        if len(rows) == num:
+            break
+    if len(rows) < num:
+        raise ConfigError(f"the validation split has only {len(rows)} documents longer than "
+                          f"{k} tokens; {num} needed")
+    return torch.tensor(rows, dtype=torch.long), info
