@@ -74,3 +74,25 @@ def test_varlen_layout_is_refused_for_mdlm(tmp_path, capsys):
     assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--no-progress", *sets]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "varlen" in err[0]
+
+
+def test_mdlm_keep_first_conditions_on_bos_like_did():
+    """diffusion.keep_first: position 0 is never masked and not counted, so MDLM's NELBO per
+    token is per modeled (non-BOS) token, as DID's."""
+    import torch
+    from tdlm.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig
+    from tdlm.families import get_family
+    cfg = RunConfig(model=ModelConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, cond_dim=8,
+                                      max_seq_len=8, dropout=0.0),
+                    diffusion=DiffusionConfig(keep_first=True), data=DataConfig(seq_len=8))
+    fam = get_family(cfg)
+    model = fam.build_model()
+    x = torch.randint(0, 10, (64, 8))
+    x[:, 0] = 10 - 1
+    seen = []
+    model.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+    terms = fam.loss(model, {"input_ids": x}, torch.Generator().manual_seed(0), exact=True)
+    z = seen[-1]
+    assert torch.equal(z[:, 0], x[:, 0])                   # BOS never masked
+    assert (z[:, 1:] == fam.mask_id).any()                  # the rest is noised
+    assert torch.equal(terms.n_tokens, torch.full((64,), 7.0))

@@ -109,6 +109,7 @@ class DiffusionConfig:
     level_weight_ratio: float = 2.0
     train_weight_clip: float = 0.0      # 0: exact weights; > 0 clips ELBO weights in training
     train_weighting: str = "elbo"       # elbo | simple (DID: drop the w(t) weight in training)
+    keep_first: bool = False            # MDLM: position 0 (BOS) never masked nor counted (DID comparison)
 
     def __post_init__(self) -> None:
         _choice(self, "schedule", SCHEDULES)

@@ -104,6 +104,11 @@ class MaskedDiffusion(Family):
         valid = batch.get("valid", torch.ones_like(x0, dtype=torch.bool))
         t, w = self._times(x0.shape[0], generator, x0.device, exact)
         z = self.corrupt(x0, t, generator)
+        if self.cfg.diffusion.keep_first:
+            # conditioned on position 0 (BOS), as DID is: never masked, not counted
+            z[:, 0] = x0[:, 0]
+            valid = valid.clone()
+            valid[:, 0] = False
         logits = model(z, self.schedule.sigma(t))
         return self.loss_from_logits(logits, x0, z, w, valid)
 
