@@ -15,9 +15,9 @@ run in a fresh subprocess). Validation NELBO against training FLOPs. Sampling at
 seconds per sample, generative perplexity and mean unigram entropy under an AR judge trained
 here on the same corpus (``tdlm.eval.genppl``).
 
-NELBO comparability: DID's NELBO is per modeled (non-BOS) token. For the fixed setting MDLM's
-per-sequence NELBO is divided by the same L-1 modeled tokens (its position 0 is BOS in every
-block; predicting it costs ~0 nats once trained, so this slightly favours neither). In the
+NELBO comparability: DID's NELBO is per modeled (non-BOS) token. In the fixed setting MDLM
+runs with ``diffusion.keep_first``: position 0 (BOS in every block) is never masked nor
+counted, so both condition on BOS and count the same L-1 tokens. In the
 variable setting MDLM also models EOS and the padding, DID the length through its rates: the
 per-sequence numbers bound different events and are reported as measured, not as a verdict.
 
@@ -41,7 +41,7 @@ import torch
 OUT = Path(__file__).parent / "results"
 RUNS = {
     "fixed/did": ("did-tiny", []),
-    "fixed/mdlm": ("tiny-gpt2", ['data.layout="packed_bos"']),
+    "fixed/mdlm": ("tiny-gpt2", ['data.layout="packed_bos"', "diffusion.keep_first=true"]),
     "variable/did": ("did-tiny-var", []),
     "variable/mdlm": ("tiny-gpt2", ['data.layout="crop_pad"', 'data.source="bundled:paragraphs"']),
 }
@@ -115,7 +115,8 @@ def worker(name: str, steps: int, eval_every: int, sample_steps: int, n_samples:
             row = {"step": step, "train_flops": flops_total, "nelbo_per_token": ev["nelbo_per_token"],
                    "nelbo_per_sequence": seq, "tokens": ev["tokens"], "sequences": ev["sequences"]}
             if name == "fixed/mdlm":      # per modeled (non-BOS) token, as DID counts
-                row["nelbo_per_modeled_token"] = seq / (cfg.data.seq_len - 1)
+                row["nelbo_per_modeled_token"] = (ev["nelbo_per_token"] if cfg.diffusion.keep_first
+                                                  else seq / (cfg.data.seq_len - 1))
             rec["evals"].append(row)
             print(name, row, flush=True)
     # sampling at equal steps
