@@ -39,6 +39,7 @@ class Pipeline:
     model: torch.nn.Module
     tokenizer: object
     checkpoint: Optional[Checkpoint] = None
+    weights: str = "raw"        # which weights the model holds: "ema" or "raw"
 
     @property
     def device(self) -> torch.device:
@@ -69,6 +70,12 @@ class Pipeline:
         return self.family.sample(self.model, num, seq_len, steps, gen, temperature=temperature,
                                   top_p=top_p, prefix=prefix,
                                   bos_id=getattr(self.tokenizer, "bos_id", None), **kw)
+
+    def save_pretrained(self, folder, overwrite: bool = False) -> Path:
+        """Export this model (its current weights, tokenizer, tree, config) to ``folder``;
+        see :func:`tdlm.export.save_pretrained`."""
+        from .export import save_pretrained
+        return save_pretrained(self, folder, overwrite=overwrite)
 
     def generate(self, num: int = 1, steps: int = 128, **kw) -> list[str]:
         ids = self.generate_ids(num, steps, **kw)
@@ -135,8 +142,15 @@ def load_tokenizer(ckpt: Checkpoint):
 
 def load(path: str | Path, device: str = "cpu", use_ema: bool = True,
          expect_family: Optional[str] = None) -> Pipeline:
-    """Load a checkpoint (a step folder or a run folder) into a :class:`Pipeline`."""
-    ckpt = load_checkpoint(path, expect_family=expect_family)
+    """Load a checkpoint (a step folder or a run folder) or an exported model folder
+    (:func:`tdlm.save_pretrained`) into a :class:`Pipeline`. Every file is verified against
+    its sha256 manifest first; only JSON and safetensors are read. With ``use_ema`` a
+    checkpoint's EMA weights are used when it has them (``Pipeline.weights`` says which)."""
+    from .export import is_pretrained_folder, load_pretrained_checkpoint
+    if is_pretrained_folder(path):
+        ckpt = load_pretrained_checkpoint(path, expect_family=expect_family)
+    else:
+        ckpt = load_checkpoint(path, expect_family=expect_family)
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -147,14 +161,17 @@ def load(path: str | Path, device: str = "cpu", use_ema: bool = True,
     fam_cls = get_family_class(cfg.model.family)
     family = fam_cls(cfg, **fam_cls.resources_from_checkpoint(ckpt))
     model = family.build_model()
-    state = ckpt.ema_state if (use_ema and ckpt.ema_state is not None) else ckpt.model_state
+    if ckpt.ema_state is not None and use_ema:
+        state, weights = ckpt.ema_state, "ema"
+    else:
+        state, weights = ckpt.model_state, getattr(ckpt, "weights", "raw")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {ckpt.path} weights do not fit its config: "
                               f"{str(e).splitlines()[0]}") from None
     model.to(dev).eval()
-    return Pipeline(cfg, family, model, load_tokenizer(ckpt), ckpt)
+    return Pipeline(cfg, family, model, load_tokenizer(ckpt), ckpt, weights)
 
 
 def load_scheduled(paths: dict, device: str = "cpu", use_ema: bool = True):

@@ -8,6 +8,7 @@
     tdlm sample --model H=runs/heavy --model L=runs/light --schedule sandwich:0.25
     tdlm genppl SAMPLES.jsonl --judge runs/ar      generative perplexity + entropy
     tdlm info --preset mdlm-small [--preset ...] [--json]
+    tdlm export RUN_OR_CKPT --out DIR    shareable folder (tdlm.load / tdlm.from_pretrained)
 
 User errors (bad config, data, checkpoints, paths, usage) print ``error: <one line>`` on
 stderr and exit with status 2 (no traceback); nothing existing is overwritten.
@@ -83,8 +84,7 @@ def _eval(ckpt_path: str, batches: int, seed: int, repeats: int, out: str | None
                          batch_size=cfg.train.micro_batch or cfg.train.global_batch,
                          max_batches=batches, seed=seed, repeats=repeats)
     res.update({"checkpoint": str(pipe.checkpoint.path), "family": cfg.model.family,
-                "step": pipe.checkpoint.trainer.get("step"), "weights": "ema" if
-                (use_ema and pipe.checkpoint.ema_state is not None) else "raw",
+                "step": pipe.checkpoint.trainer.get("step"), "weights": pipe.weights,
                 "data_layout": cfg.data.layout, "seq_len": cfg.data.seq_len,
                 "data_source": cfg.data.source, "tokenizer": cfg.data.tokenizer,
                 "schedule": cfg.diffusion.schedule, "num_timesteps": cfg.diffusion.num_timesteps})
@@ -211,6 +211,16 @@ def cmd_sample(args) -> int:
     for r in recs[:args.show]:
         print(f"--- sample {r['id']} ---\n{r['text'][:600]}")
     print(f"samples: {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import save_pretrained
+    from .api import load
+    pipe = load(args.checkpoint, use_ema=not args.no_ema)
+    out = save_pretrained(pipe, args.out)
+    print(f"exported {pipe.cfg.model.family} model ({pipe.weights} weights, step "
+          f"{pipe.checkpoint.trainer.get('step')}) to {out}")
     return 0
 
 
@@ -348,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .scheduling.cli import add_sample_schedule_args
     add_sample_schedule_args(p)      # --model, --schedule, --light/--heavy, --prefix-from-val
     p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("export", help="export a trained model to a shareable folder "
+                       "(config.json, model.safetensors, tokenizer, tree, README.md)")
+    p.add_argument("checkpoint", help="run, checkpoint or exported folder")
+    p.add_argument("--out", required=True, help="new folder (an existing non-empty one is refused)")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("info", help="parameter counts of presets")
     p.add_argument("--preset", action="append")

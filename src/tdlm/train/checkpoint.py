@@ -12,7 +12,9 @@ Layout of ``<run>/checkpoints/step_0000200/``::
 
 A checkpoint is written into a temporary folder, fsynced and renamed into place, then the
 ``latest`` pointer is replaced atomically: an interrupted write never leaves a folder that
-loads as valid. Loading verifies every hash. Nothing is unpickled.
+loads as valid. Loading verifies every hash of the manifest (a mismatch is a one-line
+CheckpointError naming the file) and refuses weights/state/extra files the manifest does not
+list. Only JSON and safetensors are read: nothing is unpickled.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from ..config import RunConfig
 from ..errors import CheckpointError, ConfigError
 
 FORMAT = "tdlm-checkpoint-v1"
+PRETRAINED_FORMAT = "tdlm-pretrained-v1"     # tdlm.export folders
 
 
 from ..utils import sha256_file as _sha256  # noqa: E402
@@ -253,20 +256,47 @@ def _read_json(p: Path, rel: str):
 
 
 REQUIRED = ("config.json", "model.safetensors", "trainer.json")
+OPTIONAL = ("ema.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors")
+
+
+def verify_files(p: Path, files: dict, what: str = "checkpoint") -> None:
+    """Check every ``relative path -> sha256`` of a manifest against the files in ``p``.
+    Raises CheckpointError (one line, naming the first bad file) when a file is missing,
+    unreadable, truncated or altered; paths that leave ``p`` are refused."""
+    root = p.resolve()
+    for rel, digest in files.items():
+        f = p / str(rel)
+        if not isinstance(rel, str) or not isinstance(digest, str) \
+                or root not in f.resolve().parents:
+            raise CheckpointError(f"{what} {p} has a corrupt manifest.json (bad entry {rel!r})")
+        if not f.is_file():
+            raise CheckpointError(f"{what} {p} is missing {rel}")
+        try:
+            ok = _sha256(f) == digest
+        except OSError as e:
+            raise CheckpointError(f"{what} {p}: cannot read {rel}: {e.strerror or e}") from None
+        if not ok:
+            raise CheckpointError(f"{what} {p} is corrupt: {rel} does not match its hash "
+                                  "(truncated or modified)")
 
 
 def load_checkpoint(path: str | Path, expect_family: Optional[str] = None,
                     map_location: str = "cpu") -> Checkpoint:
     """Load and verify a checkpoint. Raises CheckpointError (one line) when it is missing,
-    truncated, altered, or of another model family than ``expect_family``."""
+    truncated, altered (any manifest hash differs), holds files the manifest does not list,
+    is foreign (no tdlm manifest), or of another model family than ``expect_family``."""
     p = resolve_checkpoint(path)
     mpath = p / "manifest.json"
     if not mpath.is_file():
-        raise CheckpointError(f"checkpoint {p} is incomplete: manifest.json missing "
-                              "(an interrupted write?)")
+        raise CheckpointError(f"checkpoint {p} is incomplete or not a tdlm checkpoint: "
+                              "manifest.json missing (an interrupted write, or a folder from "
+                              "another library)")
     manifest = _read_json(p, "manifest.json")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        if fmt == PRETRAINED_FORMAT:
+            raise CheckpointError(f"{p} is an exported model ({fmt}), not a training checkpoint: "
+                                  "load it with tdlm.load or tdlm.from_pretrained")
         raise CheckpointError(f"{p} is not a {FORMAT} checkpoint (format {fmt!r})")
     files = manifest.get("files")
     if not isinstance(files, dict):
@@ -274,17 +304,13 @@ def load_checkpoint(path: str | Path, expect_family: Optional[str] = None,
     for rel in REQUIRED:
         if rel not in files:
             raise CheckpointError(f"checkpoint {p} is incomplete: manifest.json does not list {rel}")
-    for rel, digest in files.items():
-        f = p / rel
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {p} is missing {rel}")
-        try:
-            ok = _sha256(f) == digest
-        except OSError as e:
-            raise CheckpointError(f"checkpoint {p}: cannot read {rel}: {e.strerror or e}") from None
-        if not ok:
-            raise CheckpointError(f"checkpoint {p} is corrupt: {rel} does not match its hash "
-                                  "(truncated or modified)")
+    verify_files(p, files)
+    # files the loader reads when present must be covered by the manifest too
+    for f in sorted(p.rglob("*")):
+        rel = f.relative_to(p).as_posix()
+        if f.is_file() and rel not in files and (rel in OPTIONAL or rel.startswith("extra/")):
+            raise CheckpointError(f"checkpoint {p} is corrupt: {rel} is not listed in "
+                                  "manifest.json (added after the checkpoint was written)")
     try:
         cfg = RunConfig.from_dict(_read_json(p, "config.json"))
     except ConfigError as e:

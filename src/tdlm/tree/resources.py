@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import CheckpointError
 from .build import build_frequency_tree, build_tree
 from .embeddings import corpus_embeddings, from_checkpoint_embeddings, random_embeddings
 from .tree import VocabTree
@@ -36,7 +37,17 @@ def build_from_source(source: str, V: int, K: int, H: int, *, seed: int = 0,
     elif source == "checkpoint":
         from ..train.checkpoint import load_checkpoint
         ck = load_checkpoint(checkpoint)
-        key = next(k for k in ck.model_state if k.endswith("vocab_embed.weight"))
+        if vocab_hash:      # embeddings of another tokenizer would silently be mis-assigned
+            from ..api import load_tokenizer
+            ck_hash = load_tokenizer(ck).vocab_hash()
+            if ck_hash != vocab_hash:
+                raise CheckpointError(f"checkpoint {ck.path} was trained with another tokenizer "
+                                      f"(vocab hash {ck_hash[:12]} != {vocab_hash[:12]}): its "
+                                      "embeddings cannot order this vocabulary's tree")
+        key = next((k for k in ck.model_state if k.endswith("vocab_embed.weight")), None)
+        if key is None:
+            raise CheckpointError(f"checkpoint {ck.path} has no input embedding "
+                                  "(vocab_embed.weight) to build a tree from")
         emb = from_checkpoint_embeddings(ck.model_state[key], V)
         meta["checkpoint"] = str(ck.path)
     else:
@@ -50,7 +61,12 @@ def tree_for_run(cfg, data, run_dir) -> VocabTree:
     tok = data.tokenizer
     vh = tok.vocab_hash()
     if m.tree_source == "file":
-        tree = VocabTree.load(m.tree_path, expected_vocab_hash=vh)
+        try:
+            tree = VocabTree.load(m.tree_path, expected_vocab_hash=vh)
+        except CheckpointError as e:
+            msg = str(e)
+            raise CheckpointError(msg if str(m.tree_path) in msg else
+                                  f"model.tree_path {m.tree_path}: {msg}") from None
     else:
         key = json.dumps({"src": m.tree_source, "K": m.tree_K, "H": m.tree_H, "seed": m.tree_seed,
                           "cap": m.tree_capacity_ratio, "dim": m.tree_embed_dim, "vocab": vh,
