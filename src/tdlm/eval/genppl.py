@@ -129,8 +129,9 @@ class HFJudge(Judge):
                               "(pip install 'tdlm[hf]')") from None
         try:
             self.tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            # safetensors only: a judge folder is user input, never unpickled
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True)
+                path, local_files_only=True, use_safetensors=True)
         except (OSError, ValueError, KeyError) as e:
             raise CheckpointError(f"cannot load the Hugging Face judge in {path}: "
                                   f"{' '.join(str(e).split())[:300]}") from None
