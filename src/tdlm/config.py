@@ -23,6 +23,7 @@ SCHEDULES = ("loglinear", "linear", "cosine")
 LAYOUTS = ("packed", "crop_pad", "packed_bos", "varlen")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
+PARALLEL = ("ddp", "fsdp")
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -172,7 +173,15 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     """Optimisation. ``global_batch`` sequences per optimizer step; the micro-batch is
-    ``micro_batch`` (0: equal to the global batch) and accumulation is derived."""
+    ``micro_batch`` (0: equal to the global batch) and accumulation is derived.
+
+    Under ``torchrun`` with W processes the global batch stays ``global_batch``:
+    ``micro_batch`` is the per-device micro-batch (0: ``global_batch / W``, one per device)
+    and each device accumulates ``global_batch / (W * micro_batch)`` micro-batches
+    (``global_batch`` must be divisible by ``W * micro_batch``; checked at start-up).
+    ``parallel``: ``ddp`` (DistributedDataParallel, a full replica per device) or ``fsdp``
+    (FSDP2, parameters, gradients and optimizer state sharded across devices); ignored in a
+    single process."""
     global_batch: int = 32
     micro_batch: int = 0
     max_steps: int = 1000
@@ -192,7 +201,8 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"
     device: str = "auto"
-    compile: bool = False
+    compile: bool = False            # torch.compile the transformer blocks (CUDA only)
+    parallel: str = "ddp"            # ddp | fsdp (multi-process runs only)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -206,6 +216,7 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _choice(self, "lr_schedule", LR_SCHEDULES)
         _choice(self, "precision", PRECISIONS)
+        _choice(self, "parallel", PARALLEL)
         _check(0.0 <= self.ema < 1.0, "ema", f"must be in [0, 1), got {self.ema}")
         _check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",

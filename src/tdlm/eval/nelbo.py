@@ -1,9 +1,14 @@
 """Likelihood evaluation: NELBO per token, perplexity bound exp(NELBO), bits per token.
 
 The family's ``loss(..., exact=True)`` gives a Monte-Carlo estimate of the per-sequence NELBO
-with exact weights (no clipping), antithetic t and a generator seeded by ``seed``, so the
-result is reproducible. Named parts (e.g. per tree level) are reported per token as well.
+with exact weights (no clipping), antithetic t and, for validation batch ``b``, a generator
+seeded by (``seed``, b), so the result is reproducible and does not depend on how the batches
+are spread over processes. Named parts (e.g. per tree level) are reported per token as well.
 For the AR family the same harness gives the exact NLL.
+
+In a multi-process run (``dist`` with ``world_size > 1``) rank r evaluates the batches
+b = r, r + W, ...; the summed NELBO, token, sequence and part counts are added across ranks
+(all-reduce), so every rank returns the single-process result (up to float summation order).
 """
 from __future__ import annotations
 
@@ -16,12 +21,18 @@ from ..errors import ConfigError
 from ..families.base import Family, autocast_ctx, model_device
 
 
+def _batch_seed(seed: int, b: int) -> int:
+    """Generator seed of validation batch ``b`` (batch 0: ``seed + 12345`` as always)."""
+    return seed + 12345 if b == 0 else (seed + 12345 + b * 0x9E3779B97F4A7C15) % (2**63 - 1)
+
+
 @torch.no_grad()
 def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: int = 16,
                    max_batches: int = 0, seed: int = 0, device: Optional[torch.device] = None,
-                   precision: str = "fp32", repeats: int = 1) -> dict:
+                   precision: str = "fp32", repeats: int = 1, dist=None) -> dict:
     """Average the NELBO over ``max_batches`` validation batches (0: the whole split),
-    ``repeats`` independent noise draws each."""
+    ``repeats`` independent noise draws each. ``dist``: a ``tdlm.train.distributed.DistInfo``
+    to share the batches among ranks (see the module docstring)."""
     from ..data import BatchIterator
     from ..data.batches import num_rows, slice_rows, to_device
     if batch_size < 1:
@@ -37,22 +48,40 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
     if max_batches:
         n_batches = min(n_batches, max_batches)
     it = BatchIterator(dataset, batch_size, seed, start_batch=0, shuffle=False)
-    gen = torch.Generator(device=device).manual_seed(seed + 12345)
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    mine = list(range(rank, n_batches, world))
+    # every rank runs the same number of forwards (FSDP gathers parameters in each one): a
+    # rank with fewer batches repeats its first (or batch 0) and discards the result
+    rounds = -(-n_batches // world)
     nll, toks, seqs, parts = 0.0, 0.0, 0, {}
     try:
-        for bi in range(n_batches):
+        for r in range(rounds):
+            real = r < len(mine)
+            bi = mine[r] if real else (mine[0] if mine else 0)
             keep = min(batch_size, len(dataset) - bi * batch_size)   # no wrap-around into epoch 2
-            batch = to_device(slice_rows(next(it), 0, keep), device)
+            batch = to_device(slice_rows(it.batch(bi), 0, keep), device)
+            gen = torch.Generator(device=device).manual_seed(_batch_seed(seed, bi))
             for _ in range(repeats):
                 with autocast_ctx(device, precision):
                     terms = family.loss(model, batch, gen, exact=True)
+                for k in terms.parts:
+                    parts.setdefault(k, 0.0)     # the same keys on every rank
+                if not real:
+                    continue
                 nll += terms.nll.double().sum().item()
                 toks += terms.n_tokens.double().sum().item()
                 for k, v in terms.parts.items():
-                    parts[k] = parts.get(k, 0.0) + v.double().sum().item()
-            seqs += num_rows(batch)
+                    parts[k] += v.double().sum().item()
+            if real:
+                seqs += num_rows(batch)
     finally:
         model.train(was_training)
+    if world > 1:
+        from ..train.distributed import all_reduce_sum
+        keys = sorted(parts)
+        tot = all_reduce_sum([nll, toks, seqs] + [parts[k] for k in keys], dist, device)
+        nll, toks, seqs = tot[0], tot[1], int(round(tot[2]))
+        parts = dict(zip(keys, tot[3:]))
     per_tok = nll / max(toks, 1)
     out = {"nelbo_per_token": per_tok, "ppl_bound": math.exp(min(per_tok, 700)),
            "bits_per_token": per_tok / math.log(2), "tokens": int(toks / repeats),
