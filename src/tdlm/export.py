@@ -38,8 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import CheckpointError, ConfigError, TdlmError
-from .train.checkpoint import PRETRAINED_FORMAT, Checkpoint, _read_json, verify_files
+from .errors import CheckpointError, TdlmError
+from .train.checkpoint import (PRETRAINED_FORMAT, Checkpoint, _read_json, verified_config,
+                               verified_manifest_files)
 
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_meta.json")
 MANIFEST = "manifest.json"
@@ -82,34 +83,17 @@ def load_pretrained_checkpoint(path, expect_family: Optional[str] = None) -> Pre
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .config import RunConfig
     p = Path(path)
     manifest = _read_json(p, MANIFEST)
     if not isinstance(manifest, dict) or manifest.get("format") != PRETRAINED_FORMAT:
         raise CheckpointError(f"{p} is not a {PRETRAINED_FORMAT} folder")
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise CheckpointError(f"exported model {p} has a corrupt manifest.json (no file list)")
-    for rel in REQUIRED:
-        if rel not in files:
-            raise CheckpointError(f"exported model {p} is incomplete: manifest.json does not "
-                                  f"list {rel}")
-    verify_files(p, files, what="exported model")
+    files = verified_manifest_files(p, manifest, REQUIRED, what="exported model")
     for f in sorted(p.iterdir()):   # whatever the loader may read must be covered too
         if f.is_file() and f.suffix in (".safetensors", ".json") and f.name != MANIFEST \
                 and f.name not in files:
             raise CheckpointError(f"exported model {p} is corrupt: {f.name} is not listed in "
                                   "manifest.json")
-    try:
-        cfg = RunConfig.from_dict(_read_json(p, "config.json"))
-    except ConfigError as e:
-        raise CheckpointError(f"exported model {p} has an invalid config: {e}") from None
-    if manifest.get("family") != cfg.model.family:
-        raise CheckpointError(f"exported model {p} is inconsistent: manifest family "
-                              f"{manifest.get('family')!r}, config family {cfg.model.family!r}")
-    if expect_family is not None and cfg.model.family != expect_family:
-        raise CheckpointError(f"exported model {p} holds a {cfg.model.family!r} model, "
-                              f"expected {expect_family!r}")
+    cfg = verified_config(p, manifest, expect_family, what="exported model")
     try:
         state = load_file(str(p / "model.safetensors"), device="cpu")
     except (SafetensorError, OSError) as e:

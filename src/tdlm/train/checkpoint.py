@@ -280,6 +280,36 @@ def verify_files(p: Path, files: dict, what: str = "checkpoint") -> None:
                                   "(truncated or modified)")
 
 
+def verified_manifest_files(p: Path, manifest: dict, required, what: str = "checkpoint") -> dict:
+    """The ``relative path -> sha256`` list of a manifest, after checking that it lists every
+    ``required`` file and that every listed file matches its hash (:func:`verify_files`)."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{what} {p} has a corrupt manifest.json (no file list)")
+    for rel in required:
+        if rel not in files:
+            raise CheckpointError(f"{what} {p} is incomplete: manifest.json does not list {rel}")
+    verify_files(p, files, what=what)
+    return files
+
+
+def verified_config(p: Path, manifest: dict, expect_family: Optional[str] = None,
+                    what: str = "checkpoint") -> RunConfig:
+    """The RunConfig in ``p/config.json`` (already hash-verified), checked against the
+    manifest's family and ``expect_family``."""
+    try:
+        cfg = RunConfig.from_dict(_read_json(p, "config.json"))
+    except ConfigError as e:
+        raise CheckpointError(f"{what} {p} has an invalid config: {e}") from None
+    if manifest.get("family", cfg.model.family) != cfg.model.family:
+        raise CheckpointError(f"{what} {p} is inconsistent: manifest family "
+                              f"{manifest.get('family')!r}, config family {cfg.model.family!r}")
+    if expect_family is not None and cfg.model.family != expect_family:
+        raise CheckpointError(f"{what} {p} holds a {cfg.model.family!r} model, "
+                              f"expected {expect_family!r}")
+    return cfg
+
+
 def load_checkpoint(path: str | Path, expect_family: Optional[str] = None,
                     map_location: str = "cpu") -> Checkpoint:
     """Load and verify a checkpoint. Raises CheckpointError (one line) when it is missing,
@@ -298,29 +328,14 @@ def load_checkpoint(path: str | Path, expect_family: Optional[str] = None,
             raise CheckpointError(f"{p} is an exported model ({fmt}), not a training checkpoint: "
                                   "load it with tdlm.load or tdlm.from_pretrained")
         raise CheckpointError(f"{p} is not a {FORMAT} checkpoint (format {fmt!r})")
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise CheckpointError(f"checkpoint {p} has a corrupt manifest.json (no file list)")
-    for rel in REQUIRED:
-        if rel not in files:
-            raise CheckpointError(f"checkpoint {p} is incomplete: manifest.json does not list {rel}")
-    verify_files(p, files)
+    files = verified_manifest_files(p, manifest, REQUIRED)
     # files the loader reads when present must be covered by the manifest too
     for f in sorted(p.rglob("*")):
         rel = f.relative_to(p).as_posix()
         if f.is_file() and rel not in files and (rel in OPTIONAL or rel.startswith("extra/")):
             raise CheckpointError(f"checkpoint {p} is corrupt: {rel} is not listed in "
                                   "manifest.json (added after the checkpoint was written)")
-    try:
-        cfg = RunConfig.from_dict(_read_json(p, "config.json"))
-    except ConfigError as e:
-        raise CheckpointError(f"checkpoint {p} has an invalid config: {e}") from None
-    if manifest.get("family", cfg.model.family) != cfg.model.family:
-        raise CheckpointError(f"checkpoint {p} is inconsistent: manifest family "
-                              f"{manifest.get('family')!r}, config family {cfg.model.family!r}")
-    if expect_family is not None and cfg.model.family != expect_family:
-        raise CheckpointError(f"checkpoint {p} holds a {cfg.model.family!r} model, "
-                              f"expected {expect_family!r}")
+    cfg = verified_config(p, manifest, expect_family)
     try:
         model_state = load_file(str(p / "model.safetensors"), device=map_location)
         ema = (load_file(str(p / "ema.safetensors"), device=map_location)
