@@ -62,9 +62,11 @@ def cmd_train(args) -> int:
     else:
         cfg = _config_from_args(args)
     res = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    print(f"trained to step {res.step}; run folder: {res.run_dir}")
-    if res.final_checkpoint:
-        print(f"checkpoint: {res.final_checkpoint}")
+    import os
+    if os.environ.get("RANK", "0") == "0":   # under torchrun only rank 0 reports
+        print(f"trained to step {res.step}; run folder: {res.run_dir}")
+        if res.final_checkpoint:
+            print(f"checkpoint: {res.final_checkpoint}")
     return 0
 
 
@@ -286,7 +288,6 @@ def cmd_run(args) -> int:
     print("\n[tdlm] validation (same batches, same noise seed):")
     print(f"  {'preset':<12}{'family':<7}{'params':>12}{'NELBO/token':>13}{'ppl <=':>11}{'bits/token':>12}")
     from .nn.dit import count_parameters
-    import torch
     from .api import load
     summary = {}
     for name, (cfg, ev, recs) in rows.items():
@@ -386,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_scheduling_parsers(sub)
+    from .bench_cli import add_bench_parser
+    add_bench_parser(sub)      # `tdlm bench {params,memory,speed,quality}`
     return ap
 
 
