@@ -212,7 +212,7 @@ def write_report(rows: list, a, command: str) -> None:
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("missing"):
-            L.append(f"| {r['name']} | {r['group']} | (not finished) | | | | | | | | | | | |")
+            L.append(f"| {r['name']} | {r['group']} | (not run at this budget, or unfinished) | | | | | | | | | | | |")
             continue
         vs = (f"{100.0 * (r['nelbo_per_token'] / by['mdlm']['nelbo_per_token'] - 1):+.2f}%"
               if "mdlm" in by else "")
