@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shlex
 import subprocess
@@ -134,24 +133,8 @@ def run_one(model: str, regime: str, batch: int, steps: int, threads: int) -> di
 
 
 def machine() -> dict:
-    import torch
-    d = {"platform": platform.platform(), "python": platform.python_version(),
-         "torch": torch.__version__, "cpu_count": os.cpu_count(),
-         "cuda": torch.cuda.is_available()}
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                d["cpu"] = line.split(":", 1)[1].strip()
-                break
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                d["mem_total"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if d["cuda"]:
-        d["gpu"] = torch.cuda.get_device_name(0)
-    return d
+    from tdlm.utils import machine_info
+    return machine_info()
 
 
 def _mib(b):

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -116,17 +115,8 @@ def run_suite(a) -> None:
 
 
 def machine() -> dict:
-    import torch
-    d = {"platform": platform.platform(), "python": platform.python_version(),
-         "torch": torch.__version__, "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available()}
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                d["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return d
+    from tdlm.utils import machine_info
+    return machine_info()
 
 
 def collect(a) -> list:

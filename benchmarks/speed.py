@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -50,28 +49,8 @@ SEQ_LEN = 512
 
 
 def machine(threads: int) -> dict:
-    import torch
-    d = {"platform": platform.platform(), "python": platform.python_version(),
-         "torch": torch.__version__, "cpu_count": os.cpu_count(), "threads": threads,
-         "cuda": torch.cuda.is_available()}
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                d["cpu"] = line.split(":", 1)[1].strip()
-                break
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                d["mem_total"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if d["cuda"]:
-        d["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        d["load_average_at_start"] = os.getloadavg()
-    except OSError:
-        pass
-    return d
+    from tdlm.utils import machine_info
+    return machine_info(threads)
 
 
 def _sync(device) -> None:
