@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from tdlm.cli import build_parser, main
+from text_corpus import write_corpus as _write_corpus
 
 WORDS = ("the a one two small large red green river stone house garden quickly slowly "
          "walks runs sees finds under over near behind with and but because today "
@@ -26,13 +26,7 @@ WORDS = ("the a one two small large red green river stone house garden quickly s
 
 
 def write_corpus(folder: Path, n_docs: int = 24, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
-                 for _ in range(rng.randint(15, 30))]
-        (folder / f"doc{i:02d}.txt").write_text(" ".join(sents) + "\n", encoding="utf-8")
-    return folder
+    return _write_corpus(folder, n_docs, seed, words=WORDS)
 
 
 def tiny_sets(corpus: Path, cache: Path, *extra: str) -> list[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
@@ -18,20 +17,7 @@ from tdlm.data.tokenizer import gpt2_tokenizer
 from tdlm.errors import ConfigError
 from tdlm.eval.genppl import (generative_perplexity, load_judge, unigram_entropy,
                               vocab_ids_hash)
-
-WORDS = ("the a one two small large red green river stone house garden quickly slowly walks "
-         "runs sees finds under over near behind with and but because bird fish tree").split()
-
-
-def write_corpus(folder: Path, n_docs: int = 24, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize()
-                 + "." for _ in range(rng.randint(15, 30))]
-        (folder / f"doc{i:02d}.txt").write_text(" ".join(sents) + "\n", encoding="utf-8")
-    return folder
-
+from text_corpus import write_corpus
 
 def tiny_sets(corpus, cache, *extra):
     sets = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.cond_dim=16",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from tdlm.sampling.loop import ForwardLog
 from tdlm.scheduling import ScheduledSampler, parse_schedule, resolve_schedule
 from tdlm.scheduling.schedule import Schedule, split_even
 from tdlm.tree import VocabTree
+from text_corpus import write_corpus
 
 
 # ---- schedules ---------------------------------------------------------------------------------
@@ -311,20 +311,6 @@ def test_sandwich_250_of_1000_saves_16_7_percent_block_flops():
 
 
 # ---- command line -------------------------------------------------------------------------------
-WORDS = ("the a one two small large red green river stone house garden quickly slowly walks "
-         "runs sees finds under over near behind with and but because bird fish tree").split()
-
-
-def write_corpus(folder: Path, n_docs: int = 24, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize()
-                 + "." for _ in range(rng.randint(15, 30))]
-        (folder / f"doc{i:02d}.txt").write_text(" ".join(sents) + "\n", encoding="utf-8")
-    return folder
-
-
 def tiny_sets(corpus, cache, *extra):
     sets = ["model.d_model=32", "model.n_heads=2", "model.cond_dim=16", "model.max_seq_len=32",
             "data.seq_len=32", "data.tokenizer=bpe-512", f"data.source={corpus}",
