@@ -127,39 +127,20 @@ def _sample(ckpt_path: str, num: int, steps: int, seed: int, temperature: float,
             steps_split: str | None = None, trajectory: bool = False,
             prompt: str | None = None) -> tuple[list, Path]:
     from .api import load
-    if steps <= 0:
-        raise ConfigError(f"--steps must be >= 1, got {steps}")
-    if num <= 0:
-        raise ConfigError(f"--num must be >= 1, got {num}")
-    if seq_len is not None and seq_len <= 0:
-        raise ConfigError(f"--seq-len must be >= 1, got {seq_len}")
-    if not temperature > 0:
-        raise ConfigError(f"--temperature must be > 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
+    from .sampling.options import check_sample_args, encode_prompt, parse_steps_split
+    check_sample_args(steps, num, seq_len, temperature, top_p)
     pipe = load(ckpt_path)
     if seq_len and seq_len > pipe.cfg.model.max_seq_len:
         raise TdlmError(f"--seq-len {seq_len} exceeds the model's max_seq_len "
                         f"{pipe.cfg.model.max_seq_len}")
     extra = {}
     if steps_split:
-        if pipe.cfg.model.family != "tdlm":
-            raise ConfigError("--steps-split applies to tdlm (tree) models only")
-        try:
-            parts = [int(v) for v in steps_split.split(",")]
-        except ValueError:
-            raise ConfigError(f"--steps-split {steps_split!r}: expected integers like 64,64") from None
-        extra["steps_split"] = parts[::-1]      # given root-to-leaf; the family indexes by height
-        pipe.family.steps_per_level(steps, extra["steps_split"])   # validates
+        extra["steps_split"] = parse_steps_split(steps_split, pipe.cfg, pipe.family, steps)
     is_did = pipe.cfg.model.family == "did"
     if trajectory and not is_did:
         raise ConfigError("--trajectory applies to did (insertion) models only")
     if prompt is not None:
-        p_ids = pipe.tokenizer.encode(prompt)
-        if not p_ids:
-            raise ConfigError("--prompt encodes to no tokens")
-        import torch
-        extra["prefix"] = torch.tensor([p_ids] * num)
+        extra["prefix"] = encode_prompt(pipe.tokenizer, prompt, num)
     traj = [] if trajectory else None
     stats: dict = {}
     if is_did:

@@ -75,30 +75,16 @@ def sample_scheduled(paths: dict, num: int, steps: int, seed: int = 0, temperatu
     forward calls, FLOPs and savings, wall-clock). Returns (records, path, meta)."""
     from ..eval.genppl import vocab_ids_hash
     from ..train.checkpoint import atomic_write_text
+    from ..sampling.options import check_sample_args, encode_prompt, parse_steps_split
     from .sampler import load_scheduled, prefixes_from_validation
-    if steps <= 0:
-        raise ConfigError(f"--steps must be >= 1, got {steps}")
-    if num <= 0:
-        raise ConfigError(f"--num must be >= 1, got {num}")
-    if seq_len is not None and seq_len <= 0:
-        raise ConfigError(f"--seq-len must be >= 1, got {seq_len}")
-    if not temperature > 0:
-        raise ConfigError(f"--temperature must be > 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
+    check_sample_args(steps, num, seq_len, temperature, top_p)
     if prefix_from_val is not None and prefix_from_val < 1:
         raise ConfigError(f"--prefix-from-val must be >= 1, got {prefix_from_val}")
     sampler = load_scheduled(paths, device=device)
     cfg = sampler.cfg
     split = None
     if steps_split:
-        if cfg.model.family != "tdlm":
-            raise ConfigError("--steps-split applies to tdlm (tree) models only")
-        try:
-            split = [int(v) for v in steps_split.split(",")][::-1]   # given root-to-leaf
-        except ValueError:
-            raise ConfigError(f"--steps-split {steps_split!r}: expected integers like 64,64") from None
-        sampler.primary.family.steps_per_level(steps, split)          # validates
+        split = parse_steps_split(steps_split, cfg, sampler.primary.family, steps)
     if schedule is None and len(paths) > 1:
         raise ConfigError(f"{len(paths)} models given: choose a --schedule, e.g. sandwich:0.25")
     if schedule is None:
@@ -109,11 +95,7 @@ def sample_scheduled(paths: dict, num: int, steps: int, seed: int = 0, temperatu
     if prompt is not None and prefix_from_val is not None:
         raise ConfigError("give either --prompt or --prefix-from-val, not both")
     if prompt is not None:
-        import torch
-        p_ids = sampler.tokenizer.encode(prompt)
-        if not p_ids:
-            raise ConfigError("--prompt encodes to no tokens")
-        kw["prefix"] = torch.tensor([p_ids] * num)
+        kw["prefix"] = encode_prompt(sampler.tokenizer, prompt, num)
     if prefix_from_val is not None:
         if seq_len is not None and seq_len != cfg.data.seq_len:
             raise ConfigError("--prefix-from-val samples at the model's seq_len; drop --seq-len")
