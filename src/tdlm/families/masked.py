@@ -32,7 +32,7 @@ import torch.nn as nn
 from ..config import RunConfig
 from ..nn.dit import DiT, FinalLayer
 from ..sampling.gumbel import adjust_logits
-from ..sampling.loop import AncestralLoop, ForwardLog, Step, reverse_step, single_plan
+from ..sampling.loop import AncestralLoop, ForwardLog, Step, reverse_step, resolve_plan
 from ..schedules import get_schedule, sample_times
 from .base import Family, LossTerms, model_device, register
 
@@ -152,12 +152,8 @@ class MaskedDiffusion(Family):
         z = torch.full((num, seq_len), self.mask_id, dtype=torch.long, device=device)
         if prefix is not None:
             z[:, :prefix.shape[1]] = prefix.to(device)
-        if models is None:
-            models, plan = single_plan(model, steps)
-        if len(plan) != steps:
-            raise ValueError(f"plan has {len(plan)} entries for {steps} steps")
-        tc = time_conditioned or {}
-        reuse = {n: cache and not tc.get(n, self.cfg.model.time_conditioning) for n in models}
+        models, plan, reuse = resolve_plan(model, steps, models, plan, time_conditioned, cache,
+                                           self.cfg.model.time_conditioning)
         t_last = float(torch.linspace(1.0, t_min, steps + 1, dtype=torch.float64)[-1])
 
         def predict(m, zz, st):

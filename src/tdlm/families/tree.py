@@ -48,7 +48,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..nn.dit import DiT, FinalLayer
 from ..sampling.gumbel import adjust_logits
-from ..sampling.loop import AncestralLoop, ForwardLog, Step, single_plan
+from ..sampling.loop import AncestralLoop, ForwardLog, Step, resolve_plan
 from ..schedules import get_schedule, sample_times
 from .base import Family, LossTerms, model_device, register
 
@@ -316,12 +316,8 @@ class TreeDiffusion(Family):
         if prefix is not None:
             z[:, :prefix.shape[1]] = prefix.to(device)
         height = self.height.to(device)
-        if models is None:
-            models, plan = single_plan(model, steps)
-        if len(plan) != steps:
-            raise ValueError(f"plan has {len(plan)} entries for {steps} steps")
-        tc = time_conditioned or {}
-        reuse = {n: cache and not tc.get(n, self.cfg.model.time_conditioning) for n in models}
+        models, plan, reuse = resolve_plan(model, steps, models, plan, time_conditioned, cache,
+                                           self.cfg.model.time_conditioning)
 
         def predict(m, zz, st):
             hv = torch.full((num,), st.phase, device=device)

@@ -122,3 +122,20 @@ class AncestralLoop:
 def single_plan(model: torch.nn.Module, n: int, name: str = "model") -> tuple[dict, list]:
     """``(models, plan)`` for plain sampling with one model over ``n`` step indices."""
     return {name: model}, [name] * n
+
+
+def resolve_plan(model: torch.nn.Module, steps: int, models: Optional[dict],
+                 plan: Optional[list], time_conditioned: Optional[dict], cache: bool,
+                 default_time_conditioned: bool) -> tuple[dict, list, dict]:
+    """``(models, plan, reuse)`` for a sampler call: one model (``single_plan``) unless
+    ``models``/``plan`` schedule several; ``plan`` must name a model per step; ``reuse[name]``
+    says whether that model's prediction may be cached while nothing changes (only when
+    ``cache`` and the model is not time-conditioned; ``time_conditioned`` overrides the
+    config's ``default_time_conditioned`` per name)."""
+    if models is None:
+        models, plan = single_plan(model, steps)
+    if len(plan) != steps:
+        raise ValueError(f"plan has {len(plan)} entries for {steps} steps")
+    tc = time_conditioned or {}
+    reuse = {n: cache and not tc.get(n, default_time_conditioned) for n in models}
+    return models, plan, reuse
