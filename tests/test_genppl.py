@@ -19,6 +19,7 @@ from tdlm.eval.genppl import (generative_perplexity, load_judge, unigram_entropy
                               vocab_ids_hash)
 from text_corpus import write_corpus
 
+
 def tiny_sets(corpus, cache, *extra):
     sets = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.cond_dim=16",
             "model.max_seq_len=32", "data.seq_len=32", "data.tokenizer=bpe-512",
