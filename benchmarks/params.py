@@ -7,8 +7,8 @@ K, H (frequency-sorted, same node count as a k-means tree) fixes the node-embedd
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from tdlm.config import get_preset
@@ -51,4 +51,8 @@ def main(out_dir: str = "benchmarks/results") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out_dir", nargs="?", default="benchmarks/results",
+                    help="folder for params.json and params.md")
+    main(ap.parse_args().out_dir)

@@ -35,13 +35,13 @@ def test_bench_params_writes_json(tmp_path, capsys):
     assert (tmp_path / "params.md").exists()
 
 
-def test_bench_params_help_does_not_run(tmp_path, capsys, monkeypatch):
-    """params.py has no option parser: --help shows its docstring instead of running it."""
+def test_bench_params_help_does_not_run(tmp_path, capfd, monkeypatch):
+    """--help reaches params.py's own option parser: it shows the docstring, writes nothing."""
     if bench_cli.benchmarks_dir() is None:
         pytest.skip("no benchmarks/ folder (not a source checkout)")
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "params", "--help"]) == 0
-    assert "Parameter budget" in capsys.readouterr().out
+    assert "Parameter budget" in capfd.readouterr().out
     assert not any(tmp_path.iterdir())
 
 

@@ -17,7 +17,6 @@ exit status 2.
 from __future__ import annotations
 
 import argparse
-import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -44,13 +43,6 @@ def benchmarks_dir() -> Path | None:
     return None
 
 
-def _script_doc(path: Path) -> str:
-    try:
-        return ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
-    except (OSError, SyntaxError):
-        return ""
-
-
 def cmd_bench(args) -> int:
     """Run ``benchmarks/<script>`` with the pass-through arguments; returns its exit status."""
     script_name = args.bench_script
@@ -59,13 +51,7 @@ def cmd_bench(args) -> int:
         raise TdlmError(f"benchmarks/{script_name} not found: `tdlm bench` needs the source "
                         "checkout (pip install -e <repo>); this installation has no benchmarks/ folder")
     script = bdir / script_name
-    rest = list(args.bench_args)
-    if any(x in ("-h", "--help") for x in rest) and "argparse" not in script.read_text(encoding="utf-8"):
-        # scripts without an option parser would treat --help as a value: show their docstring
-        print(f"usage: tdlm bench {args.bench} [ARGS...]   (runs {script})\n")
-        print(_script_doc(script))
-        return 0
-    return subprocess.run([sys.executable, str(script), *rest]).returncode
+    return subprocess.run([sys.executable, str(script), *args.bench_args]).returncode
 
 
 class _PassThrough(argparse.ArgumentParser):
