@@ -22,7 +22,7 @@ from typing import Iterable, Optional, Sequence
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 
 EOT = "<|endoftext|>"
 MASK_TEXT = "[MASK]"
@@ -138,13 +138,40 @@ def _byte_level(hf: HFTokenizer) -> HFTokenizer:
     return hf
 
 
+GPT2_N_MERGES = 50_000
+
+
+def _gpt2_merges(text: str, vocab: dict) -> list[tuple[str, str]]:
+    """The merges of a GPT-2 ``vocab.bpe`` file, in rank order.
+
+    Only the first line is dropped, and only when it is the ``#version`` header: merges may
+    themselves start with ``#`` (``# #``, ``## ##``, ``#$ #$``, ...), so skipping every line
+    that starts with ``#`` would lose real merges ("##" would encode to two tokens)."""
+    lines = text.split("\n")
+    first = 1 if lines and lines[0].startswith("#version") else 0
+    merges: list[tuple[str, str]] = []
+    for n, line in enumerate(lines[first:], first + 1):      # n: 1-based line number
+        if not line:
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2 or not all(parts):
+            raise DataError(f"gpt2-vocab.bpe line {n} is not a merge of two tokens: {line!r}")
+        a, b = parts
+        if a not in vocab or b not in vocab or a + b not in vocab:
+            raise DataError(f"gpt2-vocab.bpe line {n}: merge {line!r} uses or makes a token "
+                            "missing from gpt2-encoder.json")
+        merges.append((a, b))
+    if len(merges) != GPT2_N_MERGES:
+        raise DataError(f"gpt2-vocab.bpe holds {len(merges)} merges, expected {GPT2_N_MERGES}")
+    return merges
+
+
 def gpt2_tokenizer() -> Tokenizer:
     """GPT-2's tokenizer from the vendored files ("Hello world" -> [15496, 995])."""
     with gzip.open(os.path.join(ASSETS, "gpt2-encoder.json.gz"), "rt", encoding="utf-8") as f:
         vocab = json.load(f)
     with gzip.open(os.path.join(ASSETS, "gpt2-vocab.bpe.gz"), "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    merges = [tuple(line.split(" ")) for line in lines[1:] if line and not line.startswith("#")]
+        merges = _gpt2_merges(f.read(), vocab)
     hf = _byte_level(HFTokenizer(models.BPE(vocab=vocab, merges=merges)))
     hf.add_special_tokens([AddedToken(EOT, special=True)])
     return Tokenizer(hf, "gpt2")
