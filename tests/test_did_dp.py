@@ -255,3 +255,24 @@ def test_edge_cases_and_sentinels():
     # xt not a subsequence of x0: no targets, log N = -inf
     tg = insertion_targets(pad([[1, 2], [1, 2]]), torch.tensor([2, 2]), pad([[2, 1], [2]]), torch.tensor([2, 1]))
     assert tg.seq.tolist() == [1] and tg.log_count[0] == float("-inf")
+
+
+def test_linear_space_beyond_float64_is_refused_not_silently_wrong():
+    """All-equal tokens: N(xt, x0) = C(m, n) exactly. C(1200, 600) = e^828.4 is past float64:
+    forced linear space must raise, the default switches to log space and is exact."""
+    import math
+    from tdlm.did.dp import insertion_targets, log_count
+    m, n = 1200, 600
+    x0 = torch.full((1, m), 3)
+    xt = torch.full((1, n), 3)
+    M, N = torch.tensor([m]), torch.tensor([n])
+    exact = math.lgamma(m + 1) - math.lgamma(n + 1) - math.lgamma(m - n + 1)
+    assert exact > 709.8
+    with pytest.raises(ValueError, match="log_space=False"):
+        log_count(x0, M, xt, N, log_space=False)
+    with pytest.raises(ValueError, match="log_space=False"):
+        insertion_targets(x0, M, xt, N, log_space=False)
+    got = float(log_count(x0, M, xt, N))
+    assert abs(got - exact) < 1e-6 * exact
+    tg = insertion_targets(x0, M, xt, N, dtype=torch.float64)
+    assert torch.isfinite(tg.rho).all() and torch.isfinite(tg.log_count).all()

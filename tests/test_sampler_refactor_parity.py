@@ -1,9 +1,12 @@
 """The shared ancestral loop (``tdlm.sampling.loop``) reproduces the samplers it replaced.
 
 ``old_mdlm_sample`` and ``old_tdlm_sample`` are the MDLM and TDLM sampling loops exactly as they
-were before the loop was factored out (commit b910512). At the same seed the families'
-current ``sample`` must give the same tokens and make the same forward calls (caching on/off,
-time-conditioned or not, nucleus, temperature, prefix, uneven TDLM level splits)."""
+were before the loop was factored out (commit b910512), updated only for the conventions that
+issue "Trustworthy numbers" changed on purpose: the time input is ``Schedule.time_input``
+(float64), TDLM's top window keeps the schedule's eps (``alpha_local(u, h)``), and TDLM's finest
+window ends at t_min = 1e-5 followed by MDLM's argmax noise removal. At the same seed the
+families' current ``sample`` must give the same tokens and make the same forward calls (caching
+on/off, time-conditioned or not, nucleus, temperature, prefix, uneven TDLM level splits)."""
 import numpy as np
 import pytest
 import torch
@@ -27,7 +30,7 @@ def old_mdlm_sample(fam, model, num, seq_len, steps, generator, temperature=1.0,
     for k in range(steps):
         t, s = ts[k], ts[k + 1]
         if logp is None:
-            sigma = fam.schedule.sigma(torch.full((num,), float(t)))
+            sigma = fam.schedule.time_input(torch.full((num,), float(t), dtype=torch.float64))
             logits = model(z, sigma)
             if on_forward:
                 on_forward(k)
@@ -44,7 +47,7 @@ def old_mdlm_sample(fam, model, num, seq_len, steps, generator, temperature=1.0,
         z = z_new
     if noise_removal and (z == fam.mask_id).any():
         if logp is None:
-            sigma = fam.schedule.sigma(torch.full((num,), float(ts[-1])))
+            sigma = fam.schedule.time_input(torch.full((num,), float(ts[-1]), dtype=torch.float64))
             logits = model(z, sigma)
             if on_forward:
                 on_forward(steps)
@@ -54,7 +57,7 @@ def old_mdlm_sample(fam, model, num, seq_len, steps, generator, temperature=1.0,
 
 
 def old_tdlm_sample(fam, model, num, seq_len, steps, generator, temperature=1.0, top_p=1.0,
-                    steps_split=None, cache=True, prefix=None, on_forward=None):
+                    steps_split=None, cache=True, prefix=None, on_forward=None, t_min=1e-5):
     z = torch.full((num, seq_len), fam.root, dtype=torch.long)
     if prefix is not None:
         z[:, :prefix.shape[1]] = prefix
@@ -62,20 +65,21 @@ def old_tdlm_sample(fam, model, num, seq_len, steps, generator, temperature=1.0,
     n = fam.steps_per_level(steps, steps_split)
     reuse_ok = cache and not fam.cfg.model.time_conditioning
     k_global = 0
+    logp = None
     for lv in range(fam.H - 1, -1, -1):
-        us = torch.linspace(1.0, 0.0, n[lv] + 1, dtype=torch.float64)
+        us = torch.linspace(1.0, t_min if lv == 0 else 0.0, n[lv] + 1, dtype=torch.float64)
         hv = torch.full((num,), lv)
         logp = None
         for j in range(n[lv]):
             noised = height[z] == lv + 1
             if logp is None:
-                sigma = fam.sigma_input(hv, torch.full((num,), float(us[j]), dtype=torch.float64))
+                sigma = fam.time_input(hv, torch.full((num,), float(us[j]), dtype=torch.float64))
                 logits = model(z, sigma, hv)
                 if on_forward:
                     on_forward(k_global)
                 logp = adjust_logits(logits.double(), temperature, top_p)
-            a_t = float(fam.alpha_local(us[j]))
-            a_s = float(fam.alpha_local(us[j + 1]))
+            a_t = float(fam.alpha_local(us[j], lv))
+            a_s = float(fam.alpha_local(us[j + 1], lv))
             move, choice = reverse_step(noised, logp, (a_s - a_t) / (1 - a_t), generator)
             if move.any():
                 z = z.clone()
@@ -83,6 +87,16 @@ def old_tdlm_sample(fam, model, num, seq_len, steps, generator, temperature=1.0,
             if move.any() or not reuse_ok:
                 logp = None
             k_global += 1
+    last = height[z] == 1
+    if last.any():                                   # noise removal, as MDLM's
+        if logp is None:
+            hv = torch.zeros(num, dtype=torch.long)
+            sigma = fam.time_input(hv, torch.full((num,), t_min, dtype=torch.float64))
+            logp = adjust_logits(model(z, sigma, hv).double(), temperature, top_p)
+            if on_forward:
+                on_forward(k_global)
+        z = z.clone()
+        z[last] = model.child(z[last], logp[last].argmax(-1))
     return z
 
 

@@ -269,7 +269,7 @@ def test_forward_flops_matches_flop_counter():
     with FlopCounterMode(display=False) as fc:
         m(torch.randint(0, 50, (B, L)), torch.rand(B))
     f = model_forward_flops(m, [L] * B)
-    d, c, n, r, V1 = 32, 8, 3, 4, 51
+    d, c, n, r, V1 = 32, 8, 3, 4, 50        # the head computes V outputs ([MASK] row never)
     attention = n * 4 * d * B * L * L                    # SDPA is not counted by FlopCounterMode
     biases = (n * (2 * (r * d + d) * B * L + 2 * 6 * d * B)     # MLP + adaLN biases
               + 2 * V1 * B * L + 2 * 2 * d * B + 2 * 2 * c * B)  # head, final adaLN, time MLP

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import tdlm.families.masked as masked_mod
 from tdlm.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig
 from tdlm.families import get_family
 from tdlm.families.tree import TreeDiffusion, level_windows
@@ -28,59 +27,83 @@ def small_tree():
     return VocabTree.from_assignment([np.array([0, 0, 0, 1, 1, 2]), np.array([0, 0, 0])], K=3).validate()
 
 
-class SharedNet(torch.nn.Module):
-    """One network seen by both families: MDLM gets [B, L, V+1] logits; TDLM (one-level tree)
-    gets the first V columns, i.e. rank r = token r."""
-
-    def __init__(self, mdlm_model, tree_model):
-        super().__init__()
-        self.m = mdlm_model
-        self.t = tree_model
-
-    def forward(self, z, sigma=None, level=None):
-        out = self.m(z, None)
-        return out if level is None else out[..., :self.t.K]
-
-    def features(self, z, sigma):
-        return self.m(z, None)[..., :self.t.K]
-
-    def logits_from_features(self, feats, z, level):
-        return feats.float().masked_fill(~self.t.child_mask(z), float("-inf"))
-
-    def child(self, node, r):
-        return self.t.child(node, r)
-
-
-@pytest.fixture
-def parity(monkeypatch):
-    V, L = 11, 7
-    torch.manual_seed(0)
-    mdlm = get_family(cfg_for("mdlm", V, L))
-    mdlm.schedule = LogLinear(eps=0.0)            # alpha_t = 1 - t, the one-level tree's schedule
-    monkeypatch.setattr(masked_mod, "EVAL_T_MIN", 0.0)
-    tdlm = TreeDiffusion(cfg_for("tdlm", V, L, H=1, K=V), tree=VocabTree.one_level(V))
-    mm = mdlm.build_model()
-    for p in mm.parameters():                     # non-trivial outputs
+def mapped_pair(V, L, T=0, seed=0, **diff):
+    """An MDLM and a one-level TDLM (H=1, K=V) with the presets' defaults (eps = 1e-3,
+    log-linear, time-conditioned, default t_min) and the same weights: the TDLM's embedding has
+    the same V+1 rows (root = [MASK]) and its K=V head is MDLM's head without the [MASK] row."""
+    mdlm = get_family(cfg_for("mdlm", V, L, T=T, time_cond=True, **diff))
+    tdlm = TreeDiffusion(cfg_for("tdlm", V, L, H=1, K=V, T=T, time_cond=True, **diff),
+                         tree=VocabTree.one_level(V))
+    assert tdlm.root == mdlm.mask_id == V
+    torch.manual_seed(seed)
+    mm, tm = mdlm.build_model(), tdlm.build_model()
+    for p in mm.parameters():                     # non-trivial outputs (zero-init heads)
         torch.nn.init.normal_(p, std=0.3)
-    net = SharedNet(mm, tdlm.build_model())
-    return V, L, mdlm, tdlm, net
+    sd = mm.state_dict()
+    sd["head.linear.weight"] = sd["head.linear.weight"][:V].clone()
+    sd["head.linear.bias"] = sd["head.linear.bias"][:V].clone()
+    tm.load_state_dict(sd)
+    return mdlm, tdlm, mm.eval(), tm.eval()
 
 
-def test_one_level_tree_loss_equals_mdlm(parity):
-    V, L, mdlm, tdlm, net = parity
+@pytest.mark.parametrize("T", [0, 16])
+@pytest.mark.parametrize("exact", [True, False])
+def test_one_level_tree_loss_is_mdlm_bit_for_bit(T, exact):
+    """Under the defaults (eps = 1e-3, time-conditioned, default t_min): the same noise, time
+    input, weights and per-sequence NELBO, exactly (torch.equal), in training and evaluation."""
+    V, L = 11, 9
+    mdlm, tdlm, mm, tm = mapped_pair(V, L, T=T)
+    assert mdlm.cfg.diffusion.eps == 1e-3 and mdlm.cfg.model.time_conditioning
     x = torch.randint(0, V, (64, L), generator=torch.Generator().manual_seed(1))
-    a = mdlm.loss(lambda z, s: net(z), {"input_ids": x}, torch.Generator().manual_seed(7), exact=True)
-    b = tdlm.loss(net, {"input_ids": x}, torch.Generator().manual_seed(7), exact=True)
-    assert torch.allclose(a.nll, b.nll, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(b.parts["level_0"], b.nll)
+    with torch.no_grad():
+        a = mdlm.loss(mm, {"input_ids": x}, torch.Generator().manual_seed(7), exact=exact)
+        b = tdlm.loss(tm, {"input_ids": x}, torch.Generator().manual_seed(7), exact=exact)
+    assert torch.equal(a.nll, b.nll), (a.nll - b.nll).abs().max()
+    assert torch.equal(a.n_tokens, b.n_tokens)
+    assert torch.equal(b.parts["level_0"], b.nll)
+    assert a.nll.abs().sum() > 0
 
 
-def test_one_level_tree_sampler_equals_mdlm(parity):
-    V, L, mdlm, tdlm, net = parity
-    for steps in (1, 5, 32):
-        a = mdlm.sample(net, 16, L, steps, torch.Generator().manual_seed(3), t_min=0.0)
-        b = tdlm.sample(net, 16, L, steps, torch.Generator().manual_seed(3))
-        assert torch.equal(a, b), steps
+def test_one_level_tree_forward_process_is_mdlm():
+    V, L = 11, 9
+    mdlm, tdlm, _, _ = mapped_pair(V, L)
+    x = torch.randint(0, V, (256, L), generator=torch.Generator().manual_seed(2))
+    t, w = mdlm._times(256, torch.Generator().manual_seed(3), "cpu", exact=False)
+    h, u, w2 = tdlm._times(256, torch.Generator().manual_seed(3), "cpu", exact=False)
+    assert torch.equal(t, u) and torch.equal(w, w2) and (h == 0).all()
+    assert t.min() >= 1e-3                                  # MDLM's sampling_eps
+    z1 = mdlm.corrupt(x, t, torch.Generator().manual_seed(4))
+    z2, moved = tdlm.corrupt(x, h, u, torch.Generator().manual_seed(4))
+    assert torch.equal(z1, z2) and torch.equal(moved, z1 == V)
+    # masking probability (1 - eps) t, MDLM's, not t
+    p = mdlm.schedule.alpha(torch.tensor([1.0], dtype=torch.float64))
+    assert float(p) == pytest.approx(1e-3)
+    assert torch.equal(mdlm.schedule.time_input(t), tdlm.time_input(h, u))
+
+
+@pytest.mark.parametrize("steps", [1, 5, 32])
+def test_one_level_tree_sampler_is_mdlm(steps):
+    V, L = 11, 9
+    mdlm, tdlm, mm, tm = mapped_pair(V, L)
+    for seed in range(3):
+        a = mdlm.sample(mm, 16, L, steps, torch.Generator().manual_seed(seed))
+        b = tdlm.sample(tm, 16, L, steps, torch.Generator().manual_seed(seed))
+        assert torch.equal(a, b), (steps, seed, (a != b).float().mean())
+        assert (a < V).all()
+
+
+def test_time_input_is_the_schedules():
+    """One definition: MDLM feeds sigma(t) = -log alpha(t); a tree at local time u of level h
+    feeds h sigma(1) + sigma(u), continuous at window boundaries and increasing in t."""
+    fam = TreeDiffusion(cfg_for("tdlm", 6, 4, H=2, K=3, time_cond=True), tree=small_tree())
+    s1 = -math.log(1e-3)
+    u = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    lo = fam.time_input(torch.zeros(3, dtype=torch.long), u)
+    hi = fam.time_input(torch.ones(3, dtype=torch.long), u)
+    ref = torch.tensor([-math.log(1 - (1 - 1e-3) * v) for v in u.tolist()], dtype=torch.float64)
+    assert torch.allclose(lo.double(), ref, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(hi.double(), ref + s1, rtol=1e-6)
+    assert float(lo[-1]) == pytest.approx(float(hi[0]), rel=1e-6)
 
 
 def step_matrix(tree, fam, t, s):
@@ -95,8 +118,8 @@ def step_matrix(tree, fam, t, s):
         end = min(t, float(w[h + 1]))
         u0 = (cur - float(w[h])) / float(w[h + 1] - w[h])
         u1 = (end - float(w[h])) / float(w[h + 1] - w[h])
-        a0 = float(fam.alpha_local(torch.tensor(u0, dtype=torch.float64)))
-        a1 = float(fam.alpha_local(torch.tensor(u1, dtype=torch.float64)))
+        a0 = float(fam.alpha_local(torch.tensor(u0, dtype=torch.float64), h))
+        a1 = float(fam.alpha_local(torch.tensor(u1, dtype=torch.float64), h))
         M = torch.eye(N, dtype=torch.float64)
         p = 0.0 if a0 == 0 else (a0 - a1) / a0      # a node at height h jumps to its parent
         for n in tree.nodes_at_height(h):
@@ -154,8 +177,8 @@ def test_one_step_reverse_posterior():
     # empirical one-step transitions of the sampler's step
     n = 200000
     h = torch.zeros(1, dtype=torch.long)
-    a_t = float(fam.alpha_local(torch.tensor(t / 0.5, dtype=torch.float64)))
-    a_s = float(fam.alpha_local(torch.tensor(s / 0.5, dtype=torch.float64)))
+    a_t = float(fam.alpha_local(torch.tensor(t / 0.5, dtype=torch.float64), 0))
+    a_s = float(fam.alpha_local(torch.tensor(s / 0.5, dtype=torch.float64), 0))
     from tdlm.sampling.loop import reverse_step
     zz = torch.full((n, 1), node)
     logp = torch.log_softmax(model(zz[:1], torch.zeros(1), h).double(), -1).expand(n, 1, 3)
@@ -172,7 +195,10 @@ def test_discrete_tree_nelbo_bounds_exact_path_likelihood():
     tree = small_tree()
     L, per_level = 2, 2
     T = per_level * tree.H
-    fam = TreeDiffusion(cfg_for("tdlm", 6, L, H=2, K=3, T=T, time_cond=True), tree=tree)
+    # eps = 1e-12: the omitted prior term (alpha(1) = eps at the top, as in MDLM) is negligible,
+    # so the exact reverse chain from all-root is the chain the NELBO bounds
+    fam = TreeDiffusion(cfg_for("tdlm", 6, L, H=2, K=3, T=T, time_cond=True, eps=1e-12),
+                        tree=tree)
     model = fam.build_model().double()
     torch.manual_seed(1)
     for p in model.parameters():
@@ -182,7 +208,7 @@ def test_discrete_tree_nelbo_bounds_exact_path_likelihood():
 
     def cond_logp(z, lv, u):
         zt = torch.tensor([z])
-        sig = fam.sigma_input(torch.tensor([lv]), torch.tensor([u], dtype=torch.float64))
+        sig = fam.time_input(torch.tensor([lv]), torch.tensor([u], dtype=torch.float64))
         return torch.log_softmax(model(zt, sig, torch.tensor([lv]))[0].double(), -1)   # [L, K]
 
     # exact likelihood of the discrete reverse chain: DP over joint states
@@ -193,8 +219,8 @@ def test_discrete_tree_nelbo_bounds_exact_path_likelihood():
             u_t, u_s = 1 - j / per_level, 1 - (j + 1) / per_level
             steps.append((lv, u_t, u_s))
     for lv, u_t, u_s in steps:
-        a_t = float(fam.alpha_local(torch.tensor(u_t, dtype=torch.float64)))
-        a_s = float(fam.alpha_local(torch.tensor(u_s, dtype=torch.float64)))
+        a_t = float(fam.alpha_local(torch.tensor(u_t, dtype=torch.float64), lv))
+        a_s = float(fam.alpha_local(torch.tensor(u_s, dtype=torch.float64), lv))
         pm = (a_s - a_t) / (1 - a_t)
         new = {}
         for z, pz in dist.items():
@@ -220,8 +246,8 @@ def test_discrete_tree_nelbo_bounds_exact_path_likelihood():
         """sum over steps of E_{z_t ~ q(.|x)} [coef * sum_i moved_i CE_i] by enumeration."""
         nelbo = 0.0
         for lv, u_t, u_s in steps:
-            a_t = float(fam.alpha_local(torch.tensor(u_t, dtype=torch.float64)))
-            a_s = float(fam.alpha_local(torch.tensor(u_s, dtype=torch.float64)))
+            a_t = float(fam.alpha_local(torch.tensor(u_t, dtype=torch.float64), lv))
+            a_s = float(fam.alpha_local(torch.tensor(u_s, dtype=torch.float64), lv))
             coef = (a_s - a_t) / (1 - a_t)
             for mv in itertools.product([0, 1], repeat=L):
                 pr = math.prod((1 - a_t) if m else a_t for m in mv)

@@ -125,8 +125,9 @@ class Pipeline:
             tot += terms.nll.sum().item()
             n += terms.n_tokens.sum().item()
         per_tok = tot / max(n, 1)
+        from .eval.nelbo import conventions
         return {"nelbo_per_token": per_tok, "ppl_bound": math.exp(min(per_tok, 700)),
-                "tokens": int(n / repeats)}
+                "tokens": int(n / repeats), **conventions(self.family)}
 
 
 def load_tokenizer(ckpt: Checkpoint):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from .errors import ConfigError
+from .schedules import EPS_MIN
 
 FAMILIES = ("mdlm", "ar", "tdlm", "did")
 SCHEDULES = ("loglinear", "linear", "cosine")
@@ -111,10 +112,20 @@ class DiffusionConfig:
     train_weight_clip: float = 0.0      # 0: exact weights; > 0 clips ELBO weights in training
     train_weighting: str = "elbo"       # elbo | simple (DID: drop the w(t) weight in training)
     keep_first: bool = False            # MDLM: position 0 (BOS) never masked nor counted (DID comparison)
+    # t ~ U(t_min, 1) (MDLM's sampling_eps): training, and the evaluation NELBO (MDLM: 1e-3)
+    train_t_min: float = 1e-3
+    eval_t_min: float = 1e-3
+    # crop_pad batches: training also models the padding positions (GIDD does); evaluation and
+    # every reported NELBO count real tokens only, whatever this says
+    train_on_padding: bool = False
 
     def __post_init__(self) -> None:
         _choice(self, "schedule", SCHEDULES)
-        _check(0.0 < self.eps < 0.5, "eps", f"must be in (0, 0.5), got {self.eps}")
+        _check(EPS_MIN <= self.eps < 0.5, "eps", f"must be in [{EPS_MIN:g}, 0.5), got {self.eps}")
+        for name in ("train_t_min", "eval_t_min"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and 0.0 <= v < 0.5, name,
+                   f"must be in [0, 0.5), got {v!r}")
         _check(isinstance(self.num_timesteps, int) and self.num_timesteps >= 0,
                "num_timesteps", f"must be an integer >= 0, got {self.num_timesteps!r}")
         _choice(self, "window_allocation", ("linear", "exponential"))
@@ -330,6 +341,8 @@ _OWT_TRAIN = dict(global_batch=512, lr=3e-4, warmup_steps=2500, max_steps=1_000_
 _GIDD_TRAIN = dict(global_batch=512, lr=5e-4, betas=(0.9, 0.99), weight_decay=0.02,
                    warmup_steps=10_000, lr_schedule="cosine", min_lr_ratio=0.1,
                    max_steps=500_000, precision="bf16", eval_every=10_000, ckpt_every=10_000)
+# GIDD trains on the padding of its crop+pad batches (evaluation excludes it).
+_GIDD_DIFFUSION = dict(train_on_padding=True)
 # CPU-scale training used by the README main job and the tests.
 _TINY_TRAIN = dict(global_batch=16, lr=1e-3, warmup_steps=50, max_steps=600, eval_every=200,
                    eval_batches=8, ckpt_every=200, log_every=10, ema=0.0)
@@ -352,7 +365,8 @@ PRESETS: dict[str, dict] = {
     # GIDD/TDLM setup baseline: L=512, BOS+text+EOS, crop+pad, GIDD optimiser.
     "mdlm-base": _preset(dict(family="mdlm", vocab_size=_GPT2, d_model=1024, n_layers=24, n_heads=16,
                               max_seq_len=512),
-                         dict(seq_len=512, layout="crop_pad", source="hf:openwebtext"), _GIDD_TRAIN),
+                         dict(seq_len=512, layout="crop_pad", source="hf:openwebtext"), _GIDD_TRAIN,
+                         _GIDD_DIFFUSION),
     "ar-small": _preset(dict(family="ar", vocab_size=_GPT2, d_model=768, n_layers=12, n_heads=12,
                              max_seq_len=1024, time_conditioning=False),
                         dict(seq_len=1024, layout="packed", source="hf:openwebtext"), _OWT_TRAIN),
@@ -360,10 +374,12 @@ PRESETS: dict[str, dict] = {
     # within 1% (tests/test_presets.py); H=2, K=512 [reported]; head < 0.5% of parameters.
     "tdlm-small": _preset(dict(family="tdlm", vocab_size=_GPT2, d_model=768, n_layers=17, n_heads=12,
                                max_seq_len=512, tree_K=512, tree_H=2),
-                          dict(seq_len=512, layout="crop_pad", source="hf:openwebtext"), _GIDD_TRAIN),
+                          dict(seq_len=512, layout="crop_pad", source="hf:openwebtext"), _GIDD_TRAIN,
+                          _GIDD_DIFFUSION),
     "tdlm-base": _preset(dict(family="tdlm", vocab_size=_GPT2, d_model=1024, n_layers=28, n_heads=16,
                               max_seq_len=512, tree_K=512, tree_H=2),
-                         dict(seq_len=512, layout="crop_pad", source="hf:openwebtext"), _GIDD_TRAIN),
+                         dict(seq_len=512, layout="crop_pad", source="hf:openwebtext"), _GIDD_TRAIN,
+                         _GIDD_DIFFUSION),
     # CPU presets: run in minutes on 2 cores with the bundled corpus.
     # tdlm-tiny has the parameter budget of tiny-gpt2 (13.9M): the V-way head's 6.4M
     # parameters become 26 more blocks.

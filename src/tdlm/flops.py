@@ -19,7 +19,7 @@ with d = d_model, r = mlp_ratio, c = cond_dim, n = n_layers, counting a multiply
 ``full = blocks + embedding + head + other``. Norms, softmax, rotary and activations
 (O(d) per token) are not counted. Training costs ``train_flops = 3 x forward`` (backward =
 2 x forward). Model-specific shapes come from :func:`model_head_and_embed`
-(MDLM: head_out = n_embed = V + 1; AR: V, V; TDLM: K (x H for per-level heads), tree nodes).
+(MDLM: head_out = V (the [MASK] row is never computed), n_embed = V + 1; AR: V, V; TDLM: K (x H for per-level heads), tree nodes).
 """
 from __future__ import annotations
 
@@ -70,14 +70,16 @@ def train_flops(model_cfg, lengths, head_out: int, n_embed: int) -> dict:
 
 def model_head_and_embed(model: torch.nn.Module) -> tuple[int, int]:
     """``(head_out, n_embed)`` of a library model: the output width of its head's linear
-    layer(s) (every ``nn.Linear`` under ``model.head`` except adaLN modulations) and the rows
+    layer(s) (``model.head_out`` when the model computes fewer outputs than its head holds,
+    else every ``nn.Linear`` under ``model.head`` except adaLN modulations) and the rows
     of its input embedding table."""
     head = getattr(model, "head", None)
     backbone = getattr(model, "backbone", None)
     if head is None or backbone is None:
         raise ValueError("FLOPs need a library model with .backbone and .head")
-    head_out = sum(m.out_features for name, m in head.named_modules()
-                   if isinstance(m, torch.nn.Linear) and "adaLN" not in name)
+    head_out = getattr(model, "head_out", None) or sum(
+        m.out_features for name, m in head.named_modules()
+        if isinstance(m, torch.nn.Linear) and "adaLN" not in name)
     return head_out, backbone.vocab_embed.num_embeddings
 
 

@@ -87,9 +87,17 @@ def _log_binom(m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 
 def _use_log(m, n, log_space: bool | None) -> bool:
-    if log_space is not None:
-        return log_space
-    return m.numel() > 0 and float(_log_binom(m, n).max()) >= LINEAR_MAX_LOG
+    """Log space when asked, or when a count may pass float64's range: every count is at most
+    C(m, n), so linear space is exact while log C(m, n) < LINEAR_MAX_LOG. Forcing linear space
+    beyond that is refused (it would return inf or wrong targets without a word)."""
+    too_big = m.numel() > 0 and float(_log_binom(m, n).max()) >= LINEAR_MAX_LOG
+    if log_space is None:
+        return too_big
+    if not log_space and too_big:
+        raise ValueError(f"log_space=False: subsequence counts up to C(m, n) = "
+                         f"e^{float(_log_binom(m, n).max()):.0f} may exceed float64 "
+                         f"(max e^{LINEAR_MAX_LOG:g}); use log_space=None or True")
+    return log_space
 
 
 @dataclass

@@ -26,6 +26,21 @@ def _batch_seed(seed: int, b: int) -> int:
     return seed + 12345 if b == 0 else (seed + 12345 + b * 0x9E3779B97F4A7C15) % (2**63 - 1)
 
 
+def conventions(family: Family) -> dict:
+    """How the number was computed, written beside it in ``metrics.json``: the time draw of a
+    diffusion NELBO (``diffusion.eval_t_min``; MDLM evaluates with t ~ U(1e-3, 1)) and that
+    padding positions are excluded from numerator and token count."""
+    out = {"padding": "excluded"}
+    if family.is_diffusion:
+        d = family.cfg.diffusion
+        t_min = d.eval_t_min
+        out["eval_t_min"] = t_min
+        out["t_convention"] = (f"discrete time, T={d.num_timesteps} steps drawn uniformly"
+                               if d.num_timesteps > 0 and family.name in ("mdlm", "tdlm") else
+                               f"t ~ U({t_min:g}, 1)" + (", antithetic" if d.antithetic else ""))
+    return out
+
+
 @torch.no_grad()
 def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: int = 16,
                    max_batches: int = 0, seed: int = 0, device: Optional[torch.device] = None,
@@ -87,6 +102,7 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
            "bits_per_token": per_tok / math.log(2), "tokens": int(toks / repeats),
            "sequences": seqs, "repeats": repeats, "seed": seed,
            "bound": "exact NLL" if not family.is_diffusion else "NELBO (upper bound on NLL)"}
+    out.update(conventions(family))
     if parts:
         out["parts_per_token"] = {k: v / max(toks, 1) for k, v in parts.items()}
     return out

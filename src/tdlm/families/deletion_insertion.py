@@ -42,11 +42,10 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..nn.dit import DiT, FinalLayer, Packing
 from ..sampling.gumbel import adjust_logits, gumbel_argmax
-from ..schedules import get_schedule, sample_times
+from ..schedules import get_schedule, sample_times, truncate
 from .base import Family, LossTerms, model_device, register
 
-TRAIN_T_MIN = 1e-3   # as MDLM: training draws t in [1e-3, 1]
-EVAL_T_MIN = 1e-5    # evaluation and sampling grid end
+SAMPLE_T_MIN = 1e-5  # sampling grid end (t in training/evaluation: diffusion.train/eval_t_min)
 
 
 class InsertionLM(nn.Module):
@@ -171,7 +170,7 @@ class DeletionInsertion(Family):
         return full[:, 0], full[:, 1:], (lengths - 1).clamp_min(0)
 
     def sigma_of(self, t: torch.Tensor) -> Optional[torch.Tensor]:
-        return self.schedule.sigma(t) if self.mode == "variable" else None
+        return self.schedule.time_input(t) if self.mode == "variable" else None
 
     # ---- objective ---------------------------------------------------------------------
     def terms(self, model: nn.Module, bos: torch.Tensor, x0: torch.Tensor, m: torch.Tensor,
@@ -195,8 +194,9 @@ class DeletionInsertion(Family):
         bos, x0, m = self.split_batch(batch)
         B = x0.shape[0]
         dev = x0.device
-        t = sample_times(B, generator, self.cfg.diffusion.antithetic,
-                         EVAL_T_MIN if exact else TRAIN_T_MIN, device=dev)
+        d = self.cfg.diffusion
+        t = truncate(sample_times(B, generator, d.antithetic, device=dev),
+                     d.eval_t_min if exact else d.train_t_min).float()
         alpha = self.schedule.alpha(t.double()).float()
         xt, n, _ = delete(x0, m, alpha, generator)
         rate, tok = self.terms(model, bos, x0, m, xt, n, t)
@@ -216,7 +216,7 @@ class DeletionInsertion(Family):
                bos_id: Optional[int] = None, prefix: Optional[torch.Tensor] = None,
                prompts: Optional[Sequence[Sequence[int]]] = None,
                allowed: Optional[Sequence[Sequence[bool]]] = None,
-               t_min: float = EVAL_T_MIN, cache: bool = True, max_extra_steps: int = 0,
+               t_min: float = SAMPLE_T_MIN, cache: bool = True, max_extra_steps: int = 0,
                trajectory: Optional[list] = None, on_forward: Optional[Callable] = None,
                stats: Optional[dict] = None, exclude_tokens: Optional[Sequence[int]] = None,
                **kw) -> list[torch.Tensor]:

@@ -9,9 +9,13 @@ SUBS (``subs_log_probs``): the [MASK] logit is -inf and unmasked positions copy 
 Continuous-time NELBO (``loss``), per sequence:
     L(x) = E_{t ~ U(0,1)} [ w(t) * sum_i 1{z_t,i = MASK} * (-log p_theta(x_i | z_t)) ],
     w(t) = -alpha'_t / (1 - alpha_t)   (= 1/t for the log-linear schedule),
-with antithetic t over the batch. Discrete time with T steps (t_i = i/T):
+with antithetic t over the batch, drawn in [t_min, 1] (``diffusion.train_t_min`` /
+``eval_t_min``, MDLM's 1e-3; ``tdlm.schedules``). Discrete time with T steps (t_i = i/T):
     L_T(x) = T * E_{i ~ U{1..T}} [ (alpha_{s} - alpha_{t}) / (1 - alpha_{t}) * sum_i 1{masked} CE_i ],
-    s = (i-1)/T, which is a valid bound for any T and tends to L(x) as T grows.
+    s = (i-1)/T, which is a valid bound for any T and tends to L(x) as T grows (weights in
+float64). The sum runs over real tokens only: padding (``batch["valid"]`` False) is noised like
+any position but never counted, in the numerator or in ``n_tokens`` (MDLM's
+``nlls * attention_mask``); training may count it with ``diffusion.train_on_padding`` (GIDD).
 The prior term KL(q(z_1|x) || all-mask) is omitted as in MDLM (alpha_1 = eps is tiny).
 
 Ancestral sampler (``sample``): on the grid linspace(1, t_min, T+1), from t to s every
@@ -28,44 +32,51 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import RunConfig
 from ..nn.dit import DiT, FinalLayer
 from ..sampling.gumbel import adjust_logits
 from ..sampling.loop import AncestralLoop, ForwardLog, Step, reverse_step, resolve_plan
-from ..schedules import get_schedule, sample_times
+from ..schedules import (discrete_weight, discretize, get_schedule, sample_times,
+                         truncate)
 from .base import Family, LossTerms, model_device, register
 
-TRAIN_T_MIN = 1e-3   # MDLM's sampling_eps: training draws t in [1e-3, 1]
-EVAL_T_MIN = 1e-5    # evaluation: bias below 1e-5 * (per-token CE), negligible
+SAMPLE_T_MIN = 1e-5  # end of the sampling grid linspace(1, 1e-5, T+1) (MDLM spec, 'Sampling')
 
 
 class MaskedLM(nn.Module):
-    """DiT + V+1-way output layer. ``forward(z, sigma) -> logits [B, L, V+1]`` (raw)."""
+    """DiT + output layer. ``forward(z, sigma) -> logits [B, L, V]`` (raw) over the V tokens.
+
+    The output layer holds V+1 rows as the reference DiT does (same parameters, 169.6M for
+    mdlm-small), but the [MASK] row is never computed: under SUBS its probability is 0, so its
+    logit would only be overwritten with -inf. Computing V outputs also makes a one-level TDLM
+    (K = V head) the same matrix product as MDLM, bit for bit."""
 
     def __init__(self, cfg: RunConfig):
         super().__init__()
         m = cfg.model
         self.vocab_size = m.vocab_size
         self.mask_id = m.vocab_size
+        self.head_out = m.vocab_size          # outputs computed (tdlm.flops)
         self.backbone = DiT(m, m.vocab_size + 1)
         self.head = FinalLayer(m.d_model, m.cond_dim, m.vocab_size + 1)
 
     def forward(self, z: torch.Tensor, sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
         h, c = self.backbone(z, sigma)
-        return self.head(h, c)
+        lin, V = self.head.linear, self.vocab_size
+        return F.linear(self.head.features(h, c), lin.weight[:V], lin.bias[:V])
 
 
 def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """SUBS: log-softmax with the [MASK] class removed; unmasked rows become one-hot at z
-    (log 1 = 0 at z, -inf elsewhere). Written as the reference code does (full V-sized
-    float32 tensors), which is what the memory benchmark compares against."""
-    logits = logits.float()
-    logits[..., mask_id] = float("-inf")
-    logp = torch.log_softmax(logits, dim=-1)
+    """SUBS: log-softmax over the V tokens ([MASK] gets probability 0; a [MASK] column of
+    ``logits``, if the network emits one, is dropped); unmasked rows become one-hot at z
+    (log 1 = 0 at z, -inf elsewhere). Returns [..., V]. Written as the reference code does
+    (full V-sized float32 tensors), which is what the memory benchmark compares against."""
+    logp = torch.log_softmax(logits[..., :mask_id].float(), dim=-1)
     unmasked = z != mask_id
     carry = torch.full_like(logp, float("-inf"))
-    carry.scatter_(-1, z.clamp_max(logp.shape[-1] - 1)[..., None], 0.0)
+    carry.scatter_(-1, z.clamp_max(mask_id - 1)[..., None], 0.0)
     return torch.where(unmasked[..., None], carry, logp)
 
 
@@ -81,27 +92,35 @@ class MaskedDiffusion(Family):
 
     # ---- forward process ---------------------------------------------------------------
     def corrupt(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """z_t: each token -> [MASK] independently with probability 1 - alpha_t."""
-        p_move = (1 - self.schedule.alpha(t))[:, None]
+        """z_t: each token -> [MASK] independently with probability 1 - alpha_t (t float64)."""
+        p_move = (1 - self.schedule.alpha(t.double()))[:, None]
         u = torch.rand(x0.shape, generator=generator, device=x0.device)
         return torch.where(u < p_move, torch.full_like(x0, self.mask_id), x0)
 
     def _times(self, B: int, generator, device, exact: bool):
-        """Returns (t, weight) per sequence for the continuous or discrete-time NELBO."""
+        """Returns (t, weight) per sequence (float64) for the continuous or discrete-time NELBO."""
         d = self.cfg.diffusion
-        t = sample_times(B, generator, d.antithetic, EVAL_T_MIN if exact else TRAIN_T_MIN, device)
-        if d.num_timesteps > 0:
-            T = d.num_timesteps
-            i = torch.ceil(t * T).clamp(1, T)
-            t, s = i / T, (i - 1) / T
-            a_t, a_s = self.schedule.alpha(t), self.schedule.alpha(s)
-            return t, T * (a_s - a_t) / (1 - a_t)
+        t = sample_times(B, generator, d.antithetic, device)
+        if d.num_timesteps > 0:      # a uniform step out of T: no truncation needed
+            t, s = discretize(t, d.num_timesteps)
+            return t, discrete_weight(self.schedule.alpha(t), self.schedule.alpha(s),
+                                      d.num_timesteps)
+        t = truncate(t, d.eval_t_min if exact else d.train_t_min)
         return t, self.schedule.weight(t)
+
+    def counted(self, batch: dict, exact: bool) -> torch.Tensor:
+        """[B, L] positions whose loss is counted: real tokens (``valid``), or every position
+        when training with ``diffusion.train_on_padding``."""
+        x0 = batch["input_ids"]
+        valid = batch.get("valid")
+        if valid is None or (not exact and self.cfg.diffusion.train_on_padding):
+            return torch.ones_like(x0, dtype=torch.bool)
+        return valid
 
     # ---- objective ---------------------------------------------------------------------
     def loss(self, model, batch, generator, exact: bool = False) -> LossTerms:
         x0 = batch["input_ids"]
-        valid = batch.get("valid", torch.ones_like(x0, dtype=torch.bool))
+        valid = self.counted(batch, exact)
         t, w = self._times(x0.shape[0], generator, x0.device, exact)
         z = self.corrupt(x0, t, generator)
         if self.cfg.diffusion.keep_first:
@@ -109,20 +128,20 @@ class MaskedDiffusion(Family):
             z[:, 0] = x0[:, 0]
             valid = valid.clone()
             valid[:, 0] = False
-        logits = model(z, self.schedule.sigma(t))
+        logits = model(z, self.schedule.time_input(t))
         return self.loss_from_logits(logits, x0, z, w, valid)
 
     def loss_from_logits(self, logits, x0, z, w, valid) -> LossTerms:
-        """Weighted masked cross-entropy from given network outputs (used for parity tests)."""
+        """Weighted masked cross-entropy over the counted (``valid``) positions."""
         logp = subs_log_probs(logits, z, self.mask_id)
         ce = -logp.gather(-1, x0[..., None]).squeeze(-1)
-        masked = z == self.mask_id
-        ce = torch.where(masked, ce, torch.zeros_like(ce))
+        scored = (z == self.mask_id) & valid
+        ce = torch.where(scored, ce, torch.zeros_like(ce))
         nll = w.float() * ce.sum(-1)
         return LossTerms(nll=nll, n_tokens=valid.sum(-1).float(), parts={})
 
     # ---- sampler -----------------------------------------------------------------------
-    def sample_steps(self, steps: int, t_min: float = EVAL_T_MIN) -> list[Step]:
+    def sample_steps(self, steps: int, t_min: float = SAMPLE_T_MIN) -> list[Step]:
         """The reverse steps on ``linspace(1, t_min, T+1)``: step k goes from t_k to t_{k+1}
         with ``p_move = (alpha(t_{k+1}) - alpha(t_k)) / (1 - alpha(t_k))``."""
         ts = torch.linspace(1.0, t_min, steps + 1, dtype=torch.float64)
@@ -136,7 +155,7 @@ class MaskedDiffusion(Family):
 
     @torch.no_grad()
     def sample(self, model, num, seq_len, steps, generator, temperature=1.0, top_p=1.0,
-               t_min: float = EVAL_T_MIN, cache: bool = True, noise_removal: bool = True,
+               t_min: float = SAMPLE_T_MIN, cache: bool = True, noise_removal: bool = True,
                prefix: Optional[torch.Tensor] = None,
                models: Optional[dict] = None, plan: Optional[list] = None,
                time_conditioned: Optional[dict] = None, log: Optional[ForwardLog] = None,
@@ -157,7 +176,8 @@ class MaskedDiffusion(Family):
         t_last = float(torch.linspace(1.0, t_min, steps + 1, dtype=torch.float64)[-1])
 
         def predict(m, zz, st):
-            sigma = self.schedule.sigma(torch.full((num,), st.t, device=device))
+            sigma = self.schedule.time_input(torch.full((num,), st.t, device=device,
+                                                        dtype=torch.float64))
             return self._prediction(m(zz, sigma), temperature, top_p)
 
         def apply(m, zz, move, choice):

@@ -10,9 +10,17 @@ absorbing diffusion whose absorbing state is the parent:
 
     q_t(z_i | x) = alpha_h(t) onehot(a_h(x_i)) + (1 - alpha_h(t)) onehot(a_{h+1}(x_i)).
 
-The in-level schedule is the configured schedule with its eps removed so every window ends
-exactly at the parent: ``alpha_h(t) = (alpha(u) - alpha(1)) / (1 - alpha(1))`` (log-linear
-gives the spec's default ``alpha_h = 1 - u``, i.e. linear). **[ours]**
+The in-level schedule is the configured one (``tdlm.schedules``), with eps meaning what it
+means in MDLM: the end of the whole chain is alpha = eps, not full absorption, and the prior
+term is omitted. So the **top window** (h = H-1, absorbing state the root) uses the schedule as
+it is, ``alpha_{H-1}(u) = alpha(u)``, and every **inner window** has eps removed so it ends
+exactly at the parent, ``alpha_h(u) = (alpha(u) - alpha(1)) / (1 - alpha(1))``, as the next
+window's marginal requires (log-linear: ``1 - u``, the spec's linear default). Both give the
+same weight, ``-alpha_h'(u) / (1 - alpha_h(u)) = -alpha'(u) / (1 - alpha(u))``. With one
+level this *is* MDLM's process (same eps, same time input, same draw of t). **[ours]**
+
+Network time input: ``h * sigma(1) + sigma(u)`` (``Schedule.time_input``; one definition for
+all families; with H = 1 it is MDLM's sigma(t)).
 
 Tree NELBO (§5), per sequence:
 
@@ -20,9 +28,11 @@ Tree NELBO (§5), per sequence:
     w_h(t) = -alpha_h'(t) / (1 - alpha_h(t))  (= 1 / (t - t_h) for the linear in-level schedule),
     CE_i = -log p_theta(rank(a_h(x_i)) | z_t, t)  over the children of z_t,i (others masked).
 
-Monte-Carlo: t ~ U(0, 1) antithetic over the batch; its window gives the level. The per-level
-split is returned in ``parts`` (``level_h``, summing to the total). The top of the chain is
-exact (every position is the root at t = 1), so there is no prior term. Training may multiply
+Monte-Carlo: t ~ U(0, 1) antithetic over the batch; its window gives the level, and the local
+time is mapped to [t_min, 1] inside the window (``diffusion.train_t_min`` / ``eval_t_min``, as
+MDLM maps t). The per-level split is returned in ``parts`` (``level_h``, summing to the total).
+As in MDLM the prior term at the top (alpha(1) = eps) is omitted. Only real tokens are
+counted (padding: as in MDLM's ``loss``). Training may multiply
 level h by lambda_h (linear/exponential level weighting) and clip w (``train_weight_clip``);
 evaluation always uses lambda = 1 and exact weights. Discrete time: ``num_timesteps`` = T steps
 split evenly over the levels, weights ``(alpha_s - alpha_t) / (1 - alpha_t)`` times the number
@@ -32,8 +42,12 @@ Sampler (§6): coarse to fine; for h = H-1 .. 0, ``n_h`` steps over window h. Fr
 position at height h+1 moves to a child with probability ``(alpha_h(s) - alpha_h(t)) /
 (1 - alpha_h(t))`` (1 on the window's last step), the child drawn from the masked K-way
 softmax with float64 Gumbel, temperature and nucleus; positions already at height h stay.
+Inner windows end at u = 0 (p_move = 1 on their last step); the finest window ends at
+u = t_min (1e-5) and positions still at height 1 then take their argmax child, as MDLM's
+final noise removal does.
 
-Sanity case (tested): H = 1, K = V is MDLM with alpha_t = 1 - t (root = [MASK]).
+Sanity case (tested bit-for-bit under the presets' defaults, time-conditioned): H = 1, K = V
+is MDLM (root = [MASK]): same loss on the same batch and seed, same samples.
 """
 from __future__ import annotations
 
@@ -49,11 +63,11 @@ from ..errors import ConfigError
 from ..nn.dit import DiT, FinalLayer
 from ..sampling.gumbel import adjust_logits
 from ..sampling.loop import AncestralLoop, ForwardLog, Step, resolve_plan
-from ..schedules import get_schedule, sample_times
+from ..schedules import (discrete_weight, discretize, get_schedule, sample_times,
+                         truncate)
 from .base import Family, LossTerms, model_device, register
 
-
-TRAIN_U_MIN = 1e-3
+SAMPLE_T_MIN = 1e-5  # end of the finest window's sampling grid (MDLM's grid end)
 
 
 def level_windows(H: int, allocation: str = "linear", ratio: float = 2.0) -> torch.Tensor:
@@ -160,9 +174,14 @@ class TreeDiffusion(Family):
         self.level_mult = lam * self.H / lam.sum()     # mean 1
 
     # ---- schedule inside a level window ----------------------------------------------
-    def alpha_local(self, u: torch.Tensor) -> torch.Tensor:
-        """alpha_h as a function of local time u in [0, 1]: 1 at u=0, exactly 0 at u=1."""
-        return ((self.base_schedule.alpha(u) - self.a1) / (1 - self.a1)).clamp(0.0, 1.0)
+    def alpha_local(self, u: torch.Tensor, h) -> torch.Tensor:
+        """alpha_h(u) at local time u in [0, 1] of window h (int or a tensor like u): 1 at
+        u = 0; at u = 1 exactly 0 for inner windows, eps for the top one (module docstring)."""
+        u = torch.as_tensor(u)
+        a = self.base_schedule.alpha(u)
+        inner = ((a - self.a1) / (1 - self.a1)).clamp(0.0, 1.0)
+        top = torch.as_tensor(h, device=u.device) == self.H - 1
+        return torch.where(top, a, inner)
 
     def locate(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """t -> (level h, local time u, window length) for t in (0, 1]."""
@@ -171,33 +190,25 @@ class TreeDiffusion(Family):
         lo, hi = w[h], w[h + 1]
         return h, ((t.double() - lo) / (hi - lo)).clamp(0, 1), hi - lo
 
-    def sigma_input(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Network time input: ``4 (h + 1 - alpha_h)`` in [0, 4H], increasing in t (scaled so
-        the sinusoidal time embedding resolves the level as MDLM's sigma in [0, ~7] does)."""
-        return (4 * (h.double() + 1 - self.alpha_local(u))).float()
+    def time_input(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Network time input ``h sigma(1) + sigma(u)`` (``Schedule.time_input``)."""
+        return self.base_schedule.time_input(u, level=h)
 
     def _times(self, B, generator, device, exact):
+        """(level h, local time u, weight) per sequence, float64. t ~ U(0, 1) picks the window
+        (visited with probability ``width``); u is mapped to [t_min, 1] inside it, as MDLM maps
+        t (continuous time only: a discrete step is drawn uniformly). Weight ``w_h = -d alpha_h/dt / (1 - alpha_h) = w(u) / width``; discrete time: n_h
+        steps of the window, ``n_h (alpha_s - alpha_t) / (1 - alpha_t) / width``."""
         d = self.cfg.diffusion
-        t = sample_times(B, generator, d.antithetic, 0.0, device).double().clamp_min(1e-9)
-        if d.num_timesteps > 0:
-            n = self.steps_per_level(d.num_timesteps)
-            h, u, width = self.locate(t)
-            nh = torch.tensor(n, dtype=torch.float64, device=device)[h]
-            k = torch.ceil(u * nh).clamp_min(1)          # step k of n_h in window h
-            u_t, u_s = k / nh, (k - 1) / nh
-            a_t, a_s = self.alpha_local(u_t), self.alpha_local(u_s)
-            # window h is visited with probability width; n_h steps of it
-            w = (a_s - a_t) / (1 - a_t) * nh / width
-            return h, u_t, w
-        h, u, width = self.locate(t)
-        if not exact:
-            # as MDLM's sampling_eps: training skips the first 1e-3 of each window, where the
-            # weight 1/(t - t_h) makes the estimator's variance unbounded
-            u = TRAIN_U_MIN + (1 - TRAIN_U_MIN) * u
-        # w_h(t) = -d alpha_h / dt / (1 - alpha_h),  d/dt = (1/width) d/du
-        da = self.base_schedule.dalpha(u) / (1 - self.a1) / width
-        w = -da / (1 - self.alpha_local(u)).clamp_min(1e-12)
-        return h, u, w
+        h, u, width = self.locate(sample_times(B, generator, d.antithetic, device))
+        if d.num_timesteps > 0:      # a uniform step out of n_h: no truncation needed
+            nh = torch.tensor(self.steps_per_level(d.num_timesteps), dtype=torch.float64,
+                              device=device)[h]
+            u_t, u_s = discretize(u, nh)
+            a_t, a_s = self.alpha_local(u_t, h), self.alpha_local(u_s, h)
+            return h, u_t, discrete_weight(a_t, a_s, nh) / width
+        u = truncate(u, d.eval_t_min if exact else d.train_t_min)
+        return h, u, self.base_schedule.weight(u) / width
 
     def steps_per_level(self, steps: int, split: Optional[list] = None) -> list[int]:
         """Sampling/discrete steps per level, index h (finest first). Even by default."""
@@ -247,30 +258,42 @@ class TreeDiffusion(Family):
         anc = self.anc.to(x0.device)
         a_lo = anc[h[:, None], x0]
         a_hi = anc[h[:, None] + 1, x0]
-        p_move = (1 - self.alpha_local(u)).float()[:, None]
+        p_move = (1 - self.alpha_local(u.double(), h))[:, None]
         rnd = torch.rand(x0.shape, generator=generator, device=x0.device)
         moved = rnd < p_move
         return torch.where(moved, a_hi, a_lo), moved
 
+    def counted(self, batch: dict, exact: bool) -> torch.Tensor:
+        """[B, L] positions whose loss is counted: real tokens, or every position when
+        training with ``diffusion.train_on_padding`` (as MDLM's)."""
+        x0 = batch["input_ids"]
+        valid = batch.get("valid")
+        if valid is None or (not exact and self.cfg.diffusion.train_on_padding):
+            return torch.ones_like(x0, dtype=torch.bool)
+        return valid
+
     def loss(self, model, batch, generator, exact: bool = False) -> LossTerms:
         x0 = batch["input_ids"]
-        valid = batch.get("valid", torch.ones_like(x0, dtype=torch.bool))
+        valid = self.counted(batch, exact)
         B = x0.shape[0]
         h, u, w = self._times(B, generator, x0.device, exact)
         z, moved = self.corrupt(x0, h, u, generator)
-        sigma = self.sigma_input(h, u)
-        feats = model.features(z, sigma)
+        feats = model.features(z, self.time_input(h, u))
         target = self.rank.to(x0.device)[self.anc.to(x0.device)[h[:, None], x0]]
         return self.loss_from_features(model, feats, z, moved, target, h, w, valid, exact)
 
     def loss_from_features(self, model, feats, z, moved, target, h, w, valid, exact) -> LossTerms:
-        """Cross-entropy over the children only at moved positions (the head is applied to
-        those rows alone), weighted per sequence."""
+        """Cross-entropy over the children only at moved, counted positions (the head is
+        applied to those rows alone), weighted per sequence. The per-sequence sum runs over
+        an [B, L] tensor as MDLM's does, so one level reproduces MDLM's loss bit for bit."""
         B = z.shape[0]
-        bidx = torch.arange(B, device=z.device)[:, None].expand_as(z)[moved]
-        logits = model.logits_from_features(feats[moved], z[moved], h[bidx])
-        ce = -torch.log_softmax(logits, -1).gather(-1, target[moved][:, None]).squeeze(-1)
-        per_seq = torch.zeros(B, device=z.device, dtype=torch.float32).index_add_(0, bidx, ce.float())
+        scored = moved & valid
+        bidx = torch.arange(B, device=z.device)[:, None].expand_as(z)[scored]
+        logits = model.logits_from_features(feats[scored], z[scored], h[bidx])
+        ce = -torch.log_softmax(logits, -1).gather(-1, target[scored][:, None]).squeeze(-1)
+        ce_full = torch.zeros(z.shape, device=z.device, dtype=torch.float32)
+        ce_full[scored] = ce.float()
+        per_seq = ce_full.sum(-1)
         w = w.clone()
         if not exact:
             d = self.cfg.diffusion
@@ -282,18 +305,20 @@ class TreeDiffusion(Family):
         return LossTerms(nll=nll, n_tokens=valid.sum(-1).float(), parts=parts)
 
     # ---- sampler ----------------------------------------------------------------------
-    def sample_steps(self, steps: int, steps_split: Optional[list] = None) -> list[Step]:
+    def sample_steps(self, steps: int, steps_split: Optional[list] = None,
+                     t_min: float = SAMPLE_T_MIN) -> list[Step]:
         """The reverse steps, coarse to fine: level h = H-1 .. 0 takes ``n_h`` steps on the
-        local grid ``u_j = linspace(1, 0, n_h + 1)``, step j moving a height-(h+1) position
+        local grid ``u_j = linspace(1, end_h, n_h + 1)`` (``end_h`` = 0 for inner windows,
+        ``t_min`` for the finest, as MDLM's grid), step j moving a height-(h+1) position
         with ``p_move = (alpha_h(u_{j+1}) - alpha_h(u_j)) / (1 - alpha_h(u_j))``; ``phase = h``.
         The steps of a level are contiguous (a schedule can give a model whole levels)."""
         n = self.steps_per_level(steps, steps_split)
         out = []
         for lv in range(self.H - 1, -1, -1):
-            us = torch.linspace(1.0, 0.0, n[lv] + 1, dtype=torch.float64)
+            us = torch.linspace(1.0, t_min if lv == 0 else 0.0, n[lv] + 1, dtype=torch.float64)
             for j in range(n[lv]):
-                a_t = float(self.alpha_local(us[j]))
-                a_s = float(self.alpha_local(us[j + 1]))
+                a_t = float(self.alpha_local(us[j], lv))
+                a_s = float(self.alpha_local(us[j + 1], lv))
                 out.append(Step(float(us[j]), (a_s - a_t) / (1 - a_t), lv))
         return out
 
@@ -306,11 +331,14 @@ class TreeDiffusion(Family):
                steps_split: Optional[list] = None, cache: bool = True,
                prefix: Optional[torch.Tensor] = None, models: Optional[dict] = None,
                plan: Optional[list] = None, time_conditioned: Optional[dict] = None,
-               log: Optional[ForwardLog] = None, on_forward=None, **kw) -> torch.Tensor:
+               log: Optional[ForwardLog] = None, on_forward=None,
+               t_min: float = SAMPLE_T_MIN, noise_removal: bool = True, **kw) -> torch.Tensor:
         """Coarse-to-fine ancestral sampling from all-root; returns token ids [num, seq_len].
         ``prefix`` clamps the first tokens (leaves never move). ``models``/``plan``/
         ``time_conditioned``/``log``: model scheduling and call counting as in MDLM's sampler
-        (shared ``AncestralLoop``); a level change always makes a new prediction."""
+        (shared ``AncestralLoop``); a level change always makes a new prediction. The finest
+        window ends at ``t_min``; with ``noise_removal`` the positions still at height 1 then
+        take their argmax child (the last step's model), as in MDLM."""
         device = model_device(model)
         z = torch.full((num, seq_len), self.root, dtype=torch.long, device=device)
         if prefix is not None:
@@ -321,8 +349,8 @@ class TreeDiffusion(Family):
 
         def predict(m, zz, st):
             hv = torch.full((num,), st.phase, device=device)
-            sigma = self.sigma_input(hv, torch.full((num,), st.t, device=device,
-                                                    dtype=torch.float64))
+            sigma = self.time_input(hv, torch.full((num,), st.t, device=device,
+                                                   dtype=torch.float64))
             return adjust_logits(m(zz, sigma, hv).double(), temperature, top_p)
 
         def apply(m, zz, move, choice):
@@ -330,6 +358,12 @@ class TreeDiffusion(Family):
             zz[move] = m.child(zz[move], choice)
             return zz
 
-        loop = AncestralLoop(models, plan, reuse, predict, log, on_forward)
-        return loop.run(z, self.sample_steps(steps, steps_split),
-                        lambda zz, st: height[zz] == st.phase + 1, apply, generator)
+        grid = self.sample_steps(steps, steps_split, t_min)
+        loop = AncestralLoop(models, list(plan) + [plan[-1]], reuse, predict, log, on_forward)
+        z = loop.run(z, grid, lambda zz, st: height[zz] == st.phase + 1, apply, generator)
+        last = height[z] == 1
+        if noise_removal and last.any():
+            logp = loop.prediction(len(grid), Step(t_min, 1.0, 0), z)
+            z = z.clone()
+            z[last] = models[plan[-1]].child(z[last], logp[last].argmax(-1))
+        return z

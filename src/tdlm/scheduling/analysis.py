@@ -46,8 +46,8 @@ def _log_probs_on_noised(pipe, x0, valid, t: float, gen):
     B = x0.shape[0]
     tv = torch.full((B,), t, dtype=torch.float64, device=x0.device)
     if pipe.cfg.model.family == "mdlm":
-        z = fam.corrupt(x0, tv.float(), gen)
-        sigma = fam.schedule.sigma(tv.float())
+        z = fam.corrupt(x0, tv, gen)
+        sigma = fam.schedule.time_input(tv)
         noised = (z == fam.mask_id) & valid
 
         def run(model):
@@ -57,7 +57,7 @@ def _log_probs_on_noised(pipe, x0, valid, t: float, gen):
     if pipe.cfg.model.family == "tdlm":
         h, u, _ = fam.locate(tv)
         z, moved = fam.corrupt(x0, h, u, gen)
-        sigma = fam.sigma_input(h, u)
+        sigma = fam.time_input(h, u)
         noised = moved & valid
         target = fam.rank.to(x0.device)[fam.anc.to(x0.device)[h[:, None], x0]]
 
