@@ -7,7 +7,8 @@ and optimiser, two settings on the bundled corpus:
   MDLM on the same ``packed_bos`` blocks (L = 128);
 * variable length: DID (``did-tiny-var``, BOS + passage, no padding, cap 128, DISE,
   length-bucketed ragged batches) vs MDLM on the same passages as BOS + text + EOS padded to
-  128 (``crop_pad``: MDLM pays for the pads).
+  128 (``crop_pad``: MDLM pays for the pads in compute; they are neither trained on nor
+  counted in its NELBO).
 
 Per training step: real tokens forwarded, analytic training FLOPs (``tdlm.flops``; 3 x forward
 on the actual lengths), wall-clock (the DID DP timed apart), and peak RSS of the process (each
@@ -18,7 +19,7 @@ here on the same corpus (``tdlm.eval.genppl``).
 NELBO comparability: DID's NELBO is per modeled (non-BOS) token. In the fixed setting MDLM
 runs with ``diffusion.keep_first``: position 0 (BOS in every block) is never masked nor
 counted, so both condition on BOS and count the same L-1 tokens. In the
-variable setting MDLM also models EOS and the padding, DID the length through its rates: the
+variable setting MDLM also models EOS (never the padding), DID the length through its rates: the
 per-sequence numbers bound different events and are reported as measured, not as a verdict.
 
     python benchmarks/did_race.py [--steps 150] [--sample-steps 64] [--samples 16]

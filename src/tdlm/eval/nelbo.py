@@ -36,7 +36,7 @@ def conventions(family: Family) -> dict:
         t_min = d.eval_t_min
         out["eval_t_min"] = t_min
         out["t_convention"] = (f"discrete time, T={d.num_timesteps} steps drawn uniformly"
-                               if d.num_timesteps > 0 and family.name in ("mdlm", "tdlm") else
+                               if d.num_timesteps > 0 and family.discrete_time else
                                f"t ~ U({t_min:g}, 1)" + (", antithetic" if d.antithetic else ""))
     return out
 

@@ -35,6 +35,7 @@ class Family:
     """Interface of a model family. Subclasses set ``name`` and implement the methods."""
     name = "base"
     is_diffusion = True
+    discrete_time = False       # honours diffusion.num_timesteps (discrete-time NELBO)
 
     def __init__(self, cfg: RunConfig, **resources):
         self.cfg = cfg

@@ -82,6 +82,8 @@ def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int) -> torch
 
 @register("mdlm")
 class MaskedDiffusion(Family):
+    discrete_time = True
+
     def __init__(self, cfg: RunConfig, **resources):
         super().__init__(cfg)
         self.schedule = get_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)

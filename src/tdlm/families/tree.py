@@ -147,6 +147,8 @@ class TreeLM(nn.Module):
 
 @register("tdlm")
 class TreeDiffusion(Family):
+    discrete_time = True
+
     def __init__(self, cfg: RunConfig, tree=None, **resources):
         super().__init__(cfg)
         if tree is None:
