@@ -388,8 +388,14 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:          # usage errors (one line, see _Parser) and --help
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    from .train.preemption import EXIT_PREEMPTED, Preempted
     try:
         return args.fn(args)
+    except Preempted as e:           # checkpoint written: a scheduler should requeue the job
+        import os
+        if os.environ.get("RANK", "0") == "0":       # under torchrun only rank 0 reports
+            print(f"preempted: {_one_line(str(e))}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except TdlmError as e:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2

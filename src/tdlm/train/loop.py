@@ -27,8 +27,11 @@ import torch
 from ..config import RunConfig
 from ..errors import TdlmError
 from ..families import get_family_class
-from ..families.base import autocast_ctx
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .preemption import Preempted, Preemption
+from .step import (EMA, RuntimeOptions, StepContext, lr_at, make_optimizer,  # noqa: F401
+                   micro_seed, nonfinite_error, resolve_runtime, sdpa_context, step_seed,
+                   train_step)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,42 +40,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TdlmError(f"device {name!r} requested but CUDA is not available")
     return torch.device(name)
-
-
-def step_seed(seed: int, step: int, stream: int = 0) -> int:
-    """A distinct 63-bit seed per (run seed, step, stream)."""
-    return (seed * 1_000_003 + step * 7919 + stream * 104_729 + 0x9E3779B9) % (2**63 - 1)
-
-
-def lr_at(step: int, cfg) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``; then constant, or cosine decay to
-    ``min_lr_ratio * lr`` at ``max_steps``."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    prog = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog)))
-
-
-class EMA:
-    """Exponential moving average of parameters: ``e <- d e + (1 - d) p`` after each step."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].mul_(self.decay).add_(v.float(), alpha=1 - self.decay)
-            else:
-                self.shadow[k].copy_(v)
-
-    def copy_to(self, model: torch.nn.Module) -> None:
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
 
 
 @dataclass
@@ -149,71 +116,11 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         D.teardown(info)
 
 
-def micro_seed(seed: int, step: int, stream: int, j: int) -> int:
-    """Seed of micro-batch ``j`` (its index in the step's global batch) for one RNG stream:
-    ``step_seed(seed, step, stream)`` for j = 0 (so runs without accumulation draw exactly as
-    before), distinct values for j > 0. Noise therefore depends on (seed, step, j) only, not on
-    which process handles the micro-batch."""
-    base = step_seed(seed, step, stream)
-    if j == 0:
-        return base
-    return (base + j * 0x632BE59BD9B4E019) % (2**63 - 1)
-
-
-@dataclass(frozen=True)
-class RuntimeOptions:
-    """The device-dependent training options :func:`resolve_runtime` picks."""
-    device_type: str
-    autocast_bf16: bool      # bf16 autocast around the forward (CUDA and precision=bf16)
-    compile: bool            # torch.compile each transformer block (CUDA and train.compile)
-    fused_adamw: bool        # AdamW(fused=True) (CUDA)
-    flash_sdpa: bool         # SDPA backends in the order flash, mem-efficient, cuDNN, math (CUDA)
-    backend: str             # torch.distributed backend: nccl (CUDA) or gloo
-
-
-def resolve_runtime(tc, device: torch.device) -> RuntimeOptions:
-    """GPU code paths are used on CUDA only; on the CPU all are off (bf16 matmuls and
-    torch.compile are slow or fragile there, fused AdamW and flash attention are CUDA kernels).
-    ``autocast_bf16`` agrees with ``tdlm.families.base.autocast_ctx`` (tests/test_gpu_paths.py)."""
-    cuda = torch.device(device).type == "cuda"
-    return RuntimeOptions(device_type=torch.device(device).type,
-                          autocast_bf16=cuda and tc.precision == "bf16",
-                          compile=cuda and bool(tc.compile), fused_adamw=cuda, flash_sdpa=cuda,
-                          backend="nccl" if cuda else "gloo")
-
-
-def sdpa_context(opts: RuntimeOptions):
-    """Attention-kernel preference for the forward: flash first on CUDA (used when the inputs
-    qualify, e.g. bf16 under autocast; otherwise the next backend), nothing elsewhere."""
-    import contextlib
-    if not opts.flash_sdpa:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-             SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
-    try:
-        return sdpa_kernel(order, set_priority=True)
-    except TypeError:        # older torch: no priorities, all four allowed
-        return sdpa_kernel(order)
-
-
-def make_optimizer(params, tc, opts: RuntimeOptions) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, eps=tc.adam_eps,
-                             weight_decay=tc.weight_decay, fused=True if opts.fused_adamw else None)
-
-
-def _nonfinite(what: str, step: int, last: Optional[Path]) -> TdlmError:
-    kept = f"last good checkpoint kept: {last}" if last is not None else \
-        "no checkpoint had been written yet"
-    return TdlmError(f"non-finite {what} at step {step}; training stopped without saving this "
-                     f"state ({kept}); lower train.lr or check the data")
-
-
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool,
            stop_after: Optional[int], log: Callable[[str], None], info, dist_device) -> TrainResult:
     from . import distributed as D
     from ..data import BatchIterator, build_data
-    from ..data.batches import num_tokens, split_micro, to_device
+    from ..data.batches import num_tokens
     from ..data.layouts import write_length_report
     from ..data.tokenizer import Tokenizer
     from ..eval.nelbo import evaluate_nelbo
@@ -409,61 +316,16 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool,
     final = ckpt.path if ckpt is not None else None
     t_last, tok_count = time.perf_counter(), 0
     done = start
-    params = [p for p in model.parameters() if p.requires_grad]
+    step_ctx = StepContext(wrapped=wrapped, model=model, opt=opt, tc=tc, micro=micro,
+                           micro_tokens=cfg.data.micro_tokens, device=device, opts=opts,
+                           info=info, ema=ema)
+    preempt = Preemption(info, device)
     try:
         for step in range(start, tc.max_steps):
             wrapped.train()
             batch = next(batches)
-            lr = lr_at(step, tc)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            if info.distributed:
-                entries = D.rank_micro_batches(batch, micro, cfg.data.micro_tokens, info.rank, W)
-            else:
-                entries = [(j, mb, 1.0) for j, mb in
-                           enumerate(split_micro(batch, micro, cfg.data.micro_tokens))]
-            nll_sum, n_tok, bad = 0.0, 0.0, 0
-            for i, (j, mb, weight) in enumerate(entries):
-                # noise and dropout: a pure function of (seed, step, micro-batch index)
-                torch.manual_seed(micro_seed(tc.seed, step, 1, j))
-                gen = torch.Generator(device=device).manual_seed(micro_seed(tc.seed, step, 2, j))
-                mb = to_device(mb, device)
-                with D.set_grad_sync(wrapped, tc.parallel, i == len(entries) - 1):
-                    with autocast_ctx(device, tc.precision), sdpa_context(opts):
-                        terms = wrapped(mb, gen)
-                    nll = terms.nll.float().sum()
-                    # backward even when non-finite: the other ranks are in the same
-                    # collective; the step is refused below on every rank
-                    (nll if weight == 1.0 else nll * weight).backward()
-                if weight:
-                    v = nll.item()
-                    bad += int(not math.isfinite(v))
-                    nll_sum += v
-                    n_tok += terms.n_tokens.sum().item()
-            if info.distributed:
-                nll_sum, n_tok, bad = D.all_reduce_sum([nll_sum, n_tok, bad], info, device)
-            if bad or not math.isfinite(nll_sum):
-                raise _nonfinite("loss", step + 1, final)
-            n_tok = max(n_tok, 1.0)
-            # DDP/FSDP average the ranks' gradient sums; undo the 1/W with the token count
-            denom = n_tok / W if info.distributed else n_tok
-            for p in params:
-                if p.grad is not None:
-                    p.grad.div_(denom)
-            loss_val = nll_sum / n_tok
-            if tc.grad_clip > 0:
-                gn = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-                if hasattr(gn, "full_tensor"):
-                    gn = gn.full_tensor()
-                gnorm = gn.item()
-                if not math.isfinite(gnorm):
-                    raise _nonfinite("gradient norm", step + 1, final)
-            else:
-                gnorm = float("nan")
-            opt.step()
-            if ema is not None:
-                ema.update(model)
+            res = train_step(step_ctx, batch, step, final)
+            loss_val, lr, gnorm = res.loss, res.lr, res.grad_norm
             losses.append(loss_val)
             tok_count += num_tokens(batch)
             done = step + 1
@@ -485,13 +347,18 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool,
                 if bar is not None:
                     bar.write(f"step {done}: val NELBO/token {last_val['nelbo_per_token']:.4f} "
                               f"(ppl <= {last_val['ppl_bound']:.2f})")
-            if done % tc.ckpt_every == 0 or done == tc.max_steps or done == stop_after:
+            stop = preempt.requested()          # a collective: every rank stops at this step
+            if (done % tc.ckpt_every == 0 or done == tc.max_steps or done == stop_after
+                    or stop):
                 if not params_finite():
-                    raise _nonfinite("parameters", done, final)
+                    raise nonfinite_error("parameters", done, final)
                 final = write_ckpt(done)
+            if stop and done < tc.max_steps:
+                raise Preempted(preempt.signame, done, final, run_dir)
             if stop_after is not None and done >= stop_after:
                 break
     finally:
+        preempt.restore()
         if bar is not None:
             bar.close()
     if main:

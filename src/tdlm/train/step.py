@@ -1,0 +1,239 @@
+"""One optimizer step, the same for the trainer and for every benchmark (torchtitan's split).
+
+:func:`train_step` takes the step's global batch and does, in order:
+
+1. learning rate ``lr_at(step)`` (linear warm-up, then constant or cosine), ``zero_grad``;
+2. micro-batching: this process's micro-batches of the global batch (``train.micro_batch``
+   rows, ``data.micro_tokens`` tokens at most; under torchrun a contiguous block per rank,
+   ``distributed.rank_micro_batches``), each seeded by (seed, step, micro-batch index)
+   (:func:`micro_seed`: noise and dropout do not depend on which process runs it);
+3. per micro-batch: forward of the family loss under the device's autocast/SDPA choice, and
+   backward of the **summed** NELBO (gradient sync only on the last micro-batch);
+4. token normalisation: the step's loss is ``sum of NELBOs / sum of the family's n_tokens``
+   over the whole global batch (all-reduced), and the gradients are divided by the same count;
+5. the non-finite guard (loss, gradient norm: a one-line :class:`TdlmError`, nothing applied),
+   clipping to ``train.grad_clip``, AdamW, EMA.
+
+:func:`single_process` builds what a benchmark needs to call it on one device.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import TdlmError
+from ..families.base import autocast_ctx
+from . import distributed as D
+
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A distinct 63-bit seed per (run seed, step, stream)."""
+    return (seed * 1_000_003 + step * 7919 + stream * 104_729 + 0x9E3779B9) % (2**63 - 1)
+
+
+def micro_seed(seed: int, step: int, stream: int, j: int) -> int:
+    """Seed of micro-batch ``j`` (its index in the step's global batch) for one RNG stream:
+    ``step_seed(seed, step, stream)`` for j = 0 (so runs without accumulation draw exactly as
+    before), distinct values for j > 0. Noise therefore depends on (seed, step, j) only, not on
+    which process handles the micro-batch."""
+    base = step_seed(seed, step, stream)
+    if j == 0:
+        return base
+    return (base + j * 0x632BE59BD9B4E019) % (2**63 - 1)
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``; then constant, or cosine decay to
+    ``min_lr_ratio * lr`` at ``max_steps``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    prog = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog)))
+
+
+class EMA:
+    """Exponential moving average of parameters: ``e <- d e + (1 - d) p`` after each step."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(self.decay).add_(v.float(), alpha=1 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """The device-dependent training options :func:`resolve_runtime` picks."""
+    device_type: str
+    autocast_bf16: bool      # bf16 autocast around the forward (CUDA and precision=bf16)
+    compile: bool            # torch.compile each transformer block (CUDA and train.compile)
+    fused_adamw: bool        # AdamW(fused=True) (CUDA)
+    flash_sdpa: bool         # SDPA backends in the order flash, mem-efficient, cuDNN, math (CUDA)
+    backend: str             # torch.distributed backend: nccl (CUDA) or gloo
+
+
+def resolve_runtime(tc, device: torch.device) -> RuntimeOptions:
+    """GPU code paths are used on CUDA only; on the CPU all are off (bf16 matmuls and
+    torch.compile are slow or fragile there, fused AdamW and flash attention are CUDA kernels).
+    ``autocast_bf16`` agrees with ``tdlm.families.base.autocast_ctx`` (tests/test_gpu_paths.py)."""
+    cuda = torch.device(device).type == "cuda"
+    return RuntimeOptions(device_type=torch.device(device).type,
+                          autocast_bf16=cuda and tc.precision == "bf16",
+                          compile=cuda and bool(tc.compile), fused_adamw=cuda, flash_sdpa=cuda,
+                          backend="nccl" if cuda else "gloo")
+
+
+def sdpa_context(opts: RuntimeOptions):
+    """Attention-kernel preference for the forward: flash first on CUDA (used when the inputs
+    qualify, e.g. bf16 under autocast; otherwise the next backend), nothing elsewhere."""
+    if not opts.flash_sdpa:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:        # older torch: no priorities, all four allowed
+        return sdpa_kernel(order)
+
+
+def make_optimizer(params, tc, opts: RuntimeOptions) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, eps=tc.adam_eps,
+                             weight_decay=tc.weight_decay, fused=True if opts.fused_adamw else None)
+
+
+def nonfinite_error(what: str, step: int, last: Optional[Path]) -> TdlmError:
+    kept = f"last good checkpoint kept: {last}" if last is not None else \
+        "no checkpoint had been written yet"
+    return TdlmError(f"non-finite {what} at step {step}; training stopped without saving this "
+                     f"state ({kept}); lower train.lr or check the data")
+
+
+@dataclass
+class StepContext:
+    """Everything a step needs besides the batch. ``wrapped(batch, generator) -> LossTerms``
+    is the family loss around the model (``distributed.LossModule``, possibly DDP/FSDP
+    wrapped); ``model`` the bare model (its parameters, the EMA)."""
+    wrapped: torch.nn.Module
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    tc: object                          # TrainConfig
+    micro: int                          # per-device micro-batch rows
+    micro_tokens: int                   # data.micro_tokens (0: rows only)
+    device: torch.device
+    opts: RuntimeOptions
+    info: D.DistInfo = field(default_factory=D.DistInfo)
+    ema: Optional[EMA] = None
+
+    def __post_init__(self):
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+
+@dataclass
+class StepResult:
+    loss: float          # NELBO per counted token over the global batch (all ranks)
+    tokens: float        # counted tokens of the global batch
+    grad_norm: float     # before clipping (nan when clipping is off)
+    lr: float
+
+
+def _micro_batches(ctx: StepContext, batch) -> list:
+    """(index j in the global batch, micro-batch, weight) for this process."""
+    from ..data.batches import split_micro
+    if ctx.info.distributed:
+        return D.rank_micro_batches(batch, ctx.micro, ctx.micro_tokens, ctx.info.rank,
+                                    ctx.info.world_size)
+    return [(j, mb, 1.0) for j, mb in enumerate(split_micro(batch, ctx.micro, ctx.micro_tokens))]
+
+
+def _forward_backward(ctx: StepContext, batch, step: int) -> tuple[float, float, int]:
+    """Summed NELBO, counted tokens and non-finite count over this process's micro-batches,
+    gradients of the summed NELBO accumulated."""
+    from ..data.batches import to_device
+    tc = ctx.tc
+    entries = _micro_batches(ctx, batch)
+    nll_sum, n_tok, bad = 0.0, 0.0, 0
+    for i, (j, mb, weight) in enumerate(entries):
+        # noise and dropout: a pure function of (seed, step, micro-batch index)
+        torch.manual_seed(micro_seed(tc.seed, step, 1, j))
+        gen = torch.Generator(device=ctx.device).manual_seed(micro_seed(tc.seed, step, 2, j))
+        mb = to_device(mb, ctx.device)
+        with D.set_grad_sync(ctx.wrapped, tc.parallel, i == len(entries) - 1):
+            with autocast_ctx(ctx.device, tc.precision), sdpa_context(ctx.opts):
+                terms = ctx.wrapped(mb, gen)
+            nll = terms.nll.float().sum()
+            # backward even when non-finite: the other ranks are in the same collective;
+            # the step is refused on every rank
+            (nll if weight == 1.0 else nll * weight).backward()
+        if weight:
+            v = nll.item()
+            bad += int(not math.isfinite(v))
+            nll_sum += v
+            n_tok += terms.n_tokens.sum().item()
+    return nll_sum, n_tok, bad
+
+
+def train_step(ctx: StepContext, batch, step: int,
+               last_checkpoint: Optional[Path] = None) -> StepResult:
+    """One optimizer step on the global ``batch`` at 0-based ``step`` (module docstring).
+    Raises a one-line :class:`TdlmError` on a non-finite loss or gradient norm (naming
+    ``last_checkpoint``), before anything is applied."""
+    tc, W = ctx.tc, ctx.info.world_size
+    lr = lr_at(step, tc)
+    for g in ctx.opt.param_groups:
+        g["lr"] = lr
+    ctx.opt.zero_grad(set_to_none=True)
+    nll_sum, n_tok, bad = _forward_backward(ctx, batch, step)
+    if ctx.info.distributed:
+        nll_sum, n_tok, bad = D.all_reduce_sum([nll_sum, n_tok, bad], ctx.info, ctx.device)
+    if bad or not math.isfinite(nll_sum):
+        raise nonfinite_error("loss", step + 1, last_checkpoint)
+    n_tok = max(n_tok, 1.0)
+    # DDP/FSDP average the ranks' gradient sums; undo the 1/W with the token count
+    denom = n_tok / W if ctx.info.distributed else n_tok
+    for p in ctx.params:
+        if p.grad is not None:
+            p.grad.div_(denom)
+    gnorm = float("nan")
+    if tc.grad_clip > 0:
+        gn = torch.nn.utils.clip_grad_norm_(ctx.params, tc.grad_clip)
+        if hasattr(gn, "full_tensor"):
+            gn = gn.full_tensor()
+        gnorm = gn.item()
+        if not math.isfinite(gnorm):
+            raise nonfinite_error("gradient norm", step + 1, last_checkpoint)
+    ctx.opt.step()
+    if ctx.ema is not None:
+        ctx.ema.update(ctx.model)
+    return StepResult(loss=nll_sum / n_tok, tokens=n_tok, grad_norm=gnorm, lr=lr)
+
+
+def single_process(family, model: torch.nn.Module, cfg, device: torch.device,
+                   micro: Optional[int] = None) -> StepContext:
+    """A :class:`StepContext` for one process on ``device`` (benchmarks, notebooks): the
+    config's optimizer, micro-batch (``micro``, default ``train.micro_batch`` or the whole
+    global batch), precision and EMA; the model is used as it is (already on ``device``)."""
+    tc = cfg.train
+    opts = resolve_runtime(tc, device)
+    return StepContext(wrapped=D.LossModule(family, model), model=model,
+                       opt=make_optimizer(model.parameters(), tc, opts), tc=tc,
+                       micro=micro or tc.micro_batch or tc.global_batch,
+                       micro_tokens=cfg.data.micro_tokens, device=device, opts=opts,
+                       ema=EMA(model, tc.ema) if tc.ema > 0 else None)
