@@ -329,16 +329,17 @@ def disk_full_eval_metrics(env, tmp, mp):
     ev.mkdir()
     (ev / "metrics.json").write_text('{"previous": true}')
 
-    def atomic_write_text(path, text):
+    def atomic_write(path, write, binary=False):        # the one atomic-write helper
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    mp.setattr(ckpt_mod, "atomic_write_text", atomic_write_text)
+    from tdlm.utils import io as io_mod
+    mp.setattr(io_mod, "atomic_write", atomic_write)
     return Case(["eval", str(env["run"]), "--batches", "1", "--out", str(ev)],
                 ("no space left", "metrics.json"), [ev])
 
 
 def export_disk_full(env, tmp, mp):
     """ENOSPC while exporting: no folder (nor temporary folder) is left behind."""
-    from tdlm import export as ex
+    from tdlm.store import export as ex
 
     def card(*a, **kw):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -198,7 +198,7 @@ def test_export_never_overwrites(env, tmp_path, capsys, monkeypatch):
     assert not (target / "keep.txt").exists() and tdlm.load(target).cfg.model.family == "ar"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp leftovers
     # a failure midway leaves nothing behind and the old export intact
-    from tdlm import export as ex
+    from tdlm.store import export as ex
     before = tree_hash(target)
 
     def boom(*a, **kw):

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 from .errors import ConfigError, TdlmError
+from .store.checkpoint import run_dir_of
+from .utils.io import atomic_write_json
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,7 +74,7 @@ def cmd_train(args) -> int:
 
 def _eval(ckpt_path: str, batches: int, seed: int, repeats: int, out: str | None,
           use_ema: bool = True) -> tuple[dict, Path]:
-    from .api import load
+    from .pipeline import load
     from .data import build_data
     from .eval.nelbo import evaluate_nelbo
     if batches < 0:
@@ -90,24 +92,10 @@ def _eval(ckpt_path: str, batches: int, seed: int, repeats: int, out: str | None
                 "data_layout": cfg.data.layout, "seq_len": cfg.data.seq_len,
                 "data_source": cfg.data.source, "tokenizer": cfg.data.tokenizer,
                 "schedule": cfg.diffusion.schedule, "num_timesteps": cfg.diffusion.num_timesteps})
-    out_dir = Path(out) if out else _run_dir_of(pipe.checkpoint.path) / "eval"
+    out_dir = Path(out) if out else run_dir_of(pipe.checkpoint.path) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "metrics.json", res)
+    atomic_write_json(out_dir / "metrics.json", res)
     return res, out_dir
-
-
-def _run_dir_of(ckpt_path: Path) -> Path:
-    """The run folder of ``<run>/checkpoints/step_N``; for a checkpoint folder kept
-    elsewhere, the folder that holds it (never the checkpoint folder itself)."""
-    ckpt_path = Path(ckpt_path)
-    if ckpt_path.parent.name == "checkpoints":
-        return ckpt_path.parent.parent
-    return ckpt_path.parent
-
-
-def _write_json(path: Path, obj) -> None:
-    from .train.checkpoint import atomic_write_text
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def cmd_eval(args) -> int:
@@ -126,7 +114,7 @@ def _sample(ckpt_path: str, num: int, steps: int, seed: int, temperature: float,
             seq_len: int | None, out: str | None,
             steps_split: str | None = None, trajectory: bool = False,
             prompt: str | None = None) -> tuple[list, Path]:
-    from .api import load
+    from .pipeline import load
     from .sampling.options import check_sample_args, encode_prompt, parse_steps_split
     check_sample_args(steps, num, seq_len, temperature, top_p)
     pipe = load(ckpt_path)
@@ -152,9 +140,9 @@ def _sample(ckpt_path: str, num: int, steps: int, seed: int, temperature: float,
     rows = [row.tolist() for row in ids]
     recs = [{"id": i, "text": pipe.tokenizer.decode(row), "ids": row, "length": len(row)}
             for i, row in enumerate(rows)]
-    out_path = Path(out) if out else _run_dir_of(pipe.checkpoint.path) / "samples" / "samples.jsonl"
+    out_path = Path(out) if out else run_dir_of(pipe.checkpoint.path) / "samples" / "samples.jsonl"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    from .train.checkpoint import atomic_write_text
+    from .utils.io import atomic_write_text
     atomic_write_text(out_path, "".join(json.dumps(r) + "\n" for r in recs))
     lengths = [len(r) for r in rows]
     meta = {"checkpoint": str(pipe.checkpoint.path), "family": pipe.cfg.model.family,
@@ -178,7 +166,7 @@ def _sample(ckpt_path: str, num: int, steps: int, seed: int, temperature: float,
             json.dumps({**rec, "text": [pipe.tokenizer.decode(x) for x in rec["ids"]]}) + "\n"
             for rec in traj))
         meta["trajectory"] = str(tpath)
-    _write_json(out_path.with_suffix(".meta.json"), meta)
+    atomic_write_json(out_path.with_suffix(".meta.json"), meta)
     return recs, out_path
 
 
@@ -198,8 +186,8 @@ def cmd_sample(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import save_pretrained
-    from .api import load
+    from .pipeline import save_pretrained
+    from .pipeline import load
     pipe = load(args.checkpoint, use_ema=not args.no_ema)
     out = save_pretrained(pipe, args.out)
     print(f"exported {pipe.cfg.model.family} model ({pipe.weights} weights, step "
@@ -269,7 +257,7 @@ def cmd_run(args) -> int:
     print("\n[tdlm] validation (same batches, same noise seed):")
     print(f"  {'preset':<12}{'family':<7}{'params':>12}{'NELBO/token':>13}{'ppl <=':>11}{'bits/token':>12}")
     from .nn.dit import count_parameters
-    from .api import load
+    from .pipeline import load
     summary = {}
     for name, (cfg, ev, recs) in rows.items():
         n_params = count_parameters(load(ev["checkpoint"]).model)["total"]
@@ -279,7 +267,7 @@ def cmd_run(args) -> int:
         if "parts_per_token" in ev:
             parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(ev["parts_per_token"].items()))
             print(f"  {'':<19}per level: {parts}")
-    _write_json(out / "summary.json", summary)
+    atomic_write_json(out / "summary.json", summary)
     for name, (cfg, ev, recs) in rows.items():
         for r in recs[:2]:
             print(f"--- {name} sample {r['id']} ({args.steps} steps) ---\n{r['text'][:300]}")

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from .errors import ConfigError
-from .schedules import EPS_MIN
+
+EPS_MIN = 1e-12      # smallest diffusion.eps: below it 1 - eps rounds to 1 in float64 and the
+                     # time input sigma(1) = -log eps is no longer finite (tdlm.schedules)
 
 FAMILIES = ("mdlm", "ar", "tdlm", "did")
 SCHEDULES = ("loglinear", "linear", "cosine")

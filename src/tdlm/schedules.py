@@ -33,9 +33,8 @@ import math
 
 import torch
 
+from .config import EPS_MIN  # noqa: F401  (the smallest eps a run may use)
 from .errors import ConfigError
-
-EPS_MIN = 1e-12      # below this, 1 - eps rounds to 1 in float64 and sigma(1) is infinite
 
 
 class Schedule:

@@ -24,6 +24,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from ..errors import DataError
+from ..utils.io import atomic_write
 
 CACHE_VERSION = 1
 BATCH_CHARS = 4_000_000        # characters per encode_batch call
@@ -134,19 +135,6 @@ def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _write_atomic(path: str, write) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def build_cache(docs: Iterable[str], tokenizer, cache_dir: str, key: str,
                 info: Optional[dict] = None) -> TokenCache:
     """Tokenise ``docs`` in batches and write the cache files for ``key``."""
@@ -168,18 +156,18 @@ def build_cache(docs: Iterable[str], tokenizer, cache_dir: str, key: str,
                 f.write(b)
                 lengths.append(len(ids))
 
-    _write_atomic(tok_path, write_tokens)
+    atomic_write(tok_path, write_tokens, binary=True)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(np.asarray(lengths, dtype=np.int64), out=offsets[1:])
-    _write_atomic(off_path, lambda f: np.save(f, offsets, allow_pickle=False))
+    atomic_write(off_path, lambda f: np.save(f, offsets, allow_pickle=False), binary=True)
     meta = {"version": CACHE_VERSION, "key": key, "dtype": dtype.name,
             "n_docs": len(lengths), "n_tokens": int(offsets[-1]),
             "tokens_sha256": h.hexdigest(), "offsets_sha256": _file_sha(off_path),
             "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
             "vocab_hash": tokenizer.vocab_hash(),
             "seconds": round(time.perf_counter() - t0, 3), **(info or {})}
-    _write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True,
-                                                          default=str).encode("utf-8")))
+    atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True,
+                                                         default=str).encode("utf-8")), binary=True)
     cache = load_cache(cache_dir, key, verify=False)
     if cache is None:
         raise DataError(f"token cache {os.path.join(cache_dir, key)} could not be read back")

@@ -6,12 +6,13 @@ after capping) and for the lengths a variable-length sampler generates.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
+
+from ..utils.io import atomic_write, atomic_write_json
 
 Lengths = Union[Sequence[int], np.ndarray]
 
@@ -77,10 +78,7 @@ def write_length_histogram(lengths: Union[Lengths, Mapping[str, Lengths]], path_
     d = os.path.dirname(os.path.abspath(path_prefix))
     os.makedirs(d, exist_ok=True)
     json_path, png_path = path_prefix + ".json", path_prefix + ".png"
-    tmp = json_path + f".{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2)
-    os.replace(tmp, json_path)
+    atomic_write_json(json_path, doc, sort_keys=False)
     _plot(hist, png_path, title, cap)
     return json_path, png_path
 
@@ -109,7 +107,5 @@ def _plot(hist: dict, path: str, title: str, cap: Optional[int]) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
     plt.close(fig)
-    os.replace(tmp, path)

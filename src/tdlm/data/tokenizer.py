@@ -23,6 +23,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import ConfigError, DataError
+from ..utils.io import atomic_write_json, atomic_write_text
 
 EOT = "<|endoftext|>"
 MASK_TEXT = "[MASK]"
@@ -97,10 +98,8 @@ class Tokenizer:
     def save(self, directory: str) -> None:
         """Write ``tokenizer.json`` and ``tokenizer_meta.json`` (atomically) to ``directory``."""
         os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".tokenizer.json.{os.getpid()}.tmp")
-        self.hf.save(tmp)
-        os.replace(tmp, os.path.join(directory, "tokenizer.json"))
-        _write_json_atomic(os.path.join(directory, "tokenizer_meta.json"), self.meta())
+        atomic_write_text(os.path.join(directory, "tokenizer.json"), self.hf.to_str(pretty=True))
+        atomic_write_json(os.path.join(directory, "tokenizer_meta.json"), self.meta())
 
     @classmethod
     def load(cls, directory: str) -> "Tokenizer":
@@ -121,15 +120,6 @@ class Tokenizer:
             raise ConfigError(f"saved tokenizer in {directory} does not match its metadata "
                               "(vocab_hash differs)")
         return tok
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _byte_level(hf: HFTokenizer) -> HFTokenizer:

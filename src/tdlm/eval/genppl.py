@@ -88,7 +88,7 @@ class TdlmARJudge(Judge):
     kind = "tdlm-ar"
 
     def __init__(self, path: str, device: str = "cpu", precision: str = "fp32"):
-        from ..api import load
+        from ..pipeline import load
         pipe = load(path, device=device)
         if pipe.cfg.model.family != "ar":
             raise CheckpointError(f"judge {path} holds a {pipe.cfg.model.family!r} model; a judge "
@@ -384,7 +384,7 @@ def genppl_file(samples_path, judge, out: Optional[str] = None, eos: str = "firs
     """Score a samples JSONL written by ``tdlm sample`` and write the metrics JSON: to ``out``
     (a .json path, or a folder -> ``folder/metrics.json``), by default next to the samples
     (``metrics.json`` for ``samples.jsonl``, else ``<stem>.metrics.json``)."""
-    from ..train.checkpoint import atomic_write_text
+    from ..utils.io import atomic_write_text
     recs, meta = read_samples(samples_path)
     tokinfo = meta.get("tokenizer") if isinstance(meta.get("tokenizer"), dict) else {}
     vhash = tokinfo.get("vocab_ids_hash")
@@ -412,7 +412,7 @@ def genppl_file(samples_path, judge, out: Optional[str] = None, eos: str = "firs
 def _checkpoint_vocab_hash(path) -> Optional[str]:
     """:func:`vocab_ids_hash` of a checkpoint's tokenizer, without loading its weights."""
     try:
-        from ..train.checkpoint import resolve_checkpoint
+        from ..store.checkpoint import resolve_checkpoint
         p = resolve_checkpoint(path)
         tdir = p / "extra" / "tokenizer"
         if tdir.is_dir():

@@ -27,18 +27,8 @@ def _batch_seed(seed: int, b: int) -> int:
 
 
 def conventions(family: Family) -> dict:
-    """How the number was computed, written beside it in ``metrics.json``: the time draw of a
-    diffusion NELBO (``diffusion.eval_t_min``; MDLM evaluates with t ~ U(1e-3, 1)) and that
-    padding positions are excluded from numerator and token count."""
-    out = {"padding": "excluded"}
-    if family.is_diffusion:
-        d = family.cfg.diffusion
-        t_min = d.eval_t_min
-        out["eval_t_min"] = t_min
-        out["t_convention"] = (f"discrete time, T={d.num_timesteps} steps drawn uniformly"
-                               if d.num_timesteps > 0 and family.discrete_time else
-                               f"t ~ U({t_min:g}, 1)" + (", antithetic" if d.antithetic else ""))
-    return out
+    """The family's evaluation conventions (:meth:`Family.eval_conventions`)."""
+    return family.eval_conventions()
 
 
 @torch.no_grad()

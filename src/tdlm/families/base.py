@@ -43,6 +43,20 @@ class Family:
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
+    def eval_conventions(self) -> dict:
+        """How this family's evaluation number is computed, written beside it in
+        ``metrics.json``: padding excluded from numerator and token count; for diffusion
+        families the time draw (``diffusion.eval_t_min``; MDLM evaluates with t ~ U(1e-3, 1))."""
+        out = {"padding": "excluded"}
+        if self.is_diffusion:
+            d = self.cfg.diffusion
+            out["eval_t_min"] = d.eval_t_min
+            out["t_convention"] = (f"discrete time, T={d.num_timesteps} steps drawn uniformly"
+                                   if d.num_timesteps > 0 and self.discrete_time else
+                                   f"t ~ U({d.eval_t_min:g}, 1)"
+                                   + (", antithetic" if d.antithetic else ""))
+        return out
+
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator,
              exact: bool = False) -> LossTerms:
         raise NotImplementedError

@@ -13,9 +13,14 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..store.checkpoint import run_dir_of
+from ..utils.io import atomic_write_json
+from .analysis import (analyze_steps, analyze_trajectories, pareto_front, plot_analysis,
+                       plot_frontier, segment_search, write_csv)
 
 
 def parse_model_args(items, positional=None) -> dict:
@@ -74,7 +79,7 @@ def sample_scheduled(paths: dict, num: int, steps: int, seed: int = 0, temperatu
     """Sample with named models under a schedule; write JSONL + .meta.json (with the schedule,
     forward calls, FLOPs and savings, wall-clock). Returns (records, path, meta)."""
     from ..eval.genppl import vocab_ids_hash
-    from ..train.checkpoint import atomic_write_text
+    from ..utils.io import atomic_write_text
     from ..sampling.options import check_sample_args, encode_prompt, parse_steps_split
     from .sampler import load_scheduled, prefixes_from_validation
     check_sample_args(steps, num, seq_len, temperature, top_p)
@@ -115,7 +120,6 @@ def sample_scheduled(paths: dict, num: int, steps: int, seed: int = 0, temperatu
                      reference_text=tok.decode(info[i]["reference_ids"]))
         recs.append(r)
     first = sampler.primary.checkpoint.path
-    from ..cli import _run_dir_of
     if out:
         out_path = Path(out)
     else:
@@ -123,7 +127,7 @@ def sample_scheduled(paths: dict, num: int, steps: int, seed: int = 0, temperatu
         name = "samples.jsonl" if plain else (
             f"samples-{_slug(sched.spec)}" + (f"-prefix{prefix_from_val}" if info else "")
             + ".jsonl")
-        out_path = _run_dir_of(first) / "samples" / name
+        out_path = run_dir_of(first) / "samples" / name
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_path, "".join(json.dumps(r) + "\n" for r in recs))
     meta = {"checkpoint": str(first),
@@ -139,8 +143,7 @@ def sample_scheduled(paths: dict, num: int, steps: int, seed: int = 0, temperatu
                               if info else ("prompt" if prompt is not None else None)),
             "prompt": prompt,
             **rep}
-    from ..cli import _write_json
-    _write_json(out_path.with_suffix(".meta.json"), meta)
+    atomic_write_json(out_path.with_suffix(".meta.json"), meta)
     return recs, out_path, meta
 
 
@@ -196,9 +199,162 @@ def add_scheduling_parsers(sub) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_genppl)
-
-    try:
-        from .analysis import add_schedule_parser
-    except ImportError:
-        return
     add_schedule_parser(sub)
+
+
+# ---- tdlm schedule analyze / search (step importance, segment search) -------------------------
+def _pipes(args):
+    from .sampler import load_scheduled
+    paths = parse_model_args(args.model)
+    sampler = load_scheduled(paths, device=args.device)
+    light = args.light or ("L" if "L" in paths else None)
+    heavy = args.heavy or ("H" if "H" in paths else None)
+    if len(paths) != 2:
+        raise ConfigError(f"give exactly two models (--model H=... --model L=...), got {len(paths)}")
+    if light is None or heavy is None:
+        cost = sampler.block_cost()
+        a, b = list(paths)
+        if cost[a] == cost[b]:
+            raise ConfigError("cannot tell the light from the heavy model; name them L and H "
+                              "or pass --light/--heavy")
+        light, heavy = (a, b) if cost[a] < cost[b] else (b, a)
+    for role, n in (("light", light), ("heavy", heavy)):
+        if n not in paths:
+            raise ConfigError(f"--{role} {n!r} is not one of the models ({', '.join(paths)})")
+    if light == heavy:
+        raise ConfigError("the light and the heavy model must differ")
+    return sampler, light, heavy
+
+
+def cmd_analyze(args) -> int:
+    sampler, light, heavy = _pipes(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    H, L = sampler.pipes[heavy], sampler.pipes[light]
+    t0 = time.perf_counter()
+    rows = analyze_steps(H, L, args.grid, args.batches, args.batch_size, args.seed)
+    write_csv(out / "step_importance.csv", rows)
+    traj = []
+    if args.trajectory_samples > 0:
+        traj = analyze_trajectories(H, L, args.trajectory_samples, args.trajectory_steps,
+                                    args.seed)
+        write_csv(out / "step_importance_trajectory.csv", traj)
+    title = (f"heavy {heavy} ({H.cfg.model.n_layers} blocks) vs light {light} "
+             f"({L.cfg.model.n_layers} blocks), {H.cfg.model.family}")
+    plot_analysis(rows, traj, out / "step_importance.png", title)
+    meta = {"heavy": {"name": heavy, "checkpoint": str(H.checkpoint.path)},
+            "light": {"name": light, "checkpoint": str(L.checkpoint.path)},
+            "grid": args.grid, "batches": args.batches, "batch_size": args.batch_size,
+            "seed": args.seed, "trajectory_samples": args.trajectory_samples,
+            "trajectory_steps": args.trajectory_steps, "seconds": time.perf_counter() - t0}
+    atomic_write_json(out / "analysis.json", meta)
+    ok = [r for r in rows if r.get("noised")]
+    if ok:
+        worst = max(ok, key=lambda r: r["kl_heavy_light"])
+        print(f"largest KL(heavy||light) {worst['kl_heavy_light']:.3f} at t={worst['t']:.3f} "
+              f"(progress {worst['step_fraction']:.2f}); loss gap there {worst['gap']:.3f} nats")
+    for f in ("step_importance.csv", "step_importance_trajectory.csv", "step_importance.png",
+              "analysis.json"):
+        if (out / f).exists():
+            print(f"  {out / f}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    sampler, light, heavy = _pipes(args)
+    if args.steps < args.segments:
+        raise ConfigError(f"--steps {args.steps} is fewer than --segments {args.segments}")
+    if args.light_segments is not None and args.light_segments < -1:
+        raise ConfigError(f"--light-segments must be >= -1, got {args.light_segments}")
+    if args.segments > 12 and args.light_segments is None:
+        raise ConfigError("all 2^S schedules for S > 12 is too many; give --light-segments")
+    if args.num < 1:
+        raise ConfigError(f"--num must be >= 1, got {args.num}")
+    seeds = [args.seed + i for i in range(args.seeds)]
+    masks = [m.strip() for m in (args.masks or "").split(",") if m.strip()]
+    if not seeds:
+        raise ConfigError("--seeds must be >= 1")
+    prefix = None
+    if args.prefix_from_val is not None:
+        from .sampler import prefixes_from_validation
+        prefix, _ = prefixes_from_validation(sampler.pipes[heavy], args.num, args.prefix_from_val)
+    from ..eval.genppl import load_judge
+    judge = load_judge(args.judge, args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def progress(i, n, r):
+        print(f"[{i}/{n}] {r['mask']:<12} saved {100 * r['saved_blocks']:5.1f}%  gen PPL "
+              f"{r['gen_ppl']:8.2f}  entropy {r['entropy']:.3f}  ({r['seconds']:.0f} s)",
+              flush=True)
+
+    rows = segment_search(sampler, judge, args.steps, args.segments, args.light_segments,
+                          args.num, seeds, light, heavy, batch=args.batch,
+                          temperature=args.temperature, top_p=args.top_p, progress=progress,
+                          extra_masks=masks, prefix=prefix)
+    front = pareto_front(rows)
+    fm = {r["mask"] for r in front}
+    for r in rows:
+        r["frontier"] = r["mask"] in fm
+    write_csv(out / "search.csv", rows)
+    plot_frontier(rows, out / "frontier.png",
+                  f"{args.steps} steps in {args.segments} segments, {args.num} samples x "
+                  f"{args.seeds} seeds; judge {judge.label[:60]}")
+    atomic_write_json(out / "search.json", {
+        "models": {n: str(p.checkpoint.path) for n, p in sampler.pipes.items()},
+        "light": light, "heavy": heavy, "steps": args.steps, "segments": args.segments,
+        "light_segments": args.light_segments, "num": args.num, "seeds": seeds,
+        "temperature": args.temperature, "top_p": args.top_p, "gumbel": "float64",
+        "prefix_from_val": args.prefix_from_val,
+        "judge": judge.info(), "rows": rows})
+    print(f"frontier: {', '.join(r['mask'] for r in front)}")
+    for f in ("search.csv", "frontier.png", "search.json"):
+        print(f"  {out / f}")
+    return 0
+
+
+def add_schedule_parser(sub) -> None:
+    p = sub.add_parser("schedule", help="model scheduling: step-importance analysis, segment "
+                       "search")
+    ss = p.add_subparsers(dest="schedule_cmd", required=True)
+
+    def common(q):
+        q.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                       help="the two models, e.g. --model H=runs/heavy --model L=runs/light")
+        q.add_argument("--light")
+        q.add_argument("--heavy")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--device", default="cpu")
+        q.add_argument("--out", required=True, help="output folder")
+
+    a = ss.add_parser("analyze", help="per-t masked-token loss of both models, gap, KL both "
+                      "ways on the same noised validation input (+ on heavy trajectories)")
+    common(a)
+    a.add_argument("--grid", type=int, default=20, help="number of t values")
+    a.add_argument("--batches", type=int, default=4)
+    a.add_argument("--batch-size", type=int, default=16)
+    a.add_argument("--trajectory-samples", type=int, default=8,
+                   help="heavy-model samples for the trajectory variant (0: skip)")
+    a.add_argument("--trajectory-steps", type=int, default=64)
+    a.set_defaults(fn=cmd_analyze)
+
+    s = ss.add_parser("search", help="sample + judge every light/heavy assignment of S "
+                      "segments; saved-FLOPs vs gen PPL frontier")
+    common(s)
+    s.add_argument("--judge", required=True, help="AR judge: tdlm ar run or HF folder")
+    s.add_argument("--steps", type=int, default=128)
+    s.add_argument("--segments", type=int, default=8)
+    s.add_argument("--light-segments", type=int,
+                   help="number of light segments (default: all 2^S assignments; -1: only "
+                        "--masks)")
+    s.add_argument("--masks", help="more assignments to evaluate, e.g. LLHHHHHL,HHLLLHHH")
+    s.add_argument("--prefix-from-val", type=int, metavar="K",
+                   help="prefix-conditional: clamp the first K tokens of held-out documents "
+                        "(the same prefixes for every schedule and seed)")
+    s.add_argument("--num", type=int, default=16, help="samples per seed")
+    s.add_argument("--seeds", type=int, default=2, help="number of sampling seeds (--seed, "
+                   "--seed + 1, ...; the same for every schedule)")
+    s.add_argument("--batch", type=int, default=0, help="samples per sampler call (0: all)")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.set_defaults(fn=cmd_search)

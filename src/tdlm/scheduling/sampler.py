@@ -192,7 +192,7 @@ class ScheduledSampler:
 def load_scheduled(paths: Mapping[str, str], device: str = "cpu", use_ema: bool = True
                    ) -> ScheduledSampler:
     """Load checkpoints by name (``{"H": "runs/heavy", "L": "runs/light"}``)."""
-    from ..api import load
+    from ..pipeline import load
     for n in paths:
         try:
             parse_schedule(n)

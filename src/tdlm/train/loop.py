@@ -9,13 +9,17 @@ reproduces the uninterrupted run's losses bit for bit (tests/test_train.py, test
 Because the noise does not depend on which process draws it, a multi-process (torchrun) run
 equals the single-process run with the same ``micro_batch`` (tests/test_distributed.py).
 
+One optimizer step is :func:`tdlm.train.step.train_step`; this module owns set-up, resume,
+validation, metrics and checkpoints around it. SIGTERM/SIGINT: the step in progress is finished
+on every rank, checkpointed, and :class:`Preempted` is raised (``tdlm train`` exits 75;
+``tdlm.train.preemption``).
+
 GPU paths (:func:`resolve_runtime`): bf16 autocast, per-block ``torch.compile``, fused AdamW
 and flash-first SDPA on CUDA only; all off on the CPU (tests/test_gpu_paths.py).
 """
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,7 +31,8 @@ import torch
 from ..config import RunConfig
 from ..errors import TdlmError
 from ..families import get_family_class
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from ..store.checkpoint import load_checkpoint, save_checkpoint
+from ..utils.io import atomic_write, atomic_write_text
 from .preemption import Preempted, Preemption
 from .step import (EMA, RuntimeOptions, StepContext, lr_at, make_optimizer,  # noqa: F401
                    micro_seed, nonfinite_error, resolve_runtime, sdpa_context, step_seed,
@@ -118,252 +123,304 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
 
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool,
            stop_after: Optional[int], log: Callable[[str], None], info, dist_device) -> TrainResult:
-    from . import distributed as D
-    from ..data import BatchIterator, build_data
-    from ..data.batches import num_tokens
-    from ..data.layouts import write_length_report
-    from ..data.tokenizer import Tokenizer
-    from ..eval.nelbo import evaluate_nelbo
-
-    main = info.is_main
-    W = info.world_size
-    ckpt = None
-    setup_error: Optional[BaseException] = None
-    if main:
-        created = False
-        try:
-            created = _check_out_dir(run_dir, resume)
-            if resume:
-                ckpt = load_checkpoint(run_dir)
-                cfg = ckpt.config      # the run's own resolved config
-            else:
-                # work on a copy: the vocabulary size is resolved below and must not leak into
-                # the caller's object
-                preset = cfg.preset
-                cfg = RunConfig.from_dict(cfg.to_dict())
-                cfg.preset = preset
-            tc = cfg.train
-            D.derive_micro(tc.global_batch, tc.micro_batch, W)      # checked before any output
-            if ckpt is not None and ckpt.extra("tokenizer") is not None:
-                # the checkpoint's own tokenizer: resuming never retrains or swaps it
-                data = build_data(cfg.data, None,
-                                  tokenizer=Tokenizer.load(str(ckpt.extra("tokenizer"))))
-            else:
-                # a fresh run never reuses a tokenizer left in the folder by an earlier attempt
-                data = build_data(cfg.data, None)
-            data.tokenizer.save(str(run_dir))
-            if cfg.model.vocab_size != data.tokenizer.vocab_size:
-                if ckpt is not None:
-                    raise TdlmError(f"checkpoint {ckpt.path} was trained with vocab_size "
-                                    f"{cfg.model.vocab_size}, but its tokenizer has "
-                                    f"{data.tokenizer.vocab_size} tokens")
-                cfg.model.vocab_size = data.tokenizer.vocab_size   # resolved from the tokenizer
-            fam_cls = get_family_class(cfg.model.family)
-            resources = (fam_cls.resources_from_checkpoint(ckpt) if ckpt is not None
-                         else fam_cls.prepare(cfg, data, run_dir))
-            family = fam_cls(cfg, **resources)
-            atomic_write_text(run_dir / "config.json", cfg.to_json())
-            atomic_write_text(run_dir / "data.json", json.dumps(data.provenance, indent=2))
-            write_length_report(data, str(run_dir))     # varlen: length_histogram.json/.png
-        except BaseException as e:
-            if created:     # nothing of this run exists yet: leave no half-made folder behind
-                shutil.rmtree(run_dir, ignore_errors=True)
-            if not info.distributed:
-                raise
-            setup_error = e
-        if info.distributed and not D.agree(setup_error is None, info):
-            raise setup_error
+    if info.is_main:
+        cfg, ckpt, data, family = _setup_main(cfg, run_dir, resume, info)
     else:
-        # the other ranks wait for rank 0's checks and outputs, then read what it wrote
-        if not D.agree(True, info):
-            raise TdlmError(f"rank 0 could not set up the run in {run_dir} (see its error); "
-                            f"rank {info.rank} stopped")
-        if resume:
-            ckpt = load_checkpoint(run_dir)
-            cfg = ckpt.config
-        else:
-            cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-        tok = Tokenizer.load(str(ckpt.extra("tokenizer"))) if (
-            ckpt is not None and ckpt.extra("tokenizer") is not None) else Tokenizer.load(str(run_dir))
-        data = build_data(cfg.data, None, tokenizer=tok)
-        fam_cls = get_family_class(cfg.model.family)
-        resources = (fam_cls.resources_from_checkpoint(ckpt) if ckpt is not None
-                     else fam_cls.prepare(cfg, data, None))
-        family = fam_cls(cfg, **resources)
-    tc = cfg.train
-    device = dist_device if info.distributed else resolve_device(tc.device)
-    opts = resolve_runtime(tc, device)
-    micro, _accum = D.derive_micro(tc.global_batch, tc.micro_batch, W)
+        cfg, ckpt, data, family = _setup_other(run_dir, resume, info)
+    device = dist_device if info.distributed else resolve_device(cfg.train.device)
+    run = _Run(cfg, run_dir, family, data, info, device)
+    run.build(ckpt, log)
+    return run.loop(progress, stop_after)
 
-    fsdp = info.distributed and tc.parallel == "fsdp"
-    torch.manual_seed(tc.seed)
-    model = family.build_model()
-    if not fsdp:
-        model = model.to(device)
-    # FSDP: the full model lives in host memory only until fully_shard moves each rank's
-    # shards to its device (so a model larger than one device can be trained)
-    if ckpt is not None:
-        model.load_state_dict(ckpt.model_state)
-    if opts.compile:
-        # block by block: works for every family (TDLM calls model.features, not forward)
-        for unit in D.fsdp_units(model):
-            unit.compile()
-    loss_mod = D.LossModule(family, model)
-    wrapped = D.wrap_model(loss_mod, tc.parallel, info, device)
-    opt = make_optimizer(model.parameters(), tc, opts)
-    ema = EMA(model, tc.ema) if tc.ema > 0 else None
-    start, history = 0, []
-    metrics_path = run_dir / "metrics.jsonl"
-    if ckpt is not None:
+
+def _load_data(cfg: RunConfig, ckpt, run_dir: Path, main: bool):
+    """The run's data with its tokenizer: the checkpoint's own when resuming (never retrained
+    or swapped); a fresh run (rank 0) never reuses a tokenizer left by an earlier attempt;
+    other ranks read the one rank 0 saved."""
+    from ..data import build_data
+    from ..data.tokenizer import Tokenizer
+    if ckpt is not None and ckpt.extra("tokenizer") is not None:
+        return build_data(cfg.data, None, tokenizer=Tokenizer.load(str(ckpt.extra("tokenizer"))))
+    if main:
+        return build_data(cfg.data, None)
+    return build_data(cfg.data, None, tokenizer=Tokenizer.load(str(run_dir)))
+
+
+def _setup_main(cfg: RunConfig, run_dir: Path, resume: bool, info):
+    """Rank 0 (or the single process): check the folder, resolve the config and vocabulary,
+    prepare the family's resources and write config.json, data.json and the tokenizer. Every
+    rank learns whether this worked (an error stops all of them)."""
+    from . import distributed as D
+    from ..data.layouts import write_length_report
+    created, error, out = False, None, None
+    try:
+        created = _check_out_dir(run_dir, resume)
+        ckpt = load_checkpoint(run_dir) if resume else None
+        # a fresh run works on a copy: the vocabulary size is resolved below and must not
+        # leak into the caller's object
+        cfg = ckpt.config if ckpt is not None else _copy_config(cfg)
+        D.derive_micro(cfg.train.global_batch, cfg.train.micro_batch, info.world_size)
+        data = _load_data(cfg, ckpt, run_dir, True)
+        data.tokenizer.save(str(run_dir))
+        if cfg.model.vocab_size != data.tokenizer.vocab_size:
+            if ckpt is not None:
+                raise TdlmError(f"checkpoint {ckpt.path} was trained with vocab_size "
+                                f"{cfg.model.vocab_size}, but its tokenizer has "
+                                f"{data.tokenizer.vocab_size} tokens")
+            cfg.model.vocab_size = data.tokenizer.vocab_size   # resolved from the tokenizer
+        family = _family_for(cfg, ckpt, data, run_dir)
+        atomic_write_text(run_dir / "config.json", cfg.to_json())
+        atomic_write_text(run_dir / "data.json", json.dumps(data.provenance, indent=2))
+        write_length_report(data, str(run_dir))     # varlen: length_histogram.json/.png
+        out = (cfg, ckpt, data, family)
+    except BaseException as e:
+        if created:     # nothing of this run exists yet: leave no half-made folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        if not info.distributed:
+            raise
+        error = e
+    if info.distributed and not D.agree(error is None, info):
+        raise error
+    return out
+
+
+def _setup_other(run_dir: Path, resume: bool, info):
+    """Ranks > 0 wait for rank 0's checks and outputs, then read what it wrote."""
+    from . import distributed as D
+    if not D.agree(True, info):
+        raise TdlmError(f"rank 0 could not set up the run in {run_dir} (see its error); "
+                        f"rank {info.rank} stopped")
+    ckpt = load_checkpoint(run_dir) if resume else None
+    cfg = ckpt.config if ckpt is not None else RunConfig.from_dict(
+        json.loads((run_dir / "config.json").read_text()))
+    data = _load_data(cfg, ckpt, run_dir, False)
+    return cfg, ckpt, data, _family_for(cfg, ckpt, data, None)
+
+
+def _copy_config(cfg: RunConfig) -> RunConfig:
+    out = RunConfig.from_dict(cfg.to_dict())
+    out.preset = cfg.preset
+    return out
+
+
+def _family_for(cfg: RunConfig, ckpt, data, run_dir):
+    fam_cls = get_family_class(cfg.model.family)
+    resources = (fam_cls.resources_from_checkpoint(ckpt) if ckpt is not None
+                 else fam_cls.prepare(cfg, data, run_dir))
+    return fam_cls(cfg, **resources)
+
+
+class _Run:
+    """One training run in this process: model, optimizer, EMA, metrics and checkpoints
+    (rank 0 writes), validation, and the loop over :func:`train_step`."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, family, data, info, device):
+        from . import distributed as D
+        self.cfg, self.tc, self.run_dir, self.family, self.data = cfg, cfg.train, run_dir, family, data
+        self.info, self.main, self.device = info, info.is_main, device
+        self.opts = resolve_runtime(self.tc, device)
+        self.micro, _ = D.derive_micro(self.tc.global_batch, self.tc.micro_batch, info.world_size)
+        self.fsdp = info.distributed and self.tc.parallel == "fsdp"
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.history: list = []
+        self.start = 0
+        self.final: Optional[Path] = None
+
+    def build(self, ckpt, log) -> None:
+        """Model (seeded), its checkpoint state, compile, DDP/FSDP, AdamW, EMA; on resume the
+        optimizer, EMA, step, metrics history and RNG state."""
+        from . import distributed as D
+        tc, info = self.tc, self.info
+        torch.manual_seed(tc.seed)
+        model = self.family.build_model()
+        if not self.fsdp:
+            model = model.to(self.device)
+        # FSDP: the full model lives in host memory only until fully_shard moves each rank's
+        # shards to its device (so a model larger than one device can be trained)
+        if ckpt is not None:
+            model.load_state_dict(ckpt.model_state)
+        if self.opts.compile:
+            # block by block: works for every family (TDLM calls model.features, not forward)
+            for unit in D.fsdp_units(model):
+                unit.compile()
+        self.model = model
+        self.wrapped = D.wrap_model(D.LossModule(self.family, model), tc.parallel, info,
+                                    self.device)
+        self.opt = make_optimizer(model.parameters(), tc, self.opts)
+        self.ema = EMA(model, tc.ema) if tc.ema > 0 else None
+        if ckpt is not None:
+            self._restore(ckpt, log)
+
+    def _restore(self, ckpt, log) -> None:
+        from . import distributed as D
+        info = self.info
         osd = ckpt.optimizer_state()
         if osd is not None:
             if info.distributed:
-                D.load_optimizer_state(model, opt, osd)
+                D.load_optimizer_state(self.model, self.opt, osd)
             else:
-                opt.load_state_dict(osd)
-        if ema is not None:
+                self.opt.load_state_dict(osd)
+        if self.ema is not None:
             if ckpt.ema_state is None:
                 raise TdlmError(f"checkpoint {ckpt.path} has no EMA weights but the run uses "
-                                f"ema={tc.ema}")
-            ema.shadow = {k: (D.shard_like(v.float(), ema.shadow[k]) if info.distributed
-                              else v.float()) for k, v in ckpt.ema_state.items()}
-        start = int(ckpt.trainer["step"])
-        history = list(ckpt.trainer.get("history", []))
+                                f"ema={self.tc.ema}")
+            self.ema.shadow = {k: (D.shard_like(v.float(), self.ema.shadow[k])
+                                   if info.distributed else v.float())
+                               for k, v in ckpt.ema_state.items()}
+        self.start = int(ckpt.trainer["step"])
+        self.history = list(ckpt.trainer.get("history", []))
+        self.final = ckpt.path
         rng = ckpt.rng_state()
         torch.set_rng_state(rng["torch_cpu"])
         if "torch_cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["torch_cuda"])
-        if main:
+        if self.main:
             # records written after the checkpoint (by the interrupted process) are replayed
-            _write_metrics(metrics_path, history)
-            log(f"resumed from {ckpt.path} at step {start}")
+            _write_metrics(self.metrics_path, self.history)
+            log(f"resumed from {ckpt.path} at step {self.start}")
 
-    # varlen (ragged) data: length-bucketed batches; micro-batches also capped at
-    # cfg.data.micro_tokens tokens (dense batches: rows only)
-    bucket = cfg.data.bucket_factor if getattr(data.train, "ragged", False) else 0
-    batches = BatchIterator(data.train, tc.global_batch, tc.seed, start_batch=start,
-                            bucket_factor=bucket)
-    extra = family.state_files()
-    extra["tokenizer"] = data.tokenizer.save
+    # ---- outputs ----------------------------------------------------------------------
+    def record(self, rec: dict) -> None:
+        self.history.append(rec)
+        if self.main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
 
-    def write_ckpt(step: int) -> Optional[Path]:
+    def write_ckpt(self, step: int) -> Optional[Path]:
         """Rank 0 writes the full state in the single-process format (FSDP: gathered from
         the shards by all ranks); every rank learns whether it worked."""
-        if fsdp:
-            save_model = D.StateView(D.full_state_dict(model.state_dict(), keep=main))
-            save_opt = D.OptimizerView(D.full_optimizer_state(model, opt, keep=main))
+        from . import distributed as D
+        info, main, ema = self.info, self.main, self.ema
+        if self.fsdp:
+            save_model = D.StateView(D.full_state_dict(self.model.state_dict(), keep=main))
+            save_opt = D.OptimizerView(D.full_optimizer_state(self.model, self.opt, keep=main))
             save_ema = D.full_state_dict(ema.shadow, keep=main) if ema is not None else None
         else:
-            save_model, save_opt = model, opt
+            save_model, save_opt = self.model, self.opt
             save_ema = ema.shadow if ema is not None else None
+        extra = self.family.state_files()
+        extra["tokenizer"] = self.data.tokenizer.save
         path, err = None, None
         if main:
             try:
-                path = save_checkpoint(run_dir, step, cfg, save_model, save_opt, save_ema,
-                                       {"history": history, "data_position": step}, extra)
+                path = save_checkpoint(self.run_dir, step, self.cfg, save_model, save_opt,
+                                       save_ema, {"history": self.history, "data_position": step},
+                                       extra)
             except BaseException as e:
                 if not info.distributed:
                     raise
                 err = e
-        if info.distributed and not D.agree(err is None, info, device):
+        if info.distributed and not D.agree(err is None, info, self.device):
             if err is not None:
                 raise err
             raise TdlmError(f"rank 0 could not write the checkpoint of step {step} (see its "
                             f"error); rank {info.rank} stopped")
-        return path if main else run_dir / "checkpoints" / f"step_{step:07d}"
+        return path if main else self.run_dir / "checkpoints" / f"step_{step:07d}"
 
-    def params_finite() -> bool:
+    def params_finite(self) -> bool:
+        from . import distributed as D
         ok = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
-                 for p in model.parameters())
-        return D.agree(ok, info, device)
+                 for p in self.model.parameters())
+        return D.agree(ok, self.info, self.device)
 
-    def validate(step: int) -> dict:
-        if info.distributed:
-            backup = D.swap_in(model, ema.shadow) if ema is not None else None
+    def validate(self, step: int) -> dict:
+        """Validation NELBO (EMA weights when the run keeps them) -> metrics."""
+        from . import distributed as D
+        from ..eval.nelbo import evaluate_nelbo
+        tc, ema, fsdp = self.tc, self.ema, self.fsdp
+        kw = dict(batch_size=self.micro, max_batches=tc.eval_batches, seed=tc.seed,
+                  device=self.device, precision=tc.precision)
+        if self.info.distributed:
+            backup = D.swap_in(self.model, ema.shadow) if ema is not None else None
             try:
-                fam_eval = _EvalFamily(family, wrapped if fsdp else None)
-                res = evaluate_nelbo(fam_eval, wrapped if fsdp else model, data.val,
-                                     batch_size=micro, max_batches=tc.eval_batches,
-                                     seed=tc.seed, device=device, precision=tc.precision,
-                                     dist=info)
+                res = evaluate_nelbo(_EvalFamily(self.family, self.wrapped if fsdp else None),
+                                     self.wrapped if fsdp else self.model, self.data.val,
+                                     dist=self.info, **kw)
             finally:
                 if fsdp:
-                    D.reshard(wrapped)
+                    D.reshard(self.wrapped)
                 if backup is not None:
-                    D.swap_out(model, backup)
+                    D.swap_out(self.model, backup)
         else:
-            eval_model = model
+            eval_model = self.model
             if ema is not None:
-                eval_model = family.build_model().to(device)
+                eval_model = self.family.build_model().to(self.device)
                 ema.copy_to(eval_model)
-            res = evaluate_nelbo(family, eval_model, data.val, batch_size=micro,
-                                 max_batches=tc.eval_batches, seed=tc.seed, device=device,
-                                 precision=tc.precision)
+            res = evaluate_nelbo(self.family, eval_model, self.data.val, **kw)
         rec = {"step": step, "split": "val", **{k: res[k] for k in
                ("nelbo_per_token", "ppl_bound", "bits_per_token", "tokens")}}
-        history.append(rec)
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        self.record(rec)
         return rec
 
-    bar = None
-    if progress and main:
-        from tqdm import tqdm
-        bar = tqdm(total=tc.max_steps, initial=start, desc="train", dynamic_ncols=True)
-    losses: list = []
-    last_val = next((r for r in reversed(history) if r.get("split") == "val"), None)
-    final = ckpt.path if ckpt is not None else None
-    t_last, tok_count = time.perf_counter(), 0
-    done = start
-    step_ctx = StepContext(wrapped=wrapped, model=model, opt=opt, tc=tc, micro=micro,
-                           micro_tokens=cfg.data.micro_tokens, device=device, opts=opts,
-                           info=info, ema=ema)
-    preempt = Preemption(info, device)
-    try:
-        for step in range(start, tc.max_steps):
-            wrapped.train()
-            batch = next(batches)
-            res = train_step(step_ctx, batch, step, final)
-            loss_val, lr, gnorm = res.loss, res.lr, res.grad_norm
-            losses.append(loss_val)
-            tok_count += num_tokens(batch)
-            done = step + 1
-            if done % tc.log_every == 0 or done == tc.max_steps:
-                dt = time.perf_counter() - t_last
-                rec = {"step": done, "split": "train", "loss": loss_val, "lr": lr,
-                       "grad_norm": gnorm, "tokens_per_s": tok_count / max(dt, 1e-9)}
-                history.append(rec)
-                if main:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                t_last, tok_count = time.perf_counter(), 0
+    # ---- the loop ---------------------------------------------------------------------
+    def loop(self, progress: bool, stop_after: Optional[int]) -> TrainResult:
+        from ..data import BatchIterator
+        tc = self.tc
+        # varlen (ragged) data: length-bucketed batches; micro-batches also capped at
+        # data.micro_tokens tokens (dense batches: rows only)
+        bucket = self.cfg.data.bucket_factor if getattr(self.data.train, "ragged", False) else 0
+        batches = BatchIterator(self.data.train, tc.global_batch, tc.seed,
+                                start_batch=self.start, bucket_factor=bucket)
+        ctx = StepContext(wrapped=self.wrapped, model=self.model, opt=self.opt, tc=tc,
+                          micro=self.micro, micro_tokens=self.cfg.data.micro_tokens,
+                          device=self.device, opts=self.opts, info=self.info, ema=self.ema)
+        bar = _progress_bar(tc, self.start) if progress and self.main else None
+        self.losses: list = []
+        self.last_val = next((r for r in reversed(self.history) if r.get("split") == "val"), None)
+        self.clock = [time.perf_counter(), 0]            # last log time, tokens since
+        done = self.start
+        preempt = Preemption(self.info, self.device)
+        try:
+            for step in range(self.start, tc.max_steps):
+                self.wrapped.train()
+                batch = next(batches)
+                res = train_step(ctx, batch, step, self.final)
+                done = step + 1
+                self._after_step(done, batch, res, bar)
+                stop = preempt.requested()          # a collective: every rank stops here
+                if (done % tc.ckpt_every == 0 or done == tc.max_steps or done == stop_after
+                        or stop):
+                    if not self.params_finite():
+                        raise nonfinite_error("parameters", done, self.final)
+                    self.final = self.write_ckpt(done)
+                if stop and done < tc.max_steps:
+                    raise Preempted(preempt.signame, done, self.final, self.run_dir)
+                if stop_after is not None and done >= stop_after:
+                    break
+        finally:
+            preempt.restore()
             if bar is not None:
-                bar.update(1)
-            if done % tc.eval_every == 0 or done == tc.max_steps:
-                last_val = validate(done)
-                if bar is not None:
-                    bar.write(f"step {done}: val NELBO/token {last_val['nelbo_per_token']:.4f} "
-                              f"(ppl <= {last_val['ppl_bound']:.2f})")
-            stop = preempt.requested()          # a collective: every rank stops at this step
-            if (done % tc.ckpt_every == 0 or done == tc.max_steps or done == stop_after
-                    or stop):
-                if not params_finite():
-                    raise nonfinite_error("parameters", done, final)
-                final = write_ckpt(done)
-            if stop and done < tc.max_steps:
-                raise Preempted(preempt.signame, done, final, run_dir)
-            if stop_after is not None and done >= stop_after:
-                break
-    finally:
-        preempt.restore()
+                bar.close()
+        if self.main:
+            plot_history(self.history, self.run_dir / "loss_curve.png")
+        return TrainResult(self.run_dir, done, self.losses, self.final, self.last_val)
+
+    def _after_step(self, done: int, batch, res, bar) -> None:
+        """Log the training record every ``log_every`` steps, validate every ``eval_every``."""
+        from ..data.batches import num_tokens
+        tc = self.tc
+        self.losses.append(res.loss)
+        self.clock[1] += num_tokens(batch)
+        if done % tc.log_every == 0 or done == tc.max_steps:
+            dt = time.perf_counter() - self.clock[0]
+            rec = {"step": done, "split": "train", "loss": res.loss, "lr": res.lr,
+                   "grad_norm": res.grad_norm, "tokens_per_s": self.clock[1] / max(dt, 1e-9)}
+            self.record(rec)
+            if bar is not None:
+                bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            self.clock = [time.perf_counter(), 0]
         if bar is not None:
-            bar.close()
-    if main:
-        plot_history(history, run_dir / "loss_curve.png")
-    return TrainResult(run_dir, done, losses, final, last_val)
+            bar.update(1)
+        if done % tc.eval_every == 0 or done == tc.max_steps:
+            self.last_val = self.validate(done)
+            if bar is not None:
+                bar.write(f"step {done}: val NELBO/token {self.last_val['nelbo_per_token']:.4f} "
+                          f"(ppl <= {self.last_val['ppl_bound']:.2f})")
+
+
+def _progress_bar(tc, start: int):
+    from tqdm import tqdm
+    return tqdm(total=tc.max_steps, initial=start, desc="train", dynamic_ncols=True)
 
 
 class _EvalFamily:
@@ -401,7 +458,5 @@ def plot_history(history: list, path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
     plt.close(fig)
-    tmp.replace(path)

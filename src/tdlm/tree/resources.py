@@ -35,10 +35,10 @@ def build_from_source(source: str, V: int, K: int, H: int, *, seed: int = 0,
     elif source == "random":
         emb = random_embeddings(V, dim, seed)
     elif source == "checkpoint":
-        from ..train.checkpoint import load_checkpoint
+        from ..store.checkpoint import load_checkpoint
         ck = load_checkpoint(checkpoint)
         if vocab_hash:      # embeddings of another tokenizer would silently be mis-assigned
-            from ..api import load_tokenizer
+            from ..store.checkpoint import tokenizer_of as load_tokenizer
             ck_hash = load_tokenizer(ck).vocab_hash()
             if ck_hash != vocab_hash:
                 raise CheckpointError(f"checkpoint {ck.path} was trained with another tokenizer "

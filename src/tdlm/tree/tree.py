@@ -34,7 +34,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -42,6 +41,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError
+from ..utils.io import atomic_write_bytes
 
 FORMAT_NAME = "tdlm.vocab_tree"
 FORMAT_VERSION = 1
@@ -353,17 +353,7 @@ class VocabTree:
         else:
             from safetensors.numpy import save as st_save
             data = st_save(arrays, metadata=header)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(path, data)
         return path
 
     @classmethod

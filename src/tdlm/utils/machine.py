@@ -1,27 +1,15 @@
-"""Small helpers shared across the package."""
+"""What a benchmark ran on."""
 from __future__ import annotations
 
-import hashlib
 import os
+import platform
 from typing import Optional
-
-
-def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(block), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def machine_info(threads: Optional[int] = None) -> dict:
     """What a benchmark ran on: platform, python, torch, CPU model, core count, total memory,
     torch threads, GPU name when CUDA is available, and the load average at the call (the
     machines these benchmarks run on are often shared)."""
-    import os
-    import platform
-
     import torch
     d = {"platform": platform.platform(), "python": platform.python_version(),
          "torch": torch.__version__, "cpu_count": os.cpu_count(),
