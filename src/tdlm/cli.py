@@ -124,15 +124,18 @@ def _sample(ckpt_path: str, num: int, steps: int, seed: int, temperature: float,
     extra = {}
     if steps_split:
         extra["steps_split"] = parse_steps_split(steps_split, pipe.cfg, pipe.family, steps)
-    is_did = pipe.cfg.model.family == "did"
-    if trajectory and not is_did:
-        raise ConfigError("--trajectory applies to did (insertion) models only")
+    opts = pipe.family.sample_options
+    if trajectory and "trajectory" not in opts:
+        raise ConfigError(f"--trajectory applies to insertion models only (not "
+                          f"{pipe.cfg.model.family!r})")
     if prompt is not None:
         extra["prefix"] = encode_prompt(pipe.tokenizer, prompt, num)
     traj = [] if trajectory else None
     stats: dict = {}
-    if is_did:
-        extra.update(trajectory=traj, stats=stats)
+    if "trajectory" in opts:
+        extra["trajectory"] = traj
+    if "stats" in opts:
+        extra["stats"] = stats
     t0 = time.perf_counter()
     ids = pipe.generate_ids(num, steps, seq_len=seq_len, seed=seed, temperature=temperature,
                             top_p=top_p, **extra)
@@ -151,8 +154,8 @@ def _sample(ckpt_path: str, num: int, steps: int, seed: int, temperature: float,
             "seq_len": max(lengths), "mean_length": sum(lengths) / len(lengths),
             "seconds": dt, "seconds_per_sample": dt / num, "prompt": prompt,
             "steps_split_root_to_leaf": steps_split or "even"}
-    if is_did:
-        meta.update(did_length=pipe.cfg.model.did_length, **stats)
+    meta.update(pipe.family.describe(), **stats)
+    if pipe.family.variable_length:
         try:
             from .data.histogram import write_length_histogram
         except ImportError:
@@ -197,7 +200,9 @@ def cmd_export(args) -> int:
 
 def cmd_info(args) -> int:
     from .config import get_preset, preset_names
-    from .families import meta_model
+    import torch
+
+    from .families import get_family_class
     from .nn.dit import count_parameters
     if args.list:
         print("\n".join(preset_names()))
@@ -205,15 +210,16 @@ def cmd_info(args) -> int:
     rows = {}
     for name in args.preset or ["tiny"]:
         cfg = get_preset(name)
-        model = meta_model(cfg)
+        cls = get_family_class(cfg.model.family)
+        fam = cls(cfg, **cls.shape_resources(cfg))
+        with torch.device("meta"):
+            model = fam.build_model()
         c = count_parameters(model)
         m = cfg.model
         rows[name] = {"family": m.family, "d_model": m.d_model, "n_layers": m.n_layers,
                       "n_heads": m.n_heads, "vocab_size": m.vocab_size, "seq_len": cfg.data.seq_len,
                       "parameters": c}
-        if m.family == "tdlm":
-            rows[name].update(tree_K=m.tree_K, tree_H=m.tree_H,
-                              tree_nodes=model.backbone.vocab_embed.num_embeddings)
+        rows[name].update(fam.describe())
     if args.json:
         print(json.dumps(rows if len(rows) > 1 else next(iter(rows.values())), indent=2))
     else:

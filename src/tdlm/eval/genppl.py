@@ -90,7 +90,7 @@ class TdlmARJudge(Judge):
     def __init__(self, path: str, device: str = "cpu", precision: str = "fp32"):
         from ..pipeline import load
         pipe = load(path, device=device)
-        if pipe.cfg.model.family != "ar":
+        if not pipe.family.causal:
             raise CheckpointError(f"judge {path} holds a {pipe.cfg.model.family!r} model; a judge "
                                   "must be autoregressive (a tdlm 'ar' checkpoint or a Hugging "
                                   "Face causal LM folder)")

@@ -33,6 +33,7 @@ class CausalLM(nn.Module):
 @register("ar")
 class Autoregressive(Family):
     is_diffusion = False
+    causal = True
 
     def build_model(self) -> nn.Module:
         return CausalLM(self.cfg)

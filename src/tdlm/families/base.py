@@ -1,8 +1,12 @@
 """What every model family provides, and the registry that maps a config's family to it.
 
 A family = a model builder + an objective (``loss``; with ``exact=True`` it is the
-evaluation NELBO with exact weights) + a sampler. Shared code (training, evaluation, CLI)
-talks only to this interface, never ``if family == ...``.
+evaluation NELBO with exact weights) + a sampler, and it *declares* what shared code needs to
+know (class attributes ``causal``, ``schedulable``, ``variable_length``, ``sample_options``;
+methods ``describe``, ``process_signature``, ``phases``, ``noised_predictions``), so shared code
+(training, evaluation, scheduling, CLI) never asks ``if family == ...``. Families are found by
+importing every module of this package (no hard-coded list): a new family is a new module
+that calls :func:`register`.
 """
 from __future__ import annotations
 
@@ -36,6 +40,32 @@ class Family:
     name = "base"
     is_diffusion = True
     discrete_time = False       # honours diffusion.num_timesteps (discrete-time NELBO)
+    causal = False              # left-to-right model (can serve as a generative-PPL judge)
+    schedulable = False         # may take part in a model-scheduling plan
+    variable_length = False     # samples have varying lengths (length histograms are written)
+    sample_options: frozenset = frozenset()   # sampler options beyond the shared ones
+    layouts: tuple = ("packed", "crop_pad", "packed_bos")   # data layouts it trains on
+
+    def describe(self) -> dict:
+        """Family-specific facts for ``tdlm info``, sample metadata and model cards."""
+        return {}
+
+    def process_signature(self) -> dict:
+        """What two models must share, beyond vocabulary, schedule and length, to be mixed
+        in one sampling plan (e.g. a tree)."""
+        return {}
+
+    def phases(self, steps: int, split=None):
+        """Sampling steps per phase in sampling order (TDLM: per level, root first), or None
+        for a single phase."""
+        return None
+
+    def noised_predictions(self, x0: torch.Tensor, valid: torch.Tensor, t: float,
+                           generator: torch.Generator):
+        """Noise ``x0`` once at time t and return ``(run, n)``: ``run(model)`` gives
+        ``(log p_model [n, C], target [n])`` at the n noised, valid positions of that same
+        z (step-importance analysis of model scheduling)."""
+        raise ConfigError(f"step analysis is not available for the {self.name!r} family")
 
     def __init__(self, cfg: RunConfig, **resources):
         self.cfg = cfg
@@ -99,14 +129,27 @@ def register(name: str):
     return deco
 
 
-def get_family_class(name: str) -> type:
+def _discover() -> None:
+    """Import every module and subpackage of this package (each registers its families)."""
     import importlib
-    for mod in ("masked", "autoregressive", "tree", "deletion_insertion"):
-        try:
-            importlib.import_module(f"{__package__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{mod}":
-                raise
+    import pkgutil
+    import sys
+    pkg = sys.modules[__package__]
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__package__}.{info.name}")
+
+
+def family_names(**declared) -> list[str]:
+    """Registered family names, optionally only those with the given declarations
+    (e.g. ``family_names(schedulable=True)``)."""
+    _discover()
+    return sorted(n for n, c in _REGISTRY.items()
+                  if all(getattr(c, k) == v for k, v in declared.items()))
+
+
+def get_family_class(name: str) -> type:
+    _discover()
     if name not in _REGISTRY:
         raise ConfigError(f"model family {name!r} is not available; available: "
                           f"{', '.join(sorted(_REGISTRY))}")

@@ -138,6 +138,13 @@ def unpack(flat: torch.Tensor, packing: Packing, fill: int = 0) -> torch.Tensor:
 @register("did")
 class DeletionInsertion(Family):
     """Deletion-insertion diffusion (fixed or variable length; ``model.did_length``)."""
+    variable_length = True
+    layouts = ("packed_bos", "varlen")
+    sample_options = frozenset({"trajectory", "stats", "prompts", "allowed", "max_extra_steps",
+                                "exclude_tokens"})
+
+    def describe(self) -> dict:
+        return {"did_length": self.mode}
 
     def __init__(self, cfg: RunConfig, **resources):
         super().__init__(cfg)

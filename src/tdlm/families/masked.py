@@ -83,6 +83,7 @@ def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int) -> torch
 @register("mdlm")
 class MaskedDiffusion(Family):
     discrete_time = True
+    schedulable = True
 
     def __init__(self, cfg: RunConfig, **resources):
         super().__init__(cfg)
@@ -141,6 +142,18 @@ class MaskedDiffusion(Family):
         ce = torch.where(scored, ce, torch.zeros_like(ce))
         nll = w.float() * ce.sum(-1)
         return LossTerms(nll=nll, n_tokens=valid.sum(-1).float(), parts={})
+
+    def noised_predictions(self, x0, valid, t: float, generator):
+        """Masked positions of one z ~ q(z_t | x0); classes: the V tokens."""
+        tv = torch.full((x0.shape[0],), t, dtype=torch.float64, device=x0.device)
+        z = self.corrupt(x0, tv, generator)
+        sigma = self.schedule.time_input(tv)
+        noised = (z == self.mask_id) & valid
+
+        def run(model):
+            logits = model(z, sigma)[..., :self.mask_id]
+            return torch.log_softmax(logits[noised].double(), -1), x0[noised]
+        return run, int(noised.sum())
 
     # ---- sampler -----------------------------------------------------------------------
     def sample_steps(self, steps: int, t_min: float = SAMPLE_T_MIN) -> list[Step]:

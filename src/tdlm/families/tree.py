@@ -148,6 +148,8 @@ class TreeLM(nn.Module):
 @register("tdlm")
 class TreeDiffusion(Family):
     discrete_time = True
+    schedulable = True
+    sample_options = frozenset({"steps_split"})
 
     def __init__(self, cfg: RunConfig, tree=None, **resources):
         super().__init__(cfg)
@@ -305,6 +307,35 @@ class TreeDiffusion(Family):
         nll = w.float() * per_seq
         parts = {f"level_{lv}": torch.where(h == lv, nll, torch.zeros_like(nll)) for lv in range(self.H)}
         return LossTerms(nll=nll, n_tokens=valid.sum(-1).float(), parts=parts)
+
+    # ---- declarations (families.base) ---------------------------------------------------
+    def describe(self) -> dict:
+        return {"tree_K": self.tree.K, "tree_H": self.tree.H, "tree_nodes": self.tree.num_nodes}
+
+    def process_signature(self) -> dict:
+        t = self.tree
+        d = self.cfg.diffusion
+        return {"tree": (t.K, t.H, t.num_nodes, np.asarray(t.anc).tobytes(),
+                         np.asarray(t.rank).tobytes()),
+                "window_allocation": d.window_allocation, "window_ratio": d.window_ratio}
+
+    def phases(self, steps: int, split=None):
+        return self.level_steps_root_to_leaf(steps, split)
+
+    def noised_predictions(self, x0, valid, t: float, generator):
+        """Positions moved to their parent at level h(t) in one z ~ q(z_t | x0); classes:
+        the children (target: the child on x's path)."""
+        tv = torch.full((x0.shape[0],), t, dtype=torch.float64, device=x0.device)
+        h, u, _ = self.locate(tv)
+        z, moved = self.corrupt(x0, h, u, generator)
+        sigma = self.time_input(h, u)
+        noised = moved & valid
+        target = self.rank.to(x0.device)[self.anc.to(x0.device)[h[:, None], x0]]
+
+        def run(model):
+            logits = model(z, sigma, h)
+            return torch.log_softmax(logits[noised].double(), -1), target[noised]
+        return run, int(noised.sum())
 
     # ---- sampler ----------------------------------------------------------------------
     def sample_steps(self, steps: int, steps_split: Optional[list] = None,

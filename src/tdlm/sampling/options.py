@@ -27,7 +27,7 @@ def check_sample_args(steps: int, num: int, seq_len: Optional[int], temperature:
 def parse_steps_split(text: str, cfg, family, steps: int) -> list[int]:
     """``--steps-split 64,64`` (given root-to-leaf) as the per-level step counts indexed by
     height (leaf first), validated against ``steps`` by the tree family."""
-    if cfg.model.family != "tdlm":
+    if "steps_split" not in family.sample_options:
         raise ConfigError("--steps-split applies to tdlm (tree) models only")
     try:
         split = [int(v) for v in text.split(",")][::-1]

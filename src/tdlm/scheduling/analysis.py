@@ -41,32 +41,8 @@ from .schedule import Schedule, split_even
 def _log_probs_on_noised(pipe, x0, valid, t: float, gen):
     """Draw z ~ q(z_t | x0) once (with ``pipe``'s family) and return ``(run, n)``: ``run(model)``
     gives ``(log p_model [n, C], target [n])`` at the n noised positions of that same z, so
-    both models are evaluated on identical inputs."""
-    fam = pipe.family
-    B = x0.shape[0]
-    tv = torch.full((B,), t, dtype=torch.float64, device=x0.device)
-    if pipe.cfg.model.family == "mdlm":
-        z = fam.corrupt(x0, tv, gen)
-        sigma = fam.schedule.time_input(tv)
-        noised = (z == fam.mask_id) & valid
-
-        def run(model):
-            logits = model(z, sigma)[..., :fam.mask_id]
-            return torch.log_softmax(logits[noised].double(), -1), x0[noised]
-        return run, int(noised.sum())
-    if pipe.cfg.model.family == "tdlm":
-        h, u, _ = fam.locate(tv)
-        z, moved = fam.corrupt(x0, h, u, gen)
-        sigma = fam.time_input(h, u)
-        noised = moved & valid
-        target = fam.rank.to(x0.device)[fam.anc.to(x0.device)[h[:, None], x0]]
-
-        def run(model):
-            logits = model(z, sigma, h)
-            return torch.log_softmax(logits[noised].double(), -1), target[noised]
-        return run, int(noised.sum())
-    raise ConfigError(f"step analysis applies to mdlm and tdlm models, not "
-                      f"{pipe.cfg.model.family!r}")
+    both models are evaluated on identical inputs (``Family.noised_predictions``)."""
+    return pipe.family.noised_predictions(x0, valid, t, gen)
 
 
 def _kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:

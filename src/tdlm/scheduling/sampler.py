@@ -19,7 +19,6 @@ from __future__ import annotations
 import time
 from typing import Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 
 from ..errors import ConfigError
@@ -27,20 +26,10 @@ from ..flops import flops_from_log, model_forward_flops
 from ..sampling.loop import ForwardLog
 from .schedule import Schedule, parse_schedule, resolve_schedule
 
-SCHEDULABLE = ("mdlm", "tdlm")
-
-
-def _tree_signature(pipe) -> Optional[tuple]:
-    tree = getattr(pipe.family, "tree", None)
-    if tree is None:
-        return None
-    return (tree.K, tree.H, tree.num_nodes, np.asarray(tree.anc).tobytes(),
-            np.asarray(tree.rank).tobytes())
-
-
 def compatibility_key(pipe) -> dict:
     """What models must share to be mixed in one sampling run: family (diffusion type),
-    its noise process (schedule, eps; TDLM: tree, level windows), tokenizer (vocabulary hash),
+    its noise process (schedule, eps, and what the family's ``process_signature`` adds, e.g.
+    a tree and its level windows), tokenizer (vocabulary hash),
     vocabulary size (so the [MASK] id), sequence length. Depth, width, heads and time
     conditioning may differ."""
     c = pipe.cfg
@@ -50,9 +39,7 @@ def compatibility_key(pipe) -> dict:
            "seq_len": c.data.seq_len, "noise schedule": c.diffusion.schedule,
            "eps": c.diffusion.eps,
            "tokenizer": getattr(tok, "vocab_hash", lambda: getattr(tok, "name", None))()}
-    if c.model.family == "tdlm":
-        key.update({"tree": _tree_signature(pipe), "window_allocation":
-                    c.diffusion.window_allocation, "window_ratio": c.diffusion.window_ratio})
+    key.update(pipe.family.process_signature())
     return key
 
 
@@ -62,10 +49,11 @@ def check_compatible(pipes: Mapping[str, object]) -> None:
         raise ConfigError("no models given")
     names = list(pipes)
     for n in names:
-        fam = pipes[n].cfg.model.family
-        if fam not in SCHEDULABLE:
-            raise ConfigError(f"model {n!r} is a {fam!r} model; model scheduling applies to "
-                              f"{', '.join(SCHEDULABLE)} models")
+        if not pipes[n].family.schedulable:
+            from ..families.base import family_names
+            raise ConfigError(f"model {n!r} is a {pipes[n].cfg.model.family!r} model; model "
+                              f"scheduling applies to "
+                              f"{', '.join(family_names(schedulable=True))} models")
     ref = compatibility_key(pipes[names[0]])
     for n in names[1:]:
         k = compatibility_key(pipes[n])
@@ -123,9 +111,7 @@ class ScheduledSampler:
                                   f"sampling uses {steps}")
             schedule.check_models(self.names)
             return schedule
-        level_steps = None
-        if self.cfg.model.family == "tdlm":
-            level_steps = self.primary.family.level_steps_root_to_leaf(steps, steps_split)
+        level_steps = self.primary.family.phases(steps, steps_split)
         return resolve_schedule(schedule, steps, self.names, light, heavy, level_steps,
                                 self.block_cost())
 

@@ -105,9 +105,10 @@ def load_pretrained_checkpoint(path, expect_family: Optional[str] = None) -> Pre
                                 weights=weights if weights in ("ema", "raw") else "raw")
 
 
-def _model_card(cfg, family: str, weights: str, step, source: str, n_params: int) -> str:
+def _model_card(cfg, family: str, weights: str, step, source: str, n_params: int,
+                details: Optional[dict] = None) -> str:
     m = cfg.model
-    tree = f", tree K={m.tree_K} H={m.tree_H}" if family == "tdlm" else ""
+    tree = "".join(f", {k} {v}" for k, v in (details or {}).items())
     return f"""---
 library_name: tdlm
 tags:
@@ -175,7 +176,8 @@ def write_pretrained(pipe, folder, *, overwrite: bool = False) -> Path:
             except Exception:           # the card is cosmetic
                 n_params = sum(p.numel() for p in pipe.model.parameters())
             (tmp / "README.md").write_text(_model_card(pipe.cfg, family, weights, step, source,
-                                                       n_params), encoding="utf-8")
+                                                       n_params, pipe.family.describe()),
+                                           encoding="utf-8")
             files = {p.relative_to(tmp).as_posix(): sha256_file(p)
                      for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != "README.md"}
             write_json(tmp / MANIFEST, {"format": PRETRAINED_FORMAT, "family": family,
