@@ -124,8 +124,8 @@ def worker(name: str, steps: int, eval_every: int, sample_steps: int, n_samples:
     model.eval()
     g = torch.Generator().manual_seed(1)
     t0 = time.perf_counter()
-    out = fam.sample(model, n_samples, cfg.data.seq_len, sample_steps, g,
-                     bos_id=data.tokenizer.bos_id)
+    kw = {"bos_id": data.tokenizer.bos_id} if "bos_id" in fam.sample_options else {}
+    out = fam.sample(model, n_samples, cfg.data.seq_len, sample_steps, g, **kw)
     rec["sample_seconds_per_sample"] = (time.perf_counter() - t0) / n_samples
     rows = [r.tolist() for r in out]
     rec["sample_mean_length"] = sum(len(r) for r in rows) / len(rows)

@@ -100,7 +100,8 @@ def test_nelbo_is_at_least_the_source_entropy(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_sample_shapes(name):
     fam, model = make(name)
-    out = fam.sample(model.eval(), 3, L, 4, torch.Generator().manual_seed(0), bos_id=BOS)
+    kw = {"bos_id": BOS} if "bos_id" in fam.sample_options else {}
+    out = fam.sample(model.eval(), 3, L, 4, torch.Generator().manual_seed(0), **kw)
     rows = list(out)
     assert len(rows) == 3
     for r in rows:
@@ -127,7 +128,7 @@ def test_declarations_are_plain_data(name):
     b, _ = make(name, seed=1)
     json.dumps(a.describe())
     assert a.process_signature() == b.process_signature()
-    assert isinstance(a.sample_options, frozenset)
+    assert isinstance(a.sample_options, frozenset) and {"temperature", "top_p"} <= a.sample_options
     assert isinstance(a.causal, bool) and isinstance(a.schedulable, bool)
 
 
@@ -143,3 +144,21 @@ def test_schedulable_families_take_plans(name):
     mixed = fam.sample(m1, 3, L, 6, torch.Generator().manual_seed(5), models={"a": m1, "b": m2},
                        plan=["a", "b"] * 3)
     assert mixed.shape == plain.shape and ((mixed >= 0) & (mixed < V)).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_option_the_family_does_not_take_is_a_one_line_error(name):
+    """No option is silently ignored: the sampler lists its options (no **kwargs) and the
+    Pipeline refuses others with one line naming them."""
+    from tdlm.pipeline import Pipeline
+    fam, model = make(name)
+    with pytest.raises(TypeError):
+        fam.sample(model, 1, L, 2, torch.Generator().manual_seed(0), no_such_option=1)
+
+    class Tok:
+        bos_id = BOS
+    pipe = Pipeline(fam.cfg, fam, model, Tok())
+    bad = "steps_split" if "steps_split" not in fam.sample_options else "trajectory"
+    with pytest.raises(ConfigError, match=f"{bad}.*do not apply") as ei:
+        pipe.generate_ids(1, 4, **{bad: [2, 2]})
+    assert "\n" not in str(ei.value)

@@ -72,11 +72,20 @@ class Pipeline:
             if prefix.dim() != 2 or prefix.shape[0] != num or prefix.shape[1] > seq_len:
                 raise ConfigError(f"prefix must have shape [num={num}, k <= {seq_len}], got "
                                   f"{list(prefix.shape)}")
+        opts = self.family.sample_options
+        if prefix is not None:
+            kw["prefix"] = prefix
+        if "bos_id" in opts:
+            kw.setdefault("bos_id", getattr(self.tokenizer, "bos_id", None))
+        unknown = sorted(set(kw) - opts)
+        if unknown:
+            raise ConfigError(f"sampling option(s) {', '.join(unknown)} do not apply to "
+                              f"{self.cfg.model.family!r} models (options: "
+                              f"{', '.join(sorted(opts))})")
         gen = torch.Generator(device=self.device).manual_seed(seed)
         self.model.eval()
         return self.family.sample(self.model, num, seq_len, steps, gen, temperature=temperature,
-                                  top_p=top_p, prefix=prefix,
-                                  bos_id=getattr(self.tokenizer, "bos_id", None), **kw)
+                                  top_p=top_p, **kw)
 
     def save_pretrained(self, folder, overwrite: bool = False) -> Path:
         """Export this model (its current weights, tokenizer, tree, config) to ``folder``;

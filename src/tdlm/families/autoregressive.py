@@ -50,7 +50,7 @@ class Autoregressive(Family):
 
     @torch.no_grad()
     def sample(self, model, num, seq_len, steps, generator, temperature=1.0, top_p=1.0,
-               prefix: Optional[torch.Tensor] = None, bos_id: Optional[int] = None, **kw):
+               prefix: Optional[torch.Tensor] = None, bos_id: Optional[int] = None):
         """Ancestral left-to-right sampling (``steps`` is ignored: one token per forward)."""
         device = model_device(model)
         if prefix is None:

@@ -43,7 +43,9 @@ class Family:
     causal = False              # left-to-right model (can serve as a generative-PPL judge)
     schedulable = False         # may take part in a model-scheduling plan
     variable_length = False     # samples have varying lengths (length histograms are written)
-    sample_options: frozenset = frozenset()   # sampler options beyond the shared ones
+    # the keyword options ``sample`` accepts (set by ``register`` from its signature): an
+    # option a family does not take is a one-line error in ``Pipeline.generate_ids``
+    sample_options: frozenset = frozenset()
     layouts: tuple = ("packed", "crop_pad", "packed_bos")   # data layouts it trains on
 
     def describe(self) -> dict:
@@ -121,8 +123,20 @@ class Family:
 _REGISTRY: dict[str, Callable[..., Family]] = {}
 
 
+_SAMPLE_ARGS = {"self", "model", "num", "seq_len", "steps", "generator"}
+
+
 def register(name: str):
+    """Class decorator: registers a family under ``name`` and records the options its
+    ``sample`` accepts (``sample_options``; a ``**kwargs`` catch-all is refused, so that no
+    option is silently ignored)."""
+    import inspect
+
     def deco(cls):
+        params = inspect.signature(cls.sample).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            raise TypeError(f"family {name!r}: sample() must list its options (no **kwargs)")
+        cls.sample_options = frozenset(params) - _SAMPLE_ARGS
         _REGISTRY[name] = cls
         cls.name = name
         return cls

@@ -140,8 +140,6 @@ class DeletionInsertion(Family):
     """Deletion-insertion diffusion (fixed or variable length; ``model.did_length``)."""
     variable_length = True
     layouts = ("packed_bos", "varlen")
-    sample_options = frozenset({"trajectory", "stats", "prompts", "allowed", "max_extra_steps",
-                                "exclude_tokens"})
 
     def describe(self) -> dict:
         return {"did_length": self.mode}
@@ -225,8 +223,8 @@ class DeletionInsertion(Family):
                allowed: Optional[Sequence[Sequence[bool]]] = None,
                t_min: float = SAMPLE_T_MIN, cache: bool = True, max_extra_steps: int = 0,
                trajectory: Optional[list] = None, on_forward: Optional[Callable] = None,
-               stats: Optional[dict] = None, exclude_tokens: Optional[Sequence[int]] = None,
-               **kw) -> list[torch.Tensor]:
+               stats: Optional[dict] = None, exclude_tokens: Optional[Sequence[int]] = None
+               ) -> list[torch.Tensor]:
         """Tau-leaping insertion from [BOS] (+ prompt). Returns ``num`` 1-D token tensors
         (BOS included). ``seq_len``: the target length (fixed) or the cap L_max (variable).
 

@@ -174,7 +174,7 @@ class MaskedDiffusion(Family):
                prefix: Optional[torch.Tensor] = None,
                models: Optional[dict] = None, plan: Optional[list] = None,
                time_conditioned: Optional[dict] = None, log: Optional[ForwardLog] = None,
-               on_forward: Optional[Callable] = None, **kw) -> torch.Tensor:
+               on_forward: Optional[Callable] = None) -> torch.Tensor:
         """Ancestral sampling from all-[MASK]. ``prefix`` [num, k] clamps the first k tokens.
 
         Model scheduling: ``models`` (name -> module) and ``plan`` (a name per step; the final

@@ -149,7 +149,6 @@ class TreeLM(nn.Module):
 class TreeDiffusion(Family):
     discrete_time = True
     schedulable = True
-    sample_options = frozenset({"steps_split"})
 
     def __init__(self, cfg: RunConfig, tree=None, **resources):
         super().__init__(cfg)
@@ -365,7 +364,7 @@ class TreeDiffusion(Family):
                prefix: Optional[torch.Tensor] = None, models: Optional[dict] = None,
                plan: Optional[list] = None, time_conditioned: Optional[dict] = None,
                log: Optional[ForwardLog] = None, on_forward=None,
-               t_min: float = SAMPLE_T_MIN, noise_removal: bool = True, **kw) -> torch.Tensor:
+               t_min: float = SAMPLE_T_MIN, noise_removal: bool = True) -> torch.Tensor:
         """Coarse-to-fine ancestral sampling from all-root; returns token ids [num, seq_len].
         ``prefix`` clamps the first tokens (leaves never move). ``models``/``plan``/
         ``time_conditioned``/``log``: model scheduling and call counting as in MDLM's sampler
