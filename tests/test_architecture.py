@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "tdlm"
 
 LAYERS = {"errors": 0, "utils": 0, "config": 1, "schedules": 2, "nn": 2, "data": 2, "tree": 2,
           "sampling": 2, "store": 2, "flops": 2, "did": 2, "families": 3, "pipeline": 4,
-          "train": 5, "eval": 5, "scheduling": 5, "export": 5, "api": 6, "cli": 7,
+          "train": 5, "eval": 5, "scheduling": 5, "export": 5, "outputs": 5, "api": 6, "cli": 7,
           "bench_cli": 7}
 # command-line modules inside packages sit with the command line
 CLI_MODULES = {"tdlm.tree.cli", "tdlm.scheduling.cli"}

@@ -113,11 +113,12 @@ def cmd_eval(args) -> int:
 def _sample(ckpt_path: str, num: int, steps: int, seed: int, temperature: float, top_p: float,
             seq_len: int | None, out: str | None,
             steps_split: str | None = None, trajectory: bool = False,
-            prompt: str | None = None) -> tuple[list, Path]:
+            prompt: str | None = None, device: str = "cpu") -> tuple[list, Path]:
+    from .outputs import sample_records, write_samples
     from .pipeline import load
     from .sampling.options import check_sample_args, encode_prompt, parse_steps_split
     check_sample_args(steps, num, seq_len, temperature, top_p)
-    pipe = load(ckpt_path)
+    pipe = load(ckpt_path, device=device)
     if seq_len and seq_len > pipe.cfg.model.max_seq_len:
         raise TdlmError(f"--seq-len {seq_len} exceeds the model's max_seq_len "
                         f"{pipe.cfg.model.max_seq_len}")
@@ -140,36 +141,15 @@ def _sample(ckpt_path: str, num: int, steps: int, seed: int, temperature: float,
     ids = pipe.generate_ids(num, steps, seq_len=seq_len, seed=seed, temperature=temperature,
                             top_p=top_p, **extra)
     dt = time.perf_counter() - t0
-    rows = [row.tolist() for row in ids]
-    recs = [{"id": i, "text": pipe.tokenizer.decode(row), "ids": row, "length": len(row)}
-            for i, row in enumerate(rows)]
+    recs = sample_records(pipe.tokenizer, ids)
     out_path = Path(out) if out else run_dir_of(pipe.checkpoint.path) / "samples" / "samples.jsonl"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    from .utils.io import atomic_write_text
-    atomic_write_text(out_path, "".join(json.dumps(r) + "\n" for r in recs))
-    lengths = [len(r) for r in rows]
     meta = {"checkpoint": str(pipe.checkpoint.path), "family": pipe.cfg.model.family,
             "num": num, "steps": steps, "seed": seed,
             "temperature": temperature, "top_p": top_p, "gumbel": "float64",
-            "seq_len": max(lengths), "mean_length": sum(lengths) / len(lengths),
             "seconds": dt, "seconds_per_sample": dt / num, "prompt": prompt,
-            "steps_split_root_to_leaf": steps_split or "even"}
-    meta.update(pipe.family.describe(), **stats)
-    if pipe.family.variable_length:
-        try:
-            from .data.histogram import write_length_histogram
-        except ImportError:
-            pass
-        else:
-            write_length_histogram(lengths, str(out_path.with_suffix("")) + ".length_histogram",
-                                   f"generated lengths ({num} samples, {steps} steps)")
-    if traj is not None:
-        tpath = out_path.with_suffix(".trajectory.jsonl")
-        atomic_write_text(tpath, "".join(
-            json.dumps({**rec, "text": [pipe.tokenizer.decode(x) for x in rec["ids"]]}) + "\n"
-            for rec in traj))
-        meta["trajectory"] = str(tpath)
-    atomic_write_json(out_path.with_suffix(".meta.json"), meta)
+            "steps_split_root_to_leaf": steps_split or "even", "device": str(pipe.device),
+            **pipe.family.describe(), **stats}
+    write_samples(out_path, recs, meta, pipe.tokenizer, traj, pipe.family.variable_length)
     return recs, out_path
 
 
@@ -181,7 +161,7 @@ def cmd_sample(args) -> int:
         raise ConfigError("no model: give a checkpoint folder or --model NAME=PATH")
     recs, path = _sample(args.checkpoint, args.num, args.steps, args.seed, args.temperature,
                          args.top_p, args.seq_len, args.out, args.steps_split,
-                         trajectory=args.trajectory, prompt=args.prompt)
+                         trajectory=args.trajectory, prompt=args.prompt, device=args.device)
     for r in recs[:args.show]:
         print(f"--- sample {r['id']} ---\n{r['text'][:600]}")
     print(f"samples: {path}")

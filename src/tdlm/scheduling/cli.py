@@ -63,9 +63,10 @@ def add_sample_schedule_args(p) -> None:
 
 
 def wants_scheduled(args) -> bool:
+    """Named models, a schedule or validation prefixes; one checkpoint otherwise samples
+    plainly (on any --device)."""
     return bool(getattr(args, "model", None) or getattr(args, "schedule", None)
-                or getattr(args, "prefix_from_val", None) is not None
-                or getattr(args, "device", "cpu") != "cpu")
+                or getattr(args, "prefix_from_val", None) is not None)
 
 
 def _slug(text: str) -> str:
@@ -79,7 +80,7 @@ def sample_scheduled(paths: dict, num: int, steps: int, seed: int = 0, temperatu
     """Sample with named models under a schedule; write JSONL + .meta.json (with the schedule,
     forward calls, FLOPs and savings, wall-clock). Returns (records, path, meta)."""
     from ..eval.genppl import vocab_ids_hash
-    from ..utils.io import atomic_write_text
+    from ..outputs import sample_records, write_samples
     from ..sampling.options import check_sample_args, encode_prompt, parse_steps_split
     from .sampler import load_scheduled, prefixes_from_validation
     check_sample_args(steps, num, seq_len, temperature, top_p)
@@ -109,16 +110,7 @@ def sample_scheduled(paths: dict, num: int, steps: int, seed: int = 0, temperatu
                                top_p=top_p, seq_len=seq_len, steps_split=split, **kw)
     rep = sampler.last_report
     tok = sampler.tokenizer
-    recs = []
-    for i, row in enumerate(ids):
-        r = {"id": i, "text": tok.decode(row.tolist()), "ids": row.tolist(), "length": len(row)}
-        if "prefix" in kw:
-            k = kw["prefix"].shape[1]
-            r.update(prefix_len=k, prefix_text=tok.decode(row[:k].tolist()))
-        if info is not None:
-            r.update(prefix_doc=info[i]["doc"],
-                     reference_text=tok.decode(info[i]["reference_ids"]))
-        recs.append(r)
+    recs = sample_records(tok, ids, int(kw["prefix"].shape[1]) if "prefix" in kw else 0, info)
     first = sampler.primary.checkpoint.path
     if out:
         out_path = Path(out)
@@ -128,13 +120,11 @@ def sample_scheduled(paths: dict, num: int, steps: int, seed: int = 0, temperatu
             f"samples-{_slug(sched.spec)}" + (f"-prefix{prefix_from_val}" if info else "")
             + ".jsonl")
         out_path = run_dir_of(first) / "samples" / name
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_path, "".join(json.dumps(r) + "\n" for r in recs))
     meta = {"checkpoint": str(first),
             "checkpoints": {n: str(p.checkpoint.path) for n, p in sampler.pipes.items()},
             "family": cfg.model.family, "num": num, "steps": steps, "seed": seed,
             "temperature": temperature, "top_p": top_p, "gumbel": "float64",
-            "seq_len": int(ids.shape[1]), "steps_split_root_to_leaf": steps_split or "even",
+            "steps_split_root_to_leaf": steps_split or "even",
             "tokenizer": {"name": tok.name, "vocab_hash": tok.vocab_hash(),
                           "vocab_ids_hash": vocab_ids_hash(tok.hf)},
             "device": str(sampler.primary.device),
@@ -143,8 +133,8 @@ def sample_scheduled(paths: dict, num: int, steps: int, seed: int = 0, temperatu
                               if info else ("prompt" if prompt is not None else None)),
             "prompt": prompt,
             **rep}
-    atomic_write_json(out_path.with_suffix(".meta.json"), meta)
-    return recs, out_path, meta
+    write_samples(out_path, recs, meta)
+    return recs, out_path, json.loads(out_path.with_suffix(".meta.json").read_text())
 
 
 def cmd_sample_scheduled(args) -> int:
