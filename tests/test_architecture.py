@@ -33,7 +33,7 @@ LONG_FUNCTIONS = {          # path:function -> lines today (may only shrink)
     "cli.py:build_parser": 82,
 }
 FAMILY_SWITCHES = {         # file -> number of family-name comparisons today (may only shrink)
-    "config.py": 4,
+    "config.py": 3,
 }
 
 

@@ -51,8 +51,8 @@ def test_info_mdlm_small(capsys):
 
 @pytest.mark.parametrize("family,causal", [("ar", True), ("mdlm", False)])
 def test_causal_attention_ignores_the_future(family, causal):
-    m = randomized(DiT(mcfg(family), 50)).eval()
-    assert m.cfg.causal is causal
+    m = randomized(DiT(mcfg(family), 50, causal=causal)).eval()
+    assert m.causal is causal and all(b.causal is causal for b in m.blocks)
     x = tokens()
     j = 7
     x2 = x.clone()

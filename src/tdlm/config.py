@@ -94,10 +94,6 @@ class ModelConfig:
         _positive(self, "tree_capacity_ratio", "tree_embed_dim")
         _choice(self, "did_length", ("fixed", "variable"))
 
-    @property
-    def causal(self) -> bool:
-        return self.family == "ar"
-
 
 @dataclass
 class DiffusionConfig:

@@ -22,7 +22,7 @@ class CausalLM(nn.Module):
         super().__init__()
         m = cfg.model
         self.vocab_size = m.vocab_size
-        self.backbone = DiT(m, m.vocab_size)
+        self.backbone = DiT(m, m.vocab_size, causal=True)
         self.head = FinalLayer(m.d_model, m.cond_dim, m.vocab_size)
 
     def forward(self, x: torch.Tensor, sigma: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -212,19 +212,22 @@ class DiT(nn.Module):
     """Backbone: ``forward(tokens [B, L], sigma [B] | None, attn_mask) -> (hidden [B, L, d], c [B, cond])``.
 
     ``n_embed`` is the number of input embedding rows (vocabulary + [MASK] for MDLM; all tree
-    nodes for TDLM). With ``time_conditioning=False`` sigma is replaced by zeros (MDLM OWT).
+    nodes for TDLM). ``causal``: left-to-right attention (the family that builds the model
+    says so; the model knows no family). With ``time_conditioning=False`` sigma is replaced by
+    zeros (MDLM OWT).
     """
 
-    def __init__(self, cfg: ModelConfig, n_embed: int):
+    def __init__(self, cfg: ModelConfig, n_embed: int, causal: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.causal = causal
         d = cfg.d_model
         self.vocab_embed = nn.Embedding(n_embed, d)
         nn.init.kaiming_uniform_(self.vocab_embed.weight, a=math.sqrt(5))
         self.sigma_map = TimestepEmbedder(cfg.cond_dim)
         self.rotary = Rotary(d // cfg.n_heads)
         self.blocks = nn.ModuleList(
-            DiTBlock(d, cfg.n_heads, cfg.cond_dim, cfg.mlp_ratio, cfg.dropout, cfg.causal)
+            DiTBlock(d, cfg.n_heads, cfg.cond_dim, cfg.mlp_ratio, cfg.dropout, causal)
             for _ in range(cfg.n_layers))
 
     def forward(self, tokens: torch.Tensor, sigma: Optional[torch.Tensor] = None,
