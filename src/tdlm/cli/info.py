@@ -1,0 +1,45 @@
+"""``tdlm info``: parameter counts (and family facts) of presets."""
+from __future__ import annotations
+
+import json
+
+def cmd_info(args) -> int:
+    from ..config import get_preset, preset_names
+    import torch
+
+    from ..families import get_family_class
+    from ..nn.dit import count_parameters
+    if args.list:
+        print("\n".join(preset_names()))
+        return 0
+    rows = {}
+    for name in args.preset or ["tiny"]:
+        cfg = get_preset(name)
+        cls = get_family_class(cfg.model.family)
+        fam = cls(cfg, **cls.shape_resources(cfg))
+        with torch.device("meta"):
+            model = fam.build_model()
+        c = count_parameters(model)
+        m = cfg.model
+        rows[name] = {"family": m.family, "d_model": m.d_model, "n_layers": m.n_layers,
+                      "n_heads": m.n_heads, "vocab_size": m.vocab_size, "seq_len": cfg.data.seq_len,
+                      "parameters": c}
+        rows[name].update(fam.describe())
+    if args.json:
+        print(json.dumps(rows if len(rows) > 1 else next(iter(rows.values())), indent=2))
+    else:
+        hdr = f"{'preset':<14}{'family':<7}{'d':>6}{'layers':>8}{'total':>14}{'embedding':>13}{'head':>13}{'blocks':>14}{'head %':>8}"
+        print(hdr)
+        for n, r in rows.items():
+            c = r["parameters"]
+            print(f"{n:<14}{r['family']:<7}{r['d_model']:>6}{r['n_layers']:>8}{c['total']:>14,}"
+                  f"{c['embedding']:>13,}{c['head']:>13,}{c['blocks']:>14,}{100 * c['head_share']:>7.2f}%")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("info", help="parameter counts of presets")
+    p.add_argument("--preset", action="append")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--list", action="store_true")
+    p.set_defaults(fn=cmd_info)
