@@ -36,7 +36,7 @@ import torch
 from tdlm.data.batches import collate_ragged, num_rows, split_micro
 from tdlm.errors import ConfigError
 from tdlm.train.checkpoint import load_checkpoint
-from tdlm.train.distributed import derive_micro, rank_micro_batches, shard_rows
+from tdlm.train.distributed import derive_micro, rank_micro_batches
 from tdlm.train.loop import train
 
 from test_cli import write_corpus  # noqa: E402
@@ -292,8 +292,6 @@ def test_rank_sharding_partitions_the_global_batch(world):
     assert rows == _rows(dense)
     assert all(len(s) == len(got[0]) for s in got)           # lockstep
     assert all(w == 1.0 for s in got for _, _, w in s)        # dense: no padding needed
-    # shard_rows: the row slices partition the batch
-    assert [r for k in range(world) for r in _rows(shard_rows(dense, k, world))] == _rows(dense)
 
 
 def test_rank_sharding_ragged_pads_with_zero_weight():

@@ -122,26 +122,6 @@ def teardown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def rank() -> int:
-    import torch.distributed as dist
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    import torch.distributed as dist
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def barrier(info: DistInfo) -> None:
-    if info.distributed:
-        import torch.distributed as dist
-        dist.barrier()
-
-
 def _comm_device(info: DistInfo, device: torch.device) -> torch.device:
     return device if device.type == "cuda" else torch.device("cpu")
 
@@ -219,15 +199,6 @@ def rank_micro_batches(batch, micro: int, max_tokens: int, rank: int, world: int
     while len(out) < longest:
         out.append((lo if hi > lo else 0, filler, 0.0))
     return out
-
-
-def shard_rows(batch, rank: int, world: int):
-    """Rows ``[B*r/W, B*(r+1)/W)`` of a batch (dense or ragged): the ranks' slices partition the
-    batch. (The loop shards by micro-batches, :func:`rank_micro_batches`; for dense batches
-    divisible by ``world * micro`` the two agree.)"""
-    from ..data.batches import num_rows, slice_rows
-    lo, hi = rank_bounds(num_rows(batch), rank, world)
-    return slice_rows(batch, lo, hi)
 
 
 # ---- model wrapping --------------------------------------------------------------------------
