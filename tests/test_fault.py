@@ -45,16 +45,20 @@ FAULT_SET = (*RESUME_SET, f"train.max_steps={N_STEPS}", f"train.ckpt_every={CKPT
              "train.eval_every=10")
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fault")
+def reference_run(root: Path, *sets: str):
+    """(root, cfg, cfg.json path, result) of an uninterrupted run of the tiny config with
+    ``sets``, the reference an interrupted run must reproduce."""
     corpus = write_corpus(root / "corpus")
-    cache = root / "cache"
-    cfg = tiny_cfg(corpus, cache, *FAULT_SET)
+    cfg = tiny_cfg(corpus, root / "cache", *sets)
     ref = train(cfg, root / "ref", progress=False, log=lambda s: None)   # uninterrupted
     cfg_file = root / "cfg.json"
     cfg_file.write_text(cfg.to_json())
     return root, cfg, cfg_file, ref
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return reference_run(tmp_path_factory.mktemp("fault"), *FAULT_SET)
 
 
 def _env() -> dict:

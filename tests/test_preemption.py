@@ -29,10 +29,9 @@ from tdlm.train.checkpoint import load_checkpoint
 from tdlm.train.loop import train
 from tdlm.train.preemption import EXIT_PREEMPTED
 
-from test_cli import write_corpus  # noqa: E402
 from test_distributed import _assert_close_states  # noqa: E402
-from test_fault import _last_train_step  # noqa: E402
-from test_train import RESUME_SET, _assert_same_state, _metrics, tiny_cfg  # noqa: E402
+from test_fault import _last_train_step, reference_run  # noqa: E402
+from test_train import RESUME_SET, _assert_same_state, _metrics  # noqa: E402
 
 N_STEPS = 30
 CKPT_EVERY = 7
@@ -42,13 +41,7 @@ PRE_SET = (*RESUME_SET, f"train.max_steps={N_STEPS}", f"train.ckpt_every={CKPT_E
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("preempt")
-    corpus = write_corpus(root / "corpus")
-    cfg = tiny_cfg(corpus, root / "cache", *PRE_SET)
-    ref = train(cfg, root / "ref", progress=False, log=lambda s: None)    # uninterrupted
-    cfg_file = root / "cfg.json"
-    cfg_file.write_text(cfg.to_json())
-    return root, cfg, cfg_file, ref
+    return reference_run(tmp_path_factory.mktemp("preempt"), *PRE_SET)
 
 
 def _env() -> dict:
