@@ -75,6 +75,15 @@ class Family:
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
+    def counted(self, batch: dict, exact: bool) -> torch.Tensor:
+        """[B, L] positions whose loss is counted: real tokens (``valid``); in training, every
+        position when ``diffusion.train_on_padding`` is set (GIDD models the pads)."""
+        x0 = batch["input_ids"]
+        valid = batch.get("valid")
+        if valid is None or (not exact and self.cfg.diffusion.train_on_padding):
+            return torch.ones_like(x0, dtype=torch.bool)
+        return valid
+
     def eval_conventions(self) -> dict:
         """How this family's evaluation number is computed, written beside it in
         ``metrics.json``: padding excluded from numerator and token count; for diffusion

@@ -111,15 +111,6 @@ class MaskedDiffusion(Family):
         t = truncate(t, d.eval_t_min if exact else d.train_t_min)
         return t, self.schedule.weight(t)
 
-    def counted(self, batch: dict, exact: bool) -> torch.Tensor:
-        """[B, L] positions whose loss is counted: real tokens (``valid``), or every position
-        when training with ``diffusion.train_on_padding``."""
-        x0 = batch["input_ids"]
-        valid = batch.get("valid")
-        if valid is None or (not exact and self.cfg.diffusion.train_on_padding):
-            return torch.ones_like(x0, dtype=torch.bool)
-        return valid
-
     # ---- objective ---------------------------------------------------------------------
     def loss(self, model, batch, generator, exact: bool = False) -> LossTerms:
         x0 = batch["input_ids"]

@@ -266,15 +266,6 @@ class TreeDiffusion(Family):
         moved = rnd < p_move
         return torch.where(moved, a_hi, a_lo), moved
 
-    def counted(self, batch: dict, exact: bool) -> torch.Tensor:
-        """[B, L] positions whose loss is counted: real tokens, or every position when
-        training with ``diffusion.train_on_padding`` (as MDLM's)."""
-        x0 = batch["input_ids"]
-        valid = batch.get("valid")
-        if valid is None or (not exact and self.cfg.diffusion.train_on_padding):
-            return torch.ones_like(x0, dtype=torch.bool)
-        return valid
-
     def loss(self, model, batch, generator, exact: bool = False) -> LossTerms:
         x0 = batch["input_ids"]
         valid = self.counted(batch, exact)
