@@ -32,9 +32,9 @@ def sample_records(tokenizer, rows: Sequence, prefix_len: int = 0,
 
 
 def write_samples(out_path: Path, recs: list, meta: dict, tokenizer=None,
-                  trajectory: Optional[list] = None, length_histogram: bool = False) -> Path:
+                  trajectory: Optional[list] = None, length_histogram: bool = False) -> dict:
     """Write the records, the optional trajectory and length histogram, then the meta
-    (which names the extra files). Returns the JSONL path."""
+    (which names the extra files). Returns the meta as written."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_path, "".join(json.dumps(r) + "\n" for r in recs))
@@ -52,4 +52,4 @@ def write_samples(out_path: Path, recs: list, meta: dict, tokenizer=None,
             for rec in trajectory))
         meta["trajectory"] = str(tpath)
     atomic_write_json(out_path.with_suffix(".meta.json"), meta)
-    return out_path
+    return meta

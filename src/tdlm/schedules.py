@@ -33,8 +33,9 @@ import math
 
 import torch
 
-from .config import EPS_MIN  # noqa: F401  (the smallest eps a run may use)
 from .errors import ConfigError
+
+SAMPLE_T_MIN = 1e-5  # end of every sampler's time grid linspace(1, 1e-5, T+1) (MDLM spec)
 
 
 class Schedule:
@@ -42,10 +43,9 @@ class Schedule:
 
     def __init__(self, eps: float = 1e-3):
         # eps = 0 (full absorption, infinite sigma(1)) is allowed for exact analyses; a run's
-        # config requires eps >= EPS_MIN (``DiffusionConfig``)
+        # config requires eps >= config.EPS_MIN (``DiffusionConfig``)
         if not (0.0 <= eps < 0.5):
-            raise ConfigError(f"invalid config value for 'eps': must be in [{EPS_MIN:g}, 0.5), "
-                              f"got {eps!r}")
+            raise ConfigError(f"invalid schedule eps: must be in [0, 0.5), got {eps!r}")
         self.eps = eps
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:

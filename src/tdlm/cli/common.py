@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 
+
 def _config_from_args(args):
     from ..config import get_preset, load_config
     if args.config and args.preset:

@@ -9,6 +9,7 @@ from ..errors import ConfigError
 from ..store.checkpoint import run_dir_of
 from ..utils.io import atomic_write_json
 
+
 def _eval(ckpt_path: str, batches: int, seed: int, repeats: int, out: str | None,
           use_ema: bool = True) -> tuple[dict, Path]:
     from ..pipeline import load

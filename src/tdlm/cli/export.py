@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 
-
 def cmd_export(args) -> int:
     from ..pipeline import save_pretrained
     from ..pipeline import load

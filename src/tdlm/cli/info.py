@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import json
 
+
 def cmd_info(args) -> int:
     from ..config import get_preset, preset_names
-    import torch
-
-    from ..families import get_family_class
+    from ..families.base import meta_family
     from ..nn.dit import count_parameters
     if args.list:
         print("\n".join(preset_names()))
@@ -15,10 +14,7 @@ def cmd_info(args) -> int:
     rows = {}
     for name in args.preset or ["tiny"]:
         cfg = get_preset(name)
-        cls = get_family_class(cfg.model.family)
-        fam = cls(cfg, **cls.shape_resources(cfg))
-        with torch.device("meta"):
-            model = fam.build_model()
+        fam, model = meta_family(cfg)
         c = count_parameters(model)
         m = cfg.model
         rows[name] = {"family": m.family, "d_model": m.d_model, "n_layers": m.n_layers,

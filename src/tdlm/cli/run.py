@@ -8,6 +8,7 @@ from ..utils.io import atomic_write_json
 from .eval import _eval
 from .sample import _sample
 
+
 def cmd_run(args) -> int:
     """Main job: train each preset on the bundled corpus on the same tokens and seed,
     evaluate all on the same validation batches, print NELBOs side by side and samples."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..errors import ConfigError, TdlmError
 from ..store.checkpoint import run_dir_of
 
+
 def _sample(ckpt_path: str, num: int, steps: int, seed: int, temperature: float, top_p: float,
             seq_len: int | None, out: str | None,
             steps_split: str | None = None, trajectory: bool = False,

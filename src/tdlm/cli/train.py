@@ -4,6 +4,7 @@ from __future__ import annotations
 from ..errors import ConfigError
 from .common import _add_config_args, _config_from_args
 
+
 def cmd_train(args) -> int:
     from ..train.loop import train
     if args.resume:

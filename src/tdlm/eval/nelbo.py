@@ -26,11 +26,6 @@ def _batch_seed(seed: int, b: int) -> int:
     return seed + 12345 if b == 0 else (seed + 12345 + b * 0x9E3779B97F4A7C15) % (2**63 - 1)
 
 
-def conventions(family: Family) -> dict:
-    """The family's evaluation conventions (:meth:`Family.eval_conventions`)."""
-    return family.eval_conventions()
-
-
 @torch.no_grad()
 def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: int = 16,
                    max_batches: int = 0, seed: int = 0, device: Optional[torch.device] = None,
@@ -92,7 +87,7 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
            "bits_per_token": per_tok / math.log(2), "tokens": int(toks / repeats),
            "sequences": seqs, "repeats": repeats, "seed": seed,
            "bound": "exact NLL" if not family.is_diffusion else "NELBO (upper bound on NLL)"}
-    out.update(conventions(family))
+    out.update(family.eval_conventions())   # t window, padding: stated beside the number
     if parts:
         out["parts_per_token"] = {k: v / max(toks, 1) for k, v in parts.items()}
     return out

@@ -11,7 +11,7 @@ that calls :func:`register`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -183,12 +183,18 @@ def get_family(cfg: RunConfig, **resources) -> Family:
     return get_family_class(cfg.model.family)(cfg, **resources)
 
 
-def meta_model(cfg: RunConfig) -> nn.Module:
-    """The family's model built on the meta device (no memory), for parameter counts."""
+def meta_family(cfg: RunConfig) -> tuple[Family, nn.Module]:
+    """The family (with shape-only resources) and its model built on the meta device (no
+    memory), for parameter counts and ``describe``."""
     cls = get_family_class(cfg.model.family)
     fam = cls(cfg, **cls.shape_resources(cfg))
     with torch.device("meta"):
-        return fam.build_model()
+        return fam, fam.build_model()
+
+
+def meta_model(cfg: RunConfig) -> nn.Module:
+    """The family's model built on the meta device (no memory), for parameter counts."""
+    return meta_family(cfg)[1]
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -42,10 +42,8 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..nn.dit import DiT, FinalLayer, Packing
 from ..sampling.gumbel import adjust_logits, gumbel_argmax
-from ..schedules import get_schedule, sample_times, truncate
+from ..schedules import SAMPLE_T_MIN, get_schedule, sample_times, truncate
 from .base import Family, LossTerms, model_device, register
-
-SAMPLE_T_MIN = 1e-5  # sampling grid end (t in training/evaluation: diffusion.train/eval_t_min)
 
 
 class InsertionLM(nn.Module):

@@ -38,11 +38,9 @@ from ..config import RunConfig
 from ..nn.dit import DiT, FinalLayer
 from ..sampling.gumbel import adjust_logits
 from ..sampling.loop import AncestralLoop, ForwardLog, Step, reverse_step, resolve_plan
-from ..schedules import (discrete_weight, discretize, get_schedule, sample_times,
-                         truncate)
+from ..schedules import (SAMPLE_T_MIN, discrete_weight, discretize, get_schedule,
+                         sample_times, truncate)
 from .base import Family, LossTerms, model_device, register
-
-SAMPLE_T_MIN = 1e-5  # end of the sampling grid linspace(1, 1e-5, T+1) (MDLM spec, 'Sampling')
 
 
 class MaskedLM(nn.Module):

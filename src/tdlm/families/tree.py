@@ -63,11 +63,9 @@ from ..errors import ConfigError
 from ..nn.dit import DiT, FinalLayer
 from ..sampling.gumbel import adjust_logits
 from ..sampling.loop import AncestralLoop, ForwardLog, Step, resolve_plan
-from ..schedules import (discrete_weight, discretize, get_schedule, sample_times,
-                         truncate)
+from ..schedules import (SAMPLE_T_MIN, discrete_weight, discretize, get_schedule,
+                         sample_times, truncate)
 from .base import Family, LossTerms, model_device, register
-
-SAMPLE_T_MIN = 1e-5  # end of the finest window's sampling grid (MDLM's grid end)
 
 
 def level_windows(H: int, allocation: str = "linear", ratio: float = 2.0) -> torch.Tensor:
@@ -200,7 +198,8 @@ class TreeDiffusion(Family):
     def _times(self, B, generator, device, exact):
         """(level h, local time u, weight) per sequence, float64. t ~ U(0, 1) picks the window
         (visited with probability ``width``); u is mapped to [t_min, 1] inside it, as MDLM maps
-        t (continuous time only: a discrete step is drawn uniformly). Weight ``w_h = -d alpha_h/dt / (1 - alpha_h) = w(u) / width``; discrete time: n_h
+        t (continuous time only: a discrete step is drawn uniformly). Weight
+        ``w_h = -d alpha_h/dt / (1 - alpha_h) = w(u) / width``; discrete time: n_h
         steps of the window, ``n_h (alpha_s - alpha_t) / (1 - alpha_t) / width``."""
         d = self.cfg.diffusion
         h, u, width = self.locate(sample_times(B, generator, d.antithetic, device))

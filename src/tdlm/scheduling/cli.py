@@ -133,8 +133,7 @@ def sample_scheduled(paths: dict, num: int, steps: int, seed: int = 0, temperatu
                               if info else ("prompt" if prompt is not None else None)),
             "prompt": prompt,
             **rep}
-    write_samples(out_path, recs, meta)
-    return recs, out_path, json.loads(out_path.with_suffix(".meta.json").read_text())
+    return recs, out_path, write_samples(out_path, recs, meta)
 
 
 def cmd_sample_scheduled(args) -> int:

@@ -26,6 +26,7 @@ from ..flops import flops_from_log, model_forward_flops
 from ..sampling.loop import ForwardLog
 from .schedule import Schedule, parse_schedule, resolve_schedule
 
+
 def compatibility_key(pipe) -> dict:
     """What models must share to be mixed in one sampling run: family (diffusion type),
     its noise process (schedule, eps, and what the family's ``process_signature`` adds, e.g.
