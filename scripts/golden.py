@@ -18,6 +18,9 @@ What is recorded (every float as ``float.hex``, so "equal" means bit-identical):
   sha256 of every tensor in its final checkpoint, ``tdlm eval`` metrics and ``tdlm sample``
   ids, and the tensors of a ``tdlm export`` of it.
 
+Float results depend on the thread count (reduction order), so recording always runs with one
+thread (in-process and in the ``tdlm`` subprocesses); with 2 threads every entry differs.
+
 ``compare`` prints, per key, ``equal`` or the first differences (with the largest relative
 difference of numeric leaves), so a deliberate change of convention shows up as exactly the
 entries it should touch.
@@ -203,7 +206,7 @@ COMMON = ["--set", "train.max_steps=4", "--set", "train.eval_every=2", "--set", 
 
 
 def record_cli(work: Path) -> dict:
-    env = dict(os.environ, TDLM_NO_PROGRESS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     out = {"info": {}}
     from tdlm.config import preset_names
     for p in preset_names():
@@ -225,7 +228,8 @@ def record_cli(work: Path) -> dict:
 
 
 def record(path: str, work: str | None) -> None:
-    res = {"torch": torch.__version__, "families": {}}
+    torch.set_num_threads(1)            # bit-exact results need a fixed reduction order
+    res = {"torch": torch.__version__, "threads": 1, "families": {}}
     for name in CASES:
         res["families"][name] = record_family(name)
         print(f"[golden] {name}", flush=True)
