@@ -323,16 +323,3 @@ def test_tree_hook_is_optional():
         assert "tree" not in sub.choices
     else:
         assert "tree" in sub.choices
-
-
-def test_single_checkpoint_samples_plainly_on_any_device():
-    """Only named models, a schedule or validation prefixes go to the scheduled sampler; a
-    single checkpoint on another device (e.g. cuda) samples through the plain path, so DID
-    models (not schedulable) sample on a GPU too."""
-    import argparse
-    from tdlm.scheduling.cli import wants_scheduled
-    base = dict(model=[], schedule=None, prefix_from_val=None, device="cuda")
-    assert not wants_scheduled(argparse.Namespace(**base))
-    assert wants_scheduled(argparse.Namespace(**{**base, "schedule": "sandwich:0.25"}))
-    assert wants_scheduled(argparse.Namespace(**{**base, "model": ["H=a"]}))
-    assert wants_scheduled(argparse.Namespace(**{**base, "prefix_from_val": 8}))

@@ -252,7 +252,7 @@ def test_parallel_config_field():
     from tdlm.config import TrainConfig, get_preset
     assert TrainConfig().parallel == "ddp"
     assert get_preset("tiny").override(["train.parallel=fsdp"]).train.parallel == "fsdp"
-    with pytest.raises(ConfigError, match=r"'parallel': 'zero' is not one of ddp, fsdp"):
+    with pytest.raises(ConfigError, match=r"'train.parallel': 'zero' is not one of ddp, fsdp"):
         get_preset("tiny").override(["train.parallel=zero"])
 
 

@@ -57,7 +57,7 @@ def test_discrete_time_weight_is_float64_exact():
     float32 the difference alpha_s - alpha_t lost ~1e-2 relative precision at T = 1e5."""
     T = 100_000
     fam = mdlm(num_timesteps=T)
-    t, w = fam._times(4096, torch.Generator().manual_seed(0), "cpu", exact=True)
+    t, w = fam._times(4096, torch.Generator().manual_seed(0), "cpu", fam.regime(train=False))
     assert t.dtype == torch.float64 and w.dtype == torch.float64
     i = torch.round(t * T)
     assert torch.allclose(t * T, i, rtol=0, atol=1e-6)             # t on the grid i / T
@@ -74,8 +74,8 @@ def test_draw_of_t():
     assert tt.min() >= 1e-3 and tt.max() < 1
     fam = mdlm()
     assert fam.cfg.diffusion.train_t_min == fam.cfg.diffusion.eval_t_min == 1e-3   # MDLM's
-    te, _ = fam._times(4096, torch.Generator().manual_seed(1), "cpu", exact=True)
+    te, _ = fam._times(4096, torch.Generator().manual_seed(1), "cpu", fam.regime(train=False))
     assert te.min() >= 1e-3
     fam0 = mdlm(eval_t_min=0.0)
-    te0, _ = fam0._times(4096, torch.Generator().manual_seed(1), "cpu", exact=True)
+    te0, _ = fam0._times(4096, torch.Generator().manual_seed(1), "cpu", fam0.regime(train=False))
     assert te0.min() < 1e-3

@@ -68,8 +68,8 @@ def test_one_level_tree_forward_process_is_mdlm():
     V, L = 11, 9
     mdlm, tdlm, _, _ = mapped_pair(V, L)
     x = torch.randint(0, V, (256, L), generator=torch.Generator().manual_seed(2))
-    t, w = mdlm._times(256, torch.Generator().manual_seed(3), "cpu", exact=False)
-    h, u, w2 = tdlm._times(256, torch.Generator().manual_seed(3), "cpu", exact=False)
+    t, w = mdlm._times(256, torch.Generator().manual_seed(3), "cpu", mdlm.regime(train=True))
+    h, u, w2 = tdlm._times(256, torch.Generator().manual_seed(3), "cpu", tdlm.regime(train=True))
     assert torch.equal(t, u) and torch.equal(w, w2) and (h == 0).all()
     assert t.min() >= 1e-3                                  # MDLM's sampling_eps
     z1 = mdlm.corrupt(x, t, torch.Generator().manual_seed(4))

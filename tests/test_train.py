@@ -401,11 +401,12 @@ def test_run_outputs(run_a):
     assert json.loads(rt.to_json()) == saved
     # the saved config is the resolved one: vocabulary size from the tokenizer
     tok = json.loads((run / "tokenizer_meta.json").read_text())
-    assert rt.model.vocab_size == tok["vocab_size"] <= 512
-    assert {k: v for k, v in rt.to_dict().items() if k != "model"} == \
-        {k: v for k, v in cfg.to_dict().items() if k != "model"}
+    assert rt.backbone.vocab_size == tok["vocab_size"] <= 512
+    resolved, given = rt.to_dict(), cfg.to_dict()
+    assert resolved["backbone"].pop("vocab_size") != given["backbone"].pop("vocab_size")
+    assert resolved == given
     # ... while the caller's object is left alone
-    assert cfg.model.vocab_size == get_preset("tiny").model.vocab_size
+    assert cfg.backbone.vocab_size == get_preset("tiny").backbone.vocab_size
     assert json.loads(load_checkpoint(run).config.to_json()) == saved
 
 

@@ -49,7 +49,7 @@ def block_token_params(d: int, mlp_ratio: int) -> int:
 def forward_flops(model_cfg, lengths: Union[Iterable[int], torch.Tensor], head_out: int,
                   n_embed: int) -> dict:
     """Forward FLOPs of one pass over sequences of the given lengths (module docstring).
-    ``model_cfg``: a ``ModelConfig`` (d_model, n_layers, mlp_ratio, cond_dim). Returns
+    ``model_cfg``: a ``BackboneConfig`` (d_model, n_layers, mlp_ratio, cond_dim). Returns
     ``{"blocks", "embedding", "head", "other", "full", "tokens", "sequences"}``."""
     d, n, r, c = model_cfg.d_model, model_cfg.n_layers, model_cfg.mlp_ratio, model_cfg.cond_dim
     B, T, S2 = _lengths(lengths)

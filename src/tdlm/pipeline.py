@@ -23,6 +23,7 @@ from .config import RunConfig
 from .errors import CheckpointError, ConfigError
 from .families import Family, get_family_class
 from .families.base import model_device
+from .sampling.result import SampleResult, StepPlan, build_options
 from .store.checkpoint import Checkpoint, load_checkpoint
 from .store.checkpoint import tokenizer_of as load_tokenizer  # noqa: F401 (public name)
 from .store.export import (PRETRAINED_FORMAT, _HUB_ID, is_pretrained_folder,
@@ -53,18 +54,27 @@ class Pipeline:
         return model_device(self.model)
 
     @torch.no_grad()
-    def generate_ids(self, num: int = 1, steps: int = 128, seq_len: Optional[int] = None,
-                     seed: int = 0, temperature: float = 1.0, top_p: float = 1.0,
-                     prefix: Optional[torch.Tensor] = None, **kw) -> torch.Tensor:
-        steps, num = _posint("steps", steps), _posint("num", num)
+    def sample(self, num: int = 1, steps: int = 128, seq_len: Optional[int] = None,
+               seed: int = 0, *, plan: Optional[StepPlan] = None, log=None,
+               on_forward=None, **options) -> SampleResult:
+        """``num`` samples (:class:`SampleResult`: ids, lengths, trajectory, stats) with
+        ``steps`` steps, a generator seeded with ``seed`` and the family's typed options
+        (``temperature``, ``top_p``, ``prefix`` [num, k] or [k], and the family's own, e.g.
+        TDLM ``steps_split``; an option the family does not take is a one-line error).
+        ``plan``: a model plan (model scheduling, :mod:`tdlm.scheduling`); ``log``: a
+        ``ForwardLog`` that records the forward passes."""
+        if "models" in options:           # deprecated: models=, plan=[names], time_conditioned=
+            import warnings
+            warnings.warn("generate_ids(models=, plan=[...]) is deprecated: pass "
+                          "plan=StepPlan(models, per_step)", DeprecationWarning, stacklevel=3)
+            plan = StepPlan(options.pop("models"), list(plan),
+                            options.pop("time_conditioned", None) or {})
+        num = _posint("num", num)
         seq_len = _posint("seq_len", self.cfg.data.seq_len if seq_len is None else seq_len)
-        if seq_len > self.cfg.model.max_seq_len:
+        if seq_len > self.cfg.backbone.max_seq_len:
             raise ConfigError(f"seq_len {seq_len} exceeds the model's max_seq_len "
-                              f"{self.cfg.model.max_seq_len}")
-        if not temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature!r}")
-        if not 0 < top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}")
+                              f"{self.cfg.backbone.max_seq_len}")
+        prefix = options.get("prefix")
         if prefix is not None:
             prefix = torch.as_tensor(prefix, dtype=torch.long)
             if prefix.dim() == 1:
@@ -72,20 +82,21 @@ class Pipeline:
             if prefix.dim() != 2 or prefix.shape[0] != num or prefix.shape[1] > seq_len:
                 raise ConfigError(f"prefix must have shape [num={num}, k <= {seq_len}], got "
                                   f"{list(prefix.shape)}")
-        opts = self.family.sample_options
-        if prefix is not None:
-            kw["prefix"] = prefix
-        if "bos_id" in opts:
-            kw.setdefault("bos_id", getattr(self.tokenizer, "bos_id", None))
-        unknown = sorted(set(kw) - opts)
-        if unknown:
-            raise ConfigError(f"sampling option(s) {', '.join(unknown)} do not apply to "
-                              f"{self.cfg.model.family!r} models (options: "
-                              f"{', '.join(sorted(opts))})")
+            options["prefix"] = prefix
+        if "bos_id" in self.family.sample_options:
+            options.setdefault("bos_id", getattr(self.tokenizer, "bos_id", None))
+        opts = build_options(self.family.SampleOptions, self.cfg.family.name,
+                             steps=_posint("steps", steps), **options)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         self.model.eval()
-        return self.family.sample(self.model, num, seq_len, steps, gen, temperature=temperature,
-                                  top_p=top_p, **kw)
+        return self.family.sample(self.model, num, seq_len, opts, gen, plan, log=log,
+                                  on_forward=on_forward)
+
+    def generate_ids(self, num: int = 1, steps: int = 128, seq_len: Optional[int] = None,
+                     seed: int = 0, **kw):
+        """Token ids as :meth:`sample` draws them: a [num, L] tensor, or for variable-length
+        families a list of 1-D tensors (``SampleResult.rows``)."""
+        return self.sample(num, steps, seq_len, seed, **kw).rows()
 
     def save_pretrained(self, folder, overwrite: bool = False) -> Path:
         """Export this model (its current weights, tokenizer, tree, config) to ``folder``;
@@ -93,8 +104,8 @@ class Pipeline:
         return write_pretrained(self, folder, overwrite=overwrite)
 
     def generate(self, num: int = 1, steps: int = 128, **kw) -> list[str]:
-        ids = self.generate_ids(num, steps, **kw)
-        return [self.tokenizer.decode(row.tolist()) for row in ids]
+        """Decoded texts of :meth:`sample`."""
+        return [self.tokenizer.decode(ids) for ids in self.sample(num, steps, **kw).sequences()]
 
     @torch.no_grad()
     def nelbo(self, texts: Sequence[str], seed: int = 0, repeats: int = 4) -> dict:
@@ -136,7 +147,7 @@ class Pipeline:
         self.model.eval()
         tot, n = 0.0, 0.0
         for _ in range(repeats):
-            terms = self.family.loss(self.model, batch, gen, exact=True)
+            terms = self.family.nelbo(self.model, batch, gen)
             tot += terms.nll.sum().item()
             n += terms.n_tokens.sum().item()
         per_tok = tot / max(n, 1)
@@ -161,7 +172,7 @@ def load(path: str | Path, device: str = "cpu", use_ema: bool = True,
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} requested but CUDA is not available")
     cfg = ckpt.config
-    fam_cls = get_family_class(cfg.model.family)
+    fam_cls = get_family_class(cfg.family.name)
     family = fam_cls(cfg, **fam_cls.resources_from_checkpoint(ckpt))
     model = family.build_model()
     if ckpt.ema_state is not None and use_ema:

@@ -43,7 +43,7 @@ class Schedule:
 
     def __init__(self, eps: float = 1e-3):
         # eps = 0 (full absorption, infinite sigma(1)) is allowed for exact analyses; a run's
-        # config requires eps >= config.EPS_MIN (``DiffusionConfig``)
+        # config requires eps >= config.EPS_MIN (``NoiseSection``)
         if not (0.0 <= eps < 0.5):
             raise ConfigError(f"invalid schedule eps: must be in [0, 0.5), got {eps!r}")
         self.eps = eps

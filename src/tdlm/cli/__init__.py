@@ -20,6 +20,7 @@ import sys
 
 from ..errors import TdlmError
 from . import eval as _eval_cmd, export as _export_cmd, info as _info_cmd  # noqa: F401
+from . import genppl as _genppl_cmd, schedule as _schedule_cmd  # noqa: F401
 from . import run as _run_cmd, sample as _sample_cmd, train as _train_cmd  # noqa: F401
 
 
@@ -32,17 +33,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One module per subcommand, each with ``add_parser(sub)``; the tree, scheduling and
-    benchmark packages add theirs."""
+    """One module per subcommand, each with ``add_parser(sub)`` (``tree`` and ``bench`` add
+    a group of subcommands)."""
     ap = _Parser(prog="tdlm", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for m in (_run_cmd, _train_cmd, _eval_cmd, _sample_cmd, _export_cmd, _info_cmd):
+    for m in (_run_cmd, _train_cmd, _eval_cmd, _sample_cmd, _export_cmd, _info_cmd,
+              _genppl_cmd, _schedule_cmd):
         m.add_parser(sub)
     from ..bench_cli import add_bench_parser
-    from ..scheduling.cli import add_scheduling_parsers
-    from ..tree.cli import add_tree_parser
+    from .tree import add_tree_parser
     add_tree_parser(sub)             # tdlm tree build/show
-    add_scheduling_parsers(sub)      # tdlm genppl, tdlm schedule analyze/search
     add_bench_parser(sub)            # tdlm bench {params,memory,speed,quality}
     return ap
 

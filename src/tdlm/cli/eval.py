@@ -3,41 +3,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
-
-from ..errors import ConfigError
-from ..store.checkpoint import run_dir_of
-from ..utils.io import atomic_write_json
-
-
-def _eval(ckpt_path: str, batches: int, seed: int, repeats: int, out: str | None,
-          use_ema: bool = True) -> tuple[dict, Path]:
-    from ..pipeline import load
-    from ..data import build_data
-    from ..eval.nelbo import evaluate_nelbo
-    if batches < 0:
-        raise ConfigError(f"--batches must be >= 0 (0: the whole validation split), got {batches}")
-    if repeats < 1:
-        raise ConfigError(f"--repeats must be >= 1, got {repeats}")
-    pipe = load(ckpt_path, use_ema=use_ema)
-    cfg = pipe.cfg
-    data = build_data(cfg.data, None, tokenizer=pipe.tokenizer, need_train=False)
-    res = evaluate_nelbo(pipe.family, pipe.model, data.val,
-                         batch_size=cfg.train.micro_batch or cfg.train.global_batch,
-                         max_batches=batches, seed=seed, repeats=repeats)
-    res.update({"checkpoint": str(pipe.checkpoint.path), "family": cfg.model.family,
-                "step": pipe.checkpoint.trainer.get("step"), "weights": pipe.weights,
-                "data_layout": cfg.data.layout, "seq_len": cfg.data.seq_len,
-                "data_source": cfg.data.source, "tokenizer": cfg.data.tokenizer,
-                "schedule": cfg.diffusion.schedule, "num_timesteps": cfg.diffusion.num_timesteps})
-    out_dir = Path(out) if out else run_dir_of(pipe.checkpoint.path) / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "metrics.json", res)
-    return res, out_dir
 
 
 def cmd_eval(args) -> int:
-    res, out_dir = _eval(args.checkpoint, args.batches, args.seed, args.repeats, args.out,
+    from ..eval.nelbo import evaluate_to_files
+    res, out_dir = evaluate_to_files(args.checkpoint, args.batches, args.seed, args.repeats, args.out,
                          not args.no_ema)
     if args.json:
         print(json.dumps(res, indent=2, sort_keys=True))

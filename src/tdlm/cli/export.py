@@ -7,7 +7,7 @@ def cmd_export(args) -> int:
     from ..pipeline import load
     pipe = load(args.checkpoint, use_ema=not args.no_ema)
     out = save_pretrained(pipe, args.out)
-    print(f"exported {pipe.cfg.model.family} model ({pipe.weights} weights, step "
+    print(f"exported {pipe.cfg.family.name} model ({pipe.weights} weights, step "
           f"{pipe.checkpoint.trainer.get('step')}) to {out}")
     return 0
 

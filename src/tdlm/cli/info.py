@@ -11,13 +11,15 @@ def cmd_info(args) -> int:
     if args.list:
         print("\n".join(preset_names()))
         return 0
+    if args.fields:
+        return _print_fields(args.family)
     rows = {}
     for name in args.preset or ["tiny"]:
         cfg = get_preset(name)
         fam, model = meta_family(cfg)
         c = count_parameters(model)
-        m = cfg.model
-        rows[name] = {"family": m.family, "d_model": m.d_model, "n_layers": m.n_layers,
+        m = cfg.backbone
+        rows[name] = {"family": cfg.family.name, "d_model": m.d_model, "n_layers": m.n_layers,
                       "n_heads": m.n_heads, "vocab_size": m.vocab_size, "seq_len": cfg.data.seq_len,
                       "parameters": c}
         rows[name].update(fam.describe())
@@ -33,9 +35,29 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _print_fields(family) -> int:
+    """Every config field: ``section.field  type  default  meaning``; the family section of
+    ``family`` (default: every family's)."""
+    from ..config import (BackboneConfig, DataConfig, TrainConfig, family_section, field_docs,
+                          section_names)
+    sections = [("backbone", BackboneConfig), ("data", DataConfig), ("train", TrainConfig)]
+    for name in ([family] if family else section_names()):
+        sections.append((f"family (name={name})", family_section(name)))
+    for title, cls in sections:
+        prefix = title.split(" ")[0]
+        print(f"[{title}]")
+        for r in field_docs(cls):
+            print(f"  {prefix + '.' + r['name']:<32}{r['type']:<8}{r['default']!r:<16} {r['doc']}")
+        print()
+    return 0
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="parameter counts of presets")
     p.add_argument("--preset", action="append")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--list", action="store_true")
+    p.add_argument("--list", action="store_true", help="list the preset names")
+    p.add_argument("--fields", action="store_true",
+                   help="list every config field with its type, default and meaning")
+    p.add_argument("--family", help="with --fields: only this family's section")
     p.set_defaults(fn=cmd_info)

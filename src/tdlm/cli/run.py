@@ -5,14 +5,14 @@ import time
 from pathlib import Path
 
 from ..utils.io import atomic_write_json
-from .eval import _eval
-from .sample import _sample
 
 
 def cmd_run(args) -> int:
     """Main job: train each preset on the bundled corpus on the same tokens and seed,
     evaluate all on the same validation batches, print NELBOs side by side and samples."""
     from ..config import get_preset
+    from ..eval.nelbo import evaluate_to_files
+    from ..generation import generate_to_files
     from ..train.loop import train
     presets = args.preset or ["tdlm-tiny", "tiny-gpt2"]
     out = Path(args.out or f"runs/quickstart-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -27,12 +27,12 @@ def cmd_run(args) -> int:
     for name, cfg in cfgs.items():
         run_dir = out / name
         where = "the bundled corpus" if cfg.data.source == "bundled" else cfg.data.source
-        print(f"[tdlm] training {name!r} ({cfg.model.family}, {cfg.model.n_layers} blocks, "
-              f"d={cfg.model.d_model}) on {where} for {cfg.train.max_steps} steps -> {run_dir}")
+        print(f"[tdlm] training {name!r} ({cfg.family.name}, {cfg.backbone.n_layers} blocks, "
+              f"d={cfg.backbone.d_model}) on {where} for {cfg.train.max_steps} steps -> {run_dir}")
         res = train(cfg, run_dir, progress=not args.no_progress)
         ck = res.final_checkpoint
-        ev, ev_dir = _eval(str(ck), 0 if args.full_eval else 32, 0, 1, None)
-        recs, spath = _sample(str(ck), args.num_samples, args.steps, 0, 1.0, 1.0, None, None)
+        ev, ev_dir = evaluate_to_files(str(ck), 0 if args.full_eval else 32, 0, 1, None)
+        recs, spath, _ = generate_to_files({"model": str(ck)}, args.num_samples, args.steps)
         rows[name] = (cfg, ev, recs)
         outputs += [(f"{name} run folder", run_dir), (f"{name} checkpoint", ck),
                     (f"{name} eval metrics", ev_dir / "metrics.json"), (f"{name} samples", spath),
@@ -44,8 +44,8 @@ def cmd_run(args) -> int:
     summary = {}
     for name, (cfg, ev, recs) in rows.items():
         n_params = count_parameters(load(ev["checkpoint"]).model)["total"]
-        summary[name] = {"family": cfg.model.family, "parameters": n_params, **ev}
-        print(f"  {name:<12}{cfg.model.family:<7}{n_params:>12,}{ev['nelbo_per_token']:>13.4f}"
+        summary[name] = {"family": cfg.family.name, "parameters": n_params, **ev}
+        print(f"  {name:<12}{cfg.family.name:<7}{n_params:>12,}{ev['nelbo_per_token']:>13.4f}"
               f"{ev['ppl_bound']:>11.1f}{ev['bits_per_token']:>12.3f}")
         if "parts_per_token" in ev:
             parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(ev["parts_per_token"].items()))

@@ -1,68 +1,52 @@
-"""``tdlm sample``: samples of one checkpoint (or, with ``--model``/``--schedule``, of
-several models under a schedule) written as JSONL + meta (``tdlm.outputs``)."""
+"""``tdlm sample``: samples of one checkpoint, or of several named models under a model
+schedule (a single model is a one-model plan: one path, ``tdlm.generation``, writes the JSONL,
+its meta and the optional trajectory / length histogram)."""
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
-from ..errors import ConfigError, TdlmError
-from ..store.checkpoint import run_dir_of
+from ..errors import ConfigError
 
 
-def _sample(ckpt_path: str, num: int, steps: int, seed: int, temperature: float, top_p: float,
-            seq_len: int | None, out: str | None,
-            steps_split: str | None = None, trajectory: bool = False,
-            prompt: str | None = None, device: str = "cpu") -> tuple[list, Path]:
-    from ..outputs import sample_records, write_samples
-    from ..pipeline import load
-    from ..sampling.options import check_sample_args, encode_prompt, parse_steps_split
-    check_sample_args(steps, num, seq_len, temperature, top_p)
-    pipe = load(ckpt_path, device=device)
-    if seq_len and seq_len > pipe.cfg.model.max_seq_len:
-        raise TdlmError(f"--seq-len {seq_len} exceeds the model's max_seq_len "
-                        f"{pipe.cfg.model.max_seq_len}")
-    extra = {}
-    if steps_split:
-        extra["steps_split"] = parse_steps_split(steps_split, pipe.cfg, pipe.family, steps)
-    opts = pipe.family.sample_options
-    if trajectory and "trajectory" not in opts:
-        raise ConfigError(f"--trajectory applies to insertion models only (not "
-                          f"{pipe.cfg.model.family!r})")
-    if prompt is not None:
-        extra["prefix"] = encode_prompt(pipe.tokenizer, prompt, num)
-    traj = [] if trajectory else None
-    stats: dict = {}
-    if "trajectory" in opts:
-        extra["trajectory"] = traj
-    if "stats" in opts:
-        extra["stats"] = stats
-    t0 = time.perf_counter()
-    ids = pipe.generate_ids(num, steps, seq_len=seq_len, seed=seed, temperature=temperature,
-                            top_p=top_p, **extra)
-    dt = time.perf_counter() - t0
-    recs = sample_records(pipe.tokenizer, ids)
-    out_path = Path(out) if out else run_dir_of(pipe.checkpoint.path) / "samples" / "samples.jsonl"
-    meta = {"checkpoint": str(pipe.checkpoint.path), "family": pipe.cfg.model.family,
-            "num": num, "steps": steps, "seed": seed,
-            "temperature": temperature, "top_p": top_p, "gumbel": "float64",
-            "seconds": dt, "seconds_per_sample": dt / num, "prompt": prompt,
-            "steps_split_root_to_leaf": steps_split or "even", "device": str(pipe.device),
-            **pipe.family.describe(), **stats}
-    write_samples(out_path, recs, meta, pipe.tokenizer, traj, pipe.family.variable_length)
-    return recs, out_path
+def parse_model_args(items, positional=None) -> dict:
+    """``NAME=PATH`` pairs -> {name: path} (order kept); a positional checkpoint alone is
+    the model ``model``."""
+    out: dict = {}
+    for it in items or []:
+        if "=" not in it:
+            raise ConfigError(f"--model {it!r}: expected NAME=PATH, e.g. --model H=runs/heavy")
+        n, p = it.split("=", 1)
+        n = n.strip()
+        if not n or not p:
+            raise ConfigError(f"--model {it!r}: expected NAME=PATH, e.g. --model H=runs/heavy")
+        if n in out:
+            raise ConfigError(f"--model: the name {n!r} is given twice")
+        out[n] = p
+    if positional:
+        if out:
+            raise ConfigError("give either a checkpoint or --model NAME=PATH options, not both")
+        out = {"model": positional}
+    if not out:
+        raise ConfigError("no model: give a checkpoint folder or --model NAME=PATH")
+    return out
 
 
 def cmd_sample(args) -> int:
-    from ..scheduling.cli import cmd_sample_scheduled, wants_scheduled
-    if wants_scheduled(args):        # --model/--schedule/--prefix-from-val: scheduled sampler
-        return cmd_sample_scheduled(args)
-    if not args.checkpoint:
+    from ..generation import generate_to_files
+    if not args.checkpoint and not args.model:
         raise ConfigError("no model: give a checkpoint folder or --model NAME=PATH")
-    recs, path = _sample(args.checkpoint, args.num, args.steps, args.seed, args.temperature,
-                         args.top_p, args.seq_len, args.out, args.steps_split,
-                         trajectory=args.trajectory, prompt=args.prompt, device=args.device)
+    paths = parse_model_args(args.model, args.checkpoint)
+    recs, path, meta = generate_to_files(
+        paths, args.num, args.steps, args.seed, args.temperature, args.top_p, args.seq_len,
+        args.out, args.steps_split, args.schedule, args.light, args.heavy, args.prefix_from_val,
+        args.device, args.prompt, trajectory=args.trajectory)
     for r in recs[:args.show]:
         print(f"--- sample {r['id']} ---\n{r['text'][:600]}")
+    if len(paths) > 1 or args.schedule:
+        calls = ", ".join(f"{n} {c}" for n, c in (meta["forward_calls"] or {}).items())
+        saved = ("" if meta["saved_blocks"] is None else
+                 f"block FLOPs saved {100 * meta['saved_blocks']:.1f}% (full "
+                 f"{100 * meta['saved_full']:.1f}%) vs {meta['reference']['model']} alone; ")
+        print(f"schedule {meta['schedule']['run_length'][:80]}; forward calls: {calls}; "
+              f"{saved}{meta['seconds']:.2f} s")
     print(f"samples: {path}")
     return 0
 
@@ -84,6 +68,21 @@ def add_parser(sub) -> None:
                    "only after it; MDLM/TDLM: clamped prefix)")
     p.add_argument("--trajectory", action="store_true",
                    help="DID: also write every step's sequences (<out>.trajectory.jsonl)")
-    from ..scheduling.cli import add_sample_schedule_args
     add_sample_schedule_args(p)      # --model, --schedule, --light/--heavy, --prefix-from-val
     p.set_defaults(fn=cmd_sample)
+
+
+def add_sample_schedule_args(p) -> None:
+    """Options of ``tdlm sample`` for model scheduling and prefixes."""
+    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                   help="a named checkpoint for scheduled sampling (repeat: H=runs/heavy "
+                        "L=runs/light)")
+    p.add_argument("--schedule", help="which model predicts at each step: L125,H750,L125 or "
+                   "sandwich:0.25, light-first:0.25, light-last:0.25, light-middle:0.25, "
+                   "random:0.25[:seed], interleave:4, levels:L,H (TDLM)")
+    p.add_argument("--light", help="name of the light model for named schedules (default L)")
+    p.add_argument("--heavy", help="name of the heavy model for named schedules (default H)")
+    p.add_argument("--prefix-from-val", type=int, metavar="K",
+                   help="clamp the first K tokens of held-out (validation) documents and "
+                        "generate the rest")
+    p.add_argument("--device", default="cpu")

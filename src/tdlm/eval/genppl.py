@@ -91,16 +91,16 @@ class TdlmARJudge(Judge):
         from ..pipeline import load
         pipe = load(path, device=device)
         if not pipe.family.causal:
-            raise CheckpointError(f"judge {path} holds a {pipe.cfg.model.family!r} model; a judge "
+            raise CheckpointError(f"judge {path} holds a {pipe.cfg.family.name!r} model; a judge "
                                   "must be autoregressive (a tdlm 'ar' checkpoint or a Hugging "
                                   "Face causal LM folder)")
         self.pipe, self.path = pipe, str(pipe.checkpoint.path)
-        self.context = pipe.cfg.model.max_seq_len
-        self.vocab_size = pipe.cfg.model.vocab_size
+        self.context = pipe.cfg.backbone.max_seq_len
+        self.vocab_size = pipe.cfg.backbone.vocab_size
         tok = pipe.tokenizer
         self.eos_id, self.bos_id = tok.eos_id, tok.bos_id
         self.device, self.precision = pipe.device, precision
-        m = pipe.cfg.model
+        m = pipe.cfg.backbone
         self.label = (f"tdlm AR model ({m.n_layers} blocks, d={m.d_model}, step "
                       f"{pipe.checkpoint.trainer.get('step')}, data {pipe.cfg.data.source}, "
                       f"tokenizer {tok.name}); not GPT-2")

@@ -1,6 +1,6 @@
 """Likelihood evaluation: NELBO per token, perplexity bound exp(NELBO), bits per token.
 
-The family's ``loss(..., exact=True)`` gives a Monte-Carlo estimate of the per-sequence NELBO
+The family's ``nelbo`` gives a Monte-Carlo estimate of the per-sequence NELBO
 with exact weights (no clipping), antithetic t and, for validation batch ``b``, a generator
 seeded by (``seed``, b), so the result is reproducible and does not depend on how the batches
 are spread over processes. Named parts (e.g. per tree level) are reported per token as well.
@@ -13,12 +13,15 @@ b = r, r + W, ...; the summed NELBO, token, sequence and part counts are added a
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..errors import ConfigError
 from ..families.base import Family, autocast_ctx, model_device
+from ..store.checkpoint import run_dir_of
+from ..utils.io import atomic_write_json
 
 
 def _batch_seed(seed: int, b: int) -> int:
@@ -63,7 +66,7 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
             gen = torch.Generator(device=device).manual_seed(_batch_seed(seed, bi))
             for _ in range(repeats):
                 with autocast_ctx(device, precision):
-                    terms = family.loss(model, batch, gen, exact=True)
+                    terms = family.nelbo(model, batch, gen)
                 for k in terms.parts:
                     parts.setdefault(k, 0.0)     # the same keys on every rank
                 if not real:
@@ -91,3 +94,32 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
     if parts:
         out["parts_per_token"] = {k: v / max(toks, 1) for k, v in parts.items()}
     return out
+
+
+def evaluate_to_files(ckpt_path: str, batches: int = 0, seed: int = 0, repeats: int = 1,
+                      out: str | None = None, use_ema: bool = True) -> tuple[dict, Path]:
+    """Evaluate a checkpoint on its validation split (``batches`` batches, 0: all; ``repeats``
+    noise draws per batch) and write ``metrics.json`` (default ``<run>/eval``). Returns
+    (metrics, folder)."""
+    from ..pipeline import load
+    from ..data import build_data
+    if batches < 0:
+        raise ConfigError(f"--batches must be >= 0 (0: the whole validation split), got {batches}")
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {repeats}")
+    pipe = load(ckpt_path, use_ema=use_ema)
+    cfg = pipe.cfg
+    data = build_data(cfg.data, None, tokenizer=pipe.tokenizer, need_train=False)
+    res = evaluate_nelbo(pipe.family, pipe.model, data.val,
+                         batch_size=cfg.train.micro_batch or cfg.train.global_batch,
+                         max_batches=batches, seed=seed, repeats=repeats)
+    res.update({"checkpoint": str(pipe.checkpoint.path), "family": cfg.family.name,
+                "step": pipe.checkpoint.trainer.get("step"), "weights": pipe.weights,
+                "data_layout": cfg.data.layout, "seq_len": cfg.data.seq_len,
+                "data_source": cfg.data.source, "tokenizer": cfg.data.tokenizer,
+                "schedule": getattr(cfg.family, "schedule", None),
+                "num_timesteps": getattr(cfg.family, "num_timesteps", None)})
+    out_dir = Path(out) if out else run_dir_of(pipe.checkpoint.path) / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "metrics.json", res)
+    return res, out_dir

@@ -1,65 +1,6 @@
-"""Autoregressive baseline on the same backbone (causal attention, no time input).
+"""Deprecated alias of :mod:`tdlm.families.ar.family`."""
+import sys
 
-Exact NLL: -log p(x) = sum_{i>=1} -log p_theta(x_i | x_<i); as in MDLM's AR baseline the first
-token of a block is conditioned on nothing and not scored, so ``n_tokens = L - 1`` per block.
-"""
-from __future__ import annotations
+from .ar import family as _family
 
-from typing import Optional
-
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
-from ..config import RunConfig
-from ..nn.dit import DiT, FinalLayer
-from ..sampling.gumbel import adjust_logits, gumbel_argmax
-from .base import Family, LossTerms, model_device, register
-
-
-class CausalLM(nn.Module):
-    def __init__(self, cfg: RunConfig):
-        super().__init__()
-        m = cfg.model
-        self.vocab_size = m.vocab_size
-        self.backbone = DiT(m, m.vocab_size, causal=True)
-        self.head = FinalLayer(m.d_model, m.cond_dim, m.vocab_size)
-
-    def forward(self, x: torch.Tensor, sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h, c = self.backbone(x, None)
-        return self.head(h, c)
-
-
-@register("ar")
-class Autoregressive(Family):
-    is_diffusion = False
-    causal = True
-
-    def build_model(self) -> nn.Module:
-        return CausalLM(self.cfg)
-
-    def loss(self, model, batch, generator, exact: bool = False) -> LossTerms:
-        x = batch["input_ids"]
-        valid = batch.get("valid", torch.ones_like(x, dtype=torch.bool))
-        logits = model(x[:, :-1]).float()
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                             reduction="none").view(x.shape[0], -1)
-        tgt_valid = valid[:, 1:]
-        nll = torch.where(tgt_valid, ce, torch.zeros_like(ce)).sum(-1)
-        return LossTerms(nll=nll, n_tokens=tgt_valid.sum(-1).float())
-
-    @torch.no_grad()
-    def sample(self, model, num, seq_len, steps, generator, temperature=1.0, top_p=1.0,
-               prefix: Optional[torch.Tensor] = None, bos_id: Optional[int] = None):
-        """Ancestral left-to-right sampling (``steps`` is ignored: one token per forward)."""
-        device = model_device(model)
-        if prefix is None:
-            start = bos_id if bos_id is not None else self.cfg.model.vocab_size - 1
-            x = torch.full((num, 1), start, dtype=torch.long, device=device)
-        else:
-            x = prefix.to(device)
-        while x.shape[1] < seq_len:
-            logits = model(x)[:, -1].double()
-            nxt = gumbel_argmax(adjust_logits(logits, temperature, top_p), generator)
-            x = torch.cat([x, nxt[:, None]], dim=1)
-        return x
+sys.modules[__name__] = _family

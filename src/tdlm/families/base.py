@@ -1,23 +1,30 @@
-"""What every model family provides, and the registry that maps a config's family to it.
+"""The family contract and the registry that maps a config's family to its class.
 
-A family = a model builder + an objective (``loss``; with ``exact=True`` it is the
-evaluation NELBO with exact weights) + a sampler, and it *declares* what shared code needs to
-know (class attributes ``causal``, ``schedulable``, ``variable_length``, ``sample_options``;
-methods ``describe``, ``process_signature``, ``phases``, ``noised_predictions``), so shared code
-(training, evaluation, scheduling, CLI) never asks ``if family == ...``. Families are found by
-importing every module of this package (no hard-coded list): a new family is a new module
-that calls :func:`register`.
+A family (``families/<name>/``: ``config.py`` with its config section and sample options,
+``family.py`` with its class, and the modules its math needs) provides a model builder, a
+training objective (``loss``) and a separate evaluation bound (``nelbo``), both computed by
+``objective`` under a :class:`Regime` naming the three things that differ between them (the
+draw of t, whether padding is counted, exact or training weights), and a sampler
+(``sample(model, num, seq_len, opts, generator, plan) -> SampleResult``). It *declares* what
+shared code needs (``Config``, ``SampleOptions``, ``layouts``, ``causal``, ``schedulable``,
+``variable_length``, ``is_diffusion``; ``describe``, ``process_signature``, ``phases``,
+``noised_predictions``, ``eval_conventions``), so shared code never asks
+``if family == ...``. Families are found by importing ``<subpackage>.family`` for every
+subpackage of this package: a new family is a new folder.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+import inspect
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.nn as nn
 
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..sampling.result import SampleOptions, SampleResult, StepPlan
 
 
 @dataclass
@@ -35,17 +42,33 @@ class LossTerms:
         return self.nll.sum() / self.n_tokens.sum().clamp_min(1)
 
 
+@dataclass(frozen=True)
+class Regime:
+    """What differs between the training objective and the evaluation NELBO.
+
+    ``t_min``: t ~ U(t_min, 1) (``family.train_t_min`` / ``eval_t_min``); ``count_padding``:
+    crop_pad padding positions are counted (GIDD trains on them; evaluation never counts
+    them); ``exact_weights``: the ELBO weights as derived (evaluation), else the family's
+    training weights (clipping, TDLM level multipliers, DID's simple weighting)."""
+    name: str
+    t_min: float
+    count_padding: bool
+    exact_weights: bool
+
+
 class Family:
     """Interface of a model family. Subclasses set ``name`` and implement the methods."""
     name = "base"
+    Config: ClassVar[type]                          # its config section (set by ``register``)
+    SampleOptions: ClassVar[type] = SampleOptions   # its typed sampling options
     is_diffusion = True
-    discrete_time = False       # honours diffusion.num_timesteps (discrete-time NELBO)
+    discrete_time = False       # honours family.num_timesteps (discrete-time NELBO)
     causal = False              # left-to-right model (can serve as a generative-PPL judge)
     schedulable = False         # may take part in a model-scheduling plan
     variable_length = False     # samples have varying lengths (length histograms are written)
-    # the keyword options ``sample`` accepts (set by ``register`` from its signature): an
-    # option a family does not take is a one-line error in ``Pipeline.generate_ids``
+    # the field names of ``SampleOptions`` (set by ``register``)
     sample_options: frozenset = frozenset()
+    reports_forwards = False    # its sampler records forward passes in a ForwardLog
     layouts: tuple = ("packed", "crop_pad", "packed_bos")   # data layouts it trains on
 
     def describe(self) -> dict:
@@ -75,38 +98,122 @@ class Family:
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
-    def counted(self, batch: dict, exact: bool) -> torch.Tensor:
-        """[B, L] positions whose loss is counted: real tokens (``valid``); in training, every
-        position when ``diffusion.train_on_padding`` is set (GIDD models the pads)."""
+    def regime(self, train: bool) -> Regime:
+        """The training (``train=True``) or evaluation regime, from this family's section."""
+        f = self.cfg.family
+        return Regime("train" if train else "eval",
+                      t_min=getattr(f, "train_t_min" if train else "eval_t_min", 0.0),
+                      count_padding=train and getattr(f, "train_on_padding", False),
+                      exact_weights=not train)
+
+    def counted(self, batch: dict, regime: Regime) -> torch.Tensor:
+        """[B, L] positions whose loss is counted: real tokens (``valid``), or every position
+        when the regime counts padding (GIDD's training models the pads)."""
         x0 = batch["input_ids"]
         valid = batch.get("valid")
-        if valid is None or (not exact and self.cfg.diffusion.train_on_padding):
+        if valid is None or regime.count_padding:
             return torch.ones_like(x0, dtype=torch.bool)
         return valid
 
     def eval_conventions(self) -> dict:
         """How this family's evaluation number is computed, written beside it in
         ``metrics.json``: padding excluded from numerator and token count; for diffusion
-        families the time draw (``diffusion.eval_t_min``; MDLM evaluates with t ~ U(1e-3, 1))."""
+        families the time draw (``family.eval_t_min``; MDLM evaluates with t ~ U(1e-3, 1))."""
         out = {"padding": "excluded"}
         if self.is_diffusion:
-            d = self.cfg.diffusion
+            d = self.cfg.family
+            T = getattr(d, "num_timesteps", 0)
             out["eval_t_min"] = d.eval_t_min
-            out["t_convention"] = (f"discrete time, T={d.num_timesteps} steps drawn uniformly"
-                                   if d.num_timesteps > 0 and self.discrete_time else
+            out["t_convention"] = (f"discrete time, T={T} steps drawn uniformly"
+                                   if T > 0 and self.discrete_time else
                                    f"t ~ U({d.eval_t_min:g}, 1)"
                                    + (", antithetic" if d.antithetic else ""))
         return out
 
-    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator,
-             exact: bool = False) -> LossTerms:
+    def objective(self, model: nn.Module, batch: dict, generator: torch.Generator,
+                  regime: Regime) -> LossTerms:
+        """Per-sequence NELBO terms of ``batch`` under ``regime``."""
         raise NotImplementedError
 
-    @torch.no_grad()
-    def sample(self, model: nn.Module, num: int, seq_len: int, steps: int,
-               generator: torch.Generator, temperature: float = 1.0, top_p: float = 1.0,
-               **kw) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator,
+             exact: bool = False) -> LossTerms:
+        """The training objective (``objective`` in the training regime). ``exact=True`` is
+        the deprecated spelling of :meth:`nelbo`."""
+        if exact:
+            warnings.warn("Family.loss(exact=True) is deprecated: use Family.nelbo",
+                          DeprecationWarning, stacklevel=2)
+            return self.nelbo(model, batch, generator)
+        return self.objective(model, batch, generator, self.regime(train=True))
+
+    def nelbo(self, model: nn.Module, batch: dict, generator: torch.Generator) -> LossTerms:
+        """The evaluation bound: exact weights, ``eval_t_min``, real tokens only."""
+        return self.objective(model, batch, generator, self.regime(train=False))
+
+    # ---- sampling -------------------------------------------------------------------------
+    def run_sampler(self, model: nn.Module, num: int, seq_len: int, steps: int,
+                    generator: torch.Generator):
+        """The family's sampling algorithm with its options as keywords (no ``**kwargs``):
+        a [num, L] tensor or a list of 1-D tensors. Shared code calls :meth:`sample`."""
         raise NotImplementedError
+
+    @classmethod
+    def _sampler_params(cls) -> frozenset:
+        return frozenset(inspect.signature(cls.run_sampler).parameters) - _SAMPLE_ARGS
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, num: int, seq_len: int, opts=None,
+               generator: Optional[torch.Generator] = None, plan: Optional[StepPlan] = None,
+               *, log=None, on_forward: Optional[Callable] = None, **legacy) -> SampleResult:
+        """``num`` samples of ``seq_len`` tokens (DID: the target length or the cap) under
+        ``opts`` (this family's ``SampleOptions``; defaults when None) and an optional model
+        ``plan`` (schedulable families). ``log`` (a ``ForwardLog``) records the forward
+        passes made and ``on_forward(step)`` is called after each, where the sampler counts
+        them. Deprecated form: ``sample(model, num, seq_len, steps, generator, **options)``
+        returns what the sampler returns (a tensor, or DID's list of tensors)."""
+        if opts is not None and not isinstance(opts, SampleOptions):
+            return self._legacy_sample(model, num, seq_len, opts, generator,
+                                       dict(legacy, plan=plan, log=log, on_forward=on_forward))
+        if legacy:
+            raise ConfigError(f"sample(): give options in {self.SampleOptions.__name__}, not as "
+                              f"keywords ({', '.join(sorted(legacy))})")
+        opts = self.SampleOptions() if opts is None else opts
+        if not isinstance(opts, self.SampleOptions):
+            raise ConfigError(f"{self.name} sampling takes {self.SampleOptions.__name__}, got "
+                              f"{type(opts).__name__}")
+        params = self._sampler_params()
+        kw = {f.name: getattr(opts, f.name) for f in fields(opts) if f.name != "steps"}
+        traj = [] if kw.pop("trajectory", False) else None
+        if traj is not None:
+            kw["trajectory"] = traj
+        stats: dict = {}
+        if "stats" in params:
+            kw["stats"] = stats
+        if plan is not None and not self.schedulable and len(plan.models) == 1:
+            model, plan = next(iter(plan.models.values())), None     # a one-model plan
+        if plan is not None:
+            if not self.schedulable:
+                raise ConfigError(f"{self.name!r} models cannot be mixed in a model plan")
+            kw.update(models=dict(plan.models), plan=list(plan.per_step),
+                      time_conditioned=dict(plan.time_conditioned))
+        for name, hook in (("log", log), ("on_forward", on_forward)):
+            if hook is not None:
+                if name not in params:
+                    raise ConfigError(f"the {self.name!r} sampler does not report forward "
+                                      f"passes ({name})")
+                kw[name] = hook
+        rows = self.run_sampler(model, num, seq_len, opts.steps, generator, **kw)
+        return SampleResult.from_rows(rows, traj, stats)
+
+    def _legacy_sample(self, model, num, seq_len, steps, generator, kw: dict):
+        warnings.warn("Family.sample(model, num, seq_len, steps, generator, **options) is "
+                      "deprecated: pass a SampleOptions", DeprecationWarning, stacklevel=3)
+        kw = {k: v for k, v in kw.items() if v is not None}
+        unknown = sorted(set(kw) - self._sampler_params())
+        if unknown:
+            raise ConfigError(f"sampling option(s) {', '.join(unknown)} do not apply to "
+                              f"{self.name!r} models (options: "
+                              f"{', '.join(sorted(self._sampler_params()))})")
+        return self.run_sampler(model, num, seq_len, steps, generator, **kw)
 
     def state_files(self) -> dict:
         """Extra artefacts saved with a checkpoint (e.g. a vocabulary tree): name -> writer."""
@@ -136,16 +243,23 @@ _SAMPLE_ARGS = {"self", "model", "num", "seq_len", "steps", "generator"}
 
 
 def register(name: str):
-    """Class decorator: registers a family under ``name`` and records the options its
-    ``sample`` accepts (``sample_options``; a ``**kwargs`` catch-all is refused, so that no
-    option is silently ignored)."""
-    import inspect
+    """Class decorator: registers a family under ``name``, attaches its config section
+    (``Config``, from ``families/<name>/config.py``) and the layouts it declares, and checks
+    that its ``run_sampler`` lists its options (no ``**kwargs`` catch-all) and takes every
+    field of its ``SampleOptions``, so that no option is silently ignored."""
+    from ..config import family_section
 
     def deco(cls):
-        params = inspect.signature(cls.sample).parameters
+        params = inspect.signature(cls.run_sampler).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            raise TypeError(f"family {name!r}: sample() must list its options (no **kwargs)")
-        cls.sample_options = frozenset(params) - _SAMPLE_ARGS
+            raise TypeError(f"family {name!r}: run_sampler() must list its options (no **kwargs)")
+        ignored = sorted(cls.SampleOptions.names() - {"steps"} - set(params))
+        if ignored:
+            raise TypeError(f"family {name!r}: run_sampler() does not take option(s) {ignored}")
+        cls.sample_options = cls.SampleOptions.names()
+        cls.reports_forwards = "log" in params
+        cls.Config = family_section(name)
+        cls.layouts = cls.Config.layouts
         _REGISTRY[name] = cls
         cls.name = name
         return cls
@@ -153,14 +267,15 @@ def register(name: str):
 
 
 def _discover() -> None:
-    """Import every module and subpackage of this package (each registers its families)."""
+    """Import ``<subpackage>.family`` for every subpackage of this package (each registers
+    its family): a new family is a new folder, no list to edit."""
     import importlib
     import pkgutil
     import sys
     pkg = sys.modules[__package__]
     for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name != "base":
-            importlib.import_module(f"{__package__}.{info.name}")
+        if info.ispkg:
+            importlib.import_module(f"{__package__}.{info.name}.family")
 
 
 def family_names(**declared) -> list[str]:
@@ -180,13 +295,13 @@ def get_family_class(name: str) -> type:
 
 
 def get_family(cfg: RunConfig, **resources) -> Family:
-    return get_family_class(cfg.model.family)(cfg, **resources)
+    return get_family_class(cfg.family.name)(cfg, **resources)
 
 
 def meta_family(cfg: RunConfig) -> tuple[Family, nn.Module]:
     """The family (with shape-only resources) and its model built on the meta device (no
     memory), for parameter counts and ``describe``."""
-    cls = get_family_class(cfg.model.family)
+    cls = get_family_class(cfg.family.name)
     fam = cls(cfg, **cls.shape_resources(cfg))
     with torch.device("meta"):
         return fam, fam.build_model()

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ModelConfig
+from ..config import BackboneConfig
 
 
 class LayerNorm(nn.Module):
@@ -217,10 +217,11 @@ class DiT(nn.Module):
     zeros (MDLM OWT).
     """
 
-    def __init__(self, cfg: ModelConfig, n_embed: int, causal: bool = False):
+    def __init__(self, cfg: BackboneConfig, n_embed: int, causal: bool = False):
         super().__init__()
         self.cfg = cfg
         self.causal = causal
+        self.activation_checkpointing = False     # set from outside (the trainer)
         d = cfg.d_model
         self.vocab_embed = nn.Embedding(n_embed, d)
         nn.init.kaiming_uniform_(self.vocab_embed.weight, a=math.sqrt(5))
@@ -244,7 +245,7 @@ class DiT(nn.Module):
         x = self.vocab_embed(tokens)
         rope = self.rotary(torch.arange(L, device=tokens.device))
         for block in self.blocks:
-            if self.cfg.activation_checkpointing and self.training:
+            if self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, c, rope, attn_mask, use_reentrant=False)
             else:
                 x = block(x, c, rope, attn_mask)
@@ -261,7 +262,7 @@ class DiT(nn.Module):
         x = self.vocab_embed(tokens)
         rope = self.rotary(packing.pos)                       # positions restart per sequence
         for block in self.blocks:
-            if self.cfg.activation_checkpointing and self.training:
+            if self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, c, rope, None, packing, use_reentrant=False)
             else:
                 x = block(x, c, rope, None, packing)

@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import ConfigError
+from ..sampling.result import StepPlan
 from .schedule import Schedule, split_even
 
 
@@ -147,8 +148,8 @@ def analyze_trajectories(heavy, light, num: int = 8, steps: int = 64, seed: int 
     records: list = []
     probe = _Probe(heavy, heavy.model, light.model, records)
     ts: list = []
-    heavy.generate_ids(num, steps, seed=seed, models={"probe": probe},
-                       plan=["probe"] * steps, cache=False, on_forward=ts.append)
+    heavy.sample(num, steps, seed=seed, plan=StepPlan({"probe": probe}, ["probe"] * steps),
+                 cache=False, on_forward=ts.append)
     step_t = [st.t for st in heavy.family.sample_steps(steps)]
     rows = []
     for k, rec in zip(ts, records):

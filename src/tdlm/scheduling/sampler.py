@@ -24,6 +24,7 @@ import torch
 from ..errors import ConfigError
 from ..flops import flops_from_log, model_forward_flops
 from ..sampling.loop import ForwardLog
+from ..sampling.result import SampleResult, StepPlan
 from .schedule import Schedule, parse_schedule, resolve_schedule
 
 
@@ -35,10 +36,10 @@ def compatibility_key(pipe) -> dict:
     conditioning may differ."""
     c = pipe.cfg
     tok = pipe.tokenizer
-    key = {"family": c.model.family, "vocab_size": c.model.vocab_size,
+    key = {"family": c.family.name, "vocab_size": c.backbone.vocab_size,
            "mask_id": getattr(pipe.family, "mask_id", None),
-           "seq_len": c.data.seq_len, "noise schedule": c.diffusion.schedule,
-           "eps": c.diffusion.eps,
+           "seq_len": c.data.seq_len, "noise schedule": getattr(c.family, "schedule", None),
+           "eps": getattr(c.family, "eps", None),
            "tokenizer": getattr(tok, "vocab_hash", lambda: getattr(tok, "name", None))()}
     key.update(pipe.family.process_signature())
     return key
@@ -49,10 +50,10 @@ def check_compatible(pipes: Mapping[str, object]) -> None:
     if not pipes:
         raise ConfigError("no models given")
     names = list(pipes)
-    for n in names:
+    for n in names if len(names) > 1 else ():      # one model: a one-model plan, any family
         if not pipes[n].family.schedulable:
             from ..families.base import family_names
-            raise ConfigError(f"model {n!r} is a {pipes[n].cfg.model.family!r} model; model "
+            raise ConfigError(f"model {n!r} is a {pipes[n].cfg.family.name!r} model; model "
                               f"scheduling applies to "
                               f"{', '.join(family_names(schedulable=True))} models")
     ref = compatibility_key(pipes[names[0]])
@@ -117,46 +118,50 @@ class ScheduledSampler:
                                 self.block_cost())
 
     @torch.no_grad()
-    def generate_ids(self, num: int = 1, steps: int = 128, schedule=None, seed: int = 0,
-                     light: Optional[str] = None, heavy: Optional[str] = None,
-                     steps_split: Optional[Sequence[int]] = None, **kw) -> torch.Tensor:
-        """Token ids [num, seq_len] sampled under ``schedule`` (string, Schedule, or None for
-        a single loaded model). ``steps_split``: TDLM steps per level, leaf level first (as
-        the family's ``steps_per_level``). Other keywords as ``Pipeline.generate_ids``
-        (seq_len, temperature, top_p, prefix, cache, ...). The cost report is left in
-        ``self.last_report``."""
+    def sample(self, num: int = 1, steps: int = 128, schedule=None, seed: int = 0,
+               light: Optional[str] = None, heavy: Optional[str] = None,
+               steps_split: Optional[Sequence[int]] = None, **kw) -> SampleResult:
+        """Samples under ``schedule`` (string, Schedule, or None for a single loaded model):
+        the plan is resolved to a ``StepPlan`` and run by the first model's pipeline
+        (``Pipeline.sample``; the models share the family's process). ``steps_split``: TDLM
+        steps per level, leaf level first (as the family's ``steps_per_level``). Other
+        keywords as ``Pipeline.sample`` (seq_len, temperature, top_p, prefix, cache, ...).
+        The cost report is left in ``self.last_report``."""
         if not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")
         sched = self.resolve(schedule, steps, light, heavy, steps_split)
         used = sched.names()
-        models = {n: self.pipes[n].model for n in used}
-        tc = {n: self.pipes[n].cfg.model.time_conditioning for n in used}
+        plan = StepPlan({n: self.pipes[n].model for n in used}, sched.per_step(),
+                        {n: self.pipes[n].cfg.backbone.time_conditioning for n in used})
         log = ForwardLog()
         if steps_split is not None:
             kw["steps_split"] = list(steps_split)
-        # the first loaded model's pipeline runs the family code (device, checks); the models
-        # are compatible, so the family's process is the same for all of them
         t0 = time.perf_counter()
-        ids = self.primary.generate_ids(num, steps, seed=seed, models=models,
-                                        plan=sched.per_step(), time_conditioned=tc, log=log,
-                                        **kw)
+        res = self.primary.sample(num, steps, seed=seed, plan=plan,
+                                  log=log if self.primary.family.reports_forwards else None, **kw)
         seconds = time.perf_counter() - t0
         self.last_report = self.report(sched, log, seconds)
-        return ids
+        return res
+
+    def generate_ids(self, num: int = 1, steps: int = 128, **kw) -> torch.Tensor:
+        """Token ids [num, seq_len] of :meth:`sample`."""
+        return self.sample(num, steps, **kw).rows()
 
     def generate(self, num: int = 1, steps: int = 128, **kw) -> list[str]:
-        ids = self.generate_ids(num, steps, **kw)
-        return [self.tokenizer.decode(row.tolist()) for row in ids]
+        return [self.tokenizer.decode(ids) for ids in self.sample(num, steps, **kw).sequences()]
 
     def report(self, sched: Schedule, log: ForwardLog, seconds: float) -> dict:
         """Calls, FLOPs (blocks, full), heavy-only reference on the same calls, savings.
-        FLOPs are None when a model is not a library DiT model."""
+        FLOPs are None when a model is not a library DiT model, and call counts too when the
+        family's sampler does not record forward passes (it reports its own in the stats)."""
         models = {n: p.model for n, p in self.pipes.items()}
-        out = {"schedule": sched.to_dict(), "forward_calls": dict(log.calls),
-               "forward_calls_total": sum(log.calls.values()), "seconds": seconds,
-               "flops": None, "reference": None, "saved_blocks": None, "saved_full": None}
+        counted = self.primary.family.reports_forwards
+        out = {"schedule": sched.to_dict(), "forward_calls": dict(log.calls) if counted else None,
+               "forward_calls_total": sum(log.calls.values()) if counted else None,
+               "seconds": seconds, "flops": None, "reference": None, "saved_blocks": None,
+               "saved_full": None}
         cost = self.block_cost()
-        if any(cost[n] is None for n in sched.names()):
+        if not counted or any(cost[n] is None for n in sched.names()):
             return out
         fl = flops_from_log(log, models)
         heavy = sched.heavy

@@ -77,7 +77,7 @@ def _write_state(tmp: Path, step: int, cfg, model, optimizer, ema, trainer_state
     _write_json(tmp / "config.json", cfg.to_dict())
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
               str(tmp / "model.safetensors"), metadata={"format": FORMAT,
-                                                       "family": cfg.model.family})
+                                                       "family": cfg.family.name})
     if ema is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()},
                   str(tmp / "ema.safetensors"))
@@ -96,7 +96,7 @@ def _write_state(tmp: Path, step: int, cfg, model, optimizer, ema, trainer_state
         (tmp / "extra" / ename).mkdir(parents=True, exist_ok=True)
         writer(tmp / "extra" / ename)
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {"format": FORMAT, "family": cfg.model.family, "step": step,
+    manifest = {"format": FORMAT, "family": cfg.family.name, "step": step,
                 "files": {p.relative_to(tmp).as_posix(): _sha256(p) for p in files}}
     _write_json(tmp / "manifest.json", manifest)
 
@@ -250,11 +250,11 @@ def verified_config(p: Path, manifest: dict, expect_family: Optional[str] = None
         cfg = RunConfig.from_dict(_read_json(p, "config.json"))
     except ConfigError as e:
         raise CheckpointError(f"{what} {p} has an invalid config: {e}") from None
-    if manifest.get("family", cfg.model.family) != cfg.model.family:
+    if manifest.get("family", cfg.family.name) != cfg.family.name:
         raise CheckpointError(f"{what} {p} is inconsistent: manifest family "
-                              f"{manifest.get('family')!r}, config family {cfg.model.family!r}")
-    if expect_family is not None and cfg.model.family != expect_family:
-        raise CheckpointError(f"{what} {p} holds a {cfg.model.family!r} model, "
+                              f"{manifest.get('family')!r}, config family {cfg.family.name!r}")
+    if expect_family is not None and cfg.family.name != expect_family:
+        raise CheckpointError(f"{what} {p} holds a {cfg.family.name!r} model, "
                               f"expected {expect_family!r}")
     return cfg
 

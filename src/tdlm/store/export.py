@@ -107,7 +107,7 @@ def load_pretrained_checkpoint(path, expect_family: Optional[str] = None) -> Pre
 
 def _model_card(cfg, family: str, weights: str, step, source: str, n_params: int,
                 details: Optional[dict] = None) -> str:
-    m = cfg.model
+    m = cfg.backbone
     tree = "".join(f", {k} {v}" for k, v in (details or {}).items())
     return f"""---
 library_name: tdlm
@@ -152,7 +152,7 @@ def write_pretrained(pipe, folder, *, overwrite: bool = False) -> Path:
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise TdlmError(f"export folder {folder} already exists and is not empty; choose "
                         "another folder (nothing was written)")
-    family = pipe.cfg.model.family
+    family = pipe.cfg.family.name
     weights = getattr(pipe, "weights", "raw")
     ck = pipe.checkpoint
     step = ck.trainer.get("step") if ck is not None else None

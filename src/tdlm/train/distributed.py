@@ -203,7 +203,7 @@ def rank_micro_batches(batch, micro: int, max_tokens: int, rank: int, world: int
 
 # ---- model wrapping --------------------------------------------------------------------------
 class LossModule(nn.Module):
-    """``forward(batch, generator, exact=False) -> family.loss(model, batch, generator, exact)``.
+    """``forward(batch, generator, exact=False) -> family.loss`` (``family.nelbo`` if exact).
 
     DDP and FSDP hook ``forward``; families call other model methods too (TDLM's
     ``features``), so the wrappers go around this module instead of the model. The family is
@@ -215,7 +215,9 @@ class LossModule(nn.Module):
         object.__setattr__(self, "family", family)
 
     def forward(self, batch, generator, exact: bool = False):
-        return self.family.loss(self.model, batch, generator, exact=exact)
+        if exact:
+            return self.family.nelbo(self.model, batch, generator)
+        return self.family.loss(self.model, batch, generator)
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:

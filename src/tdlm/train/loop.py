@@ -162,12 +162,12 @@ def _setup_main(cfg: RunConfig, run_dir: Path, resume: bool, info):
         D.derive_micro(cfg.train.global_batch, cfg.train.micro_batch, info.world_size)
         data = _load_data(cfg, ckpt, run_dir, True)
         data.tokenizer.save(str(run_dir))
-        if cfg.model.vocab_size != data.tokenizer.vocab_size:
+        if cfg.backbone.vocab_size != data.tokenizer.vocab_size:
             if ckpt is not None:
                 raise TdlmError(f"checkpoint {ckpt.path} was trained with vocab_size "
-                                f"{cfg.model.vocab_size}, but its tokenizer has "
+                                f"{cfg.backbone.vocab_size}, but its tokenizer has "
                                 f"{data.tokenizer.vocab_size} tokens")
-            cfg.model.vocab_size = data.tokenizer.vocab_size   # resolved from the tokenizer
+            cfg.backbone.vocab_size = data.tokenizer.vocab_size   # resolved from the tokenizer
         family = _family_for(cfg, ckpt, data, run_dir)
         atomic_write_text(run_dir / "config.json", cfg.to_json())
         atomic_write_text(run_dir / "data.json", json.dumps(data.provenance, indent=2))
@@ -204,7 +204,7 @@ def _copy_config(cfg: RunConfig) -> RunConfig:
 
 
 def _family_for(cfg: RunConfig, ckpt, data, run_dir):
-    fam_cls = get_family_class(cfg.model.family)
+    fam_cls = get_family_class(cfg.family.name)
     resources = (fam_cls.resources_from_checkpoint(ckpt) if ckpt is not None
                  else fam_cls.prepare(cfg, data, run_dir))
     return fam_cls(cfg, **resources)
@@ -239,6 +239,9 @@ class _Run:
         # shards to its device (so a model larger than one device can be trained)
         if ckpt is not None:
             model.load_state_dict(ckpt.model_state)
+        for mod in model.modules():
+            if hasattr(mod, "activation_checkpointing"):
+                mod.activation_checkpointing = tc.activation_checkpointing
         if self.opts.compile:
             # block by block: works for every family (TDLM calls model.features, not forward)
             for unit in D.fsdp_units(model):
@@ -430,10 +433,10 @@ class _EvalFamily:
     def __init__(self, family, root=None):
         self._family, self._root = family, root
 
-    def loss(self, model, batch, generator, exact: bool = False):
+    def nelbo(self, model, batch, generator):
         if self._root is None:
-            return self._family.loss(model, batch, generator, exact=exact)
-        return self._root(batch, generator, exact=exact)
+            return self._family.nelbo(model, batch, generator)
+        return self._root(batch, generator, exact=True)
 
     def __getattr__(self, name):
         return getattr(self._family, name)

@@ -1,14 +1,12 @@
-"""Vocabulary tree for TDLM (spec §2): integer arrays with save/load/validate
-(:class:`VocabTree`), a balanced k-means builder (:func:`build_tree`), a frequency-sorted
-baseline (:func:`build_frequency_tree`), embedding sources and summaries."""
-from .build import build_frequency_tree, build_tree, plan_groups
-from .describe import describe_tree, tree_stats
-from .embeddings import (corpus_embeddings, frequency_embeddings, from_checkpoint_embeddings,
-                         random_embeddings, token_counts)
-from .tree import VocabTree
+"""Deprecated alias of :mod:`tdlm.vocab_tree` (the vocabulary tree data structure; the model
+family is :mod:`tdlm.families.tdlm`). ``tdlm.tree.X`` and ``tdlm.tree.<module>`` keep working."""
+import importlib
+import sys
 
-__all__ = [
-    "VocabTree", "build_tree", "build_frequency_tree", "plan_groups",
-    "from_checkpoint_embeddings", "corpus_embeddings", "random_embeddings",
-    "frequency_embeddings", "token_counts", "describe_tree", "tree_stats",
-]
+from ..vocab_tree import *  # noqa: F401,F403
+from ..vocab_tree import __all__  # noqa: F401
+
+for _name in ("build", "describe", "embeddings", "tree", "sources"):
+    sys.modules[f"{__name__}.{_name}"] = importlib.import_module(f"tdlm.vocab_tree.{_name}")
+sys.modules[f"{__name__}.resources"] = importlib.import_module("tdlm.families.tdlm.resources")
+sys.modules[f"{__name__}.cli"] = importlib.import_module("tdlm.cli.tree")

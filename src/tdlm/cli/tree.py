@@ -49,8 +49,8 @@ def cmd_tree_build(args) -> int:
     from ..config import DataConfig
     from ..data import build_data
     from ..errors import TdlmError
-    from .resources import build_from_source
-    from .describe import tree_stats
+    from ..vocab_tree.sources import build_from_source
+    from ..vocab_tree.describe import tree_stats
     out = Path(args.out)
     if out.exists():
         raise TdlmError(f"{out} exists; choose another --out (nothing overwritten)")
@@ -76,7 +76,7 @@ def cmd_tree_build(args) -> int:
 
 
 def cmd_tree_show(args) -> int:
-    from . import VocabTree, describe_tree, tree_stats
+    from ..vocab_tree import VocabTree, describe_tree, tree_stats
     tok = _tokenizer(args.tokenizer)
     tree = VocabTree.load(args.path, expected_vocab_hash=tok.vocab_hash())
     if args.json:

@@ -1,18 +1,14 @@
-"""Obtain the vocabulary tree a TDLM run trains with, from ``model.tree_*`` settings.
+"""Build a vocabulary tree from one embedding source.
 
 * ``corpus``: PPMI + truncated SVD embeddings of the training token stream, then balanced
   k-means (default; needs no trained model).
 * ``checkpoint``: the input embeddings of a trained checkpoint (``tree_path``).
 * ``random`` / ``frequency``: ablation baselines.
 * ``file``: a tree saved by ``tdlm tree build`` (checked against the tokenizer's vocab hash).
-Built trees are cached by (settings, corpus, tokenizer) next to the token cache and copied
-into the run folder.
+(``tdlm.families.tdlm.resources.tree_for_run`` picks the source from a run's config and caches
+the built tree.)
 """
 from __future__ import annotations
-
-import hashlib
-import json
-from pathlib import Path
 
 import numpy as np
 
@@ -54,35 +50,3 @@ def build_from_source(source: str, V: int, K: int, H: int, *, seed: int = 0,
         raise ValueError(source)
     return build_tree(emb, K, H, seed=seed, leaf_capacity_ratio=capacity_ratio,
                       vocab_hash=vocab_hash, meta=meta)
-
-
-def tree_for_run(cfg, data, run_dir) -> VocabTree:
-    m = cfg.model
-    tok = data.tokenizer
-    vh = tok.vocab_hash()
-    if m.tree_source == "file":
-        try:
-            tree = VocabTree.load(m.tree_path, expected_vocab_hash=vh)
-        except CheckpointError as e:
-            msg = str(e)
-            raise CheckpointError(msg if str(m.tree_path) in msg else
-                                  f"model.tree_path {m.tree_path}: {msg}") from None
-    else:
-        key = json.dumps({"src": m.tree_source, "K": m.tree_K, "H": m.tree_H, "seed": m.tree_seed,
-                          "cap": m.tree_capacity_ratio, "dim": m.tree_embed_dim, "vocab": vh,
-                          "ckpt": m.tree_path, "corpus": data.train_cache.key}, sort_keys=True)
-        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        cached = Path(cfg.data.cache_path) / f"tree-{digest}.safetensors"
-        if cached.exists():
-            tree = VocabTree.load(cached, expected_vocab_hash=vh)
-        else:
-            tokens = np.asarray(data.train_cache.tokens)
-            tree = build_from_source(m.tree_source, tok.vocab_size, m.tree_K, m.tree_H,
-                                     seed=m.tree_seed, capacity_ratio=m.tree_capacity_ratio,
-                                     dim=m.tree_embed_dim, tokens=tokens,
-                                     checkpoint=m.tree_path, vocab_hash=vh)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tree.save(cached)
-    if run_dir is not None:
-        tree.save(Path(run_dir) / "tree.safetensors")
-    return tree

@@ -1,0 +1,34 @@
+"""MDLM's config section (``family`` with ``name = "mdlm"``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ...sampling.result import SampleOptions
+from ...schedules import SAMPLE_T_MIN
+from ...config import NoiseSection, opt, register_section
+
+
+@register_section
+@dataclass
+class MDLMConfig(NoiseSection):
+    """Absorbing ('masking') diffusion with the SUBS parameterisation: the noise schedule
+    fields of every diffusion family plus the options below."""
+    name = "mdlm"
+    num_timesteps: int = opt(0, "0: continuous-time NELBO; T > 0: the discrete-time bound with T steps")
+    keep_first: bool = opt(False, "position 0 (BOS) is never masked nor counted (the DID comparison)")
+    train_on_padding: bool = opt(False, "crop_pad: training also models the padding (GIDD); evaluation never counts it")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from ...config.base import check
+        check(isinstance(self.num_timesteps, int) and self.num_timesteps >= 0,
+              "family.num_timesteps", f"must be an integer >= 0, got {self.num_timesteps!r}")
+
+
+@dataclass
+class MDLMSampleOptions(SampleOptions):
+    """Ancestral sampling on the grid linspace(1, t_min, steps + 1)."""
+    t_min: float = SAMPLE_T_MIN      # end of the time grid
+    cache: bool = True               # reuse the prediction while nothing moved (no time input)
+    noise_removal: bool = True       # fill the masks left at the end with the argmax

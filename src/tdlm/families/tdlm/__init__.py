@@ -1,0 +1,1 @@
+"""The tdlm family (see family.py; its config section in config.py)."""
