@@ -22,8 +22,23 @@ counted, so both condition on BOS and count the same L-1 tokens. In the
 variable setting MDLM also models EOS (never the padding), DID the length through its rates: the
 per-sequence numbers bound different events and are reported as measured, not as a verdict.
 
-    python benchmarks/did_race.py [--steps 150] [--sample-steps 64] [--samples 16]
-Writes benchmarks/results/did_race.{json,md} and did_race.png.
+Training steps: every run (the curve runs and the round-robin timing) trains with the
+trainer's own step, ``tdlm.train.step.train_step`` (context from ``single_process``; family and
+resources from ``family_for``, as a fresh ``tdlm train`` run prepares them), with the race's
+optimiser pinned in ``STEP_SETS`` (the settings of the hand-written step it replaces: AdamW
+lr 1e-3 with linear warm-up over 20 steps, torch's default weight decay 0.01, clipping at 1.0,
+no EMA, the batch of 8 as one micro-batch). The DP is timed apart by wrapping
+``tdlm.did.dp.insertion_targets``. Differences from the hand-written steps (results committed
+before this change): noise is drawn from a generator reseeded from (seed, step) each step
+instead of one generator for the whole run (different draws, same distribution, so the
+curves move within noise); the gradients of the summed NELBO are divided by the token count
+after backward instead of backpropagating the per-token mean (same gradients up to rounding);
+non-finite checks run; and the round-robin timing steps now clip gradients and warm the
+learning rate up as the curve runs always did (its old copy did neither: clipping adds one
+pass over the gradients to every timed step).
+
+    python benchmarks/did_race.py [--steps 150] [--sample-steps 64] [--samples 16] [--out DIR]
+Writes benchmarks/results/did_race.{json,md} and did_race.png (or into ``--out``).
 """
 from __future__ import annotations
 
@@ -46,28 +61,59 @@ RUNS = {
     "variable/did": ("did-tiny-var", []),
     "variable/mdlm": ("tiny-gpt2", ['data.layout="crop_pad"', 'data.source="bundled:paragraphs"']),
 }
+#: the race's two sides: run-name suffixes and keys of did_race.json's summary
+DID, MDLM = "did", "mdlm"
+#: the race's optimiser and batch, the same for every run (module docstring)
+STEP_SETS = ["train.global_batch=8", "train.micro_batch=0", "data.micro_tokens=0", "train.seed=0",
+             "train.lr=1e-3", "train.warmup_steps=20", "train.lr_schedule=constant",
+             "train.betas=[0.9, 0.999]", "train.adam_eps=1e-8", "train.weight_decay=0.01",
+             "train.grad_clip=1.0", "train.ema=0"]
+
+
+def build_run(name: str):
+    """(cfg, data, family, model, step context, batch iterator) of one run, on the CPU, the
+    model built with seed 0."""
+    from tdlm.config import get_preset
+    from tdlm.data import BatchIterator, build_data
+    from tdlm.train.step import family_for, single_process
+    preset, sets = RUNS[name]
+    cfg = get_preset(preset).override(sets + STEP_SETS)
+    data = build_data(cfg.data)
+    fam = family_for(cfg, data)
+    torch.manual_seed(0)
+    model = fam.build_model()
+    ctx = single_process(fam, model, cfg, torch.device("cpu"))
+    bucket = cfg.data.bucket_factor if getattr(data.train, "ragged", False) else 0
+    it = BatchIterator(data.train, cfg.train.global_batch, cfg.train.seed, bucket_factor=bucket)
+    return cfg, data, fam, model, ctx, it
+
+
+def time_dp() -> list:
+    """Wrap ``tdlm.did.dp.insertion_targets`` (the DID family imports it at each call) so
+    that its wall time adds up in the returned one-element list."""
+    import tdlm.did.dp as dpmod
+    acc = [0.0]
+    orig = dpmod.insertion_targets
+
+    def timed(*a, **k):
+        t = time.perf_counter()
+        r = orig(*a, **k)
+        acc[0] += time.perf_counter() - t
+        return r
+    dpmod.insertion_targets = timed
+    return acc
 
 
 def worker(name: str, steps: int, eval_every: int, sample_steps: int, n_samples: int,
            judge: str, tmp: str) -> dict:
-    from tdlm.config import get_preset
-    from tdlm.data import BatchIterator, build_data
-    from tdlm.data.batches import num_tokens, to_device
+    from tdlm.data.batches import num_tokens
     from tdlm.eval.nelbo import evaluate_nelbo
-    from tdlm.families import get_family
     from tdlm.flops import model_forward_flops
-    import tdlm.did.dp as dpmod
+    from tdlm.train.step import train_step
 
     torch.set_num_threads(2)
     preset, sets = RUNS[name]
-    cfg = get_preset(preset).override(sets + ["train.global_batch=8", "train.seed=0"])
-    data = build_data(cfg.data)
-    fam = get_family(cfg)
-    torch.manual_seed(0)
-    model = fam.build_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    bucket = cfg.data.bucket_factor if getattr(data.train, "ragged", False) else 0
-    it = BatchIterator(data.train, 8, 0, bucket_factor=bucket)
+    cfg, data, fam, model, ctx, it = build_run(name)
     # lengths actually forwarded: recorded by a pre-hook on the model
     seen = []
 
@@ -77,31 +123,15 @@ def worker(name: str, steps: int, eval_every: int, sample_steps: int, n_samples:
         else:
             seen.append([args[0].shape[1]] * args[0].shape[0])
     model.register_forward_pre_hook(hook)
-    dp_time = [0.0]
-    orig = dpmod.insertion_targets
-
-    def timed(*a, **k):
-        t = time.perf_counter()
-        r = orig(*a, **k)
-        dp_time[0] += time.perf_counter() - t
-        return r
-    dpmod.insertion_targets = timed
+    dp_time = time_dp()
     rec = {"name": name, "preset": preset, "sets": sets, "steps": [], "evals": []}
     flops_total = 0.0
-    g = torch.Generator().manual_seed(0)
     for step in range(1, steps + 1):
         batch = next(it)
         seen.clear()
         dp_time[0] = 0.0
         t0 = time.perf_counter()
-        terms = fam.loss(model, batch, g)
-        loss = terms.nll.sum() / terms.n_tokens.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for grp in opt.param_groups:
-            grp["lr"] = 1e-3 * min(1.0, step / 20)
-        opt.step()
+        res = train_step(ctx, batch, step - 1)
         dt = time.perf_counter() - t0
         lens = [v for s in seen for v in s]
         f = model_forward_flops(model, lens)
@@ -109,7 +139,7 @@ def worker(name: str, steps: int, eval_every: int, sample_steps: int, n_samples:
         rec["steps"].append({"step": step, "seconds": dt, "dp_seconds": dp_time[0],
                              "tokens_forwarded": sum(lens), "data_tokens": int(num_tokens(batch)),
                              "train_flops": 3 * f["full"], "train_block_flops": 3 * f["blocks"],
-                             "loss": float(loss)})
+                             "loss": res.loss})
         if step % eval_every == 0 or step == steps:
             ev = evaluate_nelbo(fam, model, data.val, batch_size=8, max_batches=16, seed=0)
             seq = ev["nelbo_per_token"] * ev["tokens"] / ev["sequences"]
@@ -145,46 +175,24 @@ def interleaved_timing(steps: int) -> dict:
     of each in turn), so load from other jobs on a shared machine hits all of them alike.
     Returns the median seconds per step (first 2 rounds dropped) and the DID DP share."""
     import statistics
-    from tdlm.config import get_preset
-    from tdlm.data import BatchIterator, build_data
-    from tdlm.families import get_family
-    import tdlm.did.dp as dpmod
+    from tdlm.train.step import train_step
     torch.set_num_threads(2)
-    dp_t = [0.0]
-    orig = dpmod.insertion_targets
-
-    def timed(*a, **k):
-        t = time.perf_counter()
-        r = orig(*a, **k)
-        dp_t[0] += time.perf_counter() - t
-        return r
-    dpmod.insertion_targets = timed
+    dp_t = time_dp()
     state = {}
-    for name, (preset, sets) in RUNS.items():
-        cfg = get_preset(preset).override(sets + ["train.global_batch=8", "train.seed=0"])
-        data = build_data(cfg.data)
-        fam = get_family(cfg)
-        torch.manual_seed(0)
-        model = fam.build_model()
-        bucket = cfg.data.bucket_factor if getattr(data.train, "ragged", False) else 0
-        state[name] = (fam, model, torch.optim.AdamW(model.parameters(), lr=1e-3),
-                       BatchIterator(data.train, 8, 0, bucket_factor=bucket), [], [])
-    g = torch.Generator().manual_seed(0)
+    for name in RUNS:
+        _, _, _, _, ctx, it = build_run(name)
+        state[name] = (ctx, it, [], [])
     for k in range(steps + 2):
-        for name, (fam, model, opt, it, times, dps) in state.items():
+        for name, (ctx, it, times, dps) in state.items():
             batch = next(it)
             dp_t[0] = 0.0
             t0 = time.perf_counter()
-            terms = fam.loss(model, batch, g)
-            loss = terms.nll.sum() / terms.n_tokens.sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            train_step(ctx, batch, k)
             if k >= 2:
                 times.append(time.perf_counter() - t0)
                 dps.append(dp_t[0])
-    return {name: {"median_step_s": statistics.median(v[4]), "median_dp_s": statistics.median(v[5]),
-                   "steps": len(v[4])} for name, v in state.items()}
+    return {name: {"median_step_s": statistics.median(v[2]), "median_dp_s": statistics.median(v[3]),
+                   "steps": len(v[2])} for name, v in state.items()}
 
 
 def train_judge(path: Path, steps: int) -> str:
@@ -209,18 +217,18 @@ def summarise(runs: dict, args) -> dict:
             return sum(v) / len(v)
         row = {}
         for k in ("seconds", "tokens_forwarded", "train_flops", "dp_seconds"):
-            row[k] = {"did": mean(d, k), "mdlm": mean(m, k)}
-        row["step_time_ratio"] = row["seconds"]["did"] / row["seconds"]["mdlm"]
-        row["flops_ratio"] = row["train_flops"]["did"] / row["train_flops"]["mdlm"]
-        row["dp_share_of_did_step"] = row["dp_seconds"]["did"] / row["seconds"]["did"]
-        row["sample_seconds_per_sample"] = {"did": d["sample_seconds_per_sample"],
-                                            "mdlm": m["sample_seconds_per_sample"]}
+            row[k] = {DID: mean(d, k), MDLM: mean(m, k)}
+        row["step_time_ratio"] = row["seconds"][DID] / row["seconds"][MDLM]
+        row["flops_ratio"] = row["train_flops"][DID] / row["train_flops"][MDLM]
+        row["dp_share_of_did_step"] = row["dp_seconds"][DID] / row["seconds"][DID]
+        row["sample_seconds_per_sample"] = {DID: d["sample_seconds_per_sample"],
+                                            MDLM: m["sample_seconds_per_sample"]}
         row["sample_time_ratio"] = d["sample_seconds_per_sample"] / m["sample_seconds_per_sample"]
-        row["peak_rss_mib"] = {"did": d["peak_rss_mib"], "mdlm": m["peak_rss_mib"]}
-        row["final_val"] = {"did": d["evals"][-1], "mdlm": m["evals"][-1]}
+        row["peak_rss_mib"] = {DID: d["peak_rss_mib"], MDLM: m["peak_rss_mib"]}
+        row["final_val"] = {DID: d["evals"][-1], MDLM: m["evals"][-1]}
         for k in ("gen_ppl", "entropy", "sample_mean_length"):
             if k in d:
-                row[k] = {"did": d.get(k), "mdlm": m.get(k)}
+                row[k] = {DID: d.get(k), MDLM: m.get(k)}
         out[setting] = row
     return out
 
@@ -231,9 +239,10 @@ def plot(runs: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, setting in zip(axes, ("fixed", "variable")):
-        for fam in ("did", "mdlm"):
+        for fam in (DID, MDLM):
             r = runs[f"{setting}/{fam}"]
-            key = "nelbo_per_modeled_token" if (setting, fam) == ("fixed", "mdlm") else "nelbo_per_token"
+            key = ("nelbo_per_modeled_token" if "nelbo_per_modeled_token" in r["evals"][-1]
+                   else "nelbo_per_token")
             ax.plot([e["train_flops"] for e in r["evals"]], [e[key] for e in r["evals"]], "o-",
                     label=f"{fam.upper()} ({key.replace('_', ' ')})")
         ax.set_xscale("log")
@@ -257,6 +266,7 @@ def main(argv=None):
     ap.add_argument("--judge", default="")
     ap.add_argument("--fresh", action="store_true", help="ignore finished runs cached in --work")
     ap.add_argument("--timing-steps", type=int, default=12, help="round-robin timing steps per run")
+    ap.add_argument("--out", default=str(OUT), help="folder for did_race.{json,md,png}")
     args = ap.parse_args(argv)
     if args.worker:
         rec = worker(args.worker, args.steps, args.eval_every, args.sample_steps, args.samples,
@@ -287,7 +297,7 @@ def main(argv=None):
     summary = summarise(runs, args)
     for setting in ("fixed", "variable"):
         d, m = timing[f"{setting}/did"], timing[f"{setting}/mdlm"]
-        summary[setting]["interleaved_step_s"] = {"did": d["median_step_s"], "mdlm": m["median_step_s"]}
+        summary[setting]["interleaved_step_s"] = {DID: d["median_step_s"], MDLM: m["median_step_s"]}
         summary[setting]["interleaved_step_time_ratio"] = d["median_step_s"] / m["median_step_s"]
         summary[setting]["interleaved_dp_share"] = d["median_dp_s"] / d["median_step_s"]
     res = {"command": "python benchmarks/did_race.py " + " ".join(argv or sys.argv[1:]),
@@ -296,10 +306,11 @@ def main(argv=None):
            "wall_seconds": time.perf_counter() - t0, "judge": {"path": judge, "preset": "ar-tiny (GPT-2 vocab)",
                                                                "steps": args.judge_steps},
            "summary": summary, "runs": runs}
-    OUT.mkdir(exist_ok=True)
-    (OUT / "did_race.json").write_text(json.dumps(res, indent=2))
-    plot(runs, OUT / "did_race.png")
-    (OUT / "did_race.md").write_text(report(res, args))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "did_race.json").write_text(json.dumps(res, indent=2))
+    plot(runs, out / "did_race.png")
+    (out / "did_race.md").write_text(report(res, args))
     print(report(res, args))
 
 
@@ -324,27 +335,28 @@ def report(res: dict, args) -> str:
          "", "![curves](did_race.png)", ""]
     for setting, s in res["summary"].items():
         fv = s["final_val"]
-        m_key = "nelbo_per_modeled_token" if setting == "fixed" else "nelbo_per_token"
+        m_key = ("nelbo_per_modeled_token" if "nelbo_per_modeled_token" in fv[MDLM]
+                 else "nelbo_per_token")
         L += [f"## {setting} length", "", "| | DID | MDLM | DID/MDLM |", "|---|---|---|---|"]
 
         def row(label, d, m, fmt="{:.4g}"):
             ratio = d / m if m else float("nan")
             L.append(f"| {label} | {fmt.format(d)} | {fmt.format(m)} | {ratio:.3f} |")
-        row("training step, round-robin timing (s, median)", s["interleaved_step_s"]["did"],
-            s["interleaved_step_s"]["mdlm"])
+        row("training step, round-robin timing (s, median)", s["interleaved_step_s"][DID],
+            s["interleaved_step_s"][MDLM])
         L.append(f"| of which the DP | | | {100 * s['interleaved_dp_share']:.1f}% of the DID step |")
-        row("training step during the curve runs (s, mean)", s["seconds"]["did"], s["seconds"]["mdlm"])
-        row("tokens forwarded per step", s["tokens_forwarded"]["did"], s["tokens_forwarded"]["mdlm"], "{:.0f}")
-        row("training FLOPs per step", s["train_flops"]["did"], s["train_flops"]["mdlm"], "{:.3e}")
-        row("peak RSS (MiB)", s["peak_rss_mib"]["did"], s["peak_rss_mib"]["mdlm"], "{:.0f}")
-        row(f"val NELBO/token at the end", fv["did"]["nelbo_per_token"], fv["mdlm"][m_key])
-        row("val NELBO/sequence at the end", fv["did"]["nelbo_per_sequence"], fv["mdlm"]["nelbo_per_sequence"])
-        row(f"sampling s/sample ({args.sample_steps} steps)", s["sample_seconds_per_sample"]["did"],
-            s["sample_seconds_per_sample"]["mdlm"])
+        row("training step during the curve runs (s, mean)", s["seconds"][DID], s["seconds"][MDLM])
+        row("tokens forwarded per step", s["tokens_forwarded"][DID], s["tokens_forwarded"][MDLM], "{:.0f}")
+        row("training FLOPs per step", s["train_flops"][DID], s["train_flops"][MDLM], "{:.3e}")
+        row("peak RSS (MiB)", s["peak_rss_mib"][DID], s["peak_rss_mib"][MDLM], "{:.0f}")
+        row(f"val NELBO/token at the end", fv[DID]["nelbo_per_token"], fv[MDLM][m_key])
+        row("val NELBO/sequence at the end", fv[DID]["nelbo_per_sequence"], fv[MDLM]["nelbo_per_sequence"])
+        row(f"sampling s/sample ({args.sample_steps} steps)", s["sample_seconds_per_sample"][DID],
+            s["sample_seconds_per_sample"][MDLM])
         if "gen_ppl" in s:
-            row("generative perplexity", s["gen_ppl"]["did"], s["gen_ppl"]["mdlm"], "{:.1f}")
-            row("entropy (nats)", s["entropy"]["did"], s["entropy"]["mdlm"], "{:.3f}")
-            row("mean sample length", s["sample_mean_length"]["did"], s["sample_mean_length"]["mdlm"], "{:.1f}")
+            row("generative perplexity", s["gen_ppl"][DID], s["gen_ppl"][MDLM], "{:.1f}")
+            row("entropy (nats)", s["entropy"][DID], s["entropy"][MDLM], "{:.3f}")
+            row("mean sample length", s["sample_mean_length"][DID], s["sample_mean_length"][MDLM], "{:.1f}")
         L.append("")
     return "\n".join(L) + "\n"
 

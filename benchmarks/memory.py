@@ -9,6 +9,20 @@ creates AdamW, and runs full optimizer steps (forward, ``family.loss``, backward
 step) on random tokens. The family's own loss is used for both models, so MDLM computes full
 logits + SUBS log-softmax exactly as the reference does.
 
+Each step is the trainer's own, ``tdlm.train.step.train_step`` (context from
+``single_process``, the B rows as one micro-batch; family and resources from ``family_for``:
+TDLM gets a frequency-sorted tree of the preset's K, H). EMA is off (``train.ema=0``, as in the
+hand-written step this replaced: an EMA would add a 4 B/param shadow copy to the baseline and
+break the 12 B/param accounting below). Differences from that hand-written step (results
+committed before this change): the gradients of the summed NELBO are divided by the token
+count after backward instead of backpropagating the per-token mean (same gradients up to
+rounding, no extra memory: in place), the step's learning rate follows the warm-up schedule,
+noise is reseeded from (seed, step), non-finite checks run (host syncs), and on CUDA the SDPA
+backends are tried flash first.
+
+The first preset of ``--models`` is the reference (M), the second the one compared with it (T):
+the ratio columns are T/M.
+
 Memory, CPU: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (peak resident set of the process)
 after the steps; the baseline is the resident set after model + optimizer creation (Adam moments
 and gradients are allocated lazily, so they are part of the increment; the "activation"
@@ -42,36 +56,40 @@ def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KiB on Linux
 
 
+def model_cfg(cfg, seq_len: int | None = None, activation_checkpointing: bool | None = None) -> dict:
+    """All of this script's access to the config's model section (being restructured: update
+    here). With ``seq_len``, the model's context is raised to at least that length; with
+    ``activation_checkpointing``, that option is set. Returns the fields the benchmark reads."""
+    m = cfg.model
+    if seq_len is not None:
+        m.max_seq_len = max(m.max_seq_len, seq_len)
+    if activation_checkpointing is not None:
+        m.activation_checkpointing = activation_checkpointing
+    return {"family": m.family, "vocab_size": m.vocab_size, "n_layers": m.n_layers,
+            "activation_checkpointing": m.activation_checkpointing}
+
+
 def worker(model_name: str, regime: str, batch: int, steps: int, threads: int) -> dict:
-    import numpy as np
     import torch
 
     from tdlm.config import get_preset
-    from tdlm.families import get_family
-    from tdlm.families.base import autocast_ctx
-    from tdlm.tree import build_frequency_tree
+    from tdlm.train.step import family_for, single_process, train_step
 
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = get_preset(model_name)
-    cfg.model.max_seq_len = max(cfg.model.max_seq_len, SEQ_LEN)
+    mc = model_cfg(cfg, SEQ_LEN, activation_checkpointing=regime.endswith("ckpt"))
     cfg.data.seq_len = SEQ_LEN
-    cfg.model.activation_checkpointing = regime.endswith("ckpt")
     precision = "bf16" if regime.startswith("bf16") else "fp32"
-    kw = {}
-    if cfg.model.family == "tdlm":
-        kw["tree"] = build_frequency_tree(np.ones(cfg.model.vocab_size), cfg.model.tree_K,
-                                          cfg.model.tree_H)
+    cfg.train.precision = precision
+    cfg.train.ema = 0.0
+    family = family_for(cfg)          # shape-only resources (TDLM: the tree)
     torch.manual_seed(0)
-    family = get_family(cfg, **kw)
     model = family.build_model().to(device)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    tc = cfg.train
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, eps=tc.adam_eps,
-                            weight_decay=tc.weight_decay, fused=(device.type == "cuda") or None)
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randint(0, cfg.model.vocab_size, (batch, SEQ_LEN),
+    ctx = single_process(family, model, cfg, device, micro=batch)
+    x = torch.randint(0, mc["vocab_size"], (batch, SEQ_LEN),
                       generator=torch.Generator().manual_seed(1)).to(device)
     batch_d = {"input_ids": x}
 
@@ -85,20 +103,12 @@ def worker(model_name: str, regime: str, batch: int, steps: int, threads: int) -
         base_maxrss = _maxrss()
 
     times, losses = [], []
-    for _ in range(steps):
+    for step in range(steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with autocast_ctx(device, precision):
-            terms = family.loss(model, batch_d, gen)
-        loss = terms.nll.float().sum() / terms.n_tokens.sum().clamp_min(1)
-        loss.backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        losses.append(float(loss.detach()))
-        del terms, loss
+        res = train_step(ctx, batch_d, step)
+        losses.append(res.loss)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -109,9 +119,9 @@ def worker(model_name: str, regime: str, batch: int, steps: int, threads: int) -
         peak, measure = _maxrss(), "ru_maxrss"
     static_lazy = 12 * n_params     # grads + 2 Adam moments, fp32, allocated during the steps
     step_s = min(times[1:]) if len(times) > 1 else times[0]
-    return {"model": model_name, "family": cfg.model.family, "regime": regime, "precision": precision,
-            "activation_checkpointing": cfg.model.activation_checkpointing, "batch": batch,
-            "seq_len": SEQ_LEN, "vocab_size": cfg.model.vocab_size, "n_layers": cfg.model.n_layers,
+    return {"model": model_name, "family": mc["family"], "regime": regime, "precision": precision,
+            "activation_checkpointing": mc["activation_checkpointing"], "batch": batch,
+            "seq_len": SEQ_LEN, "vocab_size": mc["vocab_size"], "n_layers": mc["n_layers"],
             "n_params": n_params, "device": str(device), "measure": measure, "steps": steps,
             "peak_bytes": peak, "baseline_bytes": base, "baseline_maxrss_bytes": base_maxrss,
             "increment_bytes": peak - base,
@@ -146,7 +156,10 @@ def write_results(rows: list, mach: dict, command: str, out: Path) -> None:
     (out / "memory.json").write_text(json.dumps({"command": command, "machine": mach, "rows": rows},
                                                 indent=2))
     ok = [r for r in rows if "error" not in r]
-    idx = {(r["family"], r["regime"], r["batch"]): r for r in ok}
+    idx = {(r["model"], r["regime"], r["batch"]): r for r in ok}
+    # the reference (M) and the compared model (T): the --models order, kept by the rows
+    order = list(dict.fromkeys(r["model"] for r in rows))
+    ref, cmp_ = (order + [None, None])[:2]
     regimes = sorted({r["regime"] for r in ok}, key=lambda s: ("ckpt" in s, s))
     batches = sorted({r["batch"] for r in ok})
     dev = "GPU: " + mach.get("gpu", "") if mach.get("cuda") else f"CPU: {mach.get('cpu', '?')}"
@@ -167,7 +180,7 @@ def write_results(rows: list, mach: dict, command: str, out: Path) -> None:
          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for reg in regimes:
         for B in batches:
-            m, t = idx.get(("mdlm", reg, B)), idx.get(("tdlm", reg, B))
+            m, t = idx.get((ref, reg, B)), idx.get((cmp_, reg, B))
             for r in (m, t):
                 if r is None:
                     continue
@@ -184,8 +197,8 @@ def write_results(rows: list, mach: dict, command: str, out: Path) -> None:
     if errs:
         L += ["", "Failed rows: " + ", ".join(f"{r['model']}/{r['regime']}/B={r['batch']}" for r in errs)]
     # honest verdict on the <=0.5 target
-    ratios = [(reg, B, idx[("tdlm", reg, B)]["peak_bytes"] / idx[("mdlm", reg, B)]["peak_bytes"])
-              for reg in regimes for B in batches if ("tdlm", reg, B) in idx and ("mdlm", reg, B) in idx]
+    ratios = [(reg, B, idx[(cmp_, reg, B)]["peak_bytes"] / idx[(ref, reg, B)]["peak_bytes"])
+              for reg in regimes for B in batches if (cmp_, reg, B) in idx and (ref, reg, B) in idx]
     best = min(ratios, key=lambda x: x[2]) if ratios else None
     L += ["", "## Reading", "",
           "- On CPU at these micro-batches the static part dominates: parameters + gradients + the "
@@ -219,11 +232,12 @@ def write_results(rows: list, mach: dict, command: str, out: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(6, 4))
-        for fam, color in (("mdlm", "tab:red"), ("tdlm", "tab:blue")):
+        for model, color in zip(order, ("tab:red", "tab:blue", "tab:green", "tab:orange")):
             for reg in regimes:
-                pts = sorted((B, _mib(idx[(fam, reg, B)]["peak_bytes"])) for B in batches
-                             if (fam, reg, B) in idx)
+                pts = sorted((B, _mib(idx[(model, reg, B)]["peak_bytes"])) for B in batches
+                             if (model, reg, B) in idx)
                 if pts:
+                    fam = idx[(model, reg, pts[0][0])]["family"]
                     ax.plot(*zip(*pts), marker="o", color=color,
                             linestyle="--" if "ckpt" in reg else "-", label=f"{fam} {reg}")
         ax.set_xlabel("micro-batch B (L=512)")
@@ -244,7 +258,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--regimes", nargs="+", default=None,
                     help="default: plain ckpt (+ bf16 bf16_ckpt on CUDA)")
-    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=list(MODELS),
+                    help="presets: the reference (M) first, then the one compared with it (T)")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results")

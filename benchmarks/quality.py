@@ -41,12 +41,14 @@ import sys
 import time
 from pathlib import Path
 
+#: names of the main comparison's runs (run names, keys of the report and of quality.json)
+MDLM_RUN, TDLM_RUN, AR_RUN = "mdlm", "tdlm", "ar"
 #: (name, group, preset, --set overrides, relative cost per step); started in this order
 #: (main comparison first, so a cut-short suite still has it)
 RUNS = [
-    ("mdlm", "main", "tiny-gpt2", [], 2.2),
-    ("tdlm", "main", "tdlm-tiny", [], 1.2),
-    ("ar", "main", "tiny-gpt2", ["model.family=ar", "model.time_conditioning=false"], 2.4),
+    (MDLM_RUN, "main", "tiny-gpt2", [], 2.2),
+    (TDLM_RUN, "main", "tdlm-tiny", [], 1.2),
+    (AR_RUN, "main", "tiny-gpt2", ["model.family=ar", "model.time_conditioning=false"], 2.4),
     ("tdlm-K16-H4", "K", "tdlm-tiny", ["model.tree_K=16", "model.tree_H=4"], 1.3),
     ("tdlm-K64-H3", "K", "tdlm-tiny", ["model.tree_K=64", "model.tree_H=3"], 1.2),
     ("tdlm-window-exp", "window", "tdlm-tiny", ["diffusion.window_allocation=exponential"], 1.2),
@@ -54,7 +56,9 @@ RUNS = [
     ("tdlm-tree-frequency", "tree", "tdlm-tiny", ["model.tree_source=frequency"], 1.2),
 ]
 #: the reference run of each ablation group (the main TDLM run is the base of all of them)
-GROUP_BASE = {"K": "tdlm", "window": "tdlm", "tree": "tdlm"}
+GROUP_BASE = {"K": TDLM_RUN, "window": TDLM_RUN, "tree": TDLM_RUN}
+#: the TDLM runs: the ablation groups' base run and their members ("best TDLM variant")
+VARIANTS = set(GROUP_BASE.values()) | {r[0] for r in RUNS if r[1] in GROUP_BASE}
 GAP_TARGET_PCT = 2.0
 
 
@@ -119,6 +123,24 @@ def machine() -> dict:
     return machine_info()
 
 
+def model_facts(cfg: dict, family) -> dict:
+    """What the report shows of a run's model: its config.json (the only place this script
+    reads the model section, being restructured: update here) and its family's declarations.
+    Tree facts are those the family describes (``describe``: TDLM's tree_K, tree_H) or puts in
+    its process signature (``process_signature``: TDLM's tree and window allocation); other
+    families get None."""
+    m = cfg["model"]
+    desc, sig = family.describe(), family.process_signature()
+    return {"family": m["family"], "n_layers": m["n_layers"], "d_model": m["d_model"],
+            "tree_K": desc.get("tree_K"), "tree_H": desc.get("tree_H"),
+            "tree_source": m["tree_source"] if "tree" in sig else None,
+            "window_allocation": sig.get("window_allocation")}
+
+
+def _cell(v) -> str:
+    return "" if v is None else str(v)
+
+
 def collect(a) -> list:
     """One record per finished run, read from its run folder."""
     from tdlm.api import load
@@ -137,21 +159,18 @@ def collect(a) -> list:
         hist = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
         val = [(r["step"], r["nelbo_per_token"]) for r in hist if r.get("split") == "val"]
         tps = sorted(r["tokens_per_s"] for r in hist if r.get("split") == "train")
-        counts = count_parameters(load(str(run)).model)
+        pipe = load(str(run))
+        counts = count_parameters(pipe.model)
         log = (work / f"{name}.log")
         train_wall = None
         if log.exists():
             for line in log.read_text().splitlines():
                 if line.startswith("train_wall_s"):
                     train_wall = float(line.split()[1])
-        m, tr = cfg["model"], cfg["train"]
+        tr = cfg["train"]
         rows.append({
             "name": name, "group": group, "preset": preset, "set": sets,
-            "family": m["family"], "n_layers": m["n_layers"], "d_model": m["d_model"],
-            "tree_K": m["tree_K"] if m["family"] == "tdlm" else None,
-            "tree_H": m["tree_H"] if m["family"] == "tdlm" else None,
-            "tree_source": m["tree_source"] if m["family"] == "tdlm" else None,
-            "window_allocation": cfg["diffusion"]["window_allocation"] if m["family"] == "tdlm" else None,
+            **model_facts(cfg, pipe.family),
             "parameters": counts, "params_total": counts["total"],
             "steps": tr["max_steps"], "global_batch": tr["global_batch"],
             "seq_len": cfg["data"]["seq_len"], "seed": tr["seed"],
@@ -171,12 +190,12 @@ def write_report(rows: list, a, command: str) -> None:
     mach = machine()
     by = {r["name"]: r for r in rows if not r.get("missing")}
     gap = None
-    if "tdlm" in by and "mdlm" in by:
-        gap = 100.0 * (by["tdlm"]["nelbo_per_token"] / by["mdlm"]["nelbo_per_token"] - 1.0)
-    best_tdlm = min((r for r in by.values() if r["family"] == "tdlm"),
+    if TDLM_RUN in by and MDLM_RUN in by:
+        gap = 100.0 * (by[TDLM_RUN]["nelbo_per_token"] / by[MDLM_RUN]["nelbo_per_token"] - 1.0)
+    best_tdlm = min((r for r in by.values() if r["name"] in VARIANTS),
                     key=lambda r: r["nelbo_per_token"], default=None)
-    best_gap = (100.0 * (best_tdlm["nelbo_per_token"] / by["mdlm"]["nelbo_per_token"] - 1.0)
-                if best_tdlm is not None and "mdlm" in by else None)
+    best_gap = (100.0 * (best_tdlm["nelbo_per_token"] / by[MDLM_RUN]["nelbo_per_token"] - 1.0)
+                if best_tdlm is not None and MDLM_RUN in by else None)
     summary = {"command": command, "machine": mach, "threads_per_run": a.threads,
                "lanes": a.lanes, "gap_tdlm_vs_mdlm_pct": gap,
                "best_tdlm": best_tdlm["name"] if best_tdlm else None,
@@ -204,12 +223,11 @@ def write_report(rows: list, a, command: str) -> None:
         if r.get("missing"):
             L.append(f"| {r['name']} | {r['group']} | (not run at this budget, or unfinished) | | | | | | | | | | | |")
             continue
-        vs = (f"{100.0 * (r['nelbo_per_token'] / by['mdlm']['nelbo_per_token'] - 1):+.2f}%"
-              if "mdlm" in by else "")
-        t = r["family"] == "tdlm"
+        vs = (f"{100.0 * (r['nelbo_per_token'] / by[MDLM_RUN]['nelbo_per_token'] - 1):+.2f}%"
+              if MDLM_RUN in by else "")
         L.append(f"| {r['name']} | {r['group']} | {r['family']} | {r['n_layers']} | "
-                 f"{r['tree_K'] if t else ''} | {r['tree_H'] if t else ''} | "
-                 f"{r['tree_source'] if t else ''} | {r['window_allocation'] if t else ''} | "
+                 f"{_cell(r['tree_K'])} | {_cell(r['tree_H'])} | "
+                 f"{_cell(r['tree_source'])} | {_cell(r['window_allocation'])} | "
                  f"{r['params_total'] / 1e6:.3f}M | {r['nelbo_per_token']:.4f} | {r['ppl_bound']:.1f} | "
                  f"{r['bits_per_token']:.3f} | {vs} | "
                  f"{r['train_tokens_per_s_median']:.0f} |")
@@ -226,32 +244,32 @@ def write_report(rows: list, a, command: str) -> None:
     L += ["", "![validation NELBO curves](quality.png)", "", "## Verdict", ""]
     if gap is not None:
         met = gap <= GAP_TARGET_PCT
-        L.append(f"- Main comparison: TDLM (tdlm-tiny) NELBO {by['tdlm']['nelbo_per_token']:.4f} vs "
-                 f"MDLM {by['mdlm']['nelbo_per_token']:.4f} nats/token, a gap of **{gap:+.2f}%**; "
+        L.append(f"- Main comparison: TDLM (tdlm-tiny) NELBO {by[TDLM_RUN]['nelbo_per_token']:.4f} vs "
+                 f"MDLM {by[MDLM_RUN]['nelbo_per_token']:.4f} nats/token, a gap of **{gap:+.2f}%**; "
                  f"the target (TDLM no worse than MDLM by more than {GAP_TARGET_PCT:.0f}%) is "
                  f"**{'met' if met else 'missed'}**"
                  + ("" if met else f" by {gap - GAP_TARGET_PCT:.2f} percentage points") + ".")
-    if best_tdlm is not None and best_gap is not None and best_tdlm["name"] != "tdlm":
+    if best_tdlm is not None and best_gap is not None and best_tdlm["name"] != TDLM_RUN:
         L.append(f"- Best TDLM variant: {best_tdlm['name']} at {best_tdlm['nelbo_per_token']:.4f} "
                  f"({best_gap:+.2f}% vs MDLM) with {best_tdlm['params_total'] / 1e6:.3f}M parameters "
-                 f"vs MDLM's {by['mdlm']['params_total'] / 1e6:.3f}M"
+                 f"vs MDLM's {by[MDLM_RUN]['params_total'] / 1e6:.3f}M"
                  + (f"; this variant is within the {GAP_TARGET_PCT:.0f}% target (one seed, "
                     "see the last point)" if best_gap <= GAP_TARGET_PCT else "") + ".")
-    if "ar" in by and "mdlm" in by:
-        L.append(f"- AR at the same budget: {by['ar']['nelbo_per_token']:.4f} nats/token (exact "
+    if AR_RUN in by and MDLM_RUN in by:
+        L.append(f"- AR at the same budget: {by[AR_RUN]['nelbo_per_token']:.4f} nats/token (exact "
                  f"NLL, not a bound; "
-                 f"{100.0 * (by['ar']['nelbo_per_token'] / by['mdlm']['nelbo_per_token'] - 1):+.2f}% vs MDLM).")
-    if "tdlm" in by and "mdlm" in by:
-        sp = by["tdlm"]["train_tokens_per_s_median"] / by["mdlm"]["train_tokens_per_s_median"]
+                 f"{100.0 * (by[AR_RUN]['nelbo_per_token'] / by[MDLM_RUN]['nelbo_per_token'] - 1):+.2f}% vs MDLM).")
+    if TDLM_RUN in by and MDLM_RUN in by:
+        sp = by[TDLM_RUN]["train_tokens_per_s_median"] / by[MDLM_RUN]["train_tokens_per_s_median"]
         L.append(f"- Training throughput in these runs (median of logged intervals, shared CPU): "
                  f"TDLM/MDLM = {sp:.2f}x.")
     if gap is not None and gap > GAP_TARGET_PCT:
-        mh, tb = by["mdlm"]["parameters"], by["tdlm"]["parameters"]
+        mh, tb = by[MDLM_RUN]["parameters"], by[TDLM_RUN]["parameters"]
         L += [f"- Why the gap can be large at this scale: the budget is tiny (see tokens above), "
               f"and the equal-parameter TDLM spends the {(mh['head'] - tb['head']) / 1e6:.1f}M "
-              f"parameters freed from the V-way head on {by['tdlm']['n_layers'] - by['mdlm']['n_layers']} "
-              f"extra blocks of width {by['tdlm']['d_model']} ({by['tdlm']['n_layers']} blocks vs "
-              f"{by['mdlm']['n_layers']}), a much deeper network that is still early in training "
+              f"parameters freed from the V-way head on {by[TDLM_RUN]['n_layers'] - by[MDLM_RUN]['n_layers']} "
+              f"extra blocks of width {by[TDLM_RUN]['d_model']} ({by[TDLM_RUN]['n_layers']} blocks vs "
+              f"{by[MDLM_RUN]['n_layers']}), a much deeper network that is still early in training "
               "(a likely explanation, not tested here: no longer runs fit the time budget). The "
               "comparison says nothing about the paper's 131B-token regime."]
     for g, label in (("K", "branching factor"), ("window", "window allocation"),
@@ -289,15 +307,15 @@ def _plot(rows: list, path: Path) -> None:
         names = [r["name"] for r in rows if r["group"] == g and r["name"] in by]
         if g in GROUP_BASE and GROUP_BASE[g] in by:
             names = [GROUP_BASE[g]] + names
-        if g != "main" and "mdlm" in by:
-            names.append("mdlm")
+        if g != "main" and MDLM_RUN in by:
+            names.append(MDLM_RUN)
         for n in names:
             r = by[n]
             tok = r["global_batch"] * r["seq_len"]
             if r["val_curve"]:
                 xs, ys = zip(*r["val_curve"])
                 ax.plot([x * tok / 1e3 for x in xs], ys, marker="o", ms=3,
-                        linestyle="--" if n == "mdlm" and g != "main" else "-",
+                        linestyle="--" if n == MDLM_RUN and g != "main" else "-",
                         label=f"{n} ({r['nelbo_per_token']:.3f})")
         ax.set_title(title)
         ax.set_xlabel("training tokens (thousands)")

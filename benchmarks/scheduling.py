@@ -176,6 +176,12 @@ def verdict_lines(sr, href, seeds, peak, gpeak, evals) -> list[str]:
     return out
 
 
+def model_facts(cfg) -> dict:
+    """All of this script's reads of the config's model section (being restructured: update
+    here): the family and the number of blocks shown in the report."""
+    return {"family": cfg.model.family, "blocks": cfg.model.n_layers}
+
+
 def stage_report(work: Path) -> None:
     from tdlm.api import load
     from tdlm.eval.nelbo import evaluate_nelbo
@@ -190,7 +196,7 @@ def stage_report(work: Path) -> None:
         data = build_data(p.cfg.data, None, tokenizer=p.tokenizer, need_train=False)
         ev = evaluate_nelbo(p.family, p.model, data.val, batch_size=16, max_batches=16, seed=0)
         secs = (work / name / "train_seconds.txt")
-        evals[name] = {"family": p.cfg.model.family, "blocks": p.cfg.model.n_layers,
+        evals[name] = {**model_facts(p.cfg),
                        "params": sum(q.numel() for q in p.model.parameters()),
                        "nelbo_per_token": ev["nelbo_per_token"], "bound": ev["bound"],
                        "train_seconds": float(secs.read_text()) if secs.exists() else None}

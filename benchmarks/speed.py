@@ -32,6 +32,21 @@ the median is reported too). MFU = achieved non-embedding training FLOP/s / peak
 
 On CUDA (automatic if a GPU is visible) training and sampling run under bf16 autocast and
 timings synchronise the device; the peak is a bf16 matmul.
+
+The timed step is the trainer's own, ``tdlm.train.step.train_step`` (context from
+``single_process``; family and resources from ``family_for``), with the B-row batch as one
+micro-batch: learning rate of the step (warm-up schedule), ``zero_grad``, noise and dropout
+reseeded from (seed, step), forward + family loss under the device's autocast (and on CUDA
+flash-first SDPA), backward of the summed NELBO, gradients divided by the token count,
+non-finite guard, clipping to ``train.grad_clip``, AdamW (fused on CUDA). EMA is off
+(``train.ema=0``: ``mdlm-small``'s preset keeps one, ``tdlm-small``'s does not, and the
+architectures are compared). Differences from the hand-written step used for the results
+committed before this change: that step backpropagated the per-token mean loss (the same
+gradients up to rounding) instead of dividing the gradients after backward (one more in-place
+pass over the gradients now), had no non-finite checks (now a few ``.item()`` host syncs per
+step, which matter on CUDA only), drew noise from one generator for all steps, used the
+preset's learning rate without warm-up (the rate does not change the cost), and on CUDA left
+the SDPA backend choice to PyTorch.
 """
 from __future__ import annotations
 
@@ -46,6 +61,17 @@ from pathlib import Path
 
 MODELS = ("mdlm-small", "tdlm-small")
 SEQ_LEN = 512
+
+
+def model_cfg(cfg, seq_len: int | None = None) -> dict:
+    """All of this script's access to the config's model section (being restructured: update
+    here). With ``seq_len``, the model's context is raised to at least that length. Returns the
+    fields the benchmark reads."""
+    m = cfg.model
+    if seq_len is not None:
+        m.max_seq_len = max(m.max_seq_len, seq_len)
+    return {"family": m.family, "vocab_size": m.vocab_size, "n_layers": m.n_layers,
+            "d_model": m.d_model}
 
 
 def machine(threads: int) -> dict:
@@ -79,58 +105,54 @@ def matmul_peak(device, n: int, reps: int) -> list:
 
 
 class Bench:
-    """One preset built for timing: family, model, AdamW, fixed random batches, FLOPs."""
+    """One preset built for timing: family, model, the trainer's step context, fixed random
+    batches, FLOPs."""
 
     def __init__(self, name: str, device, precision: str, batches: list, seed: int = 0):
-        import numpy as np
         import torch
 
         from tdlm.config import get_preset
-        from tdlm.families import get_family
         from tdlm.flops import model_forward_flops
         from tdlm.nn.dit import count_parameters
-        from tdlm.tree import build_frequency_tree
+        from tdlm.train.step import family_for, single_process
 
         cfg = get_preset(name)
-        cfg.model.max_seq_len = max(cfg.model.max_seq_len, SEQ_LEN)
+        vocab = model_cfg(cfg, SEQ_LEN)["vocab_size"]
         cfg.data.seq_len = SEQ_LEN
-        kw = {}
-        if cfg.model.family == "tdlm":
-            kw["tree"] = build_frequency_tree(np.ones(cfg.model.vocab_size), cfg.model.tree_K,
-                                              cfg.model.tree_H)
+        cfg.train.precision = precision
+        cfg.train.ema = 0.0
+        # shape-only resources (TDLM: a frequency-sorted tree of the preset's K, H)
+        self.family = family_for(cfg)
         torch.manual_seed(seed)
         self.name, self.cfg, self.device, self.precision = name, cfg, device, precision
-        self.family = get_family(cfg, **kw)
         self.model = self.family.build_model().to(device)
         self.params = count_parameters(self.model)
-        tc = cfg.train
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=tc.betas,
-                                     eps=tc.adam_eps, weight_decay=tc.weight_decay,
-                                     fused=(device.type == "cuda") or None)
-        self.grad_clip = tc.grad_clip
-        self.gen = torch.Generator(device=device).manual_seed(seed)
-        self.x = {B: torch.randint(0, cfg.model.vocab_size, (B, SEQ_LEN),
+        # every timed batch is one micro-batch
+        self.ctx = single_process(self.family, self.model, cfg, device, micro=max(batches))
+        self.opt = self.ctx.opt
+        self.steps_done = 0
+        self.x = {B: torch.randint(0, vocab, (B, SEQ_LEN),
                                    generator=torch.Generator().manual_seed(1 + B)).to(device)
                   for B in batches}
         self.flops = {B: model_forward_flops(self.model, [SEQ_LEN] * B) for B in batches}
 
-    def train_step(self, B: int) -> float:
-        """One full optimizer step on the B x 512 batch; returns wall seconds."""
-        import torch
+    def facts(self) -> dict:
+        """What the report shows of the model: config fields, the family's ``describe()``
+        (TDLM: tree_K, tree_H, tree_nodes) and the parameter counts."""
+        m = model_cfg(self.cfg)
+        return {"family": m["family"], "n_layers": m["n_layers"], "d_model": m["d_model"],
+                "params": self.params, **self.family.describe()}
 
-        from tdlm.families.base import autocast_ctx
+    def train_step(self, B: int) -> float:
+        """One full optimizer step (``tdlm.train.step.train_step``) on the B x 512 batch;
+        returns wall seconds."""
+        from tdlm.train.step import train_step
         self.model.train()
         _sync(self.device)
         t0 = time.perf_counter()
-        self.opt.zero_grad(set_to_none=True)
-        with autocast_ctx(self.device, self.precision):
-            terms = self.family.loss(self.model, {"input_ids": self.x[B]}, self.gen)
-        loss = terms.nll.float().sum() / terms.n_tokens.sum().clamp_min(1)
-        loss.backward()
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.opt.step()
+        train_step(self.ctx, {"input_ids": self.x[B]}, self.steps_done)
         _sync(self.device)
+        self.steps_done += 1
         return time.perf_counter() - t0
 
     def sample(self, num: int, steps: int, seed: int) -> tuple:
@@ -200,10 +222,7 @@ def run(a) -> dict:
            "peak_flops_median": statistics.median(peaks), "peak_samples": peaks,
            "device": str(device), "precision": precision, "seq_len": SEQ_LEN}
     for b in benches:
-        m = b.cfg.model
-        out["models"][b.name] = {"family": m.family, "n_layers": m.n_layers, "d_model": m.d_model,
-                                 "params": b.params,
-                                 **({"tree_K": m.tree_K, "tree_H": m.tree_H} if m.family == "tdlm" else {})}
+        out["models"][b.name] = b.facts()
     for B in a.batch:
         row = {"batch": B, "tokens_per_step": B * SEQ_LEN, "models": {}}
         for b in benches:

@@ -14,7 +14,8 @@
 5. the non-finite guard (loss, gradient norm: a one-line :class:`TdlmError`, nothing applied),
    clipping to ``train.grad_clip``, AdamW, EMA.
 
-:func:`single_process` builds what a benchmark needs to call it on one device.
+:func:`single_process` builds what a benchmark needs to call it on one device;
+:func:`family_for` builds the config's family with its resources (prepared or shape-only).
 """
 from __future__ import annotations
 
@@ -237,3 +238,16 @@ def single_process(family, model: torch.nn.Module, cfg, device: torch.device,
                        micro=micro or tc.micro_batch or tc.global_batch,
                        micro_tokens=cfg.data.micro_tokens, device=device, opts=opts,
                        ema=EMA(model, tc.ema) if tc.ema > 0 else None)
+
+
+def family_for(cfg, data=None, run_dir=None):
+    """The config's family with its resources, asked of the family class for every family
+    (benchmarks, notebooks): with ``data``, what the trainer prepares for a fresh run
+    (``Family.prepare(cfg, data, run_dir)``, e.g. TDLM's corpus tree); without, shape-only
+    resources (``Family.shape_resources(cfg)``: the right shapes, no corpus; TDLM: a
+    frequency-sorted tree of the config's K, H), enough to time or measure steps on random
+    tokens."""
+    from ..families.base import get_family_class
+    cls = get_family_class(cfg.model.family)
+    res = cls.prepare(cfg, data, run_dir) if data is not None else cls.shape_resources(cfg)
+    return cls(cfg, **res)
