@@ -57,7 +57,7 @@ import torch
 OUT = Path(__file__).parent / "results"
 RUNS = {
     "fixed/did": ("did-tiny", []),
-    "fixed/mdlm": ("tiny-gpt2", ['data.layout="packed_bos"', "diffusion.keep_first=true"]),
+    "fixed/mdlm": ("tiny-gpt2", ['data.layout="packed_bos"', "family.keep_first=true"]),
     "variable/did": ("did-tiny-var", []),
     "variable/mdlm": ("tiny-gpt2", ['data.layout="crop_pad"', 'data.source="bundled:paragraphs"']),
 }
@@ -146,7 +146,7 @@ def worker(name: str, steps: int, eval_every: int, sample_steps: int, n_samples:
             row = {"step": step, "train_flops": flops_total, "nelbo_per_token": ev["nelbo_per_token"],
                    "nelbo_per_sequence": seq, "tokens": ev["tokens"], "sequences": ev["sequences"]}
             if name == "fixed/mdlm":      # per modeled (non-BOS) token, as DID counts
-                row["nelbo_per_modeled_token"] = (ev["nelbo_per_token"] if cfg.diffusion.keep_first
+                row["nelbo_per_modeled_token"] = (ev["nelbo_per_token"] if getattr(cfg.family, "keep_first", False)
                                                   else seq / (cfg.data.seq_len - 1))
             rec["evals"].append(row)
             print(name, row, flush=True)
@@ -200,7 +200,7 @@ def train_judge(path: Path, steps: int) -> str:
     from tdlm.train.loop import train
     if (path / "checkpoints").exists():
         return str(path)
-    cfg = get_preset("ar-tiny").override(['data.tokenizer="gpt2"', "model.vocab_size=50257",
+    cfg = get_preset("ar-tiny").override(['data.tokenizer="gpt2"', "backbone.vocab_size=50257",
                                           f"train.max_steps={steps}", "train.global_batch=8",
                                           "train.eval_every=100000", f"train.ckpt_every={steps}"])
     train(cfg, path, progress=False, log=lambda s: None)

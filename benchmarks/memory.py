@@ -57,16 +57,15 @@ def _maxrss() -> int:
 
 
 def model_cfg(cfg, seq_len: int | None = None, activation_checkpointing: bool | None = None) -> dict:
-    """All of this script's access to the config's model section (being restructured: update
-    here). With ``seq_len``, the model's context is raised to at least that length; with
+    """The config fields this script reads (backbone sizes, family name). With ``seq_len``, the model's context is raised to at least that length; with
     ``activation_checkpointing``, that option is set. Returns the fields the benchmark reads."""
-    m = cfg.model
+    m = cfg.backbone
     if seq_len is not None:
         m.max_seq_len = max(m.max_seq_len, seq_len)
     if activation_checkpointing is not None:
-        m.activation_checkpointing = activation_checkpointing
-    return {"family": m.family, "vocab_size": m.vocab_size, "n_layers": m.n_layers,
-            "activation_checkpointing": m.activation_checkpointing}
+        cfg.train.activation_checkpointing = activation_checkpointing
+    return {"family": cfg.family.name, "vocab_size": m.vocab_size, "n_layers": m.n_layers,
+            "activation_checkpointing": cfg.train.activation_checkpointing}
 
 
 def worker(model_name: str, regime: str, batch: int, steps: int, threads: int) -> dict:

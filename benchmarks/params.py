@@ -23,10 +23,9 @@ ROLES = ("mdlm", "tdlm")
 
 
 def model_cfg(cfg) -> dict:
-    """All of this script's access to the config's model section (being restructured: update
-    here)."""
-    m = cfg.model
-    return {"family": m.family, "d_model": m.d_model, "n_layers": m.n_layers,
+    """The config fields this script reads (backbone sizes, family name)."""
+    m = cfg.backbone
+    return {"family": cfg.family.name, "d_model": m.d_model, "n_layers": m.n_layers,
             "vocab_size": m.vocab_size}
 
 

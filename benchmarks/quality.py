@@ -11,7 +11,7 @@ the same validation batches with the same noise seed. Runs (``RUNS``):
 
 * **main**: ``tdlm-tiny`` (TDLM, 30 blocks, K=256, H=2, corpus tree, equal windows) vs
   ``tiny-gpt2`` (MDLM, 4 blocks, 50,258-way head; 13.9M parameters both) vs an AR model of
-  the same budget (``tiny-gpt2`` with ``model.family=ar``, causal, no time input; there is no
+  the same budget (``tiny-gpt2`` with ``family.name=ar``, causal, no time input; there is no
   GPT-2-vocabulary tiny AR preset).
 * **K**: K=16 (H=4), K=64 (H=3), K=256 (H=2, the main run); H is the smallest height with
   K^H >= V. Depth stays 30 blocks, so the parameter count moves with the tree's node rows
@@ -48,12 +48,12 @@ MDLM_RUN, TDLM_RUN, AR_RUN = "mdlm", "tdlm", "ar"
 RUNS = [
     (MDLM_RUN, "main", "tiny-gpt2", [], 2.2),
     (TDLM_RUN, "main", "tdlm-tiny", [], 1.2),
-    (AR_RUN, "main", "tiny-gpt2", ["model.family=ar", "model.time_conditioning=false"], 2.4),
-    ("tdlm-K16-H4", "K", "tdlm-tiny", ["model.tree_K=16", "model.tree_H=4"], 1.3),
-    ("tdlm-K64-H3", "K", "tdlm-tiny", ["model.tree_K=64", "model.tree_H=3"], 1.2),
-    ("tdlm-window-exp", "window", "tdlm-tiny", ["diffusion.window_allocation=exponential"], 1.2),
-    ("tdlm-tree-random", "tree", "tdlm-tiny", ["model.tree_source=random"], 1.2),
-    ("tdlm-tree-frequency", "tree", "tdlm-tiny", ["model.tree_source=frequency"], 1.2),
+    (AR_RUN, "main", "tiny-gpt2", ["family.name=ar", "backbone.time_conditioning=false"], 2.4),
+    ("tdlm-K16-H4", "K", "tdlm-tiny", ["family.K=16", "family.H=4"], 1.3),
+    ("tdlm-K64-H3", "K", "tdlm-tiny", ["family.K=64", "family.H=3"], 1.2),
+    ("tdlm-window-exp", "window", "tdlm-tiny", ["family.window_allocation=exponential"], 1.2),
+    ("tdlm-tree-random", "tree", "tdlm-tiny", ["family.tree_source=random"], 1.2),
+    ("tdlm-tree-frequency", "tree", "tdlm-tiny", ["family.tree_source=frequency"], 1.2),
 ]
 #: the reference run of each ablation group (the main TDLM run is the base of all of them)
 GROUP_BASE = {"K": TDLM_RUN, "window": TDLM_RUN, "tree": TDLM_RUN}
@@ -124,16 +124,18 @@ def machine() -> dict:
 
 
 def model_facts(cfg: dict, family) -> dict:
-    """What the report shows of a run's model: its config.json (the only place this script
-    reads the model section, being restructured: update here) and its family's declarations.
+    """What the report shows of a run's model: its config.json (v1 or v2 layout, read through
+    ``RunConfig.from_dict``) and its family's declarations.
     Tree facts are those the family describes (``describe``: TDLM's tree_K, tree_H) or puts in
     its process signature (``process_signature``: TDLM's tree and window allocation); other
     families get None."""
-    m = cfg["model"]
+    from tdlm.config import RunConfig
+    c = RunConfig.from_dict(cfg)
     desc, sig = family.describe(), family.process_signature()
-    return {"family": m["family"], "n_layers": m["n_layers"], "d_model": m["d_model"],
+    return {"family": c.family.name, "n_layers": c.backbone.n_layers,
+            "d_model": c.backbone.d_model,
             "tree_K": desc.get("tree_K"), "tree_H": desc.get("tree_H"),
-            "tree_source": m["tree_source"] if "tree" in sig else None,
+            "tree_source": getattr(c.family, "tree_source", None) if "tree" in sig else None,
             "window_allocation": sig.get("window_allocation")}
 
 

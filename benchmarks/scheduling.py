@@ -38,16 +38,16 @@ T, SEGMENTS, NUM, SEEDS = 64, 8, 64, 4
 
 # bpe-512 and 64-sequence batches: with the bpe-8k vocabulary or 16-sequence batches the MDLMs
 # stay at the unigram loss for 1000+ steps on CPU (the 1/t-weighted loss is too noisy)
-COMMON = [f"model.d_model={D}", "model.n_heads=4", "model.cond_dim=64", "model.dropout=0.0",
+COMMON = [f"backbone.d_model={D}", "backbone.n_heads=4", "backbone.cond_dim=64", "backbone.dropout=0.0",
           "data.tokenizer=bpe-512", f"train.max_steps={STEPS_TRAIN}", "train.warmup_steps=100",
           "train.eval_every=500", "train.ckpt_every=500", "train.eval_batches=8",
           "train.log_every=50"]
-MDLM_SETS = [f"model.max_seq_len={L_SEQ}", f"data.seq_len={L_SEQ}", f"train.global_batch={BATCH}"]
+MDLM_SETS = [f"backbone.max_seq_len={L_SEQ}", f"data.seq_len={L_SEQ}", f"train.global_batch={BATCH}"]
 RUNS = {
-    "heavy": ("tiny", COMMON + MDLM_SETS + [f"model.n_layers={HEAVY}"]),
-    "light": ("tiny", COMMON + MDLM_SETS + [f"model.n_layers={LIGHT}"]),
+    "heavy": ("tiny", COMMON + MDLM_SETS + [f"backbone.n_layers={HEAVY}"]),
+    "light": ("tiny", COMMON + MDLM_SETS + [f"backbone.n_layers={LIGHT}"]),
     # the judge sees BOS + 64 tokens: context 128
-    "judge": ("ar-tiny", COMMON + ["model.n_layers=4", "model.max_seq_len=128",
+    "judge": ("ar-tiny", COMMON + ["backbone.n_layers=4", "backbone.max_seq_len=128",
                                    "data.seq_len=128", "train.global_batch=16",
                                    "train.max_steps=1000", "train.eval_every=500"]),
 }
@@ -177,9 +177,8 @@ def verdict_lines(sr, href, seeds, peak, gpeak, evals) -> list[str]:
 
 
 def model_facts(cfg) -> dict:
-    """All of this script's reads of the config's model section (being restructured: update
-    here): the family and the number of blocks shown in the report."""
-    return {"family": cfg.model.family, "blocks": cfg.model.n_layers}
+    """The config fields this script reads: the family and the number of blocks shown in the report."""
+    return {"family": cfg.family.name, "blocks": cfg.backbone.n_layers}
 
 
 def stage_report(work: Path) -> None:

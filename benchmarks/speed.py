@@ -64,13 +64,12 @@ SEQ_LEN = 512
 
 
 def model_cfg(cfg, seq_len: int | None = None) -> dict:
-    """All of this script's access to the config's model section (being restructured: update
-    here). With ``seq_len``, the model's context is raised to at least that length. Returns the
+    """The config fields this script reads (backbone sizes, family name). With ``seq_len``, the model's context is raised to at least that length. Returns the
     fields the benchmark reads."""
-    m = cfg.model
+    m = cfg.backbone
     if seq_len is not None:
         m.max_seq_len = max(m.max_seq_len, seq_len)
-    return {"family": m.family, "vocab_size": m.vocab_size, "n_layers": m.n_layers,
+    return {"family": cfg.family.name, "vocab_size": m.vocab_size, "n_layers": m.n_layers,
             "d_model": m.d_model}
 
 

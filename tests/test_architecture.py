@@ -157,6 +157,8 @@ def family_name_comparisons(root: Path, skip=()) -> dict:
 def test_no_family_name_switches_outside_families():
     found = family_name_comparisons(ROOT, skip=("families/", PRESET_TABLE))
     assert not found, f"family-name comparisons outside families/: {found}"
+    bench = family_name_comparisons(ROOT.parents[1] / "benchmarks")
+    assert not bench, f"family-name comparisons in benchmarks/: {bench}"
 
 
 def test_family_name_check_catches_a_switch(tmp_path):

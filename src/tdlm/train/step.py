@@ -248,6 +248,6 @@ def family_for(cfg, data=None, run_dir=None):
     frequency-sorted tree of the config's K, H), enough to time or measure steps on random
     tokens."""
     from ..families.base import get_family_class
-    cls = get_family_class(cfg.model.family)
+    cls = get_family_class(cfg.family.name)
     res = cls.prepare(cfg, data, run_dir) if data is not None else cls.shape_resources(cfg)
     return cls(cfg, **res)
