@@ -2,7 +2,7 @@
 
 ``old_mdlm_sample`` and ``old_tdlm_sample`` are the MDLM and TDLM sampling loops exactly as they
 were before the loop was factored out (commit b910512), updated only for the conventions that
-issue "Trustworthy numbers" changed on purpose: the time input is ``Schedule.time_input``
+issue "Trustworthy numbers" changed on purpose: the time input is ``NoiseSchedule.time_input``
 (float64), TDLM's top window keeps the schedule's eps (``alpha_local(u, h)``), and TDLM's finest
 window ends at t_min = 1e-5 followed by MDLM's argmax noise removal. At the same seed the
 families' current ``sample`` must give the same tokens and make the same forward calls (caching

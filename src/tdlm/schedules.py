@@ -14,7 +14,7 @@ instead of full absorption, and the prior term KL(q(z_1 | x) || p(z_1)) is omitt
 MDLM. It keeps the time input ``sigma(1) = -log eps`` finite. A tree (TDLM) applies it to the
 top of its chain, the window whose absorbing state is the root (see ``families/tree.py``).
 
-**Time input** (:meth:`Schedule.time_input`, one definition for every family): the total noise
+**Time input** (:meth:`NoiseSchedule.time_input`, one definition for every family): the total noise
 ``sigma(t) = -log alpha(t)`` in [0, -log eps], computed in float64 (``-log1p(-(1 - eps) t)``
 for the log-linear schedule) so that small eps stays finite. A process made of stacked
 windows (TDLM) at local time u of window h feeds ``h * sigma(1) + sigma(u)``: the noise of the
@@ -38,7 +38,7 @@ from .errors import ConfigError
 SAMPLE_T_MIN = 1e-5  # end of every sampler's time grid linspace(1, 1e-5, T+1) (MDLM spec)
 
 
-class Schedule:
+class NoiseSchedule:
     name = "base"
 
     def __init__(self, eps: float = 1e-3):
@@ -74,7 +74,7 @@ class Schedule:
         return s.float()
 
 
-class LogLinear(Schedule):
+class LogLinear(NoiseSchedule):
     name = "loglinear"
 
     def alpha(self, t):
@@ -90,7 +90,7 @@ class LogLinear(Schedule):
         return 1 / t           # exact: (1 - eps) / ((1 - eps) t)
 
 
-class Linear(Schedule):
+class Linear(NoiseSchedule):
     name = "linear"
 
     def alpha(self, t):
@@ -103,7 +103,7 @@ class Linear(Schedule):
         return -math.log(self.eps) * t
 
 
-class Cosine(Schedule):
+class Cosine(NoiseSchedule):
     name = "cosine"
 
     def alpha(self, t):
@@ -117,7 +117,7 @@ class Cosine(Schedule):
 _SCHEDULES = {c.name: c for c in (LogLinear, Linear, Cosine)}
 
 
-def get_schedule(name: str, eps: float = 1e-3) -> Schedule:
+def get_schedule(name: str, eps: float = 1e-3) -> NoiseSchedule:
     if name not in _SCHEDULES:
         raise ConfigError(f"unknown schedule {name!r}; allowed: {', '.join(_SCHEDULES)}")
     return _SCHEDULES[name](eps)
@@ -152,3 +152,6 @@ def discrete_weight(a_t: torch.Tensor, a_s: torch.Tensor, n) -> torch.Tensor:
     ``n (alpha_s - alpha_t) / (1 - alpha_t)`` (float64 in, float64 out: in float32 the
     difference alpha_s - alpha_t loses ~1e-2 relative precision at n = 1e5)."""
     return n * (a_s - a_t) / (1 - a_t)
+
+
+Schedule = NoiseSchedule        # deprecated name (``ModelPlan`` is the model-scheduling plan)

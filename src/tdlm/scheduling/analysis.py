@@ -35,7 +35,7 @@ import torch
 
 from ..errors import ConfigError
 from ..sampling.result import StepPlan
-from .schedule import Schedule, split_even
+from .schedule import ModelPlan, split_even
 
 
 # ---- per-t loss / KL on held-out data ----------------------------------------------------------
@@ -216,8 +216,8 @@ def plot_analysis(rows, traj_rows, path: Path, title: str = "") -> None:
 # ---- segment search ------------------------------------------------------------------------------
 def segment_schedules(steps: int, segments: int, light_segments: Optional[int],
                       light: str = "L", heavy: str = "H", extra_masks: Sequence[str] = ()
-                      ) -> list[tuple[str, Schedule]]:
-    """``(mask, Schedule)`` for every assignment of the light model to ``light_segments`` of the
+                      ) -> list[tuple[str, ModelPlan]]:
+    """``(mask, ModelPlan)`` for every assignment of the light model to ``light_segments`` of the
     S segments (None: all 2^S assignments; -1: none, only ``extra_masks``) plus ``extra_masks``.
     ``mask`` reads like ``LHHHHHHL``. The all-heavy schedule is always included (the
     reference)."""
@@ -246,7 +246,7 @@ def segment_schedules(steps: int, segments: int, light_segments: Optional[int],
         seen.add(key)
         segs = [(light if c == "L" else heavy, n) for c, n in zip(m, lens)]
         from .schedule import _merge
-        out.append((key, Schedule(key, steps, _merge(segs), light=light, heavy=heavy)))
+        out.append((key, ModelPlan(key, steps, _merge(segs), light=light, heavy=heavy)))
     return out
 
 
@@ -302,7 +302,7 @@ def segment_search(sampler, judge, steps: int, segments: int, light_segments: Op
             {m for m, _ in cands}:
         lens = split_even(steps, segments)
         from .schedule import _merge
-        cands.append(("L" * segments, Schedule("L" * segments, steps,
+        cands.append(("L" * segments, ModelPlan("L" * segments, steps,
                                                _merge([(light, n) for n in lens]), light, heavy)))
     rows = []
     for ci, (mask, sched) in enumerate(cands):

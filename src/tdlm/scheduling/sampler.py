@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..flops import flops_from_log, model_forward_flops
 from ..sampling.loop import ForwardLog
 from ..sampling.result import SampleResult, StepPlan
-from .schedule import Schedule, parse_schedule, resolve_schedule
+from .schedule import ModelPlan, parse_schedule, resolve_schedule
 
 
 def compatibility_key(pipe) -> dict:
@@ -105,9 +105,9 @@ class ScheduledSampler:
 
     def resolve(self, schedule, steps: int, light: Optional[str] = None,
                 heavy: Optional[str] = None, steps_split: Optional[Sequence[int]] = None
-                ) -> Schedule:
-        """A Schedule for ``steps`` steps from a string, a Schedule or None (one model)."""
-        if isinstance(schedule, Schedule):
+                ) -> ModelPlan:
+        """A ModelPlan for ``steps`` steps from a string, a ModelPlan or None (one model)."""
+        if isinstance(schedule, ModelPlan):
             if schedule.steps != steps:
                 raise ConfigError(f"schedule {schedule.spec!r} covers {schedule.steps} steps, "
                                   f"sampling uses {steps}")
@@ -121,7 +121,7 @@ class ScheduledSampler:
     def sample(self, num: int = 1, steps: int = 128, schedule=None, seed: int = 0,
                light: Optional[str] = None, heavy: Optional[str] = None,
                steps_split: Optional[Sequence[int]] = None, **kw) -> SampleResult:
-        """Samples under ``schedule`` (string, Schedule, or None for a single loaded model):
+        """Samples under ``schedule`` (string, ModelPlan, or None for a single loaded model):
         the plan is resolved to a ``StepPlan`` and run by the first model's pipeline
         (``Pipeline.sample``; the models share the family's process). ``steps_split``: TDLM
         steps per level, leaf level first (as the family's ``steps_per_level``). Other
@@ -150,7 +150,7 @@ class ScheduledSampler:
     def generate(self, num: int = 1, steps: int = 128, **kw) -> list[str]:
         return [self.tokenizer.decode(ids) for ids in self.sample(num, steps, **kw).sequences()]
 
-    def report(self, sched: Schedule, log: ForwardLog, seconds: float) -> dict:
+    def report(self, sched: ModelPlan, log: ForwardLog, seconds: float) -> dict:
         """Calls, FLOPs (blocks, full), heavy-only reference on the same calls, savings.
         FLOPs are None when a model is not a library DiT model, and call counts too when the
         family's sampler does not record forward passes (it reports its own in the stats)."""

@@ -1,7 +1,7 @@
 """Model schedules: which model predicts at each of the T denoising steps.
 
 A schedule is a value. It is written as a string and parsed by :func:`parse_schedule` into a
-:class:`ScheduleSpec`, which :meth:`ScheduleSpec.resolve` turns into a :class:`Schedule` for a
+:class:`ScheduleSpec`, which :meth:`ScheduleSpec.resolve` turns into a :class:`ModelPlan` for a
 given step count T and set of loaded model names. Step 0 is the first (noisiest) step.
 
 Explicit segments: ``L125,H750,L125`` -- comma-separated ``<name><count>`` runs in sampling
@@ -32,8 +32,8 @@ else the models named ``L`` and ``H`` when both are loaded; else, with exactly t
 one with fewer block FLOPs per forward (``cost``). Errors are one-line
 :class:`tdlm.errors.ConfigError`.
 
-Serialisation: ``Schedule.to_dict()`` (spec string, T, run-length segments, light/heavy names,
-steps per model) and ``Schedule.from_dict``; ``str(schedule)`` is the run-length form
+Serialisation: ``ModelPlan.to_dict()`` (spec string, T, run-length segments, light/heavy names,
+steps per model) and ``ModelPlan.from_dict``; ``str(schedule)`` is the run-length form
 ``L125,H750,L125``. MDLM's final noise-removal pass (when masks remain after the last step)
 uses the model of the last step.
 """
@@ -89,7 +89,7 @@ class ScheduleSpec:
 
     def resolve(self, steps: int, models: Iterable[str], light: Optional[str] = None,
                 heavy: Optional[str] = None, level_steps: Optional[Sequence[int]] = None,
-                cost: Optional[Mapping[str, float]] = None) -> "Schedule":
+                cost: Optional[Mapping[str, float]] = None) -> "ModelPlan":
         """The per-step model names for ``steps`` steps and the loaded ``models``.
         ``level_steps``: steps per tree level, root first (TDLM; needed by ``levels:``);
         ``cost``: block FLOPs per forward of each model (tells light from heavy)."""
@@ -104,7 +104,7 @@ class ScheduleSpec:
             raise ConfigError(f"schedule {self.text!r} names model(s) {', '.join(unknown)} that "
                               f"are not loaded; loaded: {', '.join(models)}")
         if self.kind == "explicit":
-            return Schedule(self.text, T, _explicit(self, T))
+            return ModelPlan(self.text, T, _explicit(self, T))
         if self.kind == "levels":
             if level_steps is None:
                 raise ConfigError(f"schedule {self.text!r}: 'levels:' applies to tree (tdlm) "
@@ -114,7 +114,7 @@ class ScheduleSpec:
                                   f"the tree has {len(level_steps)} levels (root first)")
             if sum(level_steps) != T:
                 raise ConfigError(f"level steps {list(level_steps)} do not sum to {T} steps")
-            return Schedule(self.text, T, _merge(list(zip(self.names, level_steps))))
+            return ModelPlan(self.text, T, _merge(list(zip(self.names, level_steps))))
         L, H = _light_heavy(self.text, models, light, heavy, cost)
         if self.kind == "interleave":
             k = int(self.amount)
@@ -134,7 +134,7 @@ class ScheduleSpec:
                 segs = [(L, (nl + 1) // 2), (H, nh), (L, nl // 2)]
             else:   # light-middle
                 segs = [(H, (nh + 1) // 2), (L, nl), (H, nh // 2)]
-        return Schedule(self.text, T, _merge(segs), light=L, heavy=H)
+        return ModelPlan(self.text, T, _merge(segs), light=L, heavy=H)
 
 
 def _explicit(spec: ScheduleSpec, T: int) -> list:
@@ -195,8 +195,10 @@ def _light_heavy(text, models, light, heavy, cost=None) -> tuple[str, str]:
 
 
 @dataclass
-class Schedule:
-    """A resolved schedule: ``segments`` = run-length list of (model name, steps) summing to
+class ModelPlan:
+    """Which model predicts at each sampling step (``tdlm.schedules.NoiseSchedule`` is the
+    noise; ``tdlm.sampling.result.StepPlan`` is this plan bound to loaded modules). A resolved
+    schedule: ``segments`` = run-length list of (model name, steps) summing to
     ``steps``; ``light``/``heavy`` are set for the named two-model forms."""
     spec: str
     steps: int
@@ -246,7 +248,7 @@ class Schedule:
                 "light": self.light, "heavy": self.heavy, "steps_per_model": self.counts()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Schedule":
+    def from_dict(cls, d: dict) -> "ModelPlan":
         try:
             return cls(d["spec"], int(d["steps"]), [tuple(s) for s in d["segments"]],
                        d.get("light"), d.get("heavy"))
@@ -254,7 +256,7 @@ class Schedule:
             raise ConfigError(f"invalid saved schedule: {e}") from None
 
     @classmethod
-    def single(cls, name: str, steps: int) -> "Schedule":
+    def single(cls, name: str, steps: int) -> "ModelPlan":
         return cls(name, steps, [(name, steps)])
 
 
@@ -319,13 +321,13 @@ def parse_schedule(text: str) -> ScheduleSpec:
 def resolve_schedule(text: Optional[str], steps: int, models: Sequence[str],
                      light: Optional[str] = None, heavy: Optional[str] = None,
                      level_steps: Optional[Sequence[int]] = None,
-                     cost: Optional[Mapping[str, float]] = None) -> Schedule:
+                     cost: Optional[Mapping[str, float]] = None) -> ModelPlan:
     """Parse + resolve; with no text and one model, that model at every step."""
     if text is None:
         if len(models) != 1:
             raise ConfigError(f"{len(models)} models loaded ({', '.join(models)}): give a "
                               "schedule, e.g. --schedule sandwich:0.25")
-        return Schedule.single(models[0], steps)
+        return ModelPlan.single(models[0], steps)
     return parse_schedule(text).resolve(steps, models, light, heavy, level_steps, cost)
 
 
@@ -336,3 +338,6 @@ def split_even(total: int, n_segments: int) -> list[int]:
         raise ConfigError(f"cannot cut {total} steps into {n_segments} segments")
     q, r = divmod(total, n_segments)
     return [q + (1 if i < r else 0) for i in range(n_segments)]
+
+
+Schedule = ModelPlan            # deprecated name (``tdlm.schedules.NoiseSchedule`` is the noise)

@@ -19,7 +19,7 @@ window's marginal requires (log-linear: ``1 - u``, the spec's linear default). B
 same weight, ``-alpha_h'(u) / (1 - alpha_h(u)) = -alpha'(u) / (1 - alpha(u))``. With one
 level this *is* MDLM's process (same eps, same time input, same draw of t). **[ours]**
 
-Network time input: ``h * sigma(1) + sigma(u)`` (``Schedule.time_input``; one definition for
+Network time input: ``h * sigma(1) + sigma(u)`` (``NoiseSchedule.time_input``; one definition for
 all families; with H = 1 it is MDLM's sigma(t)).
 
 Tree NELBO (§5), per sequence:
@@ -194,7 +194,7 @@ class TreeDiffusion(Family):
         return h, ((t.double() - lo) / (hi - lo)).clamp(0, 1), hi - lo
 
     def time_input(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Network time input ``h sigma(1) + sigma(u)`` (``Schedule.time_input``)."""
+        """Network time input ``h sigma(1) + sigma(u)`` (``NoiseSchedule.time_input``)."""
         return self.base_schedule.time_input(u, level=h)
 
     def _times(self, B, generator, device, regime: Regime):
