@@ -9,7 +9,7 @@ Each run is a 1-block d=16 model on a 300-token BPE of the bundled corpus, train
 steps (checkpoint at step 2, as if interrupted). ``expected.json`` holds, per family: token
 ids sampled from the export (seed 0, 4 steps, 2 x 16 tokens), the export's NELBO of a fixed
 text, and the training/validation records of step 3 after resuming a copy of the run.
-``tests/test_config_versions.py`` checks that the current code reproduces all of them."""
+``tests/config/test_config_versions.py`` checks that the current code reproduces all of them."""
 import json
 import shutil
 import sys

@@ -8,7 +8,7 @@ group from the torchrun environment variables (``RANK``, ``WORLD_SIZE``, ``LOCAL
 variables (or with ``WORLD_SIZE=1``) everything here is a no-op and training is the single
 process code path.
 
-What is guaranteed (tests/test_distributed.py):
+What is guaranteed (tests/train/test_distributed.py):
 
 * **Same global batch.** Every rank builds the same global batch (a pure function of the run
   seed and the step), cuts it into the micro-batches a single process with the same

@@ -5,9 +5,9 @@ Exact resume: every source of randomness is a pure function of (seed, step): the
 ``BatchIterator(..., start_batch=step)``, the noise generator and the dropout RNG are reseeded
 from (seed, step, micro-batch index) before every micro-batch (:func:`micro_seed`). With the
 optimizer/EMA state restored, a run stopped at step k (or killed with SIGKILL) and resumed
-reproduces the uninterrupted run's losses bit for bit (tests/test_train.py, tests/test_fault.py).
+reproduces the uninterrupted run's losses bit for bit (tests/train/test_train.py, tests/train/test_fault.py).
 Because the noise does not depend on which process draws it, a multi-process (torchrun) run
-equals the single-process run with the same ``micro_batch`` (tests/test_distributed.py).
+equals the single-process run with the same ``micro_batch`` (tests/train/test_distributed.py).
 
 One optimizer step is :func:`tdlm.train.step.train_step`; this module owns set-up, resume,
 validation, metrics and checkpoints around it. SIGTERM/SIGINT: the step in progress is finished
@@ -15,7 +15,7 @@ on every rank, checkpointed, and :class:`Preempted` is raised (``tdlm train`` ex
 ``tdlm.train.preemption``).
 
 GPU paths (:func:`resolve_runtime`): bf16 autocast, per-block ``torch.compile``, fused AdamW
-and flash-first SDPA on CUDA only; all off on the CPU (tests/test_gpu_paths.py).
+and flash-first SDPA on CUDA only; all off on the CPU (tests/train/test_gpu_paths.py).
 """
 from __future__ import annotations
 

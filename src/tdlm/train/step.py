@@ -93,7 +93,7 @@ class RuntimeOptions:
 def resolve_runtime(tc, device: torch.device) -> RuntimeOptions:
     """GPU code paths are used on CUDA only; on the CPU all are off (bf16 matmuls and
     torch.compile are slow or fragile there, fused AdamW and flash attention are CUDA kernels).
-    ``autocast_bf16`` agrees with ``tdlm.families.base.autocast_ctx`` (tests/test_gpu_paths.py)."""
+    ``autocast_bf16`` agrees with ``tdlm.families.base.autocast_ctx`` (tests/train/test_gpu_paths.py)."""
     cuda = torch.device(device).type == "cuda"
     return RuntimeOptions(device_type=torch.device(device).type,
                           autocast_bf16=cuda and tc.precision == "bf16",

@@ -21,7 +21,9 @@ from tdlm.data import tokenizer as tok_mod
 from tdlm.data.cache import build_or_load_cache, load_cache
 from tdlm.errors import ConfigError, DataError
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+from paths import SRC as _SRC
+
+SRC = str(_SRC)
 
 WORDS = ("the quick brown fox jumps over lazy dog while seven wizards quietly hex "
          "bright vixens and jolly zebras run past many small yellow houses").split()

@@ -21,7 +21,9 @@ from tdlm.config import (BackboneConfig, DataConfig, RunConfig, TrainConfig, fam
                          field_docs, get_preset, section_names)
 from tdlm.errors import ConfigError
 
-FIX = Path(__file__).parent / "fixtures" / "v1"
+from paths import FIXTURES
+
+FIX = FIXTURES / "v1"
 EXPECTED = json.loads((FIX / "expected.json").read_text())
 TEXT = "The quick brown fox jumps over the lazy dog. It was a bright cold day in April."
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import tdlm.train.step as S
+from paths import REPO
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH = REPO / "benchmarks"
 FAMILY_NAMES = ("mdlm", "tdlm", "ar", "did")
 
 

@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from paths import FIXTURES
 from tdlm.data.cache import build_or_load_cache, cache_key, docs_fingerprint
 from tdlm.data.tokenizer import (ASSETS, EOT, GPT2_N_MERGES, Tokenizer, _byte_level,
                                  _gpt2_merges, gpt2_tokenizer)
@@ -15,7 +16,7 @@ from tdlm.errors import DataError
 from tokenizers import AddedToken, models
 from tokenizers import Tokenizer as HFTokenizer
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "gpt2_reference.json")
+FIXTURE = str(FIXTURES / "gpt2_reference.json")
 # the merges whose first part starts with '#': the old loader dropped them with the header
 HASH_MERGES = [("#", "#"), ("##", "##"), ("####", "####"), ("########", "########"),
                ("##", "#"), ("################", "################"), ("#", "$"),

@@ -264,7 +264,7 @@ def foreign_manifest(env, tmp, mp):
 
 def output_folder_unwritable(env, tmp, mp):
     """A --out below a regular file cannot be created, even by root (chmod does not stop
-    root; the chmod variant is in tests/test_cli.py)."""
+    root; the chmod variant is in tests/cli/test_cli.py)."""
     f = tmp / "afile"
     f.write_text("keep me")
     return Case(_train(env, f / "run"), ("not writable", str(f / "run")), [f])
