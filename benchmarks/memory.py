@@ -65,6 +65,9 @@ def worker(model_name: str, regime: str, batch: int, steps: int, threads: int) -
     torch.manual_seed(0)
     family = get_family(cfg, **kw)
     model = family.build_model().to(device)
+    if cfg.model.activation_checkpointing:     # applied from outside the model, as in training
+        from tdlm.train.parallel import checkpoint_blocks
+        checkpoint_blocks(model)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     tc = cfg.train

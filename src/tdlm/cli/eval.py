@@ -15,6 +15,7 @@ def _eval(ckpt_path: str, batches: int, seed: int, repeats: int, out: str | None
     from ..pipeline import load
     from ..data import build_data
     from ..eval.nelbo import evaluate_nelbo
+    from ..train.parallel import derive_micro      # the training micro-batch of one process
     if batches < 0:
         raise ConfigError(f"--batches must be >= 0 (0: the whole validation split), got {batches}")
     if repeats < 1:
@@ -22,8 +23,8 @@ def _eval(ckpt_path: str, batches: int, seed: int, repeats: int, out: str | None
     pipe = load(ckpt_path, use_ema=use_ema)
     cfg = pipe.cfg
     data = build_data(cfg.data, None, tokenizer=pipe.tokenizer, need_train=False)
-    res = evaluate_nelbo(pipe.family, pipe.model, data.val,
-                         batch_size=cfg.train.micro_batch or cfg.train.global_batch,
+    micro, _ = derive_micro(cfg.train.global_batch, cfg.train.micro_batch, 1)
+    res = evaluate_nelbo(pipe.family, pipe.model, data.val, batch_size=micro,
                          max_batches=batches, seed=seed, repeats=repeats)
     res.update({"checkpoint": str(pipe.checkpoint.path), "family": cfg.model.family,
                 "step": pipe.checkpoint.trainer.get("step"), "weights": pipe.weights,

@@ -31,7 +31,7 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
                    max_batches: int = 0, seed: int = 0, device: Optional[torch.device] = None,
                    precision: str = "fp32", repeats: int = 1, dist=None) -> dict:
     """Average the NELBO over ``max_batches`` validation batches (0: the whole split),
-    ``repeats`` independent noise draws each. ``dist``: a ``tdlm.train.distributed.DistInfo``
+    ``repeats`` independent noise draws each. ``dist``: a ``tdlm.train.parallel.Runtime``
     to share the batches among ranks (see the module docstring)."""
     from ..data import BatchIterator
     from ..data.batches import num_rows, slice_rows, to_device
@@ -77,9 +77,8 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
     finally:
         model.train(was_training)
     if world > 1:
-        from ..train.distributed import all_reduce_sum
         keys = sorted(parts)
-        tot = all_reduce_sum([nll, toks, seqs] + [parts[k] for k in keys], dist, device)
+        tot = dist.all_reduce_sum([nll, toks, seqs] + [parts[k] for k in keys])
         nll, toks, seqs = tot[0], tot[1], int(round(tot[2]))
         parts = dict(zip(keys, tot[3:]))
     per_tok = nll / max(toks, 1)

@@ -12,6 +12,9 @@ tokens only, rotary positions restart at 0 in every sequence, adaLN modulation i
 sequence, and attention never crosses sequences (``packed_attention``: flash varlen on CUDA
 when available, otherwise SDPA on a [B, max_len] scatter with a key-padding mask).
 
+The model knows nothing of training: activation checkpointing, compile and DDP/FSDP are
+applied from outside (``tdlm.train.parallel.parallelize``).
+
 Parameter layout follows MDLM's ``DIT`` exactly, so ``mdlm-small`` (d=768, 12 blocks, 12 heads,
 cond 128, vocab 50257+1) has 169,627,218 parameters, of which the output linear is 22.8%.
 """
@@ -23,7 +26,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 
@@ -244,10 +246,7 @@ class DiT(nn.Module):
         x = self.vocab_embed(tokens)
         rope = self.rotary(torch.arange(L, device=tokens.device))
         for block in self.blocks:
-            if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(block, x, c, rope, attn_mask, use_reentrant=False)
-            else:
-                x = block(x, c, rope, attn_mask)
+            x = block(x, c, rope, attn_mask)
         return x, c
 
     def _forward_packed(self, tokens: torch.Tensor, sigma: Optional[torch.Tensor],
@@ -261,10 +260,7 @@ class DiT(nn.Module):
         x = self.vocab_embed(tokens)
         rope = self.rotary(packing.pos)                       # positions restart per sequence
         for block in self.blocks:
-            if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(block, x, c, rope, None, packing, use_reentrant=False)
-            else:
-                x = block(x, c, rope, None, packing)
+            x = block(x, c, rope, None, packing)
         return x, c
 
 
