@@ -19,6 +19,7 @@ applied from outside (``tdlm.train.parallel.parallelize``).
 
 Parameter layout follows MDLM's ``DIT`` exactly, so ``mdlm-small`` (d=768, 12 blocks, 12 heads,
 cond 128, vocab 50257+1) has 169,627,218 parameters, of which the output linear is 22.8%.
+The model reports its parameter groups and FLOPs itself (``tdlm.nn.accounting``).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from .accounting import SeqStats, count_parameters  # noqa: F401  (re-exported)
 from .heads import FinalLayer  # noqa: F401  (re-exported: tdlm.nn.dit.FinalLayer)
 from .layers import LayerNorm, modulate  # noqa: F401  (re-exported)
 from .layout import DenseLayout, Layout, PackedLayout, packed_attention  # noqa: F401
@@ -78,6 +80,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x1, x2 = x.chunk(2, dim=-1)
     rot = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rot.float() * sin).to(x.dtype)
+
+
+def block_token_params(d: int, mlp_ratio: int) -> int:
+    """Weights + biases of one block's token-wise linear layers (qkv, out, MLP)."""
+    return 3 * d * d + d * d + 2 * mlp_ratio * d * d + mlp_ratio * d + d
+
+
+def dit_flops(cfg: ModelConfig, n_embed: int, s: SeqStats) -> dict:
+    """Forward FLOPs of a :class:`DiT` (``tdlm.flops`` states the convention): ``blocks``,
+    ``embedding`` (the input table as a one-hot matmul) and ``other`` (time embedding)."""
+    d, n, r, c = cfg.d_model, cfg.n_layers, cfg.mlp_ratio, cfg.cond_dim
+    f = TimestepEmbedder.FREQ_DIM
+    per_block = (2 * block_token_params(d, r) * s.tokens + 4 * d * s.sq_tokens
+                 + 2 * (6 * d * c + 6 * d) * s.sequences)
+    return {"blocks": n * per_block, "embedding": 2 * n_embed * d * s.tokens,
+            "other": 2 * (f * c + c + c * c + c) * s.sequences}
 
 
 class DiTBlock(nn.Module):
@@ -159,13 +177,11 @@ class DiT(nn.Module):
             x = block(x, c, rope, layout)
         return x, c
 
+    # ---- accounting (tdlm.nn.accounting) -------------------------------------------------
+    def param_groups(self) -> dict:
+        return {"embedding": list(self.vocab_embed.parameters()),
+                "blocks": list(self.blocks.parameters()),
+                "other": list(self.sigma_map.parameters())}
 
-def count_parameters(model: nn.Module) -> dict:
-    """Total, embedding (input table), head (output linear(s)) and transformer-block counts."""
-    total = sum(p.numel() for p in model.parameters())
-    emb = sum(p.numel() for n, p in model.named_parameters() if "vocab_embed" in n)
-    head = sum(p.numel() for n, p in model.named_parameters()
-               if n.startswith("head.") and ".linear" in n)
-    blocks = sum(p.numel() for n, p in model.named_parameters() if ".blocks." in n or n.startswith("blocks."))
-    return {"total": total, "embedding": emb, "head": head, "blocks": blocks,
-            "other": total - emb - head - blocks, "head_share": head / total}
+    def flops(self, s: SeqStats, head_out: Optional[int] = None) -> dict:
+        return dit_flops(self.cfg, self.vocab_embed.num_embeddings, s)

@@ -2,7 +2,8 @@
 
 :class:`FinalLayer` is MDLM's ``DDitFinalLayer``: an adaLN-modulated final norm followed by
 a zero-initialised ``Linear(d, out_dim)``. The papers count the output linear as "the head"
-(MDLM: 22.8% of mdlm-small).
+(MDLM: 22.8% of mdlm-small), so :meth:`FinalLayer.param_groups` puts the linear in ``head``
+and the final norm and its adaLN modulation in ``other`` (``tdlm.nn.accounting``).
 """
 from __future__ import annotations
 
@@ -11,8 +12,15 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .accounting import SeqStats
 from .layers import LayerNorm, modulate
 from .layout import Layout
+
+
+def final_layer_flops(d: int, cond_dim: int, out: int, s: SeqStats) -> dict:
+    """Forward FLOPs of a :class:`FinalLayer` computing ``out`` outputs: the output linear per
+    token and the final adaLN per sequence (``tdlm.flops``)."""
+    return {"head": 2 * (d * out + out) * s.tokens + 2 * (2 * d * cond_dim + 2 * d) * s.sequences}
 
 
 class FinalLayer(nn.Module):
@@ -42,3 +50,12 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor,
                 layout: Optional[Layout] = None) -> torch.Tensor:
         return self.linear(self.features(x, c, layout))
+
+    # ---- accounting (tdlm.nn.accounting) -------------------------------------------------
+    def param_groups(self) -> dict:
+        return {"head": list(self.linear.parameters()),
+                "other": [*self.norm_final.parameters(), *self.adaLN_modulation.parameters()]}
+
+    def flops(self, s: SeqStats, head_out: Optional[int] = None) -> dict:
+        return final_layer_flops(self.linear.in_features, self.adaLN_modulation.in_features,
+                                 head_out or self.linear.out_features, s)
