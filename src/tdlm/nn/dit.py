@@ -163,7 +163,8 @@ class DiT(nn.Module):
         """Dense: tokens [B, L] -> hidden [B, L, d] (``attn_mask``: an SDPA mask). Packed
         (``packing`` or ``layout`` a ``PackedLayout``): tokens [T] -> hidden [T, d]; sigma is
         per sequence [B]. Returns ``(hidden, c [B, cond])``."""
-        layout = layout or packing or self.layout(tokens, attn_mask)
+        if layout is None:
+            layout = packing if packing is not None else self.layout(tokens, attn_mask)
         layout.check(tokens)
         if self.causal and not layout.causal:
             raise ValueError("a causal backbone needs a causal layout (packed batches are "
