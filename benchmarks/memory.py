@@ -87,6 +87,8 @@ def worker(model_name: str, regime: str, batch: int, steps: int, threads: int) -
     model = family.build_model().to(device)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
+    # single_process prepares the model as the trainer does (parallelize: activation
+    # checkpointing from train.activation_checkpointing)
     ctx = single_process(family, model, cfg, device, micro=batch)
     x = torch.randint(0, mc["vocab_size"], (batch, SEQ_LEN),
                       generator=torch.Generator().manual_seed(1)).to(device)

@@ -1,4 +1,4 @@
-"""Multi-process training (tdlm.train.distributed) with real processes: 2 ranks over gloo on
+"""Multi-process training (tdlm.train.parallel) with real processes: 2 ranks over gloo on
 the CPU, launched exactly as the README says (``python -m torch.distributed.run
 --nproc_per_node 2 ... tdlm train``; ``--standalone`` picks a free port).
 
@@ -36,7 +36,7 @@ import torch
 from tdlm.data.batches import collate_ragged, num_rows, split_micro
 from tdlm.errors import ConfigError
 from tdlm.train.checkpoint import load_checkpoint
-from tdlm.train.distributed import derive_micro, rank_micro_batches
+from tdlm.train.parallel import derive_micro, rank_micro_batches
 from tdlm.train.loop import train
 
 from test_cli import write_corpus  # noqa: E402
@@ -53,16 +53,16 @@ _DRIVER = textwrap.dedent("""
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
-    import tdlm.train.distributed as D
+    import tdlm.train.parallel as P
     captured = {}
-    real = D.wrap_model
-    def wrap(loss_module, *a, **kw):
+    real = P.parallelize
+    def wrap(loss_module, **kw):
         captured["model"] = loss_module.model
-        return real(loss_module, *a, **kw)
-    D.wrap_model = wrap
+        return real(loss_module, **kw)
+    P.parallelize = wrap
     nan_rank, nan_call = os.environ.get("NAN_RANK"), int(os.environ.get("NAN_CALL", "0"))
     if nan_rank == os.environ["RANK"]:        # this rank's loss turns NaN at that forward
-        real_fwd, calls = D.LossModule.forward, [0]
+        real_fwd, calls = P.LossModule.forward, [0]
         def forward(self, *a, **kw):
             terms = real_fwd(self, *a, **kw)
             if self.training:
@@ -70,7 +70,7 @@ _DRIVER = textwrap.dedent("""
                 if calls[0] >= nan_call:
                     terms.nll = terms.nll * float("nan")
             return terms
-        D.LossModule.forward = forward
+        P.LossModule.forward = forward
     from tdlm.cli import main
     rc = main(sys.argv[1:])
     out = Path(sys.argv[sys.argv.index("--out") + 1])

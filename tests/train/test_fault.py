@@ -191,8 +191,8 @@ def test_every_checkpoint_file_is_hash_verified(tmp_path):
 # ---- non-finite training -----------------------------------------------------------------------
 def _nan_at(monkeypatch, step_calls: int):
     """Make the loss NaN from the ``step_calls``-th micro-batch forward on."""
-    from tdlm.train import distributed as D
-    real = D.LossModule.forward
+    from tdlm.train import parallel as P
+    real = P.LossModule.forward
     calls = {"n": 0}
 
     def forward(self, batch, generator, exact=False):
@@ -203,7 +203,7 @@ def _nan_at(monkeypatch, step_calls: int):
                 terms.nll = terms.nll * float("nan")
         return terms
 
-    monkeypatch.setattr(D.LossModule, "forward", forward)
+    monkeypatch.setattr(P.LossModule, "forward", forward)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(env, tmp_path, monkeypatch, capsys):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tdlm.config import TrainConfig
 from tdlm.families.base import autocast_ctx
 from tdlm.train.checkpoint import load_checkpoint
-from tdlm.train.distributed import backend_for
+from tdlm.train.parallel import backend_for
 from tdlm.train.loop import make_optimizer, resolve_runtime, sdpa_context, train
 
 from test_cli import write_corpus  # noqa: E402

@@ -34,7 +34,7 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
                    max_batches: int = 0, seed: int = 0, device: Optional[torch.device] = None,
                    precision: str = "fp32", repeats: int = 1, dist=None) -> dict:
     """Average the NELBO over ``max_batches`` validation batches (0: the whole split),
-    ``repeats`` independent noise draws each. ``dist``: a ``tdlm.train.distributed.DistInfo``
+    ``repeats`` independent noise draws each. ``dist``: a ``tdlm.train.parallel.Runtime``
     to share the batches among ranks (see the module docstring)."""
     from ..data import BatchIterator
     from ..data.batches import num_rows, slice_rows, to_device
@@ -80,9 +80,8 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
     finally:
         model.train(was_training)
     if world > 1:
-        from ..train.distributed import all_reduce_sum
         keys = sorted(parts)
-        tot = all_reduce_sum([nll, toks, seqs] + [parts[k] for k in keys], dist, device)
+        tot = dist.all_reduce_sum([nll, toks, seqs] + [parts[k] for k in keys])
         nll, toks, seqs = tot[0], tot[1], int(round(tot[2]))
         parts = dict(zip(keys, tot[3:]))
     per_tok = nll / max(toks, 1)
@@ -101,8 +100,9 @@ def evaluate_to_files(ckpt_path: str, batches: int = 0, seed: int = 0, repeats: 
     """Evaluate a checkpoint on its validation split (``batches`` batches, 0: all; ``repeats``
     noise draws per batch) and write ``metrics.json`` (default ``<run>/eval``). Returns
     (metrics, folder)."""
-    from ..pipeline import load
     from ..data import build_data
+    from ..pipeline import load
+    from ..train.parallel import derive_micro      # the training micro-batch of one process
     if batches < 0:
         raise ConfigError(f"--batches must be >= 0 (0: the whole validation split), got {batches}")
     if repeats < 1:
@@ -110,8 +110,8 @@ def evaluate_to_files(ckpt_path: str, batches: int = 0, seed: int = 0, repeats: 
     pipe = load(ckpt_path, use_ema=use_ema)
     cfg = pipe.cfg
     data = build_data(cfg.data, None, tokenizer=pipe.tokenizer, need_train=False)
-    res = evaluate_nelbo(pipe.family, pipe.model, data.val,
-                         batch_size=cfg.train.micro_batch or cfg.train.global_batch,
+    micro, _ = derive_micro(cfg.train.global_batch, cfg.train.micro_batch, 1)
+    res = evaluate_nelbo(pipe.family, pipe.model, data.val, batch_size=micro,
                          max_batches=batches, seed=seed, repeats=repeats)
     res.update({"checkpoint": str(pipe.checkpoint.path), "family": cfg.family.name,
                 "step": pipe.checkpoint.trainer.get("step"), "weights": pipe.weights,

@@ -6,14 +6,20 @@ attention (bidirectional, or causal for the AR family). Heads (``tdlm.nn.heads``
 ``hidden`` into predictions; the final adaLN layer lives in the head so that the head's
 parameter count matches the papers' convention (the output linear).
 
-Packed ragged batches (DID; ``forward(tokens [T], sigma [B], cu_seqlens=[B+1])``): the B
-sequences are concatenated without padding; linear layers and the MLP run on the T real
-tokens only, rotary positions restart at 0 in every sequence, adaLN modulation is per
-sequence, and attention never crosses sequences (``packed_attention``: flash varlen on CUDA
-when available, otherwise SDPA on a [B, max_len] scatter with a key-padding mask).
+One code path serves every batch: the batch's :class:`~tdlm.nn.layout.Layout` says where the
+tokens sit. Dense batches (``forward(tokens [B, L], sigma [B])``) get a ``DenseLayout`` built
+here (causal when the backbone is). Packed ragged batches (DID; ``forward(tokens [T], sigma [B],
+packing=PackedLayout(cu_seqlens))``, ``Packing`` being the same class): the B sequences are
+concatenated without padding; linear layers and the MLP run on the T real tokens only, rotary
+positions restart at 0 in every sequence, adaLN modulation is per sequence, and attention never
+crosses sequences.
+
+The model knows nothing of training: activation checkpointing, compile and DDP/FSDP are
+applied from outside (``tdlm.train.parallel.parallelize``).
 
 Parameter layout follows MDLM's ``DIT`` exactly, so ``mdlm-small`` (d=768, 12 blocks, 12 heads,
 cond 128, vocab 50257+1) has 169,627,218 parameters, of which the output linear is 22.8%.
+The model reports its parameter groups and FLOPs itself (``tdlm.nn.accounting``).
 """
 from __future__ import annotations
 
@@ -23,33 +29,22 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..config import BackboneConfig
+from .accounting import SeqStats, count_parameters  # noqa: F401  (re-exported)
+from .heads import FinalLayer  # noqa: F401  (re-exported: tdlm.nn.dit.FinalLayer)
+from .layers import LayerNorm, modulate  # noqa: F401  (re-exported)
+from .layout import DenseLayout, Layout, PackedLayout, packed_attention  # noqa: F401
 
-
-class LayerNorm(nn.Module):
-    """LayerNorm with a weight and no bias (MDLM), computed in float32."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.dim = dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x.float(), (self.dim,))
-        return (y * self.weight.float()).to(x.dtype)
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: ``x * (1 + scale) + shift`` with per-sequence ``shift, scale`` of shape [B, 1, d]."""
-    return x * (1 + scale) + shift
+Packing = PackedLayout      # the name families use for a packed ragged batch
 
 
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features of the noise level sigma (256 frequencies) -> MLP -> cond_dim."""
 
-    def __init__(self, cond_dim: int, freq_dim: int = 256):
+    FREQ_DIM = 256
+
+    def __init__(self, cond_dim: int, freq_dim: int = FREQ_DIM):
         super().__init__()
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(),
@@ -87,77 +82,31 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x.float() * cos + rot.float() * sin).to(x.dtype)
 
 
-class Packing:
-    """Index bookkeeping of a packed ragged batch: ``cu_seqlens`` [B+1] offsets into the
-    T concatenated tokens; ``seq_id`` [T] the sequence of each token; ``pos`` [T] its
-    position inside its sequence; ``pad_index`` [T] its slot in a [B, max_len] layout."""
-
-    def __init__(self, cu_seqlens: torch.Tensor):
-        cu = cu_seqlens.long()
-        if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0:
-            raise ValueError("cu_seqlens must be a 1-D tensor [B+1] starting at 0")
-        self.cu_seqlens = cu
-        self.lengths = cu[1:] - cu[:-1]
-        if bool((self.lengths <= 0).any()):
-            raise ValueError("every packed sequence must have at least one token")
-        self.B = int(self.lengths.numel())
-        self.T = int(cu[-1])
-        self.max_len = int(self.lengths.max())
-        self.seq_id = torch.repeat_interleave(torch.arange(self.B, device=cu.device),
-                                              self.lengths, output_size=self.T)
-        self.pos = torch.arange(self.T, device=cu.device) - cu[:-1][self.seq_id]
-        self.pad_index = self.seq_id * self.max_len + self.pos
-        self._key_mask = None
-
-    def key_mask(self) -> torch.Tensor:
-        """[B, 1, 1, max_len] bool: True where the key slot holds a real token."""
-        if self._key_mask is None:
-            ar = torch.arange(self.max_len, device=self.cu_seqlens.device)
-            self._key_mask = (ar[None, :] < self.lengths[:, None])[:, None, None, :]
-        return self._key_mask
+def block_token_params(d: int, mlp_ratio: int) -> int:
+    """Weights + biases of one block's token-wise linear layers (qkv, out, MLP)."""
+    return 3 * d * d + d * d + 2 * mlp_ratio * d * d + mlp_ratio * d + d
 
 
-def _varlen_attn_fn():
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except Exception:          # pragma: no cover - depends on the torch build
-        return None
-    return varlen_attn
-
-
-def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     packing: Packing) -> torch.Tensor:
-    """Bidirectional attention within each packed sequence. q, k, v: [T, H, hd] -> [T, H, hd].
-
-    CUDA with half precision: ``torch.nn.attention.varlen.varlen_attn`` (flash, no padding).
-    Otherwise: scatter into [B, H, max_len, hd], SDPA with a key-padding mask, gather back
-    (padding only inside attention; with length-bucketed batches max_len is close to every
-    length)."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        fn = _varlen_attn_fn()
-        if fn is not None:
-            cu = packing.cu_seqlens.to(torch.int32)
-            return fn(q, k, v, cu, cu, packing.max_len, packing.max_len)   # window (-1,-1): full
-    T, H, hd = q.shape
-    B, Lm = packing.B, packing.max_len
-
-    def pad(x):
-        out = x.new_zeros(B * Lm, H, hd)
-        out[packing.pad_index] = x
-        return out.view(B, Lm, H, hd).transpose(1, 2)             # [B, H, Lm, hd]
-
-    a = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=packing.key_mask())
-    return a.transpose(1, 2).reshape(B * Lm, H, hd)[packing.pad_index]
+def dit_flops(cfg: BackboneConfig, n_embed: int, s: SeqStats) -> dict:
+    """Forward FLOPs of a :class:`DiT` (``tdlm.flops`` states the convention): ``blocks``,
+    ``embedding`` (the input table as a one-hot matmul) and ``other`` (time embedding)."""
+    d, n, r, c = cfg.d_model, cfg.n_layers, cfg.mlp_ratio, cfg.cond_dim
+    f = TimestepEmbedder.FREQ_DIM
+    per_block = (2 * block_token_params(d, r) * s.tokens + 4 * d * s.sq_tokens
+                 + 2 * (6 * d * c + 6 * d) * s.sequences)
+    return {"blocks": n * per_block, "embedding": 2 * n_embed * d * s.tokens,
+            "other": 2 * (f * c + c + c * c + c) * s.sequences}
 
 
 class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-zero: shift/scale/gate for attention and MLP
-    come from ``Linear(cond_dim, 6d)(c)``, initialised to zero so each block starts as identity."""
+    come from ``Linear(cond_dim, 6d)(c)``, initialised to zero so each block starts as identity.
+    ``forward(x, c, rope, layout)``: ``x`` token features in the layout's shape ([B, L, d] or
+    [T, d]), ``c`` [B, cond] per sequence, ``rope`` the layout's rotary tables."""
 
-    def __init__(self, d: int, n_heads: int, cond_dim: int, mlp_ratio: int, dropout: float,
-                 causal: bool):
+    def __init__(self, d: int, n_heads: int, cond_dim: int, mlp_ratio: int, dropout: float):
         super().__init__()
-        self.n_heads, self.causal, self.dropout = n_heads, causal, dropout
+        self.n_heads, self.dropout = n_heads, dropout
         self.norm1 = LayerNorm(d)
         self.attn_qkv = nn.Linear(d, 3 * d, bias=False)
         self.attn_out = nn.Linear(d, d, bias=False)
@@ -169,39 +118,13 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                attn_mask: Optional[torch.Tensor], packing: Optional[Packing] = None
-                ) -> torch.Tensor:
-        if packing is not None:
-            return self._forward_packed(x, c, rope, packing)
-        B, L, d = x.shape
-        mod = self.adaLN_modulation(c)[:, None, :].chunk(6, dim=-1)
+                layout: Layout) -> torch.Tensor:
+        mod = layout.broadcast(self.adaLN_modulation(c)).chunk(6, dim=-1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         h = modulate(self.norm1(x), shift_msa, scale_msa)
-        qkv = self.attn_qkv(h).view(B, L, 3, self.n_heads, d // self.n_heads)
-        qkv = qkv.permute(2, 0, 3, 1, 4)                              # [3, B, H, L, hd]
+        qkv = layout.split_heads(self.attn_qkv(h), self.n_heads)     # [3, *heads layout]
         q, k = apply_rotary(qkv[:2], *rope).unbind(0)                 # q and k in one pass
-        v = qkv[2]
-        drop = self.dropout if self.training else 0.0
-        # No attention-probability dropout (MDLM applies dropout to the residual branches only).
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           is_causal=self.causal and attn_mask is None)
-        a = a.transpose(1, 2).reshape(B, L, d)
-        x = x + gate_msa * F.dropout(self.attn_out(a), drop, self.training)
-        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
-        return x + gate_mlp * F.dropout(self.mlp(h), drop, self.training)
-
-    def _forward_packed(self, x: torch.Tensor, c: torch.Tensor,
-                        rope: tuple[torch.Tensor, torch.Tensor], packing: Packing) -> torch.Tensor:
-        """x: [T, d] packed tokens; c: [B, cond] per sequence; rope: per-token (cos, sin)."""
-        T, d = x.shape
-        mod = self.adaLN_modulation(c)[packing.seq_id].chunk(6, dim=-1)   # each [T, d]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        h = modulate(self.norm1(x), shift_msa, scale_msa)
-        qkv = self.attn_qkv(h).view(T, 3, self.n_heads, d // self.n_heads)
-        qkv = qkv.permute(1, 0, 2, 3)                                  # [3, T, H, hd]
-        cos, sin = rope
-        q, k = apply_rotary(qkv[:2], cos[:, None, :], sin[:, None, :]).unbind(0)
-        a = packed_attention(q, k, qkv[2], packing).reshape(T, d)
+        a = layout.attention(q, k, qkv[2])
         drop = self.dropout if self.training else 0.0
         x = x + gate_msa * F.dropout(self.attn_out(a), drop, self.training)
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)
@@ -209,7 +132,7 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """Backbone: ``forward(tokens [B, L], sigma [B] | None, attn_mask) -> (hidden [B, L, d], c [B, cond])``.
+    """Backbone: ``forward(tokens, sigma | None) -> (hidden, c [B, cond])``.
 
     ``n_embed`` is the number of input embedding rows (vocabulary + [MASK] for MDLM; all tree
     nodes for TDLM). ``causal``: left-to-right attention (the family that builds the model
@@ -221,85 +144,45 @@ class DiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.causal = causal
-        self.activation_checkpointing = False     # set from outside (the trainer)
         d = cfg.d_model
         self.vocab_embed = nn.Embedding(n_embed, d)
         nn.init.kaiming_uniform_(self.vocab_embed.weight, a=math.sqrt(5))
         self.sigma_map = TimestepEmbedder(cfg.cond_dim)
         self.rotary = Rotary(d // cfg.n_heads)
         self.blocks = nn.ModuleList(
-            DiTBlock(d, cfg.n_heads, cfg.cond_dim, cfg.mlp_ratio, cfg.dropout, causal)
+            DiTBlock(d, cfg.n_heads, cfg.cond_dim, cfg.mlp_ratio, cfg.dropout)
             for _ in range(cfg.n_layers))
 
+    def layout(self, tokens: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> Layout:
+        """The dense layout of a [B, L] token batch for this backbone (causal or not)."""
+        return DenseLayout.of(tokens, causal=self.causal, attn_mask=attn_mask)
+
     def forward(self, tokens: torch.Tensor, sigma: Optional[torch.Tensor] = None,
-                attn_mask: Optional[torch.Tensor] = None,
-                packing: Optional[Packing] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense: tokens [B, L] -> hidden [B, L, d]. Packed (``packing`` given): tokens [T]
-        -> hidden [T, d]; sigma is per sequence [B]. Returns ``(hidden, c [B, cond])``."""
-        if packing is not None:
-            return self._forward_packed(tokens, sigma, packing)
-        B, L = tokens.shape
+                attn_mask: Optional[torch.Tensor] = None, packing: Optional[Layout] = None,
+                layout: Optional[Layout] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense: tokens [B, L] -> hidden [B, L, d] (``attn_mask``: an SDPA mask). Packed
+        (``packing`` or ``layout`` a ``PackedLayout``): tokens [T] -> hidden [T, d]; sigma is
+        per sequence [B]. Returns ``(hidden, c [B, cond])``."""
+        if layout is None:
+            layout = packing if packing is not None else self.layout(tokens, attn_mask)
+        layout.check(tokens)
+        if self.causal and not layout.causal:
+            raise ValueError("a causal backbone needs a causal layout (packed batches are "
+                             "bidirectional)")
         if sigma is None or not self.cfg.time_conditioning:
-            sigma = torch.zeros(B, device=tokens.device)
+            sigma = torch.zeros(layout.num_sequences, device=tokens.device)
         c = F.silu(self.sigma_map(sigma))
         x = self.vocab_embed(tokens)
-        rope = self.rotary(torch.arange(L, device=tokens.device))
+        rope = layout.rope(self.rotary)
         for block in self.blocks:
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, c, rope, attn_mask, use_reentrant=False)
-            else:
-                x = block(x, c, rope, attn_mask)
+            x = block(x, c, rope, layout)
         return x, c
 
-    def _forward_packed(self, tokens: torch.Tensor, sigma: Optional[torch.Tensor],
-                        packing: Packing) -> tuple[torch.Tensor, torch.Tensor]:
-        if tokens.dim() != 1 or tokens.numel() != packing.T:
-            raise ValueError(f"packed tokens must be 1-D with {packing.T} entries, "
-                             f"got shape {tuple(tokens.shape)}")
-        if sigma is None or not self.cfg.time_conditioning:
-            sigma = torch.zeros(packing.B, device=tokens.device)
-        c = F.silu(self.sigma_map(sigma))
-        x = self.vocab_embed(tokens)
-        rope = self.rotary(packing.pos)                       # positions restart per sequence
-        for block in self.blocks:
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, c, rope, None, packing, use_reentrant=False)
-            else:
-                x = block(x, c, rope, None, packing)
-        return x, c
+    # ---- accounting (tdlm.nn.accounting) -------------------------------------------------
+    def param_groups(self) -> dict:
+        return {"embedding": list(self.vocab_embed.parameters()),
+                "blocks": list(self.blocks.parameters()),
+                "other": list(self.sigma_map.parameters())}
 
-
-class FinalLayer(nn.Module):
-    """adaLN final norm + zero-initialised ``Linear(d, out_dim)`` (MDLM's ``DDitFinalLayer``)."""
-
-    def __init__(self, d: int, cond_dim: int, out_dim: int):
-        super().__init__()
-        self.norm_final = LayerNorm(d)
-        self.linear = nn.Linear(d, out_dim)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-        self.adaLN_modulation = nn.Linear(cond_dim, 2 * d)
-        nn.init.zeros_(self.adaLN_modulation.weight)
-        nn.init.zeros_(self.adaLN_modulation.bias)
-
-    def features(self, x: torch.Tensor, c: torch.Tensor,
-                 packing: Optional[Packing] = None) -> torch.Tensor:
-        mod = self.adaLN_modulation(c)
-        mod = mod[packing.seq_id] if packing is not None else mod[:, None, :]
-        shift, scale = mod.chunk(2, dim=-1)
-        return modulate(self.norm_final(x), shift, scale)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor,
-                packing: Optional[Packing] = None) -> torch.Tensor:
-        return self.linear(self.features(x, c, packing))
-
-
-def count_parameters(model: nn.Module) -> dict:
-    """Total, embedding (input table), head (output linear(s)) and transformer-block counts."""
-    total = sum(p.numel() for p in model.parameters())
-    emb = sum(p.numel() for n, p in model.named_parameters() if "vocab_embed" in n)
-    head = sum(p.numel() for n, p in model.named_parameters()
-               if n.startswith("head.") and ".linear" in n)
-    blocks = sum(p.numel() for n, p in model.named_parameters() if ".blocks." in n or n.startswith("blocks."))
-    return {"total": total, "embedding": emb, "head": head, "blocks": blocks,
-            "other": total - emb - head - blocks, "head_share": head / total}
+    def flops(self, s: SeqStats, head_out: Optional[int] = None) -> dict:
+        return dit_flops(self.cfg, self.vocab_embed.num_embeddings, s)

@@ -15,7 +15,10 @@ on every rank, checkpointed, and :class:`Preempted` is raised (``tdlm train`` ex
 ``tdlm.train.preemption``).
 
 GPU paths (:func:`resolve_runtime`): bf16 autocast, per-block ``torch.compile``, fused AdamW
-and flash-first SDPA on CUDA only; all off on the CPU (tests/train/test_gpu_paths.py).
+and flash-first SDPA on CUDA only; all off on the CPU (tests/train/test_gpu_paths.py). Activation
+checkpointing, compile and DDP/FSDP are applied to the model from outside by
+``tdlm.train.parallel.parallelize``; the process's place in the job is a
+``tdlm.train.parallel.Runtime``.
 """
 from __future__ import annotations
 
@@ -33,18 +36,12 @@ from ..errors import TdlmError
 from ..families import get_family_class
 from ..store.checkpoint import load_checkpoint, save_checkpoint
 from ..utils.io import atomic_write, atomic_write_text
+from . import parallel as P
+from .parallel import Runtime, resolve_device  # noqa: F401  (resolve_device: old import path)
 from .preemption import Preempted, Preemption
 from .step import (EMA, RuntimeOptions, StepContext, lr_at, make_optimizer,  # noqa: F401
                    micro_seed, nonfinite_error, resolve_runtime, sdpa_context, step_seed,
                    train_step)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TdlmError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
 
 
 @dataclass
@@ -97,15 +94,13 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
 
     Launched by ``torchrun`` (``WORLD_SIZE > 1`` in the environment) this joins the process
     group and trains data-parallel (``train.parallel``: ddp or fsdp); see
-    ``tdlm.train.distributed`` for what is guaranteed (equal to the single-process run with
+    ``tdlm.train.parallel`` for what is guaranteed (equal to the single-process run with
     the same ``micro_batch``; rank 0 writes everything).
 
     Non-finite values stop the run with a one-line TdlmError (``tdlm train`` exits 2): a
     non-finite loss or gradient norm before the optimizer step, non-finite parameters before
     a checkpoint. No checkpoint of a non-finite state is written; the last good one stays
     ``latest``."""
-    from . import distributed as D
-
     if stop_after is not None and stop_after < 1:
         raise TdlmError(f"stop_after must be >= 1, got {stop_after}")
     dev_name = cfg.train.device
@@ -114,21 +109,20 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             dev_name = json.loads((Path(out_dir) / "config.json").read_text())["train"]["device"]
         except (OSError, ValueError, KeyError, TypeError):
             dev_name = "auto"
-    info, dist_device = D.init_from_env(dev_name)
+    rt = Runtime.from_env(dev_name)
     try:
-        return _train(cfg, Path(out_dir), resume, progress, stop_after, log, info, dist_device)
+        return _train(cfg, Path(out_dir), resume, progress, stop_after, log, rt)
     finally:
-        D.teardown(info)
+        rt.teardown()
 
 
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool,
-           stop_after: Optional[int], log: Callable[[str], None], info, dist_device) -> TrainResult:
-    if info.is_main:
-        cfg, ckpt, data, family = _setup_main(cfg, run_dir, resume, info)
+           stop_after: Optional[int], log: Callable[[str], None], rt: Runtime) -> TrainResult:
+    if rt.is_main:
+        cfg, ckpt, data, family = _setup_main(cfg, run_dir, resume, rt)
     else:
-        cfg, ckpt, data, family = _setup_other(run_dir, resume, info)
-    device = dist_device if info.distributed else resolve_device(cfg.train.device)
-    run = _Run(cfg, run_dir, family, data, info, device)
+        cfg, ckpt, data, family = _setup_other(run_dir, resume, rt)
+    run = _Run(cfg, run_dir, family, data, rt)
     run.build(ckpt, log)
     return run.loop(progress, stop_after)
 
@@ -146,11 +140,10 @@ def _load_data(cfg: RunConfig, ckpt, run_dir: Path, main: bool):
     return build_data(cfg.data, None, tokenizer=Tokenizer.load(str(run_dir)))
 
 
-def _setup_main(cfg: RunConfig, run_dir: Path, resume: bool, info):
+def _setup_main(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime):
     """Rank 0 (or the single process): check the folder, resolve the config and vocabulary,
     prepare the family's resources and write config.json, data.json and the tokenizer. Every
     rank learns whether this worked (an error stops all of them)."""
-    from . import distributed as D
     from ..data.layouts import write_length_report
     created, error, out = False, None, None
     try:
@@ -159,7 +152,7 @@ def _setup_main(cfg: RunConfig, run_dir: Path, resume: bool, info):
         # a fresh run works on a copy: the vocabulary size is resolved below and must not
         # leak into the caller's object
         cfg = ckpt.config if ckpt is not None else _copy_config(cfg)
-        D.derive_micro(cfg.train.global_batch, cfg.train.micro_batch, info.world_size)
+        P.derive_micro(cfg.train.global_batch, cfg.train.micro_batch, rt.world_size)
         data = _load_data(cfg, ckpt, run_dir, True)
         data.tokenizer.save(str(run_dir))
         if cfg.backbone.vocab_size != data.tokenizer.vocab_size:
@@ -176,20 +169,19 @@ def _setup_main(cfg: RunConfig, run_dir: Path, resume: bool, info):
     except BaseException as e:
         if created:     # nothing of this run exists yet: leave no half-made folder behind
             shutil.rmtree(run_dir, ignore_errors=True)
-        if not info.distributed:
+        if not rt.distributed:
             raise
         error = e
-    if info.distributed and not D.agree(error is None, info):
+    if rt.distributed and not rt.agree(error is None):
         raise error
     return out
 
 
-def _setup_other(run_dir: Path, resume: bool, info):
+def _setup_other(run_dir: Path, resume: bool, rt: Runtime):
     """Ranks > 0 wait for rank 0's checks and outputs, then read what it wrote."""
-    from . import distributed as D
-    if not D.agree(True, info):
+    if not rt.agree(True):
         raise TdlmError(f"rank 0 could not set up the run in {run_dir} (see its error); "
-                        f"rank {info.rank} stopped")
+                        f"rank {rt.rank} stopped")
     ckpt = load_checkpoint(run_dir) if resume else None
     cfg = ckpt.config if ckpt is not None else RunConfig.from_dict(
         json.loads((run_dir / "config.json").read_text()))
@@ -214,23 +206,22 @@ class _Run:
     """One training run in this process: model, optimizer, EMA, metrics and checkpoints
     (rank 0 writes), validation, and the loop over :func:`train_step`."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, family, data, info, device):
-        from . import distributed as D
+    def __init__(self, cfg: RunConfig, run_dir: Path, family, data, rt: Runtime):
         self.cfg, self.tc, self.run_dir, self.family, self.data = cfg, cfg.train, run_dir, family, data
-        self.info, self.main, self.device = info, info.is_main, device
-        self.opts = resolve_runtime(self.tc, device)
-        self.micro, _ = D.derive_micro(self.tc.global_batch, self.tc.micro_batch, info.world_size)
-        self.fsdp = info.distributed and self.tc.parallel == "fsdp"
+        self.rt, self.main, self.device = rt, rt.is_main, rt.device
+        self.opts = resolve_runtime(self.tc, rt.device)
+        self.micro, _ = P.derive_micro(self.tc.global_batch, self.tc.micro_batch, rt.world_size)
+        self.fsdp = rt.distributed and self.tc.parallel == "fsdp"
         self.metrics_path = run_dir / "metrics.jsonl"
         self.history: list = []
         self.start = 0
         self.final: Optional[Path] = None
 
     def build(self, ckpt, log) -> None:
-        """Model (seeded), its checkpoint state, compile, DDP/FSDP, AdamW, EMA; on resume the
-        optimizer, EMA, step, metrics history and RNG state."""
-        from . import distributed as D
-        tc, info = self.tc, self.info
+        """Model (seeded), its checkpoint state, ``parallelize`` (activation checkpointing,
+        compile, DDP/FSDP), AdamW, EMA; on resume the optimizer, EMA, step, metrics history
+        and RNG state."""
+        tc = self.tc
         torch.manual_seed(tc.seed)
         model = self.family.build_model()
         if not self.fsdp:
@@ -239,36 +230,30 @@ class _Run:
         # shards to its device (so a model larger than one device can be trained)
         if ckpt is not None:
             model.load_state_dict(ckpt.model_state)
-        for mod in model.modules():
-            if hasattr(mod, "activation_checkpointing"):
-                mod.activation_checkpointing = tc.activation_checkpointing
-        if self.opts.compile:
-            # block by block: works for every family (TDLM calls model.features, not forward)
-            for unit in D.fsdp_units(model):
-                unit.compile()
         self.model = model
-        self.wrapped = D.wrap_model(D.LossModule(self.family, model), tc.parallel, info,
-                                    self.device)
+        self.wrapped = P.parallelize(
+            P.LossModule(self.family, model),
+            activation_checkpointing=tc.activation_checkpointing,
+            compile=self.opts.compile, parallel=tc.parallel, runtime=self.rt)
         self.opt = make_optimizer(model.parameters(), tc, self.opts)
         self.ema = EMA(model, tc.ema) if tc.ema > 0 else None
         if ckpt is not None:
             self._restore(ckpt, log)
 
     def _restore(self, ckpt, log) -> None:
-        from . import distributed as D
-        info = self.info
+        dist = self.rt.distributed
         osd = ckpt.optimizer_state()
         if osd is not None:
-            if info.distributed:
-                D.load_optimizer_state(self.model, self.opt, osd)
+            if dist:
+                P.load_optimizer_state(self.model, self.opt, osd)
             else:
                 self.opt.load_state_dict(osd)
         if self.ema is not None:
             if ckpt.ema_state is None:
                 raise TdlmError(f"checkpoint {ckpt.path} has no EMA weights but the run uses "
                                 f"ema={self.tc.ema}")
-            self.ema.shadow = {k: (D.shard_like(v.float(), self.ema.shadow[k])
-                                   if info.distributed else v.float())
+            self.ema.shadow = {k: (P.shard_like(v.float(), self.ema.shadow[k])
+                                   if dist else v.float())
                                for k, v in ckpt.ema_state.items()}
         self.start = int(ckpt.trainer["step"])
         self.history = list(ckpt.trainer.get("history", []))
@@ -292,12 +277,11 @@ class _Run:
     def write_ckpt(self, step: int) -> Optional[Path]:
         """Rank 0 writes the full state in the single-process format (FSDP: gathered from
         the shards by all ranks); every rank learns whether it worked."""
-        from . import distributed as D
-        info, main, ema = self.info, self.main, self.ema
+        rt, main, ema = self.rt, self.main, self.ema
         if self.fsdp:
-            save_model = D.StateView(D.full_state_dict(self.model.state_dict(), keep=main))
-            save_opt = D.OptimizerView(D.full_optimizer_state(self.model, self.opt, keep=main))
-            save_ema = D.full_state_dict(ema.shadow, keep=main) if ema is not None else None
+            save_model = P.StateView(P.full_state_dict(self.model.state_dict(), keep=main))
+            save_opt = P.OptimizerView(P.full_optimizer_state(self.model, self.opt, keep=main))
+            save_ema = P.full_state_dict(ema.shadow, keep=main) if ema is not None else None
         else:
             save_model, save_opt = self.model, self.opt
             save_ema = ema.shadow if ema is not None else None
@@ -310,40 +294,38 @@ class _Run:
                                        save_ema, {"history": self.history, "data_position": step},
                                        extra)
             except BaseException as e:
-                if not info.distributed:
+                if not rt.distributed:
                     raise
                 err = e
-        if info.distributed and not D.agree(err is None, info, self.device):
+        if rt.distributed and not rt.agree(err is None):
             if err is not None:
                 raise err
             raise TdlmError(f"rank 0 could not write the checkpoint of step {step} (see its "
-                            f"error); rank {info.rank} stopped")
+                            f"error); rank {rt.rank} stopped")
         return path if main else self.run_dir / "checkpoints" / f"step_{step:07d}"
 
     def params_finite(self) -> bool:
-        from . import distributed as D
         ok = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
                  for p in self.model.parameters())
-        return D.agree(ok, self.info, self.device)
+        return self.rt.agree(ok)
 
     def validate(self, step: int) -> dict:
         """Validation NELBO (EMA weights when the run keeps them) -> metrics."""
-        from . import distributed as D
         from ..eval.nelbo import evaluate_nelbo
         tc, ema, fsdp = self.tc, self.ema, self.fsdp
         kw = dict(batch_size=self.micro, max_batches=tc.eval_batches, seed=tc.seed,
                   device=self.device, precision=tc.precision)
-        if self.info.distributed:
-            backup = D.swap_in(self.model, ema.shadow) if ema is not None else None
+        if self.rt.distributed:
+            backup = P.swap_in(self.model, ema.shadow) if ema is not None else None
             try:
                 res = evaluate_nelbo(_EvalFamily(self.family, self.wrapped if fsdp else None),
                                      self.wrapped if fsdp else self.model, self.data.val,
-                                     dist=self.info, **kw)
+                                     dist=self.rt, **kw)
             finally:
                 if fsdp:
-                    D.reshard(self.wrapped)
+                    P.reshard(self.wrapped)
                 if backup is not None:
-                    D.swap_out(self.model, backup)
+                    P.swap_out(self.model, backup)
         else:
             eval_model = self.model
             if ema is not None:
@@ -366,13 +348,13 @@ class _Run:
                                 start_batch=self.start, bucket_factor=bucket)
         ctx = StepContext(wrapped=self.wrapped, model=self.model, opt=self.opt, tc=tc,
                           micro=self.micro, micro_tokens=self.cfg.data.micro_tokens,
-                          device=self.device, opts=self.opts, info=self.info, ema=self.ema)
+                          runtime=self.rt, opts=self.opts, ema=self.ema)
         bar = _progress_bar(tc, self.start) if progress and self.main else None
         self.losses: list = []
         self.last_val = next((r for r in reversed(self.history) if r.get("split") == "val"), None)
         self.clock = [time.perf_counter(), 0]            # last log time, tokens since
         done = self.start
-        preempt = Preemption(self.info, self.device)
+        preempt = Preemption(self.rt)
         try:
             for step in range(self.start, tc.max_steps):
                 self.wrapped.train()

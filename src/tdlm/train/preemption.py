@@ -15,10 +15,8 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from ..errors import TdlmError
-from . import distributed as D
+from .parallel import Runtime
 
 EXIT_PREEMPTED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -37,8 +35,8 @@ class Preemption:
     """Installs the handlers (main thread only) and answers, once per step,
     :meth:`requested` (a collective under torchrun)."""
 
-    def __init__(self, info: D.DistInfo, device: torch.device):
-        self.info, self.device = info, device
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
         self.signame: str = ""
         self._old: dict = {}
         if threading.current_thread() is threading.main_thread():
@@ -52,9 +50,9 @@ class Preemption:
 
     def requested(self) -> bool:
         """True on every rank when any rank received a signal."""
-        if not self.info.distributed:
+        if not self.runtime.distributed:
             return bool(self.signame)
-        stop = not D.agree(not self.signame, self.info, self.device)
+        stop = not self.runtime.agree(not self.signame)
         if stop and not self.signame:
             self.signame = "a signal on another rank"
         return stop

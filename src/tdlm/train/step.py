@@ -5,7 +5,7 @@
 1. learning rate ``lr_at(step)`` (linear warm-up, then constant or cosine), ``zero_grad``;
 2. micro-batching: this process's micro-batches of the global batch (``train.micro_batch``
    rows, ``data.micro_tokens`` tokens at most; under torchrun a contiguous block per rank,
-   ``distributed.rank_micro_batches``), each seeded by (seed, step, micro-batch index)
+   ``Runtime.micro_batches``), each seeded by (seed, step, micro-batch index)
    (:func:`micro_seed`: noise and dropout do not depend on which process runs it);
 3. per micro-batch: forward of the family loss under the device's autocast/SDPA choice, and
    backward of the **summed** NELBO (gradient sync only on the last micro-batch);
@@ -14,14 +14,15 @@
 5. the non-finite guard (loss, gradient norm: a one-line :class:`TdlmError`, nothing applied),
    clipping to ``train.grad_clip``, AdamW, EMA.
 
-:func:`single_process` builds what a benchmark needs to call it on one device;
-:func:`family_for` builds the config's family with its resources (prepared or shape-only).
+:func:`single_process` builds what a benchmark needs to call it on one device (the model
+prepared by ``parallel.parallelize`` exactly as the trainer prepares it); :func:`family_for`
+builds the config's family with its resources (prepared or shape-only).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -29,7 +30,7 @@ import torch
 
 from ..errors import TdlmError
 from ..families.base import autocast_ctx
-from . import distributed as D
+from .parallel import LossModule, Runtime, derive_micro, grad_sync, parallelize
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
@@ -130,21 +131,25 @@ def nonfinite_error(what: str, step: int, last: Optional[Path]) -> TdlmError:
 @dataclass
 class StepContext:
     """Everything a step needs besides the batch. ``wrapped(batch, generator) -> LossTerms``
-    is the family loss around the model (``distributed.LossModule``, possibly DDP/FSDP
-    wrapped); ``model`` the bare model (its parameters, the EMA)."""
+    is the family loss around the model (``parallel.LossModule`` after ``parallelize``);
+    ``model`` the model inside it (its parameters, the EMA); ``runtime`` the process's
+    place in the job (its device, its share of the batch, the all-reduce)."""
     wrapped: torch.nn.Module
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     tc: object                          # TrainConfig
     micro: int                          # per-device micro-batch rows
     micro_tokens: int                   # data.micro_tokens (0: rows only)
-    device: torch.device
+    runtime: Runtime
     opts: RuntimeOptions
-    info: D.DistInfo = field(default_factory=D.DistInfo)
     ema: Optional[EMA] = None
 
     def __post_init__(self):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
 
 
 @dataclass
@@ -155,28 +160,19 @@ class StepResult:
     lr: float
 
 
-def _micro_batches(ctx: StepContext, batch) -> list:
-    """(index j in the global batch, micro-batch, weight) for this process."""
-    from ..data.batches import split_micro
-    if ctx.info.distributed:
-        return D.rank_micro_batches(batch, ctx.micro, ctx.micro_tokens, ctx.info.rank,
-                                    ctx.info.world_size)
-    return [(j, mb, 1.0) for j, mb in enumerate(split_micro(batch, ctx.micro, ctx.micro_tokens))]
-
-
 def _forward_backward(ctx: StepContext, batch, step: int) -> tuple[float, float, int]:
     """Summed NELBO, counted tokens and non-finite count over this process's micro-batches,
     gradients of the summed NELBO accumulated."""
     from ..data.batches import to_device
     tc = ctx.tc
-    entries = _micro_batches(ctx, batch)
+    entries = ctx.runtime.micro_batches(batch, ctx.micro, ctx.micro_tokens)
     nll_sum, n_tok, bad = 0.0, 0.0, 0
     for i, (j, mb, weight) in enumerate(entries):
         # noise and dropout: a pure function of (seed, step, micro-batch index)
         torch.manual_seed(micro_seed(tc.seed, step, 1, j))
         gen = torch.Generator(device=ctx.device).manual_seed(micro_seed(tc.seed, step, 2, j))
         mb = to_device(mb, ctx.device)
-        with D.set_grad_sync(ctx.wrapped, tc.parallel, i == len(entries) - 1):
+        with grad_sync(ctx.wrapped, i == len(entries) - 1):
             with autocast_ctx(ctx.device, tc.precision), sdpa_context(ctx.opts):
                 terms = ctx.wrapped(mb, gen)
             nll = terms.nll.float().sum()
@@ -196,19 +192,18 @@ def train_step(ctx: StepContext, batch, step: int,
     """One optimizer step on the global ``batch`` at 0-based ``step`` (module docstring).
     Raises a one-line :class:`TdlmError` on a non-finite loss or gradient norm (naming
     ``last_checkpoint``), before anything is applied."""
-    tc, W = ctx.tc, ctx.info.world_size
+    tc, rt = ctx.tc, ctx.runtime
     lr = lr_at(step, tc)
     for g in ctx.opt.param_groups:
         g["lr"] = lr
     ctx.opt.zero_grad(set_to_none=True)
     nll_sum, n_tok, bad = _forward_backward(ctx, batch, step)
-    if ctx.info.distributed:
-        nll_sum, n_tok, bad = D.all_reduce_sum([nll_sum, n_tok, bad], ctx.info, ctx.device)
+    nll_sum, n_tok, bad = rt.all_reduce_sum([nll_sum, n_tok, bad])
     if bad or not math.isfinite(nll_sum):
         raise nonfinite_error("loss", step + 1, last_checkpoint)
     n_tok = max(n_tok, 1.0)
     # DDP/FSDP average the ranks' gradient sums; undo the 1/W with the token count
-    denom = n_tok / W if ctx.info.distributed else n_tok
+    denom = n_tok / rt.world_size if rt.distributed else n_tok
     for p in ctx.params:
         if p.grad is not None:
             p.grad.div_(denom)
@@ -229,14 +224,20 @@ def train_step(ctx: StepContext, batch, step: int,
 def single_process(family, model: torch.nn.Module, cfg, device: torch.device,
                    micro: Optional[int] = None) -> StepContext:
     """A :class:`StepContext` for one process on ``device`` (benchmarks, notebooks): the
-    config's optimizer, micro-batch (``micro``, default ``train.micro_batch`` or the whole
-    global batch), precision and EMA; the model is used as it is (already on ``device``)."""
+    config's optimizer, micro-batch (``micro``, default the config's per-device micro-batch
+    for one process), precision and EMA. The model (already on ``device``) is prepared in
+    place as the trainer prepares it: ``parallelize`` with the config's activation
+    checkpointing and (CUDA) compile."""
     tc = cfg.train
     opts = resolve_runtime(tc, device)
-    return StepContext(wrapped=D.LossModule(family, model), model=model,
+    runtime = Runtime.single(device)
+    wrapped = parallelize(LossModule(family, model),
+                          activation_checkpointing=tc.activation_checkpointing,
+                          compile=opts.compile, parallel=tc.parallel, runtime=runtime)
+    return StepContext(wrapped=wrapped, model=model,
                        opt=make_optimizer(model.parameters(), tc, opts), tc=tc,
-                       micro=micro or tc.micro_batch or tc.global_batch,
-                       micro_tokens=cfg.data.micro_tokens, device=device, opts=opts,
+                       micro=micro or derive_micro(tc.global_batch, tc.micro_batch, 1)[0],
+                       micro_tokens=cfg.data.micro_tokens, runtime=runtime, opts=opts,
                        ema=EMA(model, tc.ema) if tc.ema > 0 else None)
 
 
