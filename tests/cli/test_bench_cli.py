@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tdlm import bench_cli
+from tdlm.cli import bench as bench_cli
 from tdlm.cli import main
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tdlm.config import RunConfig, get_preset
+from tdlm.train.parallel import derive_micro
 from tdlm.errors import CheckpointError, TdlmError
 from tdlm.train import checkpoint as ckpt_mod
 from tdlm.train.checkpoint import load_checkpoint, save_checkpoint
@@ -83,7 +84,8 @@ def _assert_same_state(ck1, ck2):
 # ---- exact resume ---------------------------------------------------------------------------
 def test_stop_and_resume_is_bit_exact(run_a, corpus, cache, tmp_path):
     cfg, res_a = run_a
-    assert cfg.train.accumulation == 2 and cfg.train.ema > 0 and cfg.model.dropout > 0
+    assert derive_micro(cfg.train.global_batch, cfg.train.micro_batch, 1)[1] == 2
+    assert cfg.train.ema > 0 and cfg.backbone.dropout > 0
     k = 3
     out = tmp_path / "b"
     first = train(cfg, out, progress=False, stop_after=k, log=lambda s: None)

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     for m in (_run_cmd, _train_cmd, _eval_cmd, _sample_cmd, _export_cmd, _info_cmd,
               _genppl_cmd, _schedule_cmd):
         m.add_parser(sub)
-    from ..bench_cli import add_bench_parser
+    from .bench import add_bench_parser
     from .tree import add_tree_parser
     add_tree_parser(sub)             # tdlm tree build/show
     add_bench_parser(sub)            # tdlm bench {params,memory,speed,quality}

@@ -149,10 +149,6 @@ class TrainConfig:
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), s + "betas",
               "must be two numbers in [0, 1)")
 
-    @property
-    def accumulation(self) -> int:
-        return self.global_batch // (self.micro_batch or self.global_batch)
-
 
 # ---- family sections -----------------------------------------------------------------------
 @dataclass

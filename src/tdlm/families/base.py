@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..nn.layout import PackedLayout
 from ..sampling.result import SampleOptions, SampleResult, StepPlan
 
 
@@ -323,3 +324,27 @@ def autocast_ctx(device: torch.device, precision: str):
     import contextlib
     return contextlib.nullcontext()
 
+
+
+# ---- ragged (varlen) batches -------------------------------------------------------------------
+def packed_layout(batch: dict, causal: bool = False) -> Optional[PackedLayout]:
+    """The ``PackedLayout`` of a ragged batch (``cu_seqlens`` given: ``input_ids`` holds the T
+    tokens of B sequences without padding, the ``varlen`` layout), None for a dense batch."""
+    cu = batch.get("cu_seqlens")
+    if cu is None:
+        return None
+    return PackedLayout(cu.to(batch["input_ids"].device), causal=causal)
+
+
+def per_sequence(values: torch.Tensor, layout: Optional[PackedLayout]) -> torch.Tensor:
+    """Per-token ``values`` summed per sequence: [B, L] -> [B] (dense), [T] -> [B] (packed)."""
+    if layout is None:
+        return values.sum(-1)
+    out = torch.zeros(layout.B, dtype=values.dtype, device=values.device)
+    return out.index_add_(0, layout.seq_id, values)
+
+
+def per_token(values: torch.Tensor, layout: Optional[PackedLayout]) -> torch.Tensor:
+    """Per-sequence ``values`` [B] as per-token values: [B] (dense, broadcast by the caller)
+    or [T] (packed)."""
+    return values if layout is None else values[layout.seq_id]

@@ -167,8 +167,8 @@ class DiT(nn.Module):
             layout = packing if packing is not None else self.layout(tokens, attn_mask)
         layout.check(tokens)
         if self.causal and not layout.causal:
-            raise ValueError("a causal backbone needs a causal layout (packed batches are "
-                             "bidirectional)")
+            raise ValueError("a causal backbone needs a causal layout (a PackedLayout "
+                             "built with causal=True)")
         if sigma is None or not self.cfg.time_conditioning:
             sigma = torch.zeros(layout.num_sequences, device=tokens.device)
         c = F.silu(self.sigma_map(sigma))

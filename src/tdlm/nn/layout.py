@@ -115,11 +115,11 @@ class PackedLayout(Layout):
     """Index bookkeeping of a packed ragged batch: ``cu_seqlens`` [B+1] offsets into the
     T concatenated tokens; ``seq_id`` [T] the sequence of each token; ``pos`` [T] its
     position inside its sequence; ``pad_index`` [T] its slot in a [B, max_len] layout.
-    Attention is bidirectional within each sequence."""
+    Attention stays within each sequence: bidirectional, or left-to-right with ``causal``
+    (the AR family on ragged batches)."""
 
-    causal = False
-
-    def __init__(self, cu_seqlens: torch.Tensor):
+    def __init__(self, cu_seqlens: torch.Tensor, causal: bool = False):
+        self.causal = causal
         cu = cu_seqlens.long()
         if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0:
             raise ValueError("cu_seqlens must be a 1-D tensor [B+1] starting at 0")
@@ -137,10 +137,13 @@ class PackedLayout(Layout):
         self._key_mask = None
 
     def key_mask(self) -> torch.Tensor:
-        """[B, 1, 1, max_len] bool: True where the key slot holds a real token."""
+        """[B, 1, 1, max_len] bool: True where the key slot holds a real token; causal:
+        [B, 1, max_len, max_len], also only keys at or before the query."""
         if self._key_mask is None:
             ar = torch.arange(self.max_len, device=self.cu_seqlens.device)
             self._key_mask = (ar[None, :] < self.lengths[:, None])[:, None, None, :]
+            if self.causal:
+                self._key_mask = self._key_mask & (ar[None, :] <= ar[:, None])[None, None]
         return self._key_mask
 
     @property
@@ -183,7 +186,8 @@ def _varlen_attn_fn():
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      packing: PackedLayout) -> torch.Tensor:
-    """Bidirectional attention within each packed sequence. q, k, v: [T, H, hd] -> [T, H, hd].
+    """Attention within each packed sequence (bidirectional, or causal when the layout is).
+    q, k, v: [T, H, hd] -> [T, H, hd].
 
     CUDA with half precision: ``torch.nn.attention.varlen.varlen_attn`` (flash, no padding).
     Otherwise: scatter into [B, H, max_len, hd], SDPA with a key-padding mask, gather back
@@ -193,7 +197,8 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         fn = _varlen_attn_fn()
         if fn is not None:
             cu = packing.cu_seqlens.to(torch.int32)
-            return fn(q, k, v, cu, cu, packing.max_len, packing.max_len)   # window (-1,-1): full
+            window = (-1, 0) if packing.causal else (-1, -1)            # causal / full
+            return fn(q, k, v, cu, cu, packing.max_len, packing.max_len, window_size=window)
     T, H, hd = q.shape
     B, Lm = packing.B, packing.max_len
 

@@ -14,6 +14,7 @@ from ...config import FamilySection, register_section
 class ARConfig(FamilySection):
     """Left-to-right next-token model on the shared DiT backbone (causal attention)."""
     name = "ar"
+    layouts = ("packed", "crop_pad", "packed_bos", "varlen")
 
 
 @dataclass

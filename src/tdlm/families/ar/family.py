@@ -15,7 +15,8 @@ from ...config import RunConfig
 from ...nn.dit import DiT, FinalLayer
 from ...sampling.gumbel import adjust_logits, gumbel_argmax
 from .config import ARSampleOptions
-from ..base import Family, LossTerms, Regime, model_device, register
+from ..base import (Family, LossTerms, Regime, model_device, packed_layout, per_sequence,
+                    register)
 
 
 class CausalLM(nn.Module):
@@ -26,9 +27,10 @@ class CausalLM(nn.Module):
         self.backbone = DiT(m, m.vocab_size, causal=True)
         self.head = FinalLayer(m.d_model, m.cond_dim, m.vocab_size)
 
-    def forward(self, x: torch.Tensor, sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h, c = self.backbone(x, None)
-        return self.head(h, c)
+    def forward(self, x: torch.Tensor, sigma: Optional[torch.Tensor] = None,
+                layout=None) -> torch.Tensor:
+        h, c = self.backbone(x, None, layout=layout)
+        return self.head(h, c, layout)
 
 
 @register("ar")
@@ -42,6 +44,8 @@ class Autoregressive(Family):
 
     def objective(self, model, batch, generator, regime: Regime) -> LossTerms:
         """Next-token cross-entropy on real tokens (the same in training and evaluation)."""
+        if "cu_seqlens" in batch:
+            return self._packed_objective(model, batch)
         x = batch["input_ids"]
         valid = batch.get("valid", torch.ones_like(x, dtype=torch.bool))
         logits = model(x[:, :-1]).float()
@@ -50,6 +54,22 @@ class Autoregressive(Family):
         tgt_valid = valid[:, 1:]
         nll = torch.where(tgt_valid, ce, torch.zeros_like(ce)).sum(-1)
         return LossTerms(nll=nll, n_tokens=tgt_valid.sum(-1).float())
+
+    def _packed_objective(self, model, batch) -> LossTerms:
+        """Ragged batch (``varlen``): causal attention within each packed sequence; token p
+        predicts p+1 unless p ends its sequence."""
+        x = batch["input_ids"]
+        lay = packed_layout(batch, causal=True)
+        valid = batch.get("valid", torch.ones_like(x, dtype=torch.bool))
+        logits = model(x, layout=lay).float()
+        ce = F.cross_entropy(logits[:-1], x[1:], reduction="none")
+        has_next = torch.ones_like(x, dtype=torch.bool)
+        has_next[lay.cu_seqlens[1:] - 1] = False
+        scored = torch.zeros_like(x, dtype=torch.bool)
+        scored[:-1] = has_next[:-1] & valid[1:]
+        ce = torch.cat([ce, ce.new_zeros(1)])
+        nll = per_sequence(torch.where(scored, ce, torch.zeros_like(ce)), lay)
+        return LossTerms(nll=nll, n_tokens=per_sequence(scored.float(), lay))
 
     @torch.no_grad()
     def run_sampler(self, model, num, seq_len, steps, generator, temperature=1.0, top_p=1.0,

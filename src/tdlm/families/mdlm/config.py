@@ -15,6 +15,7 @@ class MDLMConfig(NoiseSection):
     """Absorbing ('masking') diffusion with the SUBS parameterisation: the noise schedule
     fields of every diffusion family plus the options below."""
     name = "mdlm"
+    layouts = ("packed", "crop_pad", "packed_bos", "varlen")
     num_timesteps: int = opt(0, "0: continuous-time NELBO; T > 0: the discrete-time bound with T steps")
     keep_first: bool = opt(False, "position 0 (BOS) is never masked nor counted (the DID comparison)")
     train_on_padding: bool = opt(False, "crop_pad: training also models the padding (GIDD); evaluation never counts it")

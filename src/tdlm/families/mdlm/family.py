@@ -41,7 +41,8 @@ from ...sampling.loop import AncestralLoop, ForwardLog, Step, reverse_step, reso
 from ...schedules import (SAMPLE_T_MIN, discrete_weight, discretize, get_schedule,
                          sample_times, truncate)
 from .config import MDLMSampleOptions
-from ..base import Family, LossTerms, Regime, model_device, register
+from ..base import (Family, LossTerms, Regime, model_device, packed_layout, per_sequence,
+                    per_token, register)
 
 
 class MaskedLM(nn.Module):
@@ -61,10 +62,11 @@ class MaskedLM(nn.Module):
         self.backbone = DiT(m, m.vocab_size + 1)
         self.head = FinalLayer(m.d_model, m.cond_dim, m.vocab_size + 1)
 
-    def forward(self, z: torch.Tensor, sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h, c = self.backbone(z, sigma)
+    def forward(self, z: torch.Tensor, sigma: Optional[torch.Tensor] = None,
+                layout=None) -> torch.Tensor:
+        h, c = self.backbone(z, sigma, layout=layout)
         lin, V = self.head.linear, self.vocab_size
-        return F.linear(self.head.features(h, c), lin.weight[:V], lin.bias[:V])
+        return F.linear(self.head.features(h, c, layout), lin.weight[:V], lin.bias[:V])
 
 
 def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -95,8 +97,10 @@ class MaskedDiffusion(Family):
 
     # ---- forward process ---------------------------------------------------------------
     def corrupt(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """z_t: each token -> [MASK] independently with probability 1 - alpha_t (t float64)."""
-        p_move = (1 - self.schedule.alpha(t.double()))[:, None]
+        """z_t: each token -> [MASK] independently with probability 1 - alpha_t (t float64:
+        one per sequence [B] for dense x0 [B, L], or one per token [T] for packed x0 [T])."""
+        p_move = 1 - self.schedule.alpha(t.double())
+        p_move = p_move.reshape(p_move.shape + (1,) * (x0.dim() - p_move.dim()))
         u = torch.rand(x0.shape, generator=generator, device=x0.device)
         return torch.where(u < p_move, torch.full_like(x0, self.mask_id), x0)
 
@@ -113,26 +117,30 @@ class MaskedDiffusion(Family):
 
     # ---- objective ---------------------------------------------------------------------
     def objective(self, model, batch, generator, regime: Regime) -> LossTerms:
+        """Dense batches [B, L], or ragged ones (``varlen``: T tokens of B sequences packed
+        without padding, ``cu_seqlens``) with t, w per sequence and no padding computed."""
         x0 = batch["input_ids"]
+        lay = packed_layout(batch)
         valid = self.counted(batch, regime)
-        t, w = self._times(x0.shape[0], generator, x0.device, regime)
-        z = self.corrupt(x0, t, generator)
+        t, w = self._times(x0.shape[0] if lay is None else lay.B, generator, x0.device, regime)
+        z = self.corrupt(x0, per_token(t, lay), generator)
         if self.cfg.family.keep_first:
             # conditioned on position 0 (BOS), as DID is: never masked, not counted
-            z[:, 0] = x0[:, 0]
+            first = (slice(None), 0) if lay is None else lay.cu_seqlens[:-1]
+            z[first] = x0[first]
             valid = valid.clone()
-            valid[:, 0] = False
-        logits = model(z, self.schedule.time_input(t))
-        return self.loss_from_logits(logits, x0, z, w, valid)
+            valid[first] = False
+        logits = model(z, self.schedule.time_input(t), layout=lay)
+        return self.loss_from_logits(logits, x0, z, w, valid, lay)
 
-    def loss_from_logits(self, logits, x0, z, w, valid) -> LossTerms:
+    def loss_from_logits(self, logits, x0, z, w, valid, layout=None) -> LossTerms:
         """Weighted masked cross-entropy over the counted (``valid``) positions."""
         logp = subs_log_probs(logits, z, self.mask_id)
         ce = -logp.gather(-1, x0[..., None]).squeeze(-1)
         scored = (z == self.mask_id) & valid
         ce = torch.where(scored, ce, torch.zeros_like(ce))
-        nll = w.float() * ce.sum(-1)
-        return LossTerms(nll=nll, n_tokens=valid.sum(-1).float(), parts={})
+        nll = w.float() * per_sequence(ce, layout)
+        return LossTerms(nll=nll, n_tokens=per_sequence(valid.float(), layout), parts={})
 
     def noised_predictions(self, x0, valid, t: float, generator):
         """Masked positions of one z ~ q(z_t | x0); classes: the V tokens."""

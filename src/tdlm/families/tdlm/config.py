@@ -18,6 +18,7 @@ TREE_SOURCES = ("corpus", "random", "frequency", "checkpoint", "file")
 class TDLMConfig(NoiseSection):
     """Tree-structured diffusion (spec TDLM.md): H levels of K-way child prediction."""
     name = "tdlm"
+    layouts = ("packed", "crop_pad", "packed_bos", "varlen")
     renamed = {"model.tree_K": "K", "model.tree_H": "H", "model.tree_head": "head",
                "model.tree_capacity_ratio": "capacity_ratio", "model.tree_embed_dim": "embed_dim"}
     K: int = opt(512, "children per internal node (branching factor of the vocabulary tree)")

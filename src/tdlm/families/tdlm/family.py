@@ -66,7 +66,8 @@ from ...sampling.loop import AncestralLoop, ForwardLog, Step, resolve_plan
 from ...schedules import (SAMPLE_T_MIN, discrete_weight, discretize, get_schedule,
                          sample_times, truncate)
 from .config import TDLMSampleOptions
-from ..base import Family, LossTerms, Regime, model_device, register
+from ..base import (Family, LossTerms, Regime, model_device, packed_layout, per_sequence,
+                    per_token, register)
 
 
 def level_windows(H: int, allocation: str = "linear", ratio: float = 2.0) -> torch.Tensor:
@@ -120,9 +121,9 @@ class TreeLM(nn.Module):
         """[..., K] True where rank r is a valid child of node z."""
         return torch.arange(self.K, device=z.device) < self.n_children[z][..., None]
 
-    def features(self, z, sigma):
-        h, c = self.backbone(z, sigma)
-        return self.head.features(h, c)
+    def features(self, z, sigma, layout=None):
+        h, c = self.backbone(z, sigma, layout=layout)
+        return self.head.features(h, c, layout)
 
     def logits_from_features(self, feats: torch.Tensor, z: torch.Tensor,
                              level: Optional[torch.Tensor]) -> torch.Tensor:
@@ -258,38 +259,46 @@ class TreeDiffusion(Family):
     # ---- forward process and objective ------------------------------------------------
     def corrupt(self, x0: torch.Tensor, h: torch.Tensor, u: torch.Tensor,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """z_t: a_h(x) with probability alpha_h(t), else a_{h+1}(x). Returns (z, moved)."""
+        """z_t: a_h(x) with probability alpha_h(t), else a_{h+1}(x). Returns (z, moved).
+        h, u: one per sequence [B] for dense x0 [B, L], one per token [T] for packed x0 [T]."""
         anc = self.anc.to(x0.device)
-        a_lo = anc[h[:, None], x0]
-        a_hi = anc[h[:, None] + 1, x0]
-        p_move = (1 - self.alpha_local(u.double(), h))[:, None]
+        extra = (1,) * (x0.dim() - h.dim())
+        hh = h.reshape(h.shape + extra)
+        a_lo = anc[hh, x0]
+        a_hi = anc[hh + 1, x0]
+        p_move = (1 - self.alpha_local(u.double(), h)).reshape(h.shape + extra)
         rnd = torch.rand(x0.shape, generator=generator, device=x0.device)
         moved = rnd < p_move
         return torch.where(moved, a_hi, a_lo), moved
 
     def objective(self, model, batch, generator, regime: Regime) -> LossTerms:
+        """Dense batches [B, L], or ragged ones (``varlen``: T tokens of B sequences packed
+        without padding, ``cu_seqlens``) with h, u, w per sequence."""
         x0 = batch["input_ids"]
+        lay = packed_layout(batch)
         valid = self.counted(batch, regime)
-        B = x0.shape[0]
+        B = x0.shape[0] if lay is None else lay.B
         h, u, w = self._times(B, generator, x0.device, regime)
-        z, moved = self.corrupt(x0, h, u, generator)
-        feats = model.features(z, self.time_input(h, u))
-        target = self.rank.to(x0.device)[self.anc.to(x0.device)[h[:, None], x0]]
-        return self.loss_from_features(model, feats, z, moved, target, h, w, valid, regime)
+        ht = per_token(h, lay)
+        z, moved = self.corrupt(x0, ht, per_token(u, lay), generator)
+        feats = model.features(z, self.time_input(h, u), layout=lay)
+        ht = ht if lay is not None else ht[:, None]
+        target = self.rank.to(x0.device)[self.anc.to(x0.device)[ht, x0]]
+        return self.loss_from_features(model, feats, z, moved, target, h, w, valid, regime, lay)
 
     def loss_from_features(self, model, feats, z, moved, target, h, w, valid,
-                           regime: Regime) -> LossTerms:
+                           regime: Regime, layout=None) -> LossTerms:
         """Cross-entropy over the children only at moved, counted positions (the head is
         applied to those rows alone), weighted per sequence. The per-sequence sum runs over
         an [B, L] tensor as MDLM's does, so one level reproduces MDLM's loss bit for bit."""
-        B = z.shape[0]
         scored = moved & valid
-        bidx = torch.arange(B, device=z.device)[:, None].expand_as(z)[scored]
+        bidx = (torch.arange(z.shape[0], device=z.device)[:, None].expand_as(z)[scored]
+                if layout is None else layout.seq_id[scored])
         logits = model.logits_from_features(feats[scored], z[scored], h[bidx])
         ce = -torch.log_softmax(logits, -1).gather(-1, target[scored][:, None]).squeeze(-1)
         ce_full = torch.zeros(z.shape, device=z.device, dtype=torch.float32)
         ce_full[scored] = ce.float()
-        per_seq = ce_full.sum(-1)
+        per_seq = per_sequence(ce_full, layout)
         w = w.clone()
         if not regime.exact_weights:
             d = self.cfg.family
@@ -297,8 +306,9 @@ class TreeDiffusion(Family):
             if d.train_weight_clip > 0:
                 w = w.clamp_max(d.train_weight_clip)
         nll = w.float() * per_seq
-        parts = {f"level_{lv}": torch.where(h == lv, nll, torch.zeros_like(nll)) for lv in range(self.H)}
-        return LossTerms(nll=nll, n_tokens=valid.sum(-1).float(), parts=parts)
+        parts = {f"level_{lv}": torch.where(h == lv, nll, torch.zeros_like(nll))
+                 for lv in range(self.H)}
+        return LossTerms(nll=nll, n_tokens=per_sequence(valid.float(), layout), parts=parts)
 
     # ---- declarations (families.base) ---------------------------------------------------
     def describe(self) -> dict:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import TdlmError
+from ..errors import TdlmError
 
 #: subcommand -> (script file, one-line help)
 BENCHMARKS = {
@@ -34,9 +34,9 @@ BENCHMARKS = {
 
 def benchmarks_dir() -> Path | None:
     """The ``benchmarks/`` folder of the source checkout holding this package
-    (``<repo>/src/tdlm/bench_cli.py`` -> ``<repo>/benchmarks``), or None if absent."""
+    (``<repo>/src/tdlm/cli/bench.py`` -> ``<repo>/benchmarks``), or None if absent."""
     here = Path(__file__).resolve()
-    for root in here.parents[1:4]:
+    for root in here.parents[1:5]:
         cand = root / "benchmarks"
         if cand.is_dir() and any((cand / s).is_file() for s, _ in BENCHMARKS.values()):
             return cand
