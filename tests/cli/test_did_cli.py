@@ -67,13 +67,14 @@ def test_train_eval_sample(mode, layout, tmp_path, capsys):
     assert pipe.nelbo(["the cat sat on the mat"], repeats=2)["nelbo_per_token"] > 0
 
 
-def test_varlen_layout_is_refused_for_mdlm(tmp_path, capsys):
+def test_a_layout_the_family_does_not_take_is_refused(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus")
-    sets = tiny_sets(corpus, tmp_path / "cache", 'data.layout="varlen"')
+    sets = tiny_sets(corpus, tmp_path / "cache", 'data.layout="packed"')
     capsys.readouterr()
-    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--no-progress", *sets]) == 2
+    assert main(["train", "--preset", "did-tiny", "--out", str(tmp_path / "r"), "--no-progress",
+                 *sets]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "varlen" in err[0]
+    assert len(err) == 1 and "data.layout" in err[0] and "BOS-led" in err[0]
 
 
 def test_mdlm_keep_first_conditions_on_bos_like_did():

@@ -3,7 +3,8 @@
 The family's ``nelbo`` gives a Monte-Carlo estimate of the per-sequence NELBO
 with exact weights (no clipping), antithetic t and, for validation batch ``b``, a generator
 seeded by (``seed``, b), so the result is reproducible and does not depend on how the batches
-are spread over processes. Named parts (e.g. per tree level) are reported per token as well.
+are spread over processes. Named parts (e.g. per tree level) are reported per token as well, and
+``stderr_per_token`` is the standard error of the estimate across the evaluated batches.
 For the AR family the same harness gives the exact NLL.
 
 In a multi-process run (``dist`` with ``world_size > 1``) rank r evaluates the batches
@@ -57,6 +58,7 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
     # rank with fewer batches repeats its first (or batch 0) and discards the result
     rounds = -(-n_batches // world)
     nll, toks, seqs, parts = 0.0, 0.0, 0, {}
+    mom = [0.0, 0.0, 0.0, 0.0]       # per batch b: sum nll_b^2, nll_b tok_b, tok_b^2; count
     try:
         for r in range(rounds):
             real = r < len(mine)
@@ -64,6 +66,7 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
             keep = min(batch_size, len(dataset) - bi * batch_size)   # no wrap-around into epoch 2
             batch = to_device(slice_rows(it.batch(bi), 0, keep), device)
             gen = torch.Generator(device=device).manual_seed(_batch_seed(seed, bi))
+            b_nll, b_tok = 0.0, 0.0
             for _ in range(repeats):
                 with autocast_ctx(device, precision):
                     terms = family.nelbo(model, batch, gen)
@@ -71,28 +74,45 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
                     parts.setdefault(k, 0.0)     # the same keys on every rank
                 if not real:
                     continue
-                nll += terms.nll.double().sum().item()
-                toks += terms.n_tokens.double().sum().item()
+                t_nll = terms.nll.double().sum().item()
+                t_tok = terms.n_tokens.double().sum().item()
+                nll, toks = nll + t_nll, toks + t_tok
+                b_nll, b_tok = b_nll + t_nll, b_tok + t_tok
                 for k, v in terms.parts.items():
                     parts[k] += v.double().sum().item()
             if real:
                 seqs += num_rows(batch)
+                mom = [mom[0] + b_nll ** 2, mom[1] + b_nll * b_tok, mom[2] + b_tok ** 2,
+                       mom[3] + 1]
     finally:
         model.train(was_training)
     if world > 1:
         keys = sorted(parts)
-        tot = dist.all_reduce_sum([nll, toks, seqs] + [parts[k] for k in keys])
+        tot = dist.all_reduce_sum([nll, toks, seqs] + mom + [parts[k] for k in keys])
         nll, toks, seqs = tot[0], tot[1], int(round(tot[2]))
-        parts = dict(zip(keys, tot[3:]))
+        mom = tot[3:7]
+        parts = dict(zip(keys, tot[7:]))
     per_tok = nll / max(toks, 1)
     out = {"nelbo_per_token": per_tok, "ppl_bound": math.exp(min(per_tok, 700)),
            "bits_per_token": per_tok / math.log(2), "tokens": int(toks / repeats),
            "sequences": seqs, "repeats": repeats, "seed": seed,
+           "batches": int(round(mom[3])), "stderr_per_token": _ratio_stderr(per_tok, toks, mom),
            "bound": "exact NLL" if not family.is_diffusion else "NELBO (upper bound on NLL)"}
     out.update(family.eval_conventions())   # t window, padding: stated beside the number
     if parts:
         out["parts_per_token"] = {k: v / max(toks, 1) for k, v in parts.items()}
     return out
+
+
+def _ratio_stderr(r: float, toks: float, mom: list) -> Optional[float]:
+    """Standard error of the ratio estimate r = sum nll_b / sum tok_b over the n evaluated
+    batches (delta method): sqrt(n / (n - 1) * sum_b (nll_b - r tok_b)^2) / sum_b tok_b, from
+    the all-reducible sums of nll_b^2, nll_b tok_b, tok_b^2. None with fewer than 2 batches."""
+    s_nn, s_nt, s_tt, n = mom
+    if n < 2 or toks <= 0:
+        return None
+    resid = max(s_nn - 2 * r * s_nt + r * r * s_tt, 0.0)
+    return math.sqrt(n / (n - 1) * resid) / toks
 
 
 def evaluate_to_files(ckpt_path: str, batches: int = 0, seed: int = 0, repeats: int = 1,

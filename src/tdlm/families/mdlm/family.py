@@ -130,7 +130,8 @@ class MaskedDiffusion(Family):
             z[first] = x0[first]
             valid = valid.clone()
             valid[first] = False
-        logits = model(z, self.schedule.time_input(t), layout=lay)
+        sigma = self.schedule.time_input(t)
+        logits = model(z, sigma) if lay is None else model(z, sigma, layout=lay)
         return self.loss_from_logits(logits, x0, z, w, valid, lay)
 
     def loss_from_logits(self, logits, x0, z, w, valid, layout=None) -> LossTerms:

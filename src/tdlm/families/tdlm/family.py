@@ -281,7 +281,9 @@ class TreeDiffusion(Family):
         h, u, w = self._times(B, generator, x0.device, regime)
         ht = per_token(h, lay)
         z, moved = self.corrupt(x0, ht, per_token(u, lay), generator)
-        feats = model.features(z, self.time_input(h, u), layout=lay)
+        sigma = self.time_input(h, u)
+        feats = (model.features(z, sigma) if lay is None else
+                 model.features(z, sigma, layout=lay))
         ht = ht if lay is not None else ht[:, None]
         target = self.rank.to(x0.device)[self.anc.to(x0.device)[ht, x0]]
         return self.loss_from_features(model, feats, z, moved, target, h, w, valid, regime, lay)
