@@ -17,7 +17,7 @@ seconds per sample, generative perplexity and mean unigram entropy under an AR j
 here on the same corpus (``tdlm.eval.genppl``).
 
 NELBO comparability: DID's NELBO is per modeled (non-BOS) token. In the fixed setting MDLM
-runs with ``diffusion.keep_first``: position 0 (BOS in every block) is never masked nor
+runs with ``family.keep_first``: position 0 (BOS in every block) is never masked nor
 counted, so both condition on BOS and count the same L-1 tokens. In the
 variable setting MDLM also models EOS (never the padding), DID the length through its rates: the
 per-sequence numbers bound different events and are reported as measured, not as a verdict.

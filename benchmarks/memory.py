@@ -57,8 +57,9 @@ def _maxrss() -> int:
 
 
 def model_cfg(cfg, seq_len: int | None = None, activation_checkpointing: bool | None = None) -> dict:
-    """The config fields this script reads (backbone sizes, family name). With ``seq_len``, the model's context is raised to at least that length; with
-    ``activation_checkpointing``, that option is set. Returns the fields the benchmark reads."""
+    """The config fields this script reads (backbone sizes, family name). With ``seq_len``,
+    the model's context is raised to at least that length; with ``activation_checkpointing``,
+    that option is set. Returns the fields the benchmark reads."""
     m = cfg.backbone
     if seq_len is not None:
         m.max_seq_len = max(m.max_seq_len, seq_len)

@@ -16,8 +16,8 @@ the same validation batches with the same noise seed. Runs (``RUNS``):
 * **K**: K=16 (H=4), K=64 (H=3), K=256 (H=2, the main run); H is the smallest height with
   K^H >= V. Depth stays 30 blocks, so the parameter count moves with the tree's node rows
   and the head (reported per run).
-* **window allocation**: ``diffusion.window_allocation`` linear (main run) vs exponential.
-* **tree construction**: ``model.tree_source`` corpus (PPMI + SVD, balanced k-means; main
+* **window allocation**: ``family.window_allocation`` linear (main run) vs exponential.
+* **tree construction**: ``family.tree_source`` corpus (PPMI + SVD, balanced k-means; main
   run) vs random vs frequency.
 
 Each run is a subprocess with ``OMP_NUM_THREADS=--threads`` (default 1) so ``--lanes`` runs

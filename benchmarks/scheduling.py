@@ -177,7 +177,7 @@ def verdict_lines(sr, href, seeds, peak, gpeak, evals) -> list[str]:
 
 
 def model_facts(cfg) -> dict:
-    """The config fields this script reads: the family and the number of blocks shown in the report."""
+    """The config fields this script reads: the family and the number of blocks."""
     return {"family": cfg.family.name, "blocks": cfg.backbone.n_layers}
 
 

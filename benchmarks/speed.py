@@ -64,8 +64,8 @@ SEQ_LEN = 512
 
 
 def model_cfg(cfg, seq_len: int | None = None) -> dict:
-    """The config fields this script reads (backbone sizes, family name). With ``seq_len``, the model's context is raised to at least that length. Returns the
-    fields the benchmark reads."""
+    """The config fields this script reads (backbone sizes, family name). With ``seq_len``,
+    the model's context is raised to at least that length."""
     m = cfg.backbone
     if seq_len is not None:
         m.max_seq_len = max(m.max_seq_len, seq_len)

@@ -23,7 +23,7 @@ it is MDLM's sigma(t). ``model.time_conditioning = False`` zeroes it inside the 
 
 **Draw of t** (:func:`sample_times` then :func:`truncate`): t ~ U(0, 1) (antithetic over the
 batch by default), then mapped to [t_min, 1] as MDLM's ``sampling_eps`` does. Training uses
-``diffusion.train_t_min`` and evaluation ``diffusion.eval_t_min`` (both 1e-3 by default, the
+``family.train_t_min`` and evaluation ``family.eval_t_min`` (both 1e-3 by default, the
 setting of MDLM's training and evaluation): the NELBO integral then omits t < t_min, whose
 contribution is about t_min x (per-token cross-entropy on nearly clean inputs).
 """

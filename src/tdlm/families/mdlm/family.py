@@ -9,13 +9,13 @@ SUBS (``subs_log_probs``): the [MASK] logit is -inf and unmasked positions copy 
 Continuous-time NELBO (``loss``), per sequence:
     L(x) = E_{t ~ U(0,1)} [ w(t) * sum_i 1{z_t,i = MASK} * (-log p_theta(x_i | z_t)) ],
     w(t) = -alpha'_t / (1 - alpha_t)   (= 1/t for the log-linear schedule),
-with antithetic t over the batch, drawn in [t_min, 1] (``diffusion.train_t_min`` /
+with antithetic t over the batch, drawn in [t_min, 1] (``family.train_t_min`` /
 ``eval_t_min``, MDLM's 1e-3; ``tdlm.schedules``). Discrete time with T steps (t_i = i/T):
     L_T(x) = T * E_{i ~ U{1..T}} [ (alpha_{s} - alpha_{t}) / (1 - alpha_{t}) * sum_i 1{masked} CE_i ],
     s = (i-1)/T, which is a valid bound for any T and tends to L(x) as T grows (weights in
 float64). The sum runs over real tokens only: padding (``batch["valid"]`` False) is noised like
 any position but never counted, in the numerator or in ``n_tokens`` (MDLM's
-``nlls * attention_mask``); training may count it with ``diffusion.train_on_padding`` (GIDD).
+``nlls * attention_mask``); training may count it with ``family.train_on_padding`` (GIDD).
 The prior term KL(q(z_1|x) || all-mask) is omitted as in MDLM (alpha_1 = eps is tiny).
 
 Ancestral sampler (``sample``): on the grid linspace(1, t_min, T+1), from t to s every

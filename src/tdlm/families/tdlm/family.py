@@ -29,7 +29,7 @@ Tree NELBO (§5), per sequence:
     CE_i = -log p_theta(rank(a_h(x_i)) | z_t, t)  over the children of z_t,i (others masked).
 
 Monte-Carlo: t ~ U(0, 1) antithetic over the batch; its window gives the level, and the local
-time is mapped to [t_min, 1] inside the window (``diffusion.train_t_min`` / ``eval_t_min``, as
+time is mapped to [t_min, 1] inside the window (``family.train_t_min`` / ``eval_t_min``, as
 MDLM maps t). The per-level split is returned in ``parts`` (``level_h``, summing to the total).
 As in MDLM the prior term at the top (alpha(1) = eps) is omitted. Only real tokens are
 counted (padding: as in MDLM's ``loss``). Training may multiply
