@@ -19,7 +19,7 @@ top of its chain, the window whose absorbing state is the root (see ``families/t
 for the log-linear schedule) so that small eps stays finite. A process made of stacked
 windows (TDLM) at local time u of window h feeds ``h * sigma(1) + sigma(u)``: the noise of the
 h full windows below plus the current one's, continuous and increasing in t; with one window
-it is MDLM's sigma(t). ``model.time_conditioning = False`` zeroes it inside the network.
+it is MDLM's sigma(t). ``backbone.time_conditioning = False`` zeroes it inside the network.
 
 **Draw of t** (:func:`sample_times` then :func:`truncate`): t ~ U(0, 1) (antithetic over the
 batch by default), then mapped to [t_min, 1] as MDLM's ``sampling_eps`` does. Training uses

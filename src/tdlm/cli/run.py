@@ -4,16 +4,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..utils.io import atomic_write_json
-
 
 def cmd_run(args) -> int:
     """Main job: train each preset on the bundled corpus on the same tokens and seed,
     evaluate all on the same validation batches, print NELBOs side by side and samples."""
     from ..config import get_preset
-    from ..eval.nelbo import evaluate_to_files
-    from ..generation import generate_to_files
-    from ..train.loop import train
+    from ..mainjob import main_job
     presets = args.preset or ["tdlm-tiny", "tiny-gpt2"]
     out = Path(args.out or f"runs/quickstart-{time.strftime('%Y%m%d-%H%M%S')}")
     cfgs = {}
@@ -23,40 +19,33 @@ def cmd_run(args) -> int:
             cfg = cfg.override(args.set)
             cfg.preset = name
         cfgs[name] = cfg
-    rows, outputs = {}, []
-    for name, cfg in cfgs.items():
-        run_dir = out / name
-        where = "the bundled corpus" if cfg.data.source == "bundled" else cfg.data.source
-        print(f"[tdlm] training {name!r} ({cfg.family.name}, {cfg.backbone.n_layers} blocks, "
-              f"d={cfg.backbone.d_model}) on {where} for {cfg.train.max_steps} steps -> {run_dir}")
-        res = train(cfg, run_dir, progress=not args.no_progress)
-        ck = res.final_checkpoint
-        ev, ev_dir = evaluate_to_files(str(ck), 0 if args.full_eval else 32, 0, 1, None)
-        recs, spath, _ = generate_to_files({"model": str(ck)}, args.num_samples, args.steps)
-        rows[name] = (cfg, ev, recs)
-        outputs += [(f"{name} run folder", run_dir), (f"{name} checkpoint", ck),
-                    (f"{name} eval metrics", ev_dir / "metrics.json"), (f"{name} samples", spath),
-                    (f"{name} loss curve", run_dir / "loss_curve.png")]
-    print("\n[tdlm] validation (same batches, same noise seed):")
-    print(f"  {'preset':<12}{'family':<7}{'params':>12}{'NELBO/token':>13}{'ppl <=':>11}{'bits/token':>12}")
-    from ..nn.dit import count_parameters
-    from ..pipeline import load
-    summary = {}
-    for name, (cfg, ev, recs) in rows.items():
-        n_params = count_parameters(load(ev["checkpoint"]).model)["total"]
-        summary[name] = {"family": cfg.family.name, "parameters": n_params, **ev}
-        print(f"  {name:<12}{cfg.family.name:<7}{n_params:>12,}{ev['nelbo_per_token']:>13.4f}"
-              f"{ev['ppl_bound']:>11.1f}{ev['bits_per_token']:>12.3f}")
+    res = main_job(cfgs, out, args.steps, args.num_samples, args.full_eval,
+                   progress=not args.no_progress)
+    rows = res["presets"]
+    print("\n[tdlm] side by side (same tokens and seed; validation on the same batches and noise):")
+    print(f"  {'preset':<12}{'family':<7}{'params':>12}{'head %':>8}{'peak train MB':>15}"
+          f"{'tokens/s':>10}{'NELBO/token':>13}{'± SE':>8}{'ppl <=':>9}")
+    for name, r in rows.items():
+        ev, se = r["eval"], r["eval"].get("stderr_per_token")
+        tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
+        print(f"  {name:<12}{r['family']:<7}{r['parameters']:>12,}{100 * r['head_share']:>7.1f}%"
+              f"{r['peak_train_bytes'] / 2**20:>15.0f}{tps:>10}{ev['nelbo_per_token']:>13.4f}"
+              f"{se if se is None else round(se, 4):>8}{ev['ppl_bound']:>9.1f}")
         if "parts_per_token" in ev:
             parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(ev["parts_per_token"].items()))
             print(f"  {'':<19}per level: {parts}")
-    atomic_write_json(out / "summary.json", summary)
-    for name, (cfg, ev, recs) in rows.items():
-        for r in recs[:2]:
-            print(f"--- {name} sample {r['id']} ({args.steps} steps) ---\n{r['text'][:300]}")
+    kind = next(iter(rows.values()))["peak_kind"] if rows else ""
+    print(f"  (peak train memory: {kind}; validation curves: {res['curves']})")
+    for name, r in rows.items():
+        for i, text in enumerate(r["samples"][:2]):
+            print(f"--- {name} sample {i} ({args.steps} steps) ---\n{text[:300]}")
     print("[tdlm] outputs:")
-    for label, p in outputs + [("summary", out / "summary.json")]:
-        print(f"  {label:<26} {p}")
+    for name, r in rows.items():
+        for label, p in r["outputs"].items():
+            print(f"  {name + ' ' + label:<26} {p}")
+    print(f"  {'summary':<26} {out / 'summary.json'}")
+    print(f"[tdlm] {res['note']}.")
+    print(f"[tdlm] parity: {res['parity']}")
     return 0
 
 

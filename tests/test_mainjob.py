@@ -1,0 +1,30 @@
+"""The main job's own measurements: peak training memory and the parity verdict line."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tdlm.mainjob import parity_verdict
+from tdlm.utils.machine import PeakMemory
+
+
+def test_peak_memory_sees_an_allocation_released_inside_the_block():
+    with PeakMemory("cpu", interval=0.005) as m:
+        x = torch.ones(64 * 2**20 // 4)          # 64 MiB, touched
+        x += 1
+        import time
+        time.sleep(0.05)
+        del x
+    assert 48 * 2**20 < m.peak_bytes < 256 * 2**20, m.peak_bytes
+    with PeakMemory("cpu") as small:
+        pass
+    assert small.peak_bytes < 16 * 2**20
+
+
+def test_parity_verdict_reads_the_committed_study(tmp_path):
+    p = tmp_path / "parity.json"
+    assert "no committed verdict" in parity_verdict(p)
+    p.write_text(json.dumps({"summary": {"seeds": [0, 1, 2], "verdict": "parity reproduced: x"}}))
+    v = parity_verdict(p)
+    assert "3 seed(s)" in v and "parity reproduced: x" in v
