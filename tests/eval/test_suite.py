@@ -183,6 +183,9 @@ def test_bad_dataset_requests_are_one_line_errors(env, capsys):
     rc = main(["eval", str(env["run"]), "--dataset", f"t={tiny}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and "fewer than one block" in err[0]
+    rc = main(["eval", str(env["run"]), "--suite", "nosuchsuite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "unknown suite" in err[0]
     rc = main(["eval", str(env["run"]), "--data-root", str(env["data"])])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and "--data-root" in err[0]
