@@ -82,10 +82,16 @@ def test_page_is_self_contained_and_holds_the_trajectory(pages, fam):
         assert lens == sorted(lens) and lens[-1] > lens[0]          # the text grows
 
 
-def test_viewer_in_a_headless_browser(pages, tmp_path):
+@pytest.fixture(scope="module")
+def chromium():
+    """The browser, or a skip that says why there is none (before any run is trained)."""
     exe, why = find_chromium()
     if exe is None:
         pytest.skip(f"browser test skipped: {why}")
+    return exe
+
+
+def test_viewer_in_a_headless_browser(chromium, pages, tmp_path):
     n = {fam: len(page_data(page)["frames"]) for fam, (page, _) in pages.items()}
     tdlm_page, m = pages["tdlm"][0], n["tdlm"]
     jobs = {  # browser runs are independent: run them side by side
