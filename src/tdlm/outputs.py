@@ -4,7 +4,10 @@
 ``prefix_text`` when a prefix was clamped, + ``prefix_doc``, ``reference_text`` for validation
 prefixes); ``<out>.meta.json``: the settings and what the sampler reports; variable-length
 families also get ``<out>.length_histogram.{json,png}``; with a trajectory,
-``<out>.trajectory.jsonl`` holds every step's sequences. Every file is written atomically.
+``<out>.trajectory.jsonl`` holds every step's sequences (ids, and their text with the states
+that are not tokens shown by their labels: ``[MASK]``, a TDLM cluster as ``{the|a|an}``), and
+with a viewer ``<out>.html`` animates it (:mod:`tdlm.viewer`). Every file is written
+atomically.
 """
 from __future__ import annotations
 
@@ -31,10 +34,32 @@ def sample_records(tokenizer, rows: Sequence, prefix_len: int = 0,
     return recs
 
 
+def render_states(tokenizer, ids: Sequence[int], labels: Optional[dict] = None) -> str:
+    """Text of a sequence that may hold states that are not tokens: runs of tokens decoded
+    together, a labelled state as ``[MASK]`` / ``{label}`` (``Family.state_labels``)."""
+    if not labels:
+        return tokenizer.decode(ids)
+    out, run = [], []
+    for i in ids:
+        lab = labels.get(int(i))
+        if lab is None:
+            run.append(int(i))
+            continue
+        if run:
+            out.append(tokenizer.decode(run))
+            run = []
+        out.append("[MASK]" if lab.get("kind") in ("mask", "root") else "{" + lab["label"] + "}")
+    if run:
+        out.append(tokenizer.decode(run))
+    return "".join(out)
+
+
 def write_samples(out_path: Path, recs: list, meta: dict, tokenizer=None,
-                  trajectory: Optional[list] = None, length_histogram: bool = False) -> dict:
-    """Write the records, the optional trajectory and length histogram, then the meta
-    (which names the extra files). Returns the meta as written."""
+                  trajectory: Optional[list] = None, length_histogram: bool = False,
+                  labels: Optional[dict] = None, viewer: bool = False) -> dict:
+    """Write the records, the optional trajectory (texts rendered with ``labels``), its
+    viewer page (``viewer``) and length histogram, then the meta (which names the extra
+    files). Returns the meta as written."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_path, "".join(json.dumps(r) + "\n" for r in recs))
@@ -48,8 +73,15 @@ def write_samples(out_path: Path, recs: list, meta: dict, tokenizer=None,
     if trajectory is not None:
         tpath = out_path.with_suffix(".trajectory.jsonl")
         atomic_write_text(tpath, "".join(
-            json.dumps({**rec, "text": [tokenizer.decode(x) for x in rec["ids"]]}) + "\n"
+            json.dumps({**rec, "text": [render_states(tokenizer, x, labels)
+                                        for x in rec["ids"]]}) + "\n"
             for rec in trajectory))
         meta["trajectory"] = str(tpath)
+        if labels:
+            meta["state_labels"] = {str(k): v for k, v in labels.items()}
+        if viewer:
+            from .viewer import write_viewer
+            meta["viewer"] = str(write_viewer(out_path.with_suffix(".html"), recs, trajectory,
+                                              meta, tokenizer, labels))
     atomic_write_json(out_path.with_suffix(".meta.json"), meta)
     return meta

@@ -65,7 +65,10 @@ def test_v1_run_folder_resumes_to_the_same_step(fam, tmp_path):
     got = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in recs if r["step"] == 3]
     want = [{k: v for k, v in r.items() if k != "tokens_per_s"}
             for r in EXPECTED[fam]["step3_records"]]
-    assert got == want
+    # records written since v1 may carry the loss's named parts (TDLM levels, DID terms)
+    assert len(got) == len(want)
+    assert all(set(g) - set(w) <= {"parts_per_token"} for g, w in zip(got, want))
+    assert [{k: g[k] for k in w if k in g} for g, w in zip(got, want)] == want
     # the step-2 checkpoint keeps its verified v1 config; the run's resolved config is
     # written again in v2 and means the same
     old = json.loads((run / "checkpoints" / "step_0000002" / "config.json").read_text())

@@ -170,7 +170,7 @@ def check_unknown_option(name):
     class Tok:
         bos_id = BOS
     pipe = Pipeline(fam.cfg, fam, model, Tok())
-    bad = "steps_split" if "steps_split" not in fam.sample_options else "trajectory"
+    bad = next(n for n in ("steps_split", "trajectory", "bos_id") if n not in fam.sample_options)
     with pytest.raises(ConfigError, match=f"{bad}.*do not apply") as ei:
         pipe.sample(1, 4, **{bad: [2, 2]})
     assert "\n" not in str(ei.value)

@@ -37,7 +37,7 @@ def cmd_sample(args) -> int:
     recs, path, meta = generate_to_files(
         paths, args.num, args.steps, args.seed, args.temperature, args.top_p, args.seq_len,
         args.out, args.steps_split, args.schedule, args.light, args.heavy, args.prefix_from_val,
-        args.device, args.prompt, trajectory=args.trajectory)
+        args.device, args.prompt, trajectory=args.trajectory, html=args.html)
     for r in recs[:args.show]:
         print(f"--- sample {r['id']} ---\n{r['text'][:600]}")
     if len(paths) > 1 or args.schedule:
@@ -48,6 +48,8 @@ def cmd_sample(args) -> int:
         print(f"schedule {meta['schedule']['run_length'][:80]}; forward calls: {calls}; "
               f"{saved}{meta['seconds']:.2f} s")
     print(f"samples: {path}")
+    if meta.get("viewer"):
+        print(f"viewer: {meta['viewer']}")
     return 0
 
 
@@ -67,7 +69,11 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", help="text every sample starts with (DID: kept fixed, insertions "
                    "only after it; MDLM/TDLM: clamped prefix)")
     p.add_argument("--trajectory", action="store_true",
-                   help="DID: also write every step's sequences (<out>.trajectory.jsonl)")
+                   help="also write every step's sequences (<out>.trajectory.jsonl; MDLM, "
+                        "TDLM, DID)")
+    p.add_argument("--html", action="store_true",
+                   help="also write <out>.html, a self-contained page that animates the "
+                        "trajectory (step slider, play/pause; implies --trajectory)")
     add_sample_schedule_args(p)      # --model, --schedule, --light/--heavy, --prefix-from-val
     p.set_defaults(fn=cmd_sample)
 

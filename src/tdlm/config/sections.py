@@ -22,6 +22,7 @@ LAYOUTS = ("packed", "crop_pad", "packed_bos", "varlen")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")
+TRACKERS = ("none", "tensorboard", "wandb")
 
 
 @dataclass
@@ -129,6 +130,7 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the transformer blocks (CUDA only)")
     parallel: str = opt("ddp", "ddp | fsdp (multi-process runs only)")
     activation_checkpointing: bool = opt(False, "recompute each block's activations in backward (applied by train.parallel)")
+    tracker: str = opt("none", "experiment tracker fed metrics.jsonl's scalars and the config on rank 0: none | tensorboard (<run>/tensorboard) | wandb (WANDB_* variables honoured)")
 
     def __post_init__(self) -> None:
         s = "train."
@@ -144,6 +146,7 @@ class TrainConfig:
         choice(self, "lr_schedule", LR_SCHEDULES, section=s)
         choice(self, "precision", PRECISIONS, section=s)
         choice(self, "parallel", PARALLEL, section=s)
+        choice(self, "tracker", TRACKERS, section=s)
         check(0.0 <= self.ema < 1.0, s + "ema", f"must be in [0, 1), got {self.ema}")
         check(self.grad_clip >= 0, s + "grad_clip", "must be >= 0")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), s + "betas",

@@ -349,6 +349,22 @@ def _resolve_tokenizer(cfg, train_docs, prov: str, run_dir: Optional[str]) -> To
     return get_tokenizer(cfg.tokenizer, _first_docs(train_docs, BPE_TRAIN_MAX_CHARS), save_dir)
 
 
+def layout_dataset(cfg, cache: TokenCache, tok: Tokenizer):
+    """The items of a token cache in the DataConfig's layout (``cfg.layout``, ``seq_len``;
+    crop_pad and varlen draw their crops from ``split_seed``)."""
+    if cfg.layout == "packed":
+        return PackedDataset(cache, cfg.seq_len, tok.eos_id)
+    if cfg.layout == "crop_pad":
+        return CropPadDataset(cache, cfg.seq_len, tok.bos_id, tok.eos_id, tok.pad_id,
+                              seed=cfg.split_seed)
+    if cfg.layout == "packed_bos":
+        return PackedBosDataset(cache, cfg.seq_len, tok.bos_id, tok.eos_id)
+    if cfg.layout == "varlen":
+        return VarLenDataset(cache, cfg.seq_len, tok.bos_id, seed=cfg.split_seed)
+    raise DataError(f"unknown layout {cfg.layout!r}; allowed: packed, crop_pad, "
+                    "packed_bos, varlen")
+
+
 def build_data(cfg, run_dir: Optional[str] = None,
                tokenizer: Optional[Tokenizer] = None, need_train: bool = True) -> DataBundle:
     """Load, split, tokenise (cached) and lay out the data described by a DataConfig.
@@ -374,24 +390,8 @@ def build_data(cfg, run_dir: Optional[str] = None,
                                         "max_train_docs": cfg.max_train_docs})
                    if need_train else None)
     val_cache = build_or_load_cache(val_docs, tok, cfg.cache_path, {**common, "split": "val"})
-    if cfg.layout == "packed":
-        def make(cache):
-            return PackedDataset(cache, cfg.seq_len, tok.eos_id)
-    elif cfg.layout == "crop_pad":
-        def make(cache):
-            return CropPadDataset(cache, cfg.seq_len, tok.bos_id, tok.eos_id, tok.pad_id,
-                                  seed=cfg.split_seed)
-    elif cfg.layout == "packed_bos":
-        def make(cache):
-            return PackedBosDataset(cache, cfg.seq_len, tok.bos_id, tok.eos_id)
-    elif cfg.layout == "varlen":
-        def make(cache):
-            return VarLenDataset(cache, cfg.seq_len, tok.bos_id, seed=cfg.split_seed)
-    else:
-        raise DataError(f"unknown layout {cfg.layout!r}; allowed: packed, crop_pad, "
-                        "packed_bos, varlen")
-    train = make(train_cache) if train_cache is not None else None
-    val = make(val_cache)
+    train = layout_dataset(cfg, train_cache, tok) if train_cache is not None else None
+    val = layout_dataset(cfg, val_cache, tok)
     for split, ds, cache in (("train", train, train_cache), ("validation", val, val_cache)):
         if ds is not None and len(ds) == 0:
             raise DataError(f"the {split} split of {cfg.source} has {cache.n_tokens} tokens, "

@@ -254,16 +254,18 @@ def _is_saved_dataset(path: str) -> bool:
         for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
-def _pick_split(ds, split: Optional[str], name: str):
+def _pick_split(ds, split: Optional[str], name: str, default: str = "train"):
+    """``(dataset, split name)``: the requested split of a DatasetDict, else ``default`` or
+    the only split."""
     if not hasattr(ds, "keys"):          # already a Dataset
-        return ds
+        return ds, split
     keys = sorted(ds.keys())
     if split is None:
-        split = "train" if "train" in keys else (keys[0] if len(keys) == 1 else None)
+        split = default if default in keys else (keys[0] if len(keys) == 1 else None)
     if split is None or split not in keys:
         raise DataError(f"dataset {name!r} has splits {', '.join(keys)}; choose one with "
                         f"hf:{name}#SPLIT")
-    return ds[split]
+    return ds[split], split
 
 
 def _wikitext_articles(lines) -> list[str]:
@@ -292,13 +294,23 @@ def _chunk_text(text: str, size: int = TEXT8_CHUNK_CHARS) -> list[str]:
 
 
 def _load_hf(spec: str, text_field: str) -> tuple[Sequence[str], str]:
+    name, _, split = spec.partition("#")
+    return load_hf(name, split or None, text_field)
+
+
+def load_hf(name: str, split: Optional[str] = None, text_field: str = "text",
+            config: Optional[str] = None,
+            default_split: str = "train") -> tuple[Sequence[str], str]:
+    """``(documents, provenance)`` of one split of a Hugging Face dataset: ``name`` is an
+    alias, a hub name (with its ``config``), a ``save_to_disk`` folder, a folder of data files
+    or a data file, as ``hf:NAME#SPLIT`` describes in the module docstring; the texts come
+    from ``text_field``. Without ``split``: ``default_split`` when the dataset has it, else
+    its only split."""
     import datasets  # imported lazily: slow to import
 
-    name, _, split = spec.partition("#")
-    split = split or None
     if not name:
         raise DataError("empty Hugging Face dataset name in 'hf:'")
-    path, config, field, post = HF_ALIASES.get(name, (name, None, text_field, None))
+    path, config, field, post = HF_ALIASES.get(name, (name, config, text_field, None))
     if text_field != "text":
         field = text_field
     local = os.path.expanduser(name)
@@ -324,7 +336,7 @@ def _load_hf(spec: str, text_field: str) -> tuple[Sequence[str], str]:
         else:
             ds = datasets.load_dataset(path, config)
             where = f"hf:{path}" + (f"/{config}" if config else "")
-        ds = _pick_split(ds, split, name)
+        ds, split = _pick_split(ds, split, name, default_split)
     except DataError:
         raise
     except Exception as e:  # hub/network/offline/format errors: one line for the user

@@ -81,6 +81,13 @@ class Family:
         in one sampling plan (e.g. a tree)."""
         return {}
 
+    def state_labels(self, ids, counts=None, decode=None, top: int = 3) -> dict:
+        """How a sampling trajectory's ids that are not tokens (``id >= vocab_size``) are
+        shown: ``{id: {"label", "kind", ...}}`` for those in ``ids`` (MDLM: ``[MASK]``;
+        TDLM: a tree node as its ``top`` most frequent member tokens by ``counts``, decoded
+        with ``decode``). Default: none (the family's states are tokens)."""
+        return {}
+
     def phases(self, steps: int, split=None):
         """Sampling steps per phase in sampling order (TDLM: per level, root first), or None
         for a single phase."""

@@ -21,6 +21,12 @@ applied. The loop owns what is common:
 
 Random draws do not depend on the model or on caching, so the same seed gives the same stream
 of uniforms; a one-model plan is bit-identical to the family's plain sampler.
+
+Trajectory (optional, ``trajectory`` a list): the loop appends the starting state
+(``"step": -1, "initial": True``) and the state after every step k, ``{"step": k, "t",
+"p_move", "phase", "ids": z as nested lists}`` (:meth:`AncestralLoop.record`; a family
+appends its final noise-removal state the same way). Recording only reads z: the samples are
+bit-identical with and without it.
 """
 from __future__ import annotations
 
@@ -76,16 +82,19 @@ class AncestralLoop:
     cover every step index the caller asks a prediction for: T steps, plus one for MDLM's
     final noise removal); ``reuse``: name -> whether that model's prediction may be reused
     while nothing changed; ``predict(model, z, step) -> logp`` (float64 log-probabilities over
-    the classes ``choice`` indexes); ``on_forward(k)`` is called after every forward pass."""
+    the classes ``choice`` indexes); ``on_forward(k)`` is called after every forward pass;
+    ``trajectory`` (a list) receives the state after every step (module docstring)."""
 
     def __init__(self, models: Mapping[str, torch.nn.Module], plan: Sequence[str],
                  reuse: Mapping[str, bool], predict: Callable,
-                 log: Optional[ForwardLog] = None, on_forward: Optional[Callable] = None):
+                 log: Optional[ForwardLog] = None, on_forward: Optional[Callable] = None,
+                 trajectory: Optional[list] = None):
         missing = sorted(set(plan) - set(models))
         if missing:
             raise ValueError(f"plan names unknown models: {missing}")
         self.models, self.plan, self.reuse = models, list(plan), dict(reuse)
         self.predict, self.log, self.on_forward = predict, log, on_forward
+        self.trajectory = trajectory
         self._logp: Optional[torch.Tensor] = None
         self._key = None                 # (model name, phase) of the cached prediction
 
@@ -107,6 +116,8 @@ class AncestralLoop:
         """Steps ``start .. start+len(steps)-1`` of the plan. ``noised(z, step) -> [B, L] bool``
         (positions that may move); ``apply(model, z, move, choice) -> z`` writes the moves into
         a copy of z. The cache is dropped when a position moved or the model must not reuse."""
+        if start == 0 and steps:
+            self.record(-1, Step(steps[0].t, 0.0, steps[0].phase), z, initial=True)
         for j, st in enumerate(steps):
             k = start + j
             logp = self.prediction(k, st, z)
@@ -116,7 +127,14 @@ class AncestralLoop:
                 z = apply(self.models[self.plan[k]], z, move, choice)
             if moved or not self.reuse[self.plan[k]]:
                 self._logp = None
+            self.record(k, st, z)
         return z
+
+    def record(self, k: int, step: Step, z: torch.Tensor, **extra) -> None:
+        """Append the state ``z`` after step ``k`` to the trajectory (when recording)."""
+        if self.trajectory is not None:
+            self.trajectory.append({"step": k, "t": step.t, "p_move": step.p_move,
+                                    "phase": step.phase, **extra, "ids": z.tolist()})
 
 
 def single_plan(model: torch.nn.Module, n: int, name: str = "model") -> tuple[dict, list]:

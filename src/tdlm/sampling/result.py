@@ -3,7 +3,8 @@ result type (layer 2; the family contract is ``tdlm.families.base``).
 
 * :class:`SampleOptions`: the options every sampler honours (steps, temperature, nucleus
   top-p, a clamped prefix). A family subclasses it with its own fields (MDLM: ``t_min``,
-  ``cache``, ``noise_removal``; TDLM: ``steps_split``; DID: ``prompts``, ``trajectory``, ...);
+  ``cache``, ``noise_removal``, ``trajectory``; TDLM: ``steps_split``, ``trajectory``; DID:
+  ``prompts``, ``trajectory``, ...);
   an option a family does not declare is a one-line :class:`ConfigError` (:func:`build_options`).
 * :class:`StepPlan`: which model predicts at each step (model scheduling), already resolved
   to modules: ``models`` (name -> module), ``per_step`` (a name per step), and per model

@@ -10,7 +10,10 @@ Because the noise does not depend on which process draws it, a multi-process (to
 equals the single-process run with the same ``micro_batch`` (tests/train/test_distributed.py).
 
 One optimizer step is :func:`tdlm.train.step.train_step`; this module owns set-up, resume,
-validation, metrics and checkpoints around it. SIGTERM/SIGINT: the step in progress is finished
+validation, metrics and checkpoints around it. Every metrics record (training: loss and its
+named parts per token, learning rate, gradient norm, tokens/s; validation: NELBO and its parts
+per token, perplexity bound, bits) goes to ``metrics.jsonl`` and, on rank 0, to the
+``train.tracker`` (TensorBoard or W&B; ``tdlm.train.tracking``). SIGTERM/SIGINT: the step in progress is finished
 on every rank, checkpointed, and :class:`Preempted` is raised (``tdlm train`` exits 75;
 ``tdlm.train.preemption``).
 
@@ -39,6 +42,7 @@ from ..utils.io import atomic_write, atomic_write_text
 from . import parallel as P
 from .parallel import Runtime, resolve_device  # noqa: F401  (resolve_device: old import path)
 from .preemption import Preempted, Preemption
+from .tracking import Tracker, check_available, make_tracker
 from .step import (EMA, RuntimeOptions, StepContext, lr_at, make_optimizer,  # noqa: F401
                    micro_seed, nonfinite_error, resolve_runtime, sdpa_context, step_seed,
                    train_step)
@@ -153,6 +157,7 @@ def _setup_main(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime):
         # leak into the caller's object
         cfg = ckpt.config if ckpt is not None else _copy_config(cfg)
         P.derive_micro(cfg.train.global_batch, cfg.train.micro_batch, rt.world_size)
+        check_available(cfg.train.tracker)      # a missing package stops the run here
         data = _load_data(cfg, ckpt, run_dir, True)
         data.tokenizer.save(str(run_dir))
         if cfg.backbone.vocab_size != data.tokenizer.vocab_size:
@@ -216,6 +221,7 @@ class _Run:
         self.history: list = []
         self.start = 0
         self.final: Optional[Path] = None
+        self.tracker = Tracker()          # train.tracker, rank 0 only (set in build)
 
     def build(self, ckpt, log) -> None:
         """Model (seeded), its checkpoint state, ``parallelize`` (activation checkpointing,
@@ -239,6 +245,8 @@ class _Run:
         self.ema = EMA(model, tc.ema) if tc.ema > 0 else None
         if ckpt is not None:
             self._restore(ckpt, log)
+        if self.main:
+            self.tracker = make_tracker(tc.tracker, self.run_dir, self.cfg.to_dict(), self.start)
 
     def _restore(self, ckpt, log) -> None:
         dist = self.rt.distributed
@@ -269,10 +277,12 @@ class _Run:
 
     # ---- outputs ----------------------------------------------------------------------
     def record(self, rec: dict) -> None:
+        """Append ``rec`` to the history and (rank 0) to metrics.jsonl and the tracker."""
         self.history.append(rec)
         if self.main:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            self.tracker.log(rec)
 
     def write_ckpt(self, step: int) -> Optional[Path]:
         """Rank 0 writes the full state in the single-process format (FSDP: gathered from
@@ -334,6 +344,8 @@ class _Run:
             res = evaluate_nelbo(self.family, eval_model, self.data.val, **kw)
         rec = {"step": step, "split": "val", **{k: res[k] for k in
                ("nelbo_per_token", "ppl_bound", "bits_per_token", "tokens")}}
+        if res.get("parts_per_token"):                   # e.g. TDLM's NELBO per level
+            rec["parts_per_token"] = res["parts_per_token"]
         self.record(rec)
         return rec
 
@@ -374,6 +386,7 @@ class _Run:
                     break
         finally:
             preempt.restore()
+            self.tracker.close()
             if bar is not None:
                 bar.close()
         if self.main:
@@ -390,6 +403,8 @@ class _Run:
             dt = time.perf_counter() - self.clock[0]
             rec = {"step": done, "split": "train", "loss": res.loss, "lr": res.lr,
                    "grad_norm": res.grad_norm, "tokens_per_s": self.clock[1] / max(dt, 1e-9)}
+            if res.parts:                                # e.g. TDLM's per-level terms
+                rec["parts_per_token"] = res.parts
             self.record(rec)
             if bar is not None:
                 bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")

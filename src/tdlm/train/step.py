@@ -11,6 +11,7 @@
    backward of the **summed** NELBO (gradient sync only on the last micro-batch);
 4. token normalisation: the step's loss is ``sum of NELBOs / sum of the family's n_tokens``
    over the whole global batch (all-reduced), and the gradients are divided by the same count;
+   the loss's named parts (e.g. TDLM's per-level terms) are reported per token the same way;
 5. the non-finite guard (loss, gradient norm: a one-line :class:`TdlmError`, nothing applied),
    clipping to ``train.grad_clip``, AdamW, EMA.
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -158,15 +159,16 @@ class StepResult:
     tokens: float        # counted tokens of the global batch
     grad_norm: float     # before clipping (nan when clipping is off)
     lr: float
+    parts: dict = field(default_factory=dict)   # the loss's named parts, per counted token
 
 
-def _forward_backward(ctx: StepContext, batch, step: int) -> tuple[float, float, int]:
-    """Summed NELBO, counted tokens and non-finite count over this process's micro-batches,
-    gradients of the summed NELBO accumulated."""
+def _forward_backward(ctx: StepContext, batch, step: int) -> tuple[float, float, int, dict]:
+    """Summed NELBO, counted tokens, non-finite count and summed named parts over this
+    process's micro-batches, gradients of the summed NELBO accumulated."""
     from ..data.batches import to_device
     tc = ctx.tc
     entries = ctx.runtime.micro_batches(batch, ctx.micro, ctx.micro_tokens)
-    nll_sum, n_tok, bad = 0.0, 0.0, 0
+    nll_sum, n_tok, bad, parts = 0.0, 0.0, 0, {}
     for i, (j, mb, weight) in enumerate(entries):
         # noise and dropout: a pure function of (seed, step, micro-batch index)
         torch.manual_seed(micro_seed(tc.seed, step, 1, j))
@@ -184,7 +186,9 @@ def _forward_backward(ctx: StepContext, batch, step: int) -> tuple[float, float,
             bad += int(not math.isfinite(v))
             nll_sum += v
             n_tok += terms.n_tokens.sum().item()
-    return nll_sum, n_tok, bad
+            for k, v in terms.parts.items():
+                parts[k] = parts.get(k, 0.0) + v.detach().double().sum()
+    return nll_sum, n_tok, bad, {k: float(v) for k, v in parts.items()}
 
 
 def train_step(ctx: StepContext, batch, step: int,
@@ -197,8 +201,10 @@ def train_step(ctx: StepContext, batch, step: int,
     for g in ctx.opt.param_groups:
         g["lr"] = lr
     ctx.opt.zero_grad(set_to_none=True)
-    nll_sum, n_tok, bad = _forward_backward(ctx, batch, step)
-    nll_sum, n_tok, bad = rt.all_reduce_sum([nll_sum, n_tok, bad])
+    nll_sum, n_tok, bad, parts = _forward_backward(ctx, batch, step)
+    keys = sorted(parts)            # the family's part names: the same on every rank
+    nll_sum, n_tok, bad, *part_sums = rt.all_reduce_sum([nll_sum, n_tok, bad]
+                                                        + [parts[k] for k in keys])
     if bad or not math.isfinite(nll_sum):
         raise nonfinite_error("loss", step + 1, last_checkpoint)
     n_tok = max(n_tok, 1.0)
@@ -218,7 +224,8 @@ def train_step(ctx: StepContext, batch, step: int,
     ctx.opt.step()
     if ctx.ema is not None:
         ctx.ema.update(ctx.model)
-    return StepResult(loss=nll_sum / n_tok, tokens=n_tok, grad_norm=gnorm, lr=lr)
+    return StepResult(loss=nll_sum / n_tok, tokens=n_tok, grad_norm=gnorm, lr=lr,
+                      parts={k: v / n_tok for k, v in zip(keys, part_sums)})
 
 
 def single_process(family, model: torch.nn.Module, cfg, device: torch.device,

@@ -33,3 +33,4 @@ class MDLMSampleOptions(SampleOptions):
     t_min: float = SAMPLE_T_MIN      # end of the time grid
     cache: bool = True               # reuse the prediction while nothing moved (no time input)
     noise_removal: bool = True       # fill the masks left at the end with the argmax
+    trajectory: bool = False         # record every step's state (SampleResult.trajectory)

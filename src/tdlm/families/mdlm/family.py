@@ -156,6 +156,10 @@ class MaskedDiffusion(Family):
         return run, int(noised.sum())
 
     # ---- sampler -----------------------------------------------------------------------
+    def state_labels(self, ids, counts=None, decode=None, top: int = 3) -> dict:
+        """[MASK] (``mask_id``), the only state of a trajectory that is not a token."""
+        return {self.mask_id: {"label": "[MASK]", "kind": "mask"}} if self.mask_id in ids else {}
+
     def sample_steps(self, steps: int, t_min: float = SAMPLE_T_MIN) -> list[Step]:
         """The reverse steps on ``linspace(1, t_min, T+1)``: step k goes from t_k to t_{k+1}
         with ``p_move = (alpha(t_{k+1}) - alpha(t_k)) / (1 - alpha(t_k))``."""
@@ -174,14 +178,17 @@ class MaskedDiffusion(Family):
                prefix: Optional[torch.Tensor] = None,
                models: Optional[dict] = None, plan: Optional[list] = None,
                time_conditioned: Optional[dict] = None, log: Optional[ForwardLog] = None,
-               on_forward: Optional[Callable] = None) -> torch.Tensor:
+               on_forward: Optional[Callable] = None,
+               trajectory: Optional[list] = None) -> torch.Tensor:
         """Ancestral sampling from all-[MASK]. ``prefix`` [num, k] clamps the first k tokens.
 
         Model scheduling: ``models`` (name -> module) and ``plan`` (a name per step; the final
         noise-removal pass uses the last step's model) choose the predicting model per step;
         ``time_conditioned`` (name -> bool, default this config's) decides per model whether
         its prediction may be cached while nothing changes. ``log`` records the forward calls
-        made; ``on_forward(step)`` is called for every forward pass actually made."""
+        made; ``on_forward(step)`` is called for every forward pass actually made.
+        ``trajectory`` (a list) receives z after every step ([MASK] = ``mask_id``) and after
+        the noise removal (``AncestralLoop.record``); the samples do not depend on it."""
         device = model_device(model)
         z = torch.full((num, seq_len), self.mask_id, dtype=torch.long, device=device)
         if prefix is not None:
@@ -200,12 +207,14 @@ class MaskedDiffusion(Family):
             zz[move] = choice
             return zz
 
-        loop = AncestralLoop(models, list(plan) + [plan[-1]], reuse, predict, log, on_forward)
+        loop = AncestralLoop(models, list(plan) + [plan[-1]], reuse, predict, log, on_forward,
+                             trajectory)
         z = loop.run(z, self.sample_steps(steps, t_min), lambda zz, st: zz == self.mask_id,
                      apply, generator)
         if noise_removal and (z == self.mask_id).any():
             logp = loop.prediction(steps, Step(t_last, 1.0), z)
             z = torch.where(z == self.mask_id, logp.argmax(-1), z)
+            loop.record(steps, Step(t_last, 1.0), z, noise_removal=True)
         return z
 
     def _prediction(self, logits, temperature, top_p):

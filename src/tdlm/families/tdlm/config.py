@@ -61,3 +61,4 @@ class TDLMSampleOptions(SampleOptions):
     cache: bool = True
     t_min: float = SAMPLE_T_MIN
     noise_removal: bool = True
+    trajectory: bool = False         # record every step's state (SampleResult.trajectory)

@@ -313,6 +313,29 @@ class TreeDiffusion(Family):
         return LossTerms(nll=nll, n_tokens=per_sequence(valid.float(), layout), parts=parts)
 
     # ---- declarations (families.base) ---------------------------------------------------
+    def state_labels(self, ids, counts=None, decode=None, top: int = 3) -> dict:
+        """Every tree node among ``ids`` (height >= 1) as its ``top`` most frequent member
+        tokens (``counts`` [V]: token occurrences, e.g. in the training data; without them
+        the lowest ids come first), decoded one by one with ``decode``: ``{node: {"label",
+        "kind": "node" (the root: "root"), "height", "size" (tokens below), "members"}}``."""
+        t = self.tree
+        nodes = sorted({int(i) for i in ids if int(i) >= t.V})
+        if not nodes:
+            return {}
+        c = np.zeros(t.V) if counts is None else np.asarray(counts, dtype=np.float64)[:t.V]
+        order = np.lexsort((np.arange(t.V), -c))          # most frequent first, ties by id
+        sizes = t.subtree_sizes()
+        out = {}
+        for h in sorted({int(t.height[n]) for n in nodes}):
+            anc = np.asarray(t.anc[h])[order]             # height-h ancestors, by frequency
+            for n in (n for n in nodes if int(t.height[n]) == h):
+                members = [int(m) for m in order[anc == n][:top]]
+                words = [decode([m]) if decode is not None else str(m) for m in members]
+                out[n] = {"label": "|".join(w.strip() or w for w in words),
+                          "kind": "root" if n == t.root else "node",
+                          "height": h, "size": int(sizes[n]), "members": words}
+        return out
+
     def describe(self) -> dict:
         return {"tree_K": self.tree.K, "tree_H": self.tree.H, "tree_nodes": self.tree.num_nodes}
 
@@ -369,13 +392,16 @@ class TreeDiffusion(Family):
                prefix: Optional[torch.Tensor] = None, models: Optional[dict] = None,
                plan: Optional[list] = None, time_conditioned: Optional[dict] = None,
                log: Optional[ForwardLog] = None, on_forward=None,
-               t_min: float = SAMPLE_T_MIN, noise_removal: bool = True) -> torch.Tensor:
+               t_min: float = SAMPLE_T_MIN, noise_removal: bool = True,
+               trajectory: Optional[list] = None) -> torch.Tensor:
         """Coarse-to-fine ancestral sampling from all-root; returns token ids [num, seq_len].
         ``prefix`` clamps the first tokens (leaves never move). ``models``/``plan``/
         ``time_conditioned``/``log``: model scheduling and call counting as in MDLM's sampler
         (shared ``AncestralLoop``); a level change always makes a new prediction. The finest
         window ends at ``t_min``; with ``noise_removal`` the positions still at height 1 then
-        take their argmax child (the last step's model), as in MDLM."""
+        take their argmax child (the last step's model), as in MDLM. ``trajectory`` (a list)
+        receives z (tree node ids; ``phase`` = the level being denoised) after every step
+        and after the noise removal; the samples do not depend on it."""
         device = model_device(model)
         z = torch.full((num, seq_len), self.root, dtype=torch.long, device=device)
         if prefix is not None:
@@ -396,11 +422,13 @@ class TreeDiffusion(Family):
             return zz
 
         grid = self.sample_steps(steps, steps_split, t_min)
-        loop = AncestralLoop(models, list(plan) + [plan[-1]], reuse, predict, log, on_forward)
+        loop = AncestralLoop(models, list(plan) + [plan[-1]], reuse, predict, log, on_forward,
+                             trajectory)
         z = loop.run(z, grid, lambda zz, st: height[zz] == st.phase + 1, apply, generator)
         last = height[z] == 1
         if noise_removal and last.any():
             logp = loop.prediction(len(grid), Step(t_min, 1.0, 0), z)
             z = z.clone()
             z[last] = models[plan[-1]].child(z[last], logp[last].argmax(-1))
+            loop.record(len(grid), Step(t_min, 1.0, 0), z, noise_removal=True)
         return z
