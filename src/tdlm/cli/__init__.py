@@ -8,6 +8,7 @@
     tdlm sample --model H=runs/heavy --model L=runs/light --schedule sandwich:0.25
     tdlm genppl SAMPLES.jsonl --judge runs/ar      generative perplexity + entropy
     tdlm info --preset mdlm-small [--preset ...] [--json]
+    tdlm fit --preset mdlm-small --seq-len 1024 --batch 8 --memory 24 40 80   peak memory, micro-batch
     tdlm export RUN_OR_CKPT --out DIR    shareable folder (tdlm.load / tdlm.from_pretrained)
 
 User errors (bad config, data, checkpoints, paths, usage) print ``error: <one line>`` on
@@ -20,6 +21,7 @@ import sys
 
 from ..errors import TdlmError
 from . import eval as _eval_cmd, export as _export_cmd, info as _info_cmd  # noqa: F401
+from . import fit as _fit_cmd  # noqa: F401
 from . import genppl as _genppl_cmd, schedule as _schedule_cmd  # noqa: F401
 from . import run as _run_cmd, sample as _sample_cmd, train as _train_cmd  # noqa: F401
 
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="tdlm", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     for m in (_run_cmd, _train_cmd, _eval_cmd, _sample_cmd, _export_cmd, _info_cmd,
-              _genppl_cmd, _schedule_cmd):
+              _fit_cmd, _genppl_cmd, _schedule_cmd):
         m.add_parser(sub)
     from .bench import add_bench_parser
     from .tree import add_tree_parser

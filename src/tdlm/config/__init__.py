@@ -11,6 +11,6 @@ from .base import EPS_MIN, field_docs, opt  # noqa: F401
 from .legacy import DiffusionConfig, ModelConfig  # noqa: F401  (deprecated v1 sections)
 from .presets import PRESETS, get_preset, preset_names  # noqa: F401
 from .run import VERSION, RunConfig, load_config  # noqa: F401
-from .sections import (LAYOUTS, LR_SCHEDULES, PARALLEL, PRECISIONS, SCHEDULES,  # noqa: F401
+from .sections import (AUTO, LAYOUTS, LR_SCHEDULES, PARALLEL, PRECISIONS, SCHEDULES,  # noqa: F401
                        BackboneConfig, DataConfig, FamilySection, NoiseSection, TrainConfig,
                        family_section, register_section, section_names)

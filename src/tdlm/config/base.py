@@ -18,11 +18,13 @@ EPS_MIN = 1e-12      # smallest eps: below it 1 - eps rounds to 1 in float64 and
                      # input sigma(1) = -log eps is no longer finite (tdlm.schedules)
 
 
-def opt(default: Any, doc: str, **kw) -> Any:
-    """A dataclass field with its documentation (shown by ``tdlm info --fields``)."""
+def opt(default: Any, doc: str, words: tuple = (), **kw) -> Any:
+    """A dataclass field with its documentation (shown by ``tdlm info --fields``).
+    ``words``: strings a numeric field also accepts (e.g. ``train.micro_batch = "auto"``)."""
+    meta = {"doc": doc, "words": tuple(words)}
     if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc}, **kw)
-    return field(default=default, metadata={"doc": doc}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
 
 
 def check(cond: bool, name: str, msg: str) -> None:
@@ -78,6 +80,9 @@ def build_section(cls, d: Any, section: str, drop: tuple = ()):
             continue
         default = getattr(defaults, k)
         name = f"{section}.{k}"
+        if isinstance(v, str) and v in allowed[k].metadata.get("words", ()):
+            kw[k] = v
+            continue
         if isinstance(default, bool):
             if not isinstance(v, bool):
                 raise ConfigError(f"invalid config value for '{name}': expected true/false, got {v!r}")

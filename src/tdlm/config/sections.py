@@ -23,6 +23,7 @@ LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")
 TRACKERS = ("none", "tensorboard", "wandb")
+AUTO = "auto"           # train.micro_batch: sized from the device's memory at training start
 
 
 @dataclass
@@ -107,9 +108,15 @@ class TrainConfig:
     ``micro_batch`` is the per-device micro-batch (0: ``global_batch / W``, one per device)
     and each device accumulates ``global_batch / (W * micro_batch)`` micro-batches
     (``global_batch`` must be divisible by ``W * micro_batch``; checked at start-up,
-    ``tdlm.train.distributed.derive_micro``)."""
+    ``tdlm.train.parallel.derive_micro``).
+
+    ``micro_batch = "auto"`` (CUDA only): at training start the largest divisor of
+    ``global_batch / W`` whose estimated peak memory (``tdlm.train.memory``, the estimate of
+    ``tdlm fit``) fits the device with a 10% margin; accumulation follows, so the global batch
+    is unchanged. The run's config.json records the number chosen (resume and evaluation use
+    it). On the CPU "auto" is a one-line error: give a number."""
     global_batch: int = opt(32, "sequences per optimizer step (all processes together)")
-    micro_batch: int = opt(0, "sequences per forward/backward on one device (0: global_batch / world size)")
+    micro_batch: int = opt(0, "sequences per forward/backward on one device (0: global_batch / world size; auto: the largest that fits the CUDA device, tdlm fit's estimate)", words=(AUTO,))
     max_steps: int = opt(1000, "optimizer steps")
     lr: float = opt(3e-4, "peak learning rate (AdamW)")
     betas: tuple = opt((0.9, 0.999), "AdamW betas")
@@ -137,8 +144,10 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         positive(self, "global_batch", "max_steps", "lr", "eval_every", "eval_batches",
                  "ckpt_every", "log_every", section=s)
-        check(self.micro_batch >= 0, s + "micro_batch", "must be >= 0")
-        if self.micro_batch:
+        mb = self.micro_batch
+        check(mb == AUTO or (isinstance(mb, int) and not isinstance(mb, bool) and mb >= 0),
+              s + "micro_batch", f"must be an integer >= 0 or {AUTO!r}, got {mb!r}")
+        if self.micro_batch and self.micro_batch != AUTO:
             check(self.global_batch % self.micro_batch == 0, s + "micro_batch",
                   f"global_batch={self.global_batch} must be a multiple of "
                   f"micro_batch={self.micro_batch}")

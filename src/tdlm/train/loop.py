@@ -34,13 +34,14 @@ from typing import Callable, Optional
 
 import torch
 
-from ..config import RunConfig
+from ..config import AUTO, RunConfig
 from ..errors import TdlmError
 from ..families import get_family_class
 from ..store.checkpoint import load_checkpoint, save_checkpoint
 from ..utils.io import atomic_write, atomic_write_text
 from . import parallel as P
 from .parallel import Runtime, resolve_device  # noqa: F401  (resolve_device: old import path)
+from .memory import resolve_auto_micro
 from .preemption import Preempted, Preemption
 from .tracking import Tracker, check_available, make_tracker
 from .step import (EMA, RuntimeOptions, StepContext, lr_at, make_optimizer,  # noqa: F401
@@ -123,7 +124,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool,
            stop_after: Optional[int], log: Callable[[str], None], rt: Runtime) -> TrainResult:
     if rt.is_main:
-        cfg, ckpt, data, family = _setup_main(cfg, run_dir, resume, rt)
+        cfg, ckpt, data, family = _setup_main(cfg, run_dir, resume, rt, log)
     else:
         cfg, ckpt, data, family = _setup_other(run_dir, resume, rt)
     run = _Run(cfg, run_dir, family, data, rt)
@@ -144,7 +145,7 @@ def _load_data(cfg: RunConfig, ckpt, run_dir: Path, main: bool):
     return build_data(cfg.data, None, tokenizer=Tokenizer.load(str(run_dir)))
 
 
-def _setup_main(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime):
+def _setup_main(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime, log=print):
     """Rank 0 (or the single process): check the folder, resolve the config and vocabulary,
     prepare the family's resources and write config.json, data.json and the tokenizer. Every
     rank learns whether this worked (an error stops all of them)."""
@@ -156,7 +157,8 @@ def _setup_main(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime):
         # a fresh run works on a copy: the vocabulary size is resolved below and must not
         # leak into the caller's object
         cfg = ckpt.config if ckpt is not None else _copy_config(cfg)
-        P.derive_micro(cfg.train.global_batch, cfg.train.micro_batch, rt.world_size)
+        auto = cfg.train.micro_batch == AUTO
+        P.derive_micro(cfg.train.global_batch, 0 if auto else cfg.train.micro_batch, rt.world_size)
         check_available(cfg.train.tracker)      # a missing package stops the run here
         data = _load_data(cfg, ckpt, run_dir, True)
         data.tokenizer.save(str(run_dir))
@@ -167,6 +169,8 @@ def _setup_main(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime):
                                 f"{data.tokenizer.vocab_size} tokens")
             cfg.backbone.vocab_size = data.tokenizer.vocab_size   # resolved from the tokenizer
         family = _family_for(cfg, ckpt, data, run_dir)
+        if auto:          # sized from the device's memory; config.json records the number
+            cfg.train.micro_batch = resolve_auto_micro(cfg, family, rt, log)
         atomic_write_text(run_dir / "config.json", cfg.to_json())
         atomic_write_text(run_dir / "data.json", json.dumps(data.provenance, indent=2))
         write_length_report(data, str(run_dir))     # varlen: length_histogram.json/.png

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..config import AUTO
 from ..errors import ConfigError, TdlmError
 
 PARALLEL_MODES = ("ddp", "fsdp")
@@ -186,12 +187,22 @@ class Runtime:
 
 
 # ---- batch sharding ------------------------------------------------------------------------
-def derive_micro(global_batch: int, micro_batch: int, world: int) -> tuple[int, int]:
+def derive_micro(global_batch: int, micro_batch, world: int,
+                 largest: Optional[int] = None) -> tuple[int, int]:
     """(per-device micro-batch, accumulation steps per device). ``micro_batch`` 0 means one
-    micro-batch per device (``global_batch / world``). Raises ConfigError (one line) unless
-    ``global_batch`` is divisible by ``world * micro``."""
+    micro-batch per device (``global_batch / world``); ``"auto"`` the largest divisor of
+    ``global_batch / world`` not above ``largest`` (the largest micro-batch that fits the
+    device, ``tdlm.train.memory.auto_micro_batch``; without it "auto" is an error: it is
+    resolved when training starts). Raises ConfigError (one line) unless ``global_batch`` is
+    divisible by ``world * micro``."""
     if world < 1:
         raise ConfigError(f"world size must be >= 1, got {world}")
+    if micro_batch == AUTO:
+        if largest is None or largest < 1 or global_batch % world:
+            raise ConfigError("invalid config value for 'train.micro_batch': 'auto' is resolved "
+                              "when training starts on a CUDA device; give a number here")
+        per_dev = global_batch // world
+        micro_batch = max(d for d in range(1, min(largest, per_dev) + 1) if per_dev % d == 0)
     if not micro_batch:
         if global_batch % world:
             raise ConfigError(f"invalid config value for 'train.global_batch': {global_batch} "

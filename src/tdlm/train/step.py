@@ -25,7 +25,7 @@ import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -144,6 +144,9 @@ class StepContext:
     runtime: Runtime
     opts: RuntimeOptions
     ema: Optional[EMA] = None
+    # the forward's precision context, () -> context manager; None: autocast_ctx(device,
+    # train.precision). The memory simulator (train/memory.py) passes CUDA's policy here.
+    forward_context: Optional[Callable] = None
 
     def __post_init__(self):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -175,7 +178,9 @@ def _forward_backward(ctx: StepContext, batch, step: int) -> tuple[float, float,
         gen = torch.Generator(device=ctx.device).manual_seed(micro_seed(tc.seed, step, 2, j))
         mb = to_device(mb, ctx.device)
         with grad_sync(ctx.wrapped, i == len(entries) - 1):
-            with autocast_ctx(ctx.device, tc.precision), sdpa_context(ctx.opts):
+            amp = (ctx.forward_context() if ctx.forward_context is not None
+                   else autocast_ctx(ctx.device, tc.precision))
+            with amp, sdpa_context(ctx.opts):
                 terms = ctx.wrapped(mb, gen)
             nll = terms.nll.float().sum()
             # backward even when non-finite: the other ranks are in the same collective;
@@ -229,14 +234,17 @@ def train_step(ctx: StepContext, batch, step: int,
 
 
 def single_process(family, model: torch.nn.Module, cfg, device: torch.device,
-                   micro: Optional[int] = None) -> StepContext:
+                   micro: Optional[int] = None, opts: Optional[RuntimeOptions] = None,
+                   forward_context: Optional[Callable] = None) -> StepContext:
     """A :class:`StepContext` for one process on ``device`` (benchmarks, notebooks): the
     config's optimizer, micro-batch (``micro``, default the config's per-device micro-batch
     for one process), precision and EMA. The model (already on ``device``) is prepared in
     place as the trainer prepares it: ``parallelize`` with the config's activation
-    checkpointing and (CUDA) compile."""
+    checkpointing and (CUDA) compile. ``opts`` (default ``resolve_runtime(train, device)``)
+    and ``forward_context`` (:class:`StepContext`) let the memory simulator ask for another
+    device's choices."""
     tc = cfg.train
-    opts = resolve_runtime(tc, device)
+    opts = opts or resolve_runtime(tc, device)
     runtime = Runtime.single(device)
     wrapped = parallelize(LossModule(family, model),
                           activation_checkpointing=tc.activation_checkpointing,
@@ -245,7 +253,8 @@ def single_process(family, model: torch.nn.Module, cfg, device: torch.device,
                        opt=make_optimizer(model.parameters(), tc, opts), tc=tc,
                        micro=micro or derive_micro(tc.global_batch, tc.micro_batch, 1)[0],
                        micro_tokens=cfg.data.micro_tokens, runtime=runtime, opts=opts,
-                       ema=EMA(model, tc.ema) if tc.ema > 0 else None)
+                       ema=EMA(model, tc.ema) if tc.ema > 0 else None,
+                       forward_context=forward_context)
 
 
 def family_for(cfg, data=None, run_dir=None):

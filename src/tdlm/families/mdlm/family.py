@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...config import RunConfig
+from ...nn.chunked_ce import linear_cross_entropy
 from ...nn.dit import DiT, FinalLayer
 from ...sampling.gumbel import adjust_logits
 from ...sampling.loop import AncestralLoop, ForwardLog, Step, reverse_step, resolve_plan
@@ -62,11 +63,20 @@ class MaskedLM(nn.Module):
         self.backbone = DiT(m, m.vocab_size + 1)
         self.head = FinalLayer(m.d_model, m.cond_dim, m.vocab_size + 1)
 
+    def features(self, z: torch.Tensor, sigma: Optional[torch.Tensor] = None,
+                 layout=None) -> torch.Tensor:
+        """The output layer's input (final adaLN norm of the DiT's hidden states)."""
+        h, c = self.backbone(z, sigma, layout=layout)
+        return self.head.features(h, c, layout)
+
+    def output_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight [V, d], bias [V]) of the V token outputs (the [MASK] row left out)."""
+        lin, V = self.head.linear, self.vocab_size
+        return lin.weight[:V], lin.bias[:V]
+
     def forward(self, z: torch.Tensor, sigma: Optional[torch.Tensor] = None,
                 layout=None) -> torch.Tensor:
-        h, c = self.backbone(z, sigma, layout=layout)
-        lin, V = self.head.linear, self.vocab_size
-        return F.linear(self.head.features(h, c, layout), lin.weight[:V], lin.bias[:V])
+        return F.linear(self.features(z, sigma, layout), *self.output_weights())
 
 
 def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -131,6 +141,9 @@ class MaskedDiffusion(Family):
             valid = valid.clone()
             valid[first] = False
         sigma = self.schedule.time_input(t)
+        if self.cfg.family.head_impl == "chunked":
+            feats = model.features(z, sigma) if lay is None else model.features(z, sigma, layout=lay)
+            return self.loss_from_features(model, feats, x0, z, w, valid, lay)
         logits = model(z, sigma) if lay is None else model(z, sigma, layout=lay)
         return self.loss_from_logits(logits, x0, z, w, valid, lay)
 
@@ -141,6 +154,22 @@ class MaskedDiffusion(Family):
         scored = (z == self.mask_id) & valid
         ce = torch.where(scored, ce, torch.zeros_like(ce))
         nll = w.float() * per_sequence(ce, layout)
+        return LossTerms(nll=nll, n_tokens=per_sequence(valid.float(), layout), parts={})
+
+    def loss_from_features(self, model, feats, x0, z, w, valid, layout=None) -> LossTerms:
+        """``loss_from_logits`` without the [B, L, V] tensors (``family.head_impl =
+        "chunked"``): SUBS gives unmasked positions probability 1 on their own token
+        (carry-over) and so zero loss and zero gradient, so only the counted masked
+        positions reach the output layer, through ``tdlm.nn.chunked_ce`` (``head_chunk``
+        rows at a time, logits recomputed in backward). Same loss and gradients as the
+        reference path up to float summation order (tests/families/test_mdlm_chunked_head.py)."""
+        scored = (z == self.mask_id) & valid
+        weight, bias = model.output_weights()
+        ce = linear_cross_entropy(feats[scored], weight, bias, x0[scored],
+                                  self.cfg.family.head_chunk)
+        ce_full = torch.zeros(z.shape, dtype=ce.dtype, device=z.device)
+        ce_full[scored] = ce
+        nll = w.to(ce.dtype) * per_sequence(ce_full, layout)
         return LossTerms(nll=nll, n_tokens=per_sequence(valid.float(), layout), parts={})
 
     def noised_predictions(self, x0, valid, t: float, generator):
