@@ -217,6 +217,8 @@ def estimate_memory(cfg, micro_batch: int, target: Target = Target(),
                         "runs on fake tensors, without data: shapes that depend on token values "
                         f"cannot be followed): {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    finally:
+        FakeTensorMode.cache.clear()       # class-wide op cache: bounded per estimate
     return _result(cfg, target, tracker, policy, model, static, micro_batch, t0)
 
 
@@ -276,18 +278,25 @@ def largest_micro_batch(cfg, budget_bytes: int, target: Target = Target(), famil
     values = sorted(set(candidates)) if candidates else range(1, limit + 1)
     if peak(values[0]) > budget_bytes:
         return FitResult(0, budget_bytes, None, {b: e.peak_bytes for b, e in cache.items()})
-    best = values[_secant_search(lambda i: peak(values[i]), budget_bytes, values, len(values))]
+    index = {v: i for i, v in enumerate(values)} if candidates else None
+    seed = {(index[b] if index else b - 1): e.peak_bytes for b, e in cache.items()
+            if (b in index if index else 1 <= b <= limit)}
+    best = values[_secant_search(lambda i: peak(values[i]), budget_bytes, values, len(values),
+                                 seed)]
     return FitResult(best, budget_bytes, cache[best],
                      {b: e.peak_bytes for b, e in sorted(cache.items())})
 
 
-def _secant_search(peak_at, budget: int, values, n: int) -> int:
+def _secant_search(peak_at, budget: int, values, n: int, seed: Optional[dict] = None) -> int:
     """The largest index i < n with peak_at(i) <= budget, for a peak that grows with
-    values[i] (nearly affinely); peak_at(0) <= budget. Secant guesses from the last two
-    points until the answer is bracketed, then regula falsi between the bracket's ends,
-    bisecting whenever a step did not halve the bracket."""
-    known = {0: peak_at(0)}
-    lo, hi, bisect_next = 0, n, False           # peak_at(lo) <= budget < peak_at(hi) (n: unknown)
+    values[i] (nearly affinely); peak_at(0) <= budget. ``seed``: peaks already known by
+    index. Secant guesses from the last two points until the answer is bracketed, then regula
+    falsi between the bracket's ends, bisecting whenever a step did not halve the bracket."""
+    known = dict(seed or {})
+    known[0] = known[0] if 0 in known else peak_at(0)
+    lo = max(i for i, p in known.items() if p <= budget)
+    above = [i for i, p in known.items() if p > budget and i > lo]
+    hi, bisect_next = (min(above) if above else n), False    # peak_at(lo) <= budget < peak_at(hi)
     while hi - lo > 1:
         width = hi - lo
         if hi < n:
@@ -299,10 +308,12 @@ def _secant_search(peak_at, budget: int, values, n: int) -> int:
         elif len(known) == 1:
             g = 1
         else:
-            a, b = sorted(known)[-2:]
+            a, b = sorted(i for i in known if i <= lo)[-2:]
             slope = (known[b] - known[a]) / (values[b] - values[a])
             v = values[lo] + (budget - known[lo]) / slope if slope > 0 else 2 * values[lo]
-            g = _index_near(values, v, lo, n)
+            # before a bracket, at most 8x further: an estimate costs more at a huge B (the
+            # chunked head's loop), and a flat start (the optimizer-step peak) misleads the slope
+            g = _index_near(values, min(v, 8 * values[lo] + 8), lo, n)
         known[g] = peak_at(g)
         if known[g] <= budget:
             lo = g
