@@ -11,27 +11,25 @@ SMALL = ["--preset", "tiny", "--set", "backbone.n_layers=1", "--set", "backbone.
 
 
 def test_fit_text(capsys):
-    assert main(["fit", *SMALL, "--batch", "2", "--memory", "0.005"]) == 0
+    assert main(["fit", *SMALL, "--batch", "1", "2", "--memory", "0.005"]) == 0
     out = capsys.readouterr().out
     assert "tiny (mdlm" in out and "on cuda, fp32, L=32" in out
     assert "micro-batch 2: peak" in out
     for cat in ("parameters", "gradients", "optimizer", "activations", "temporaries"):
         assert cat in out
     assert "largest micro-batch with peak <= memory x (1 - 10% margin)" in out
-    assert "0.005 GiB:" in out
+    line = next(ln for ln in out.splitlines() if "0.005 GiB:" in ln)
+    assert int(line.split(":")[1].split()[0]) >= 2
 
 
 def test_fit_json(capsys):
-    assert main(["fit", *SMALL, "--precision", "bf16", "--checkpointing", "on", "--batch", "1", "2",
-                 "--memory", "0.004", "--margin", "0", "--json"]) == 0
+    assert main(["fit", *SMALL, "--device", "cpu", "--checkpointing", "on", "--batch", "2",
+                 "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    e1, e2 = d["estimates"]
-    assert e1["precision"] == "bf16" and e1["activation_checkpointing"] is True
-    assert e1["peak_bytes"] < e2["peak_bytes"] == sum(e2["breakdown"].values())
-    fit = d["fits"][0]
-    assert fit["capacity_bytes"] == int(0.004 * 2**30)
-    assert fit["micro_batch"] >= 1 and fit["peak_bytes"] <= fit["budget_bytes"]
-    assert fit["tried"][str(fit["micro_batch"] + 1)] > fit["budget_bytes"]
+    (e,) = d["estimates"]
+    assert e["device"] == "cpu" and e["precision"] == "fp32"
+    assert e["activation_checkpointing"] is True and e["micro_batch"] == 2
+    assert e["peak_bytes"] == sum(e["breakdown"].values()) and d["fits"] == []
 
 
 @pytest.mark.parametrize("argv,words", [

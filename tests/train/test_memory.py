@@ -36,6 +36,23 @@ def small(family="mdlm", ckpt=False, ema=0.0, **fam):
                                           "activation_checkpointing": ckpt}})
 
 
+_CACHE: dict = {}          # (variant, B) -> estimate, CUDA bf16: shared by the tests below
+
+
+def cuda_bf16(B, variant="plain"):
+    """The CUDA bf16 estimate of ``small()`` (plain), with checkpointing (ckpt) or the
+    chunked head (chunked), made once per module."""
+    if (variant, B) not in _CACHE:
+        cfg = {"plain": small, "ckpt": lambda: small(ckpt=True),
+               "chunked": lambda: small(head_impl="chunked", head_chunk=16)}[variant]()
+        _CACHE[(variant, B)] = estimate_memory(cfg, B, Target("cuda", "bf16"))
+    return _CACHE[(variant, B)]
+
+
+def plain_cache() -> dict:
+    return {b: e for (v, b), e in _CACHE.items() if v == "plain"}
+
+
 def test_linear_cross_entropy_by_hand():
     N, d, C = 64, 16, 300
     tr = LiveBytes()
@@ -103,9 +120,9 @@ def test_simulation_equals_the_real_count(family, ckpt):
 
 
 def test_monotone_in_batch_and_checkpointing_lowers_activations():
-    peaks = [estimate_memory(small(), b, Target("cuda", "bf16")) for b in (1, 3)]
+    peaks = [cuda_bf16(b) for b in (1, 3)]
     assert peaks[0].peak_bytes < peaks[1].peak_bytes
-    ck = estimate_memory(small(ckpt=True), 3, Target("cuda", "bf16"))
+    ck = cuda_bf16(3, "ckpt")
     assert ck.breakdown["activations"] < peaks[1].breakdown["activations"]
     assert ck.peak_bytes < peaks[1].peak_bytes
     assert peaks[1].kernels.get("flash attention") == 1          # one per block
@@ -113,9 +130,7 @@ def test_monotone_in_batch_and_checkpointing_lowers_activations():
 
 
 def test_chunked_head_lowers_the_peak():
-    ref = estimate_memory(small(), 4, Target("cuda", "bf16"))
-    chunked = estimate_memory(small(head_impl="chunked", head_chunk=16), 4, Target("cuda", "bf16"))
-    assert chunked.peak_bytes < ref.peak_bytes
+    assert cuda_bf16(3, "chunked").peak_bytes < cuda_bf16(3).peak_bytes
 
 
 def test_cuda_policy_casts_like_cuda_autocast():
@@ -143,9 +158,9 @@ def test_cuda_policy_casts_like_cuda_autocast():
 
 def test_largest_micro_batch_is_the_boundary():
     cfg, tgt = small(), Target("cuda", "bf16")
-    cache = {b: estimate_memory(cfg, b, tgt) for b in (1, 2, 3, 4)}
-    p = {b: e.peak_bytes for b, e in cache.items()}
+    p = {b: cuda_bf16(b).peak_bytes for b in (1, 2, 3, 4)}
     assert p[1] < p[2] < p[3] < p[4]
+    cache = plain_cache()
     fit = largest_micro_batch(cfg, (p[3] + p[4]) // 2, tgt, cache=cache, limit=4)
     assert fit.micro_batch == 3 and fit.estimate.peak_bytes == p[3]
     assert largest_micro_batch(cfg, p[4], tgt, cache=cache, limit=4).micro_batch == 4
@@ -182,11 +197,11 @@ def test_micro_batch_auto_config():
 def test_micro_batch_auto_on_a_cuda_device(monkeypatch):
     """The device's memory is all that is CUDA here: the estimate runs on fake tensors."""
     cfg = small()
-    cfg.train.global_batch = 12
-    p2 = estimate_memory(cfg, 2, Target("cuda")).peak_bytes
+    cfg.train.global_batch, cfg.train.precision = 12, "bf16"
+    p3, p4 = cuda_bf16(3).peak_bytes, cuda_bf16(4).peak_bytes
 
     class Props:
-        total_memory = int(p2 / 0.9) + 1
+        total_memory = int((p3 + p4) / 2 / 0.9)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: Props())
-    micro, fit = auto_micro_batch(cfg, family_for(cfg), 1, "cuda")
-    assert micro in (2, 3) and 12 % micro == 0 and fit.estimate.peak_bytes <= Props.total_memory
+    micro, fit = auto_micro_batch(cfg, family_for(cfg), 1, "cuda", cache=plain_cache())
+    assert micro == 3 and fit.estimate.peak_bytes == p3        # 3 divides 12, 4 does not fit

@@ -350,13 +350,15 @@ def parse_capacity(spec: str) -> tuple[str, int]:
 
 
 def auto_micro_batch(cfg, family, world_size: int = 1, device=None,
-                     margin: float = DEFAULT_MARGIN) -> tuple[int, FitResult]:
+                     margin: float = DEFAULT_MARGIN,
+                     cache: Optional[dict] = None) -> tuple[int, FitResult]:
     """``train.micro_batch=auto``: the largest divisor of ``global_batch / world_size`` whose
     estimated peak fits the present CUDA device's memory less ``margin`` (a one-line
     ConfigError on the CPU, or when one row does not fit). Returns (micro-batch, fit).
     The estimate is one device's; under DDP (``world_size`` > 1) the budget is lowered by
     DDP's gradient buckets (4 bytes per parameter); under FSDP the single-device estimate is
-    an upper bound (parameters, gradients and AdamW state are sharded)."""
+    an upper bound (parameters, gradients and AdamW state are sharded). ``cache``: as for
+    :func:`largest_micro_batch`."""
     dev = torch.device(device) if device is not None else None
     if dev is None or dev.type != "cuda":
         raise ConfigError("invalid config value for 'train.micro_batch': 'auto' sizes the "
@@ -369,7 +371,8 @@ def auto_micro_batch(cfg, family, world_size: int = 1, device=None,
     if world_size > 1 and cfg.train.parallel == "ddp":
         with torch.device("meta"):
             budget -= 4 * sum(p.numel() for p in family.build_model().parameters())
-    fit = largest_micro_batch(cfg, budget, Target("cuda"), family, candidates=divisors)
+    fit = largest_micro_batch(cfg, budget, Target("cuda"), family, candidates=divisors,
+                              cache=cache)
     if fit.micro_batch == 0:
         raise ConfigError(f"invalid config value for 'train.micro_batch': 'auto' found no "
                           f"micro-batch that fits {total / GIB:.1f} GiB (with a "
