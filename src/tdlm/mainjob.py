@@ -74,8 +74,9 @@ def main_job(cfgs: dict, out: Path, steps: int = 128, num_samples: int = 8,
     (and writes to ``out/summary.json``) one row per preset and the parity verdict."""
     from .eval.nelbo import evaluate_to_files
     from .generation import generate_to_files
+    from .config import load_config
+    from .families.base import meta_family
     from .nn.accounting import count_parameters
-    from .pipeline import load
     from .train.loop import train
     from .train.parallel import resolve_device
     out = Path(out)
@@ -90,7 +91,8 @@ def main_job(cfgs: dict, out: Path, steps: int = 128, num_samples: int = 8,
         ck = res.final_checkpoint
         ev, ev_dir = evaluate_to_files(str(ck), 0 if full_eval else 32, 0, 1, None)
         recs, spath, _ = generate_to_files({"model": str(ck)}, num_samples, steps)
-        params = count_parameters(load(ev["checkpoint"]).model)
+        # counted on the meta device from the run's resolved config (no second weight load)
+        params = count_parameters(meta_family(load_config(str(run_dir / "config.json")))[1])
         curve, tps = _curve(run_dir, cfg.train.global_batch * cfg.data.seq_len)
         rows[name] = {"family": cfg.family.name, "parameters": params["total"],
                       "head_share": params["head_share"], "peak_train_bytes": mem.peak_bytes,
