@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "tdlm"
 LAYERS = {"errors": 0, "utils": 0, "config": 1, "schedules": 2, "nn": 2, "data": 2,
           "vocab_tree": 2, "sampling": 2, "store": 2, "flops": 2, "families": 3, "pipeline": 4,
           "train": 5, "eval": 5, "scheduling": 5, "export": 5, "outputs": 5, "generation": 5,
-          "mainjob": 5, "viewer": 5, "api": 6, "cli": 7,
+          "mainjob": 5, "viewer": 5, "convert": 5, "api": 6, "cli": 7,
           # deprecated aliases of moved packages (tdlm.tree -> vocab_tree, tdlm.did ->
           # families.did): façades like api, imported by nothing inside the package
           "tree": 6, "did": 6}

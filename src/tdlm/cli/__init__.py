@@ -10,6 +10,7 @@
     tdlm info --preset mdlm-small [--preset ...] [--json]
     tdlm fit --preset mdlm-small --seq-len 1024 --batch 8 --memory 24 40 80   peak memory, micro-batch
     tdlm export RUN_OR_CKPT --out DIR    shareable folder (tdlm.load / tdlm.from_pretrained)
+    tdlm convert kuleshov-group/mdlm-owt --out DIR   published MDLM/DUO checkpoint -> that format
 
 User errors (bad config, data, checkpoints, paths, usage) print ``error: <one line>`` on
 stderr and exit with status 2 (no traceback); nothing existing is overwritten.
@@ -20,6 +21,7 @@ import argparse
 import sys
 
 from ..errors import TdlmError
+from . import convert as _convert_cmd  # noqa: F401
 from . import eval as _eval_cmd, export as _export_cmd, info as _info_cmd  # noqa: F401
 from . import fit as _fit_cmd  # noqa: F401
 from . import genppl as _genppl_cmd, schedule as _schedule_cmd  # noqa: F401
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     a group of subcommands)."""
     ap = _Parser(prog="tdlm", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for m in (_run_cmd, _train_cmd, _eval_cmd, _sample_cmd, _export_cmd, _info_cmd,
+    for m in (_run_cmd, _train_cmd, _eval_cmd, _sample_cmd, _export_cmd, _convert_cmd, _info_cmd,
               _fit_cmd, _genppl_cmd, _schedule_cmd):
         m.add_parser(sub)
     from .bench import add_bench_parser

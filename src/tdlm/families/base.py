@@ -71,6 +71,14 @@ class Family:
     sample_options: frozenset = frozenset()
     reports_forwards = False    # its sampler records forward passes in a ForwardLog
     layouts: tuple = ("packed", "crop_pad", "packed_bos")   # data layouts it trains on
+    # published checkpoint layouts this family imports (``tdlm convert --from NAME``):
+    # NAME -> fn(state, hub_config, vocab_size) -> (RunConfig, state_dict, notes)
+    importers: ClassVar[dict] = {}
+
+    @staticmethod
+    def detect_import(hub_config: dict, state: dict, vocab_size: int) -> Optional[str]:
+        """Which of :attr:`importers` fits a published checkpoint (None: none of them)."""
+        return None
 
     def describe(self) -> dict:
         """Family-specific facts for ``tdlm info``, sample metadata and model cards."""
@@ -292,6 +300,28 @@ def family_names(**declared) -> list[str]:
     _discover()
     return sorted(n for n, c in _REGISTRY.items()
                   if all(getattr(c, k) == v for k, v in declared.items()))
+
+
+def importer_for(source: str) -> tuple[str, Callable]:
+    """``(family name, fn)`` of the family that imports published checkpoints of layout
+    ``source`` (:attr:`Family.importers`); one-line ConfigError when none does."""
+    _discover()
+    found = {src: (n, c.importers[src]) for n, c in _REGISTRY.items() for src in c.importers}
+    if source not in found:
+        raise ConfigError(f"no family imports {source!r} checkpoints; known: "
+                          f"{', '.join(sorted(found)) or 'none'}")
+    return found[source]
+
+
+def detect_import(hub_config: dict, state: dict, vocab_size: int) -> Optional[str]:
+    """The published layout a family recognises in a checkpoint (``tdlm convert --from
+    auto``), or None."""
+    _discover()
+    for cls in _REGISTRY.values():
+        found = cls.detect_import(hub_config, state, vocab_size)
+        if found is not None:
+            return found
+    return None
 
 
 def get_family_class(name: str) -> type:

@@ -135,12 +135,15 @@ Intended use, training data details, evaluation and limitations: (to be written)
 """
 
 
-def write_pretrained(pipe, folder, *, overwrite: bool = False) -> Path:
+def write_pretrained(pipe, folder, *, overwrite: bool = False,
+                     provenance: Optional[dict] = None) -> Path:
     """Write ``pipe`` (an object with ``cfg``, ``family``, ``model``, ``tokenizer``,
     ``checkpoint`` and ``weights``: a :class:`tdlm.pipeline.Pipeline`) to ``folder`` as an
-    exported model (layout and guarantees: module docstring). Returns the folder. Raises
-    TdlmError (one line) when the target exists and is not empty (unless ``overwrite``) or
-    cannot be written."""
+    exported model (layout and guarantees: module docstring). ``provenance``: where weights
+    that were not trained here come from (``tdlm convert``: ``{"source": ..., "notes": [...],
+    ...}``), stored in the manifest as ``converted_from`` and shown in the model card.
+    Returns the folder. Raises TdlmError (one line) when the target exists and is not empty
+    (unless ``overwrite``) or cannot be written."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -158,6 +161,8 @@ def write_pretrained(pipe, folder, *, overwrite: bool = False) -> Path:
     step = ck.trainer.get("step") if ck is not None else None
     # provenance without the local absolute path: <run>/checkpoints/step_N
     source = Path(*ck.path.parts[-3:]).as_posix() if ck is not None else "in-memory model"
+    if provenance is not None:
+        source = str(provenance.get("source", source))
     try:
         with atomic_folder(folder, replace=True, prefix=".tmp-export-") as tmp:
             (tmp / "config.json").write_text(json.dumps(pipe.cfg.to_dict(), indent=2,
@@ -175,14 +180,19 @@ def write_pretrained(pipe, folder, *, overwrite: bool = False) -> Path:
                 n_params = int(count_parameters(pipe.model)["total"])
             except Exception:           # the card is cosmetic
                 n_params = sum(p.numel() for p in pipe.model.parameters())
-            (tmp / "README.md").write_text(_model_card(pipe.cfg, family, weights, step, source,
-                                                       n_params, pipe.family.describe()),
-                                           encoding="utf-8")
+            card = _model_card(pipe.cfg, family, weights, step, source, n_params,
+                               pipe.family.describe())
+            if provenance is not None:
+                card += "\n## Provenance\n\n" + "".join(
+                    f"- {n}\n" for n in provenance.get("notes", [f"converted from {source}"]))
+            (tmp / "README.md").write_text(card, encoding="utf-8")
             files = {p.relative_to(tmp).as_posix(): sha256_file(p)
                      for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != "README.md"}
             write_json(tmp / MANIFEST, {"format": PRETRAINED_FORMAT, "family": family,
                                         "weights": weights, "step": step, "source": source,
                                         "tdlm_version": __version__, "extras": extras,
+                                        **({"converted_from": provenance} if provenance
+                                           else {}),
                                         "files": files})
     except OSError as e:
         what = e.strerror or (str(e).splitlines() or [type(e).__name__])[0]

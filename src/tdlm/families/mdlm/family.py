@@ -28,6 +28,7 @@ The last step's remaining masks are filled with the argmax ("noise removal"). Th
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -42,6 +43,7 @@ from ...sampling.loop import AncestralLoop, ForwardLog, Step, reverse_step, reso
 from ...schedules import (SAMPLE_T_MIN, discrete_weight, discretize, get_schedule,
                          sample_times, truncate)
 from .config import MDLMSampleOptions
+from .convert import SOURCES, convert_published, detect
 from ..base import (Family, LossTerms, Regime, model_device, packed_layout, per_sequence,
                     per_token, register)
 
@@ -96,6 +98,9 @@ class MaskedDiffusion(Family):
     SampleOptions = MDLMSampleOptions
     discrete_time = True
     schedulable = True
+    # the MDLM and DUO papers' published DiT checkpoints (tdlm.families.mdlm.convert)
+    importers = {src: partial(convert_published, source=src) for src in SOURCES}
+    detect_import = staticmethod(detect)
 
     def __init__(self, cfg: RunConfig, **resources):
         super().__init__(cfg)
