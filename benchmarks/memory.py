@@ -78,6 +78,8 @@ def worker(model_name: str, regime: str, batch: int, steps: int, threads: int) -
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = get_preset(model_name)
+    if hasattr(cfg.family, "head_impl"):
+        cfg.family.head_impl = "reference"     # the papers' MDLM head (full fp32 logits)
     mc = model_cfg(cfg, SEQ_LEN, activation_checkpointing=regime.endswith("ckpt"))
     cfg.data.seq_len = SEQ_LEN
     precision = "bf16" if regime.startswith("bf16") else "fp32"

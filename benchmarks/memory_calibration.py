@@ -55,6 +55,8 @@ def _status_bytes(key: str) -> int:
 def preset_cfg(name: str, regime: str, seq_len: int):
     from tdlm.config import get_preset
     cfg = get_preset(name)
+    if hasattr(cfg.family, "head_impl"):
+        cfg.family.head_impl = "reference"     # as calibrated (the papers' MDLM head)
     cfg.backbone.max_seq_len = max(cfg.backbone.max_seq_len, seq_len)
     cfg.data.seq_len = seq_len
     cfg.train.precision = "fp32"

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 GIB = 1024 ** 3
-VARIANTS = (("MDLM (reference)", "mdlm-{}", []),
+VARIANTS = (("MDLM (reference)", "mdlm-{}", ["family.head_impl=reference"]),
             ("MDLM (chunked head)", "mdlm-{}", ["family.head_impl=chunked"]),
             ("TDLM", "tdlm-{}", []))
 CARDS = (24, 40, 80)

@@ -1,6 +1,7 @@
-"""The chunked (fused linear cross-entropy) MDLM head equals the reference SUBS head.
+"""The lean MDLM heads equal the reference SUBS head.
 
-``family.head_impl = "chunked"`` never builds the [B, L, V] logits or log-probabilities; its
+``family.head_impl = "masked"`` (the default) computes the output layer and a fused
+cross-entropy on the counted masked positions only; ``"chunked"`` never builds the [B, L, V] logits or log-probabilities; its
 loss and gradients must equal ``subs_log_probs`` + gather's, on masked positions (scored),
 unmasked ones (SUBS carry-over: no loss, no gradient) and padding (never counted), in fp32;
 in fp64 the chunked function equals the fp64 cross-entropy to rounding."""
@@ -62,8 +63,9 @@ def grads(model, feats, loss):
     return [p.grad.clone() for p in model.parameters()], feats.grad.clone()
 
 
-def test_chunked_equals_reference_fp32():
-    fam, model = make("chunked", chunk=5)
+@pytest.mark.parametrize("impl", ["masked", "chunked"])
+def test_lean_heads_equal_reference_fp32(impl):
+    fam, model = make(impl, chunk=5)
     x0, z, valid, w = batch_case()
     feats, ref, new = head_losses(fam, model, x0, z, valid, w)
     assert torch.allclose(new.nll, ref.nll, rtol=1e-5, atol=1e-5)
@@ -79,18 +81,19 @@ def test_chunked_equals_reference_fp32():
     assert scored.any() and (~scored & valid).any() and ((z == V) & ~valid).any()
 
 
-def test_objective_uses_the_chunked_head():
+def test_objective_uses_the_lean_heads():
     x0, _, valid, _ = batch_case()
     batch = {"input_ids": x0, "valid": valid}
     out = {}
-    for impl in ("reference", "chunked"):
+    for impl in ("reference", "chunked", "masked"):
         fam, model = make(impl, chunk=7)
         terms = fam.loss(model, batch, torch.Generator().manual_seed(5))
         terms.nll.sum().backward()
         out[impl] = (terms.nll.detach(), [p.grad for p in model.parameters()])
-    assert torch.allclose(out["chunked"][0], out["reference"][0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(out["chunked"][1], out["reference"][1]):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    for impl in ("chunked", "masked"):
+        assert torch.allclose(out[impl][0], out["reference"][0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(out[impl][1], out["reference"][1]):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
@@ -111,8 +114,9 @@ def test_linear_cross_entropy_matches_dense(dtype, tol):
             assert torch.allclose(a, c, rtol=tol, atol=tol)
 
 
-def test_chunked_head_fp64_model():
-    fam, model = make("chunked", chunk=4, dtype=torch.float64)
+@pytest.mark.parametrize("impl", ["masked", "chunked"])
+def test_lean_heads_fp64_model(impl):
+    fam, model = make(impl, chunk=4, dtype=torch.float64)
     x0, z, valid, w = batch_case()
     feats = model.features(z, torch.zeros(B, dtype=torch.float64))
     new = fam.loss_from_features(model, feats, x0, z, w, valid)

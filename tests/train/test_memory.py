@@ -27,7 +27,8 @@ V, L = 500, 32
 
 
 def small(family="mdlm", ckpt=False, ema=0.0, **fam):
-    f = {"name": "mdlm", **fam} if family == "mdlm" else {"name": "tdlm", "K": 24, "H": 2}
+    f = {"name": "mdlm", "head_impl": "reference", **fam} if family == "mdlm" \
+        else {"name": "tdlm", "K": 24, "H": 2}
     return RunConfig.from_dict({
         "version": 2, "family": f,
         "backbone": {"vocab_size": V, "d_model": 32, "n_layers": 1, "n_heads": 2,

@@ -87,20 +87,23 @@ class RuntimeOptions:
     device_type: str
     autocast_bf16: bool      # bf16 autocast around the forward (CUDA and precision=bf16)
     compile: bool            # torch.compile each transformer block (CUDA and train.compile)
-    fused_adamw: bool        # AdamW(fused=True) (CUDA)
+    fused_adamw: bool        # AdamW(fused=True): one kernel over all parameters (CUDA, CPU)
     flash_sdpa: bool         # SDPA backends in the order flash, mem-efficient, cuDNN, math (CUDA)
     backend: str             # torch.distributed backend: nccl (CUDA) or gloo
 
 
 def resolve_runtime(tc, device: torch.device) -> RuntimeOptions:
-    """GPU code paths are used on CUDA only; on the CPU all are off (bf16 matmuls and
-    torch.compile are slow or fragile there, fused AdamW and flash attention are CUDA kernels).
+    """GPU code paths are used on CUDA only; on the CPU they are off (bf16 matmuls and
+    torch.compile are slow or fragile there, flash attention is a CUDA kernel), except fused
+    AdamW, which PyTorch has for both: one vectorised pass over all parameters instead of
+    the per-tensor loop (same update up to float rounding; tests/train/test_lean_step.py).
     ``autocast_bf16`` agrees with ``tdlm.families.base.autocast_ctx`` (tests/train/test_gpu_paths.py)."""
-    cuda = torch.device(device).type == "cuda"
-    return RuntimeOptions(device_type=torch.device(device).type,
+    kind = torch.device(device).type
+    cuda = kind == "cuda"
+    return RuntimeOptions(device_type=kind,
                           autocast_bf16=cuda and tc.precision == "bf16",
-                          compile=cuda and bool(tc.compile), fused_adamw=cuda, flash_sdpa=cuda,
-                          backend="nccl" if cuda else "gloo")
+                          compile=cuda and bool(tc.compile), fused_adamw=kind in ("cuda", "cpu"),
+                          flash_sdpa=cuda, backend="nccl" if cuda else "gloo")
 
 
 def sdpa_context(opts: RuntimeOptions):

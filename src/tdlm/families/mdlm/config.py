@@ -8,7 +8,7 @@ from ...sampling.result import SampleOptions
 from ...schedules import SAMPLE_T_MIN
 from ...config import NoiseSection, opt, register_section
 
-HEAD_IMPLS = ("reference", "chunked")
+HEAD_IMPLS = ("masked", "reference", "chunked")
 
 
 @register_section
@@ -21,7 +21,7 @@ class MDLMConfig(NoiseSection):
     num_timesteps: int = opt(0, "0: continuous-time NELBO; T > 0: the discrete-time bound with T steps")
     keep_first: bool = opt(False, "position 0 (BOS) is never masked nor counted (the DID comparison)")
     train_on_padding: bool = opt(False, "crop_pad: training also models the padding (GIDD); evaluation never counts it")
-    head_impl: str = opt("reference", "loss head: reference (full [B, L, V] fp32 logits and SUBS log-probabilities, as MDLM's code) | chunked (fused linear cross-entropy over the masked positions, head_chunk rows at a time, logits recomputed in backward; same loss and gradients)")
+    head_impl: str = opt("masked", "loss head: masked (the output layer and a fused cross-entropy on the counted masked positions only: the lean default) | reference (full [B, L, V] fp32 logits and SUBS log-probabilities, as MDLM's code; what the memory comparisons use) | chunked (fused linear cross-entropy over the masked positions, head_chunk rows at a time, logits recomputed in backward); all three give the same loss and gradients")
     head_chunk: int = opt(1024, "head_impl=chunked: positions per chunk (memory ~ head_chunk x V x 4 bytes per working tensor)")
 
     def __post_init__(self) -> None:

@@ -146,7 +146,9 @@ class MaskedDiffusion(Family):
             valid = valid.clone()
             valid[first] = False
         sigma = self.schedule.time_input(t)
-        if self.cfg.family.head_impl == "chunked":
+        # the lean heads need the output layer apart (MaskedLM.features / output_weights); a
+        # model that only returns logits (e.g. an exact oracle) is scored by the reference head
+        if self.cfg.family.head_impl != "reference" and hasattr(model, "output_weights"):
             feats = model.features(z, sigma) if lay is None else model.features(z, sigma, layout=lay)
             return self.loss_from_features(model, feats, x0, z, w, valid, lay)
         logits = model(z, sigma) if lay is None else model(z, sigma, layout=lay)
@@ -162,16 +164,24 @@ class MaskedDiffusion(Family):
         return LossTerms(nll=nll, n_tokens=per_sequence(valid.float(), layout), parts={})
 
     def loss_from_features(self, model, feats, x0, z, w, valid, layout=None) -> LossTerms:
-        """``loss_from_logits`` without the [B, L, V] tensors (``family.head_impl =
-        "chunked"``): SUBS gives unmasked positions probability 1 on their own token
-        (carry-over) and so zero loss and zero gradient, so only the counted masked
-        positions reach the output layer, through ``tdlm.nn.chunked_ce`` (``head_chunk``
-        rows at a time, logits recomputed in backward). Same loss and gradients as the
-        reference path up to float summation order (tests/families/test_mdlm_chunked_head.py)."""
+        """``loss_from_logits`` without the [B, L, V] tensors (``family.head_impl`` =
+        ``masked`` or ``chunked``): SUBS gives unmasked positions probability 1 on their own
+        token (carry-over) and so zero loss and zero gradient, and the [MASK] class
+        probability 0 (its output is never computed), so only the M counted masked positions
+        reach the output layer: ``CE_i = logsumexp_v(W h_i + b)_v - (W h_i + b)_{x_i}``.
+        ``masked``: one [M, V] product and PyTorch's fused cross-entropy (fp32 logits);
+        ``chunked``: ``tdlm.nn.chunked_ce``, ``head_chunk`` rows at a time, logits recomputed
+        in backward. Same loss and gradients as the reference path up to float summation
+        order (tests/families/test_mdlm_chunked_head.py)."""
         scored = (z == self.mask_id) & valid
         weight, bias = model.output_weights()
-        ce = linear_cross_entropy(feats[scored], weight, bias, x0[scored],
-                                  self.cfg.family.head_chunk)
+        if self.cfg.family.head_impl == "chunked":
+            ce = linear_cross_entropy(feats[scored], weight, bias, x0[scored],
+                                      self.cfg.family.head_chunk)
+        else:
+            logits = F.linear(feats[scored], weight, bias)
+            acc = torch.promote_types(logits.dtype, torch.float32)   # fp32 under bf16
+            ce = F.cross_entropy(logits.to(acc), x0[scored], reduction="none")
         ce_full = torch.zeros(z.shape, dtype=ce.dtype, device=z.device)
         ce_full[scored] = ce
         nll = w.to(ce.dtype) * per_sequence(ce_full, layout)
