@@ -39,26 +39,36 @@ from pathlib import Path
 
 MAIN = {"mdlm": "mdlm-cpu", "tdlm": "tdlm-cpu"}
 AR = ("ar", "ar-cpu")
-#: ablations at one seed: (run name, preset, overrides)
+#: ablations at one seed
+# (name, preset, overrides[, run it needs finished first]); "{work}" and "{seed}" are filled in
 ABLATIONS = [
+    ("tdlm-tree-exchange", "tdlm-cpu", ["family.tree_source=exchange"]),
     ("tdlm-tree-frequency", "tdlm-cpu", ["family.tree_source=frequency"]),
     ("tdlm-tree-random", "tdlm-cpu", ["family.tree_source=random"]),
     ("tdlm-H3", "tdlm-cpu", ["family.K=21", "family.H=3"]),
+    # the tree from the trained MDLM's input embeddings (same tokenizer, same data)
+    ("tdlm-tree-checkpoint", "tdlm-cpu", ["family.tree_source=checkpoint",
+                                          "family.tree_path={work}/mdlm-s{seed}"], "mdlm-s{seed}"),
 ]
 EVAL_REPEATS = 4
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
        9: 2.262}
 
 
-def plan(seeds, ablations: bool) -> list[tuple[str, str, list]]:
-    """(run name, preset, overrides) in start order: the main pair for every seed first."""
+def plan(seeds, ablations: bool, work: Path = Path("{work}")) -> list[tuple]:
+    """(run name, preset, overrides, needs) in start order: the main pair for every seed
+    first; ``needs`` names a run that must have finished before this one starts (or None)."""
     runs = []
     for s in seeds:
         for m, preset in MAIN.items():
-            runs.append((f"{m}-s{s}", preset, [f"train.seed={s}"]))
-    runs.append((f"{AR[0]}-s{seeds[0]}", AR[1], [f"train.seed={seeds[0]}"]))
+            runs.append((f"{m}-s{s}", preset, [f"train.seed={s}"], None))
+    runs.append((f"{AR[0]}-s{seeds[0]}", AR[1], [f"train.seed={seeds[0]}"], None))
     if ablations:
-        runs += [(f"{n}-s{seeds[0]}", p, o + [f"train.seed={seeds[0]}"]) for n, p, o in ABLATIONS]
+        s0 = seeds[0]
+        for n, p, o, *needs in ABLATIONS:
+            o = [x.format(work=work, seed=s0) for x in o]
+            runs.append((f"{n}-s{s0}", p, o + [f"train.seed={s0}"],
+                         needs[0].format(seed=s0) if needs else None))
     return runs
 
 
@@ -101,14 +111,22 @@ def commands(name: str, preset: str, sets: list, work: Path, steps: int | None) 
 def run_all(a) -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    todo = [(n, commands(n, p, s, work, a.steps)) for n, p, s in plan(a.seeds, a.ablations)]
-    todo = [(n, c) for n, c in todo if c]
+    todo = [(n, commands(n, p, s, work, a.steps), need)
+            for n, p, s, need in plan(a.seeds, a.ablations, work)]
+    todo = [(n, c, need) for n, c, need in todo if c]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     running: list = []
     log = open(work / "study.log", "a")
     while todo or running:
-        while todo and len(running) < a.lanes:
-            name, cmds = todo.pop(0)
+        ready = [t for t in todo if t[2] is None
+                 or (work / t[2] / "final_eval" / "metrics.json").exists()]
+        if not ready and not running:
+            raise SystemExit(f"[parity] cannot start {[t[0] for t in todo]}: the runs they need "
+                             "did not finish")
+        while ready and len(running) < a.lanes:
+            item = ready.pop(0)
+            todo.remove(item)
+            name, cmds, _ = item
             script = " && ".join(shlex.join(c) for c in cmds)
             print(f"[parity] start {name}: {script}", flush=True)
             log.write(f"{time.strftime('%F %T')} start {name}\n")

@@ -8,15 +8,9 @@ The authors' code is never copied into this repository: pass the paths of local 
         --flash-attn /tmp/peers/flash-attention
 
 needs ``einops omegaconf huggingface_hub`` (the authors' imports). flash-attn's CUDA kernels
-cannot run on a CPU, so a temporary ``flash_attn`` package is assembled from:
-
-* ``flash_attn/layers/rotary.py``: the real file of the flash-attention checkout (its
-  ``apply_rotary_emb_torch`` is the reference its own tests check the Triton kernel against);
-* ``flash_attn.ops.triton.rotary.apply_rotary`` (the Triton kernel): a stand-in written here
-  that calls that reference ``apply_rotary_emb_torch`` (in place when asked, conjugate = -sin);
-* ``flash_attn_varlen_qkvpacked_func`` (MDLM's attention): a stand-in written here, per-sequence
-  ``F.scaled_dot_product_attention`` with the default 1/sqrt(head_dim) scale. DUO's DiT already
-  uses SDPA itself.
+cannot run on a CPU: ``benchmarks/peer_code.py`` assembles a temporary ``flash_attn`` package
+from flash-attention's own reference rotary function and a per-sequence SDPA stand-in for
+its varlen attention (said there and in provenance.json).
 
 Each family's DiT is built from its own repository with random weights (adaLN and the output
 layer are zero at init; everything is re-drawn so every parameter matters), run in float32 on
@@ -27,67 +21,20 @@ fixed tokens and noise levels, and saved as the published checkpoints are laid o
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import subprocess
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
 
 import torch
 
-OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "published"
-
-TRITON_STANDIN = '''
-def apply_rotary(x, cos, sin, seqlen_offsets=0, cu_seqlens=None, max_seqlen=None,
-                 interleaved=False, inplace=False, conjugate=False):
-    """Stand-in for the Triton kernel: flash-attention's reference apply_rotary_emb_torch."""
-    assert cu_seqlens is None and (not isinstance(seqlen_offsets, int) or seqlen_offsets == 0)
-    from flash_attn.layers.rotary import apply_rotary_emb_torch
-    out = apply_rotary_emb_torch(x, cos, -sin if conjugate else sin, interleaved)
-    if inplace:
-        x.copy_(out)
-        return x
-    return out
-'''
-
-ATTN_STANDIN = '''
-import torch
-import torch.nn.functional as F
-
-def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
-                                     softmax_scale=None, causal=False, **kw):
-    """Stand-in (CPU): qkv [T, 3, H, D] -> [T, H, D], attention within each segment."""
-    assert dropout_p == 0.0
-    out = torch.empty_like(qkv[:, 0])
-    bounds = cu_seqlens.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        q, k, v = (qkv[a:b, i].transpose(0, 1) for i in range(3))      # [H, S, D]
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale)
-        out[a:b] = o.transpose(0, 1)
-    return out
-'''
-
-
-def shim(root: Path, flash: Path) -> None:
-    pkg = root / "flash_attn"
-    for sub in ("", "layers", "ops", "ops/triton"):
-        (pkg / sub).mkdir(parents=True, exist_ok=True)
-        (pkg / sub / "__init__.py").write_text("")
-    (pkg / "__init__.py").write_text("from . import flash_attn_interface, layers  # noqa\n"
-                                     "from .layers import rotary  # noqa\n")
-    (pkg / "layers" / "rotary.py").write_text(
-        (flash / "flash_attn" / "layers" / "rotary.py").read_text())
-    (pkg / "ops" / "triton" / "rotary.py").write_text(textwrap.dedent(TRITON_STANDIN))
-    (pkg / "flash_attn_interface.py").write_text(textwrap.dedent(ATTN_STANDIN))
-
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "tests" / "fixtures" / "published"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from peer_code import STAND_INS, commit, flash_attn_shim, load_module  # noqa: E402
 
 def load_dit(repo: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, repo / "models" / "dit.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module(repo / "models" / "dit.py", name)
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
@@ -142,11 +89,6 @@ def build(which: str, repo: Path, seed: int) -> dict:
     return {"rows": rows, "vocab_size": V, "time_conditioning": time_conditioning}
 
 
-def commit(p: Path) -> str:
-    return subprocess.run(["git", "-C", str(p), "rev-parse", "HEAD"], capture_output=True,
-                          text=True).stdout.strip() or "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mdlm", type=Path, required=True)
@@ -155,8 +97,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        shim(Path(tmp), a.flash_attn)
-        sys.path.insert(0, tmp)
+        flash_attn_shim(Path(tmp), a.flash_attn)
         info = {w: build(w, p, a.seed) for w, p in (("mdlm", a.mdlm), ("duo", a.duo))}
     prov = {
         "command": "python scripts/make_published_fixture.py --mdlm <mdlm checkout> --duo "
@@ -170,11 +111,7 @@ def main() -> None:
                     "flash-attention": {"repo": "github.com/Dao-AILab/flash-attention",
                                         "commit": commit(a.flash_attn),
                                         "file": "flash_attn/layers/rotary.py"}},
-        "stand_ins": ["flash_attn.ops.triton.rotary.apply_rotary -> flash-attention's reference "
-                      "apply_rotary_emb_torch (its tests' reference for the kernel)",
-                      "flash_attn_varlen_qkvpacked_func -> per-sequence "
-                      "torch.nn.functional.scaled_dot_product_attention (MDLM only; DUO calls "
-                      "SDPA itself)"],
+        "stand_ins": STAND_INS,
         "files": {"model.safetensors": "the DIT's state_dict with the hub's `backbone.` prefix",
                   "config.json": "hub-style config (MDLM's HF config field names)",
                   "logits.safetensors": "tokens [B, L], sigma [B], logits = DIT(tokens, sigma), "

@@ -91,7 +91,7 @@ def test_mdlm_keep_first_conditions_on_bos_like_did():
     x = torch.randint(0, 10, (64, 8))
     x[:, 0] = 10 - 1
     seen = []
-    model.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+    model.backbone.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
     terms = fam.loss(model, {"input_ids": x}, torch.Generator().manual_seed(0), exact=True)
     z = seen[-1]
     assert torch.equal(z[:, 0], x[:, 0])                   # BOS never masked

@@ -32,6 +32,7 @@ def run(cfg, fused: bool, steps=4):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     opts = replace(resolve_runtime(cfg.train, torch.device("cpu")), fused_adamw=fused)
+    assert opts.compile == bool(cfg.train.compile)
     ctx = single_process(fam, model, cfg, torch.device("cpu"), opts=opts)
     assert bool(ctx.opt.defaults.get("fused")) == fused
     g = torch.Generator().manual_seed(3)
@@ -64,3 +65,30 @@ def test_lean_head_trains_like_the_reference_head():
     assert l_ref == pytest.approx(l_lean, rel=1e-5)
     for a, b in zip(p_ref, p_lean):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_without_a_cpu_compiler_is_a_notice_and_eager(monkeypatch, capsys):
+    import tdlm.train.step as step
+    monkeypatch.setattr(step, "cpu_compiler", lambda: None)
+    monkeypatch.setattr(step, "_NOTICED", set())
+    tc = replace(cfg_for().train, compile=True)
+    assert not step.resolve_runtime(tc, torch.device("cpu")).compile
+    assert not step.resolve_runtime(tc, torch.device("cpu")).compile
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("notice: train.compile: no C++ compiler")
+
+
+@pytest.mark.slow
+def test_compiled_cpu_blocks_train_like_eager():
+    """inductor on the CPU (needs a C++ compiler): the same losses and parameters."""
+    from tdlm.train.step import cpu_compiler
+    if cpu_compiler() is None:
+        pytest.skip("no C++ compiler")
+    cfg = cfg_for()
+    l_eager, p_eager = run(cfg, fused=True, steps=3)
+    cfg.train.compile = True
+    assert resolve_runtime(cfg.train, torch.device("cpu")).compile
+    l_comp, p_comp = run(cfg, fused=True, steps=3)
+    assert l_eager == pytest.approx(l_comp, rel=1e-4)
+    for a, b in zip(p_eager, p_comp):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

@@ -13,7 +13,7 @@ def add_tree_parser(sub) -> None:
 
     b = tsub.add_parser("build", help="build a tree")
     b.add_argument("--source", default="corpus",
-                   choices=["corpus", "random", "frequency", "checkpoint"],
+                   choices=["corpus", "exchange", "random", "frequency", "checkpoint"],
                    help="embedding source (corpus: PPMI + truncated SVD of the training tokens)")
     b.add_argument("--K", type=int, default=256, help="max children per node")
     b.add_argument("--H", type=int, default=2, help="height (levels)")

@@ -134,7 +134,7 @@ class TrainConfig:
     seed: int = opt(0, "seed of initialisation, noise and data order")
     precision: str = opt("fp32", "fp32 | bf16 (bf16 autocast, CUDA only)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
-    compile: bool = opt(False, "torch.compile the transformer blocks (CUDA only)")
+    compile: bool = opt(False, "torch.compile the transformer blocks (CUDA; the CPU too when a C++ compiler is found, else a one-line notice and eager)")
     parallel: str = opt("ddp", "ddp | fsdp (multi-process runs only)")
     activation_checkpointing: bool = opt(False, "recompute each block's activations in backward (applied by train.parallel)")
     tracker: str = opt("none", "experiment tracker fed metrics.jsonl's scalars and the config on rank 0: none | tensorboard (<run>/tensorboard) | wandb (WANDB_* variables honoured)")

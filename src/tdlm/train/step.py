@@ -92,17 +92,50 @@ class RuntimeOptions:
     backend: str             # torch.distributed backend: nccl (CUDA) or gloo
 
 
+_NOTICED: set = set()
+
+
+def cpu_compiler() -> Optional[str]:
+    """The C++ compiler inductor's CPU backend would use (``$CXX``, else c++/g++/clang++ on
+    PATH), or None."""
+    import os
+    import shutil
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _compile_on(tc, kind: str) -> bool:
+    """``train.compile`` on this device kind: CUDA always; the CPU when a C++ compiler is
+    there (inductor's CPU backend needs one), else a one-line notice (once) and eager."""
+    if not tc.compile:
+        return False
+    if kind == "cuda":
+        return True
+    if kind == "cpu" and cpu_compiler() is not None:
+        return True
+    if kind not in _NOTICED:
+        _NOTICED.add(kind)
+        import sys
+        why = "no C++ compiler found for inductor's CPU backend (set CXX or install g++)" \
+            if kind == "cpu" else f"not supported on {kind}"
+        print(f"notice: train.compile: {why}; the blocks run eagerly", file=sys.stderr)
+    return False
+
+
 def resolve_runtime(tc, device: torch.device) -> RuntimeOptions:
-    """GPU code paths are used on CUDA only; on the CPU they are off (bf16 matmuls and
-    torch.compile are slow or fragile there, flash attention is a CUDA kernel), except fused
-    AdamW, which PyTorch has for both: one vectorised pass over all parameters instead of
-    the per-tensor loop (same update up to float rounding; tests/train/test_lean_step.py).
+    """GPU code paths are used on CUDA only; on the CPU they are off (bf16 matmuls are slow
+    there, flash attention is a CUDA kernel), except fused AdamW, which PyTorch has for both
+    (one vectorised pass over all parameters instead of the per-tensor loop; same update up
+    to float rounding), and ``train.compile``, which compiles the blocks on the CPU too when
+    a C++ compiler is present (:func:`_compile_on`; tests/train/test_lean_step.py).
     ``autocast_bf16`` agrees with ``tdlm.families.base.autocast_ctx`` (tests/train/test_gpu_paths.py)."""
     kind = torch.device(device).type
     cuda = kind == "cuda"
     return RuntimeOptions(device_type=kind,
                           autocast_bf16=cuda and tc.precision == "bf16",
-                          compile=cuda and bool(tc.compile), fused_adamw=kind in ("cuda", "cpu"),
+                          compile=_compile_on(tc, kind), fused_adamw=kind in ("cuda", "cpu"),
                           flash_sdpa=cuda, backend="nccl" if cuda else "gloo")
 
 

@@ -426,10 +426,13 @@ def _check_ratios(r: float, lo: float, hi: float) -> None:
 def build_tree(embeddings: np.ndarray, K: int, H: int, seed: int = 0,
                leaf_capacity_ratio: float = 1.0, min_size_ratio: float = 0.1,
                max_size_ratio: float = 5.0, vocab_hash: str = "", meta: dict | None = None,
-               *, max_iter: int = 20, tol: float = 1e-4) -> VocabTree:
+               *, max_iter: int = 20, tol: float = 1e-4, refine=None) -> VocabTree:
     """Build a :class:`VocabTree` of height ``H``, branching ``<= K``, over the ``V`` rows of
     ``embeddings [V, d]`` by top-down balanced k-means (module docstring). Deterministic in
-    ``seed``. ``meta`` (e.g. ``{"embedding_source": ...}``) is stored with the build settings."""
+    ``seed``. ``meta`` (e.g. ``{"embedding_source": ...}``) is stored with the build settings.
+    ``refine(level, tokens, local) -> (local, stats)``: applied to every level's k-means split
+    under the same capacities (e.g. likelihood-based exchange,
+    :func:`tdlm.vocab_tree.exchange.exchange_refiner`)."""
     t0 = time.perf_counter()
     X = np.asarray(embeddings)
     if X.ndim != 2 or X.shape[0] < 1 or X.shape[1] < 1:
@@ -465,6 +468,9 @@ def build_tree(embeddings: np.ndarray, K: int, H: int, seed: int = 0,
             lv = _Level(X[perm[pts]], remap[seg[pts]], sizes[active], g[active], lo[active],
                         hi[active])
             loc, kst = balanced_kmeans_level(lv, rng, max_iter=max_iter, tol=tol)
+            if refine is not None:
+                loc, est = refine(lv, perm[pts], loc)
+                kst.update(est)
             local[pts] = loc
             st.update(kst)
         level_stats[str(h)] = st
@@ -474,7 +480,9 @@ def build_tree(embeddings: np.ndarray, K: int, H: int, seed: int = 0,
         node_of[perm] = new_sorted
         m = int(g.sum())
         labels[h - 1] = node_of
-    info = {"method": "balanced_kmeans", "seed": int(seed), "K": int(K), "H": int(H),
+    info = {"method": "balanced_kmeans" + (f"+{getattr(refine, 'name', 'refined')}"
+                                           if refine is not None else ""),
+            "seed": int(seed), "K": int(K), "H": int(H),
             "leaf_capacity_ratio": float(leaf_capacity_ratio),
             "min_size_ratio": float(min_size_ratio), "max_size_ratio": float(max_size_ratio),
             "embedding_dim": int(X.shape[1]), "levels": level_stats}

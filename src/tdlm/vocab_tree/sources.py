@@ -3,6 +3,8 @@
 * ``corpus``: PPMI + truncated SVD embeddings of the training token stream, then balanced
   k-means (default; needs no trained model).
 * ``checkpoint``: the input embeddings of a trained checkpoint (``tree_path``).
+* ``exchange``: the ``corpus`` tree's splits refined by likelihood-based (exchange)
+  clustering of the corpus bigrams under the same capacities (:mod:`.exchange`).
 * ``random`` / ``frequency``: ablation baselines.
 * ``file``: a tree saved by ``tdlm tree build`` (checked against the tokenizer's vocab hash).
 (``tdlm.families.tdlm.resources.tree_for_run`` picks the source from a run's config and caches
@@ -26,8 +28,12 @@ def build_from_source(source: str, V: int, K: int, H: int, *, seed: int = 0,
     if source == "frequency":
         counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=V)[:V]
         return build_frequency_tree(counts, K, H, capacity_ratio, vocab_hash=vocab_hash, meta=meta)
-    if source == "corpus":
+    refine = None
+    if source in ("corpus", "exchange"):
         emb = corpus_embeddings(np.asarray(tokens), V, dim=dim, seed=seed)
+        if source == "exchange":
+            from .exchange import exchange_refiner
+            refine = exchange_refiner(tokens, V, seed=seed)
     elif source == "random":
         emb = random_embeddings(V, dim, seed)
     elif source == "checkpoint":
@@ -49,4 +55,4 @@ def build_from_source(source: str, V: int, K: int, H: int, *, seed: int = 0,
     else:
         raise ValueError(source)
     return build_tree(emb, K, H, seed=seed, leaf_capacity_ratio=capacity_ratio,
-                      vocab_hash=vocab_hash, meta=meta)
+                      vocab_hash=vocab_hash, meta=meta, refine=refine)

@@ -10,7 +10,7 @@ from ...schedules import SAMPLE_T_MIN
 from ...config import NoiseSection, opt, register_section
 from ...config.base import check, choice, positive
 
-TREE_SOURCES = ("corpus", "random", "frequency", "checkpoint", "file")
+TREE_SOURCES = ("corpus", "exchange", "random", "frequency", "checkpoint", "file")
 
 
 @register_section
@@ -24,7 +24,7 @@ class TDLMConfig(NoiseSection):
     K: int = opt(512, "children per internal node (branching factor of the vocabulary tree)")
     H: int = opt(2, "levels of the tree (H = 1 is MDLM with a K = V head)")
     head: str = opt("shared", "child head: shared (one K-way head) | per_level (one per level)")
-    tree_source: str = opt("corpus", "how the tree is built: corpus | random | frequency | checkpoint | file")
+    tree_source: str = opt("corpus", "how the tree is built: corpus | exchange (corpus + likelihood-based exchange clustering of the bigrams) | random | frequency | checkpoint | file")
     tree_path: str = opt("", "the tree file (tree_source=file) or checkpoint (tree_source=checkpoint)")
     tree_seed: int = opt(0, "seed of the embeddings and k-means of the tree build")
     capacity_ratio: float = opt(1.0, "leaf-cluster capacity / K (the paper's cluster size ratio)")
