@@ -146,9 +146,9 @@ def run_one(model: str, regime: str, batch: int, steps: int, threads: int) -> di
     return row
 
 
-def machine() -> dict:
+def machine(threads: int) -> dict:
     from tdlm.utils import machine_info
-    return machine_info()
+    return machine_info(threads)
 
 
 def _mib(b):
@@ -171,7 +171,7 @@ def write_results(rows: list, mach: dict, command: str, out: Path) -> None:
     L = ["# Peak training memory: TDLM vs MDLM (small, GPT-2 vocabulary, L=512)", "",
          f"Command: `{command}`", "",
          f"Machine: {dev}, {mach.get('cpu_count')} cores, {mach.get('mem_total', '?')}, "
-         f"torch {mach.get('torch')}, 2 threads. Measure: `{measure}` after {ok[0]['steps'] if ok else '?'} "
+         f"torch {mach.get('torch')}, {mach.get('threads', '?')} thread(s) per row. Measure: `{measure}` after {ok[0]['steps'] if ok else '?'} "
          "full optimizer steps (forward + family loss + backward + clip + AdamW), fp32, fresh process "
          "per row.", "",
          "Columns: *peak* = peak resident memory of the process (includes Python/torch runtime); "
@@ -287,7 +287,7 @@ def main() -> None:
                     print(f"{m} {reg} B={B}: peak {_mib(r['peak_bytes']):.0f} MiB, base "
                           f"{_mib(r['baseline_bytes']):.0f} MiB, step {r['step_s']:.1f} s",
                           file=sys.stderr, flush=True)
-    write_results(rows, machine(), command, Path(a.out))
+    write_results(rows, machine(a.threads), command, Path(a.out))
 
 
 if __name__ == "__main__":
