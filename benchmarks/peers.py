@@ -18,8 +18,8 @@ on the CPU, dropout as each code's default for the 0.1-dropout small model, EMA 
   the per-tensor loop on the CPU);
 * ``GIDD MDLM``: GIDD's ``gidd/models/dit.py`` DIT (github.com/dvruette/gidd, pure-PyTorch path)
   and GIDD's own ``MDLMLoss`` (imported from ``gidd/loss.py``), AdamW as its optimizer.py builds it;
-* ``--compile``: each of the above with ``torch.compile`` (the library: ``train.compile``, per
-  block; the peers: ``torch.compile`` of their DIT module), where it compiles.
+* ``--compile ROW ...``: those rows also with ``torch.compile`` (the library: ``train.compile``,
+  per block; the peers: ``torch.compile`` of their DIT module), where it compiles.
 
 Each (row, B, round) runs in a fresh process (``--worker``): build the model, probe the
 matmul rate (2048^3 fp32 matmuls, the MFU denominator, in the same process), one untimed
@@ -234,7 +234,7 @@ def model_flops_per_token(shp: dict) -> dict:
 
 def run_rows(a) -> list:
     rows = [r for r in a.rows]
-    variants = [(r, c) for c in ([False, True] if a.compile else [False]) for r in rows]
+    variants = [(r, False) for r in rows] + [(r, True) for r in a.compile]
     results = []
     for rnd in range(a.rounds):
         for B in a.batch:
@@ -367,7 +367,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    ap.add_argument("--compile", action="store_true", help="also the torch.compile variants")
+    ap.add_argument("--compile", nargs="*", default=[], choices=list(ROWS), metavar="ROW",
+                    help="rows also timed with torch.compile (e.g. tdlm-mdlm duo)")
     ap.add_argument("--shape", choices=["small", "smoke"], default="small",
                     help="small: mdlm-small's shape (the result); smoke: a seconds-long check")
     ap.add_argument("--out", type=Path, default=HERE / "results")
