@@ -81,6 +81,26 @@ class MaskedLM(nn.Module):
         return F.linear(self.features(z, sigma, layout), *self.output_weights())
 
 
+class RowPrediction:
+    """``log p_theta(x | z_t)`` computed only for the rows a step asks for: holds the network's
+    logits [num, L, V] and turns ``pred[rows]`` into float64 log-probabilities (temperature,
+    top-p) of those rows alone. A reverse step reads only the positions that move (a few per
+    step out of num x L), so the float64 log-softmax over V is no longer done for every
+    position at every forward (the sampler's main cost outside the network). Row-wise, the
+    values equal the all-rows computation's; ``argmax`` (noise removal) is taken on the logits,
+    which orders the classes as the log-probabilities do (temperature > 0, the top class
+    always kept by top-p)."""
+
+    def __init__(self, logits: torch.Tensor, fn: Callable):
+        self.logits, self.fn = logits, fn
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        return self.fn(self.logits[rows])
+
+    def argmax(self, dim: int = -1) -> torch.Tensor:
+        return self.logits.argmax(dim)
+
+
 def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int) -> torch.Tensor:
     """SUBS: log-softmax over the V tokens ([MASK] gets probability 0; a [MASK] column of
     ``logits``, if the network emits one, is dropped); unmasked rows become one-hot at z
@@ -244,7 +264,8 @@ class MaskedDiffusion(Family):
         def predict(m, zz, st):
             sigma = self.schedule.time_input(torch.full((num,), st.t, device=device,
                                                         dtype=torch.float64))
-            return self._prediction(m(zz, sigma), temperature, top_p)
+            return RowPrediction(m(zz, sigma)[..., :self.mask_id],
+                                 lambda rows: adjust_logits(rows.double(), temperature, top_p))
 
         def apply(m, zz, move, choice):
             zz = zz.clone()
