@@ -2,10 +2,10 @@
 and the share of the time spent outside the network.
 
     python benchmarks/sampling.py [--num 4] [--steps 128 1000] [--rounds 2] [--threads 2]
-        [--checkpoint mdlm=runs/parity/mdlm-s0 ...]
+        [--checkpoint mdlm-cpu=runs/parity/mdlm-s0 ...]
 
 Models: the paper-shaped CPU presets (``mdlm-cpu``, ``tdlm-cpu``, ``ar-cpu``: d=112, 8k BPE,
-L=256) and DID at the same backbone, fixed and variable length. A family without
+L=256) and DID at the same backbone, fixed and variable length. A row without
 ``--checkpoint`` gets random weights (the zero-initialised output layers drawn N(0, 0.02) so
 predictions are not uniform): the network's cost does not depend on the weights, but what the
 sampler does around it can (MDLM/TDLM's cache hits depend on whether anything moved; DID's
@@ -31,13 +31,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from speed import machine  # noqa: E402
 
-CPU_BACKBONE = "mdlm-cpu"
-FAMILIES = {   # name -> (preset, overrides)
-    "mdlm": ("mdlm-cpu", []),
-    "tdlm": ("tdlm-cpu", []),
-    "ar": ("ar-cpu", []),
-    "did-fixed": ("did-tiny", ["data.layout=packed_bos"]),
-    "did-var": ("did-tiny-var", []),
+CPU_BACKBONE = "mdlm-cpu"      # the backbone and data every row is given
+ROWS = {   # row -> (preset, overrides)
+    "mdlm-cpu": ("mdlm-cpu", []),
+    "tdlm-cpu": ("tdlm-cpu", []),
+    "ar-cpu": ("ar-cpu", []),
+    "did-cpu-fixed": ("did-tiny", ["data.layout=packed_bos"]),
+    "did-cpu-var": ("did-tiny-var", []),
 }
 
 
@@ -50,10 +50,10 @@ def build(name: str, checkpoint: str | None):
         from tdlm.pipeline import load
         pipe = load(checkpoint)
         return pipe.family, pipe.model.eval(), pipe.cfg, "checkpoint " + checkpoint
-    preset, sets = FAMILIES[name]
+    preset, sets = ROWS[name]
     cfg = get_preset(preset)
-    if name.startswith("did"):               # DID at the CPU presets' backbone and data
-        base = get_preset(CPU_BACKBONE)
+    base = get_preset(CPU_BACKBONE)       # every row at the CPU presets' backbone and data
+    if cfg.backbone.d_model != base.backbone.d_model:
         d = cfg.to_dict()
         d["backbone"].update({k: v for k, v in base.to_dict()["backbone"].items()
                               if k != "time_conditioning"})
@@ -86,9 +86,9 @@ class ForwardTimer:
         self.calls += 1
 
 
-def configs(fam_name: str, fam, steps_list) -> list[dict]:
+def configs(fam, steps_list) -> list[dict]:
     has_cache = "cache" in fam.sample_options
-    if fam_name == "ar":
+    if fam.causal:                        # left to right: one token per forward, no steps
         return [{"steps": 1, "cache": None}]
     return [{"steps": s, "cache": c} for s in steps_list
             for c in ([True, False] if has_cache else [None])]
@@ -115,12 +115,12 @@ def time_one(fam, model, cfg, timer, num: int, conf: dict, seed: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--num", type=int, default=4)
     ap.add_argument("--steps", type=int, nargs="+", default=[128, 1000])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--checkpoint", action="append", default=[], metavar="FAMILY=PATH")
+    ap.add_argument("--checkpoint", action="append", default=[], metavar="ROW=PATH")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
     import torch
@@ -128,10 +128,10 @@ def main(argv=None) -> int:
     ck = dict(x.split("=", 1) for x in a.checkpoint)
     t_start = time.perf_counter()
     built = {}
-    for f in a.families:
+    for f in a.rows:
         fam, model, cfg, src = build(f, ck.get(f))
         built[f] = (fam, model, cfg, src, ForwardTimer(model))
-    todo = [(f, c) for f in a.families for c in configs(f, built[f][0], a.steps)]
+    todo = [(f, c) for f in a.rows for c in configs(built[f][0], a.steps)]
     raw: dict = {}
     for r in range(a.rounds):
         for f, c in (todo if r % 2 == 0 else todo[::-1]):
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     for key, ms in raw.items():
         f, steps, cache = key.split("|")
         wall = statistics.median(m["wall_s"] for m in ms)
-        rows.append({"family": f, "steps": int(steps), "cache": None if cache == "None" else cache == "True",
+        rows.append({"row": f, "causal": built[f][0].causal, "steps": int(steps), "cache": None if cache == "None" else cache == "True",
                      "weights": built[f][3], "wall_s": wall,
                      "tokens": statistics.median(m["tokens"] for m in ms),
                      "tokens_per_s": statistics.median(m["tokens"] / m["wall_s"] for m in ms),
@@ -165,10 +165,10 @@ def main(argv=None) -> int:
              f"{a.threads} threads; {a.num} samples per call, {a.rounds} rounds round-robin, "
              "medians. *outside network*: share of the wall time not inside the model's forward "
              "calls (the sampler's own work).", "",
-             "| family | weights | steps | cache | forwards | tokens | s | tokens/s | outside network |",
+             "| row | weights | steps | cache | forwards | tokens | s | tokens/s | outside network |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['family']} | {r['weights']} | {r['steps'] if r['family'] != 'ar' else 'L'} | "
+        lines.append(f"| {r['row']} | {r['weights']} | {'L (causal)' if r['causal'] else r['steps']} | "
                      f"{'-' if r['cache'] is None else ('on' if r['cache'] else 'off')} | "
                      f"{r['forwards']:.0f} | {r['tokens']:.0f} | {r['wall_s']:.2f} | "
                      f"{r['tokens_per_s']:.0f} | {100 * r['outside_network']:.0f}% |")

@@ -25,31 +25,13 @@ from .data.tokenizer import get_tokenizer
 from .errors import CheckpointError
 from .families.base import detect_import, get_family_class, importer_for
 from .pipeline import Pipeline
-from .store.export import _HUB_ID, write_pretrained
+from .store.export import hub_snapshot, write_pretrained
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 SAFE_CONVERT = ("python -c \"import torch; from safetensors.torch import save_file; "
                 "sd = torch.load('{f}', map_location='cpu', weights_only=True); "
                 "sd = sd.get('state_dict', sd); "
                 "save_file({{k: v.contiguous() for k, v in sd.items()}}, 'model.safetensors')\"")
-
-
-def _fetch(name: str, revision: Optional[str], cache_dir: Optional[str]) -> Path:
-    if not _HUB_ID.match(name) or name.startswith("."):
-        raise CheckpointError(f"checkpoint not found: {name} (not a local path nor a Hugging "
-                              "Face hub id like user/model)")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise CheckpointError(f"checkpoint not found: {name} is not a local path, and "
-                              "huggingface_hub is not installed to fetch it") from None
-    try:
-        return Path(snapshot_download(repo_id=name, revision=revision, cache_dir=cache_dir,
-                                      allow_patterns=["*.json", "*.safetensors"]))
-    except Exception as e:          # network, auth, missing repo: one line
-        msg = " ".join(str(e).split())[:300] or type(e).__name__
-        raise CheckpointError(f"checkpoint not found: {name} is not a local path, and "
-                              f"fetching it from the Hugging Face hub failed: {msg}") from None
 
 
 def _weights_files(folder: Path) -> list[Path]:
@@ -83,7 +65,8 @@ def read_published(path: str, revision: Optional[str] = None,
             raise CheckpointError(f"{p} is neither a folder nor a .safetensors file")
         folder, files = p.parent, [p]
     else:
-        folder = p if p.is_dir() else _fetch(path, revision, cache_dir)
+        folder = p if p.is_dir() else hub_snapshot(path, revision, cache_dir, what="checkpoint",
+                                                    allow_patterns=["*.json", "*.safetensors"])
         files = _weights_files(folder)
     state: dict = {}
     for f in files:

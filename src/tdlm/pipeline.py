@@ -26,7 +26,7 @@ from .families.base import model_device
 from .sampling.result import SampleResult, StepPlan, build_options
 from .store.checkpoint import Checkpoint, load_checkpoint
 from .store.checkpoint import tokenizer_of as load_tokenizer  # noqa: F401 (public name)
-from .store.export import (PRETRAINED_FORMAT, _HUB_ID, is_pretrained_folder,
+from .store.export import (PRETRAINED_FORMAT, hub_snapshot, is_pretrained_folder,
                            load_pretrained_checkpoint, write_pretrained)
 
 
@@ -206,21 +206,7 @@ def from_pretrained(name_or_path, device: str = "cpu", *, revision: Optional[str
     if p.exists():
         return load(p, device=device, use_ema=use_ema, expect_family=expect_family)
     name = str(name_or_path)
-    if not _HUB_ID.match(name) or name.startswith("."):
-        raise CheckpointError(f"model not found: {name} (not a local folder nor a Hugging "
-                              "Face hub id like user/model)")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise CheckpointError(f"model not found: {name} is not a local folder, and "
-                              "huggingface_hub is not installed to fetch it from the hub "
-                              "(pip install huggingface_hub)") from None
-    try:
-        local = snapshot_download(repo_id=name, revision=revision, cache_dir=cache_dir)
-    except Exception as e:          # network, auth, missing repo/revision: one line
-        msg = " ".join(str(e).split())[:300] or type(e).__name__
-        raise CheckpointError(f"model not found: {name} is not a local folder, and fetching "
-                              f"it from the Hugging Face hub failed: {msg}") from None
+    local = hub_snapshot(name, revision, cache_dir, what="model")
     if not is_pretrained_folder(local):
         raise CheckpointError(f"hub repository {name} is not a tdlm exported model "
                               f"(no {PRETRAINED_FORMAT} manifest.json)")

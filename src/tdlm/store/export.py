@@ -48,6 +48,30 @@ MANIFEST = "manifest.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
+def hub_snapshot(name: str, revision: Optional[str] = None, cache_dir: Optional[str] = None,
+                 what: str = "model", allow_patterns=None) -> Path:
+    """A local snapshot of the Hugging Face hub repository ``name`` (``user/model``) via
+    ``huggingface_hub.snapshot_download``; every failure (not a hub id, the package missing,
+    network, auth, missing repo or revision) is a one-line :class:`CheckpointError` that
+    starts with "``what`` not found"."""
+    if not _HUB_ID.match(name) or name.startswith("."):
+        raise CheckpointError(f"{what} not found: {name} (not a local path nor a Hugging "
+                              "Face hub id like user/model)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{what} not found: {name} is not a local path, and "
+                              "huggingface_hub is not installed to fetch it from the hub "
+                              "(pip install huggingface_hub)") from None
+    try:
+        return Path(snapshot_download(repo_id=name, revision=revision, cache_dir=cache_dir,
+                                      allow_patterns=allow_patterns))
+    except Exception as e:          # network, auth, missing repo/revision: one line
+        msg = " ".join(str(e).split())[:300] or type(e).__name__
+        raise CheckpointError(f"{what} not found: {name} is not a local path, and fetching "
+                              f"it from the Hugging Face hub failed: {msg}") from None
+
+
 @dataclass
 class PretrainedCheckpoint(Checkpoint):
     """An exported folder seen as a :class:`Checkpoint` (weights only, no training state):
