@@ -257,6 +257,8 @@ def run_rows(a) -> list:
                 print(f"[peers] round {rnd + 1} B={B} {row}{' compiled' if comp else ''}: "
                       f"{r['step_s']:.2f} s/step, peak {r['peak_rss_mib']:.0f} MiB, matmul "
                       f"{r['matmul_flops'] / 1e9:.0f} GFLOP/s", flush=True)
+                a.out.mkdir(parents=True, exist_ok=True)      # what is done survives a stop
+                (a.out / "peers.partial.json").write_text(json.dumps(results, indent=1))
     return results
 
 
