@@ -139,7 +139,6 @@ def convert_published(state: dict, hub_config: dict, vocab_size: int, source: st
     cfg = RunConfig.from_dict(cfg)
 
     ours: dict = {}
-    used = set()
     for k, v in theirs.items():
         if k == EMBED:
             ours["backbone.vocab_embed.weight"] = v
@@ -156,7 +155,6 @@ def convert_published(state: dict, hub_config: dict, vocab_size: int, source: st
             continue
         else:
             raise CheckpointError(f"unknown weight {k!r} in the checkpoint")
-        used.add(k)
     notes = [f"converted from a published {source.upper()} DiT: {len(blocks)} blocks, d={d}, "
              f"{n_heads} heads, cond {cond_dim}, {rows} embedding rows"]
     if not spec["mask_row"]:
