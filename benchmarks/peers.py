@@ -302,7 +302,7 @@ def write(res: dict, out: Path) -> None:
     s = res["summary"]
     lines = ["# One training step: the library beside DUO's and GIDD's code (mdlm-small shape, "
              "L=512, fp32, CPU)", "", f"Command: `{res['command']}`", "",
-             f"Machine: {res['machine']['cpu']}, {res['machine'].get('cores', '?')} cores, torch "
+             f"Machine: {res['machine']['cpu']}, {res['machine'].get('cpu_count', '?')} cores, torch "
              f"{res['machine'].get('torch')}, {res['threads']} threads; {res['rounds']} rounds, "
              f"fresh process per (row, B, round), {res['steps']} timed steps each after one "
              f"warm-up; whole run {res['wall_s'] / 60:.0f} min.", "",
