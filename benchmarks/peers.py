@@ -11,11 +11,16 @@ on the CPU, dropout as each code's default for the 0.1-dropout small model, EMA 
 * ``tdlm mdlm-small (reference head, loop AdamW)``: the same step with ``family.head_impl =
   reference`` and PyTorch's per-tensor AdamW, i.e. the library's step before the lean one;
 * ``tdlm tdlm-small``: TDLM at equal parameters (17 blocks, K=512, H=2);
+* ``tdlm tdlm-small (train.cpu_allocator=system)``: the same with glibc's default allocator
+  instead of the retained heap the trainer sets on the CPU (the allocator's share of the step);
 * ``DUO MDLM``: DUO's ``models/dit.py`` DIT (github.com/s-sahoo/duo, the MDLM authors'
   maintained code), its MDLM loss written out here from ``algo.MDLM._process_model_output``
   and ``nll_per_token`` (SUBS on full [B, L, V] logits, log-linear weights; the Lightning
   trainer around it is not imported), AdamW as its trainer builds it (PyTorch's default:
   the per-tensor loop on the CPU);
+* ``DUO MDLM (with the library's retained heap)``: DUO's step in a process where the library's
+  allocator setting (``tdlm.train.step.retain_heap``) was applied first: what DUO's code gains
+  from the same setting, so that the library's lead is not read as the allocator's alone;
 * ``GIDD MDLM``: GIDD's ``gidd/models/dit.py`` DIT (github.com/dvruette/gidd, pure-PyTorch path)
   and GIDD's own ``MDLMLoss`` (imported from ``gidd/loss.py``), AdamW as its optimizer.py builds it;
 * ``--compile ROW ...``: those rows also with ``torch.compile`` (the library: ``train.compile``,
@@ -56,7 +61,9 @@ ROWS = {
     "tdlm-mdlm": ("tdlm mdlm-small", "library"),
     "tdlm-mdlm-ref": ("tdlm mdlm-small (reference head, loop AdamW)", "library"),
     "tdlm-tdlm": ("tdlm tdlm-small", "library"),
+    "tdlm-tdlm-sys": ("tdlm tdlm-small (train.cpu_allocator=system)", "library"),
     "duo": ("DUO MDLM", "peer"),
+    "duo-heap": ("DUO MDLM (with the library's retained heap)", "peer"),
     "gidd": ("GIDD MDLM", "peer"),
 }
 SMALL = dict(hidden_size=768, cond_dim=128, n_heads=12, n_blocks=12, dropout=0.1,
@@ -71,7 +78,7 @@ def shape(name: str) -> dict:
 
 def _library_cfg(row: str, shp: dict):
     from tdlm.config import get_preset
-    cfg = get_preset("tdlm-small" if row == "tdlm-tdlm" else "mdlm-small")
+    cfg = get_preset("tdlm-small" if row.startswith("tdlm-tdlm") else "mdlm-small")
     if shp is not SMALL:
         extra = cfg.backbone.n_layers - SMALL["n_blocks"]      # TDLM's extra blocks
         cfg.backbone.d_model, cfg.backbone.cond_dim = shp["hidden_size"], shp["cond_dim"]
@@ -90,6 +97,8 @@ def library_step(row: str, B: int, compile_: bool, shp: dict):
     from tdlm.train.step import family_for, resolve_runtime, single_process, train_step
     cfg = _library_cfg(row, shp)
     cfg.train.precision, cfg.train.ema, cfg.train.compile = "fp32", 0.0, compile_
+    if row == "tdlm-tdlm-sys":
+        cfg.train.cpu_allocator = "system"
     opts = resolve_runtime(cfg.train, torch.device("cpu"))
     if row == "tdlm-mdlm-ref":
         cfg.family.head_impl = "reference"
@@ -192,7 +201,11 @@ def worker(a) -> dict:
         t_build = time.perf_counter()
         if row.startswith("tdlm"):
             step, n = library_step(row, B, compile_, shape(a.shape))
-        elif row == "duo":
+        elif row in ("duo", "duo-heap"):
+            if row == "duo-heap":           # the library's allocator setting, for DUO's code
+                from tdlm.config import RunConfig
+                from tdlm.train.step import resolve_runtime, retain_heap
+                retain_heap(resolve_runtime(RunConfig().train, torch.device("cpu")))
             step, n = duo_step(Path(a.duo), Path(a.flash_attn), B, compile_, Path(tmp),
                                shape(a.shape))
         else:
@@ -278,7 +291,7 @@ def summarise(results: list, flops: dict) -> list:
                        and d["round"] == r["round"]]
                 if duo:
                     ratios.append(r["step_s"] / duo[0]["step_s"])
-            fpt = flops["tdlm-small" if row == "tdlm-tdlm" else "mdlm-small"]
+            fpt = flops["tdlm-small" if row.startswith("tdlm-tdlm") else "mdlm-small"]
             step = statistics.median(r["step_s"] for r in mine)
             mm = statistics.median(r["matmul_flops"] for r in mine)
             mfu = [fpt * B * SEQ_LEN / r["step_s"] / r["matmul_flops"] for r in mine]
@@ -351,9 +364,13 @@ def targets(summary: list) -> list:
                        f"peak RSS {m['peak_rss_mib']:.0f} vs {d['peak_rss_mib']:.0f} MiB")
         if t and d:
             ok = t["ratio_vs_duo_median"] <= 0.75
+            mfu_ok = t["mfu_median"] >= 0.80
             out.append(f"B={B}: library TDLM step / DUO's MDLM step = {t['ratio_vs_duo_median']:.2f} "
                        f"(target <= 0.75: {'met' if ok else 'missed by %.2f' % (t['ratio_vs_duo_median'] - 0.75)}); "
-                       f"TDLM MFU {100 * t['mfu_median']:.0f}% (target >= 80%)")
+                       f"peak RSS {t['peak_rss_mib']:.0f} vs {d['peak_rss_mib']:.0f} MiB "
+                       f"(target: no more: {'met' if t['peak_rss_mib'] <= d['peak_rss_mib'] else 'missed'}); "
+                       f"TDLM MFU {100 * t['mfu_median']:.0f}% (target >= 80%: "
+                       f"{'met' if mfu_ok else 'missed by %.0f points' % (80 - 100 * t['mfu_median'])})")
     return out
 
 

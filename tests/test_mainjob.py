@@ -22,6 +22,24 @@ def test_peak_memory_sees_an_allocation_released_inside_the_block():
     assert small.peak_bytes < 16 * 2**20
 
 
+def test_peak_memory_counts_reused_heap_after_the_trainer_retains_it():
+    """After ``train.cpu_allocator=retain`` (what every CPU training run sets), a block that
+    reuses freed heap adds no resident memory, yet it is counted (allocated bytes, not RSS)."""
+    import time
+
+    from tdlm.config import RunConfig
+    from tdlm.train.step import resolve_runtime, retain_heap
+    retain_heap(resolve_runtime(RunConfig().train, torch.device("cpu")))
+    x = torch.ones(64 * 2**20 // 4)
+    del x                                          # 64 MiB now free but kept in the heap
+    with PeakMemory("cpu", interval=0.005) as m:
+        y = torch.ones(64 * 2**20 // 4)
+        time.sleep(0.05)
+        del y
+    if "mallinfo2" in m.kind:
+        assert 60 * 2**20 < m.peak_bytes < 80 * 2**20, m.peak_bytes
+
+
 def test_parity_verdict_reads_the_committed_study(tmp_path):
     p = tmp_path / "parity.json"
     assert "no committed verdict" in parity_verdict(p)

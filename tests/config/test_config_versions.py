@@ -68,7 +68,11 @@ def test_v1_run_folder_resumes_to_the_same_step(fam, tmp_path):
     # records written since v1 may carry the loss's named parts (TDLM levels, DID terms)
     assert len(got) == len(want)
     assert all(set(g) - set(w) <= {"parts_per_token"} for g, w in zip(got, want))
-    assert [{k: g[k] for k in w if k in g} for g, w in zip(got, want)] == want
+    # float values within float32 rounding (the blocks' elementwise work was fused after the
+    # fixture was written: same math, rounding differs by ~1e-7); everything else exact
+    assert [{k: g[k] for k in w if k in g} for g, w in zip(got, want)] == [
+        {k: (pytest.approx(v, rel=1e-5) if isinstance(v, float) else v) for k, v in w.items()}
+        for w in want]
     # the step-2 checkpoint keeps its verified v1 config; the run's resolved config is
     # written again in v2 and means the same
     old = json.loads((run / "checkpoints" / "step_0000002" / "config.json").read_text())

@@ -69,7 +69,7 @@ class ExactScore(torch.nn.Module):
         self.m = torch.tensor([len(s) for s in STRINGS], dtype=torch.float64)
         self.fixed_len = fixed_len
 
-    def forward(self, tokens, packing, sigma=None):
+    def forward(self, tokens, packing, sigma=None, rows=None):
         B = packing.B
         pw = torch.pow(3.0, packing.pos.double() - 1).where(packing.pos > 0, torch.zeros(1, dtype=torch.float64))
         key = torch.zeros(B, dtype=torch.float64).index_add_(0, packing.seq_id, tokens.double() * pw)
@@ -92,7 +92,8 @@ class ExactScore(torch.nn.Module):
         s[out] = 0.0
         s_rows = s[packing.seq_id, packing.pos.clamp_max(MAXLEN)]      # [T, V]
         tot = s_rows.sum(-1)
-        return tot.log(), s_rows.log()
+        logits = s_rows.log()
+        return tot.log(), logits if rows is None else logits[rows]
 
 
 def toy_family(mode="variable"):
@@ -191,6 +192,45 @@ def test_dise_decomposition_equals_raw_formula_and_dice():
             torch.testing.assert_close(rate + tok, dice_seq)
 
 
+def test_target_rows_head_gives_the_reference_loss_and_gradients():
+    """family.head_rows=targets (the output layer on gap rows with targets only) vs
+    all (every row): the same DISE parts and parameter gradients, fixed and variable
+    length, on a real InsertionLM with random weights; and the targets head does skip rows."""
+    from tdlm.families.did.process import delete
+    for mode in ("fixed", "variable"):
+        base = dict(vocab_size=11, d_model=32, n_layers=2, n_heads=4, cond_dim=16,
+                    max_seq_len=24, dropout=0.0, time_conditioning=mode == "variable")
+        out = {}
+        for impl in ("all", "targets"):
+            cfg = RunConfig.from_dict({"backbone": base, "family": {"name": "did", "length": mode,
+                                                                   "head_rows": impl},
+                                       "data": {"seq_len": 24, "layout": "packed_bos"}})
+            fam = get_family(cfg)
+            torch.manual_seed(0)
+            model = fam.build_model()
+            with torch.no_grad():                       # zero-initialised parts made to matter
+                for p_ in model.parameters():
+                    p_.add_(torch.randn_like(p_) * 0.1)
+            g = torch.Generator().manual_seed(3)
+            x0 = torch.randint(1, 11, (5, 23), generator=g)
+            m = torch.tensor([23, 20, 7, 15, 23])
+            t = torch.tensor([0.1, 0.5, 0.9, 0.3, 0.7])
+            xt, n, _ = delete(x0, m, 1 - t, g)
+            seen = []
+            model.head.linear.register_forward_hook(lambda mod, i, o: seen.append(o.shape[0]))
+            rate, tok = fam.terms(model, torch.zeros(5, dtype=torch.long), x0, m, xt, n, t)
+            (rate.sum() + tok.sum()).backward()
+            out[impl] = (rate.detach(), tok.detach(),
+                         {k: p_.grad.clone() for k, p_ in model.named_parameters()}, seen[0],
+                         int(n.sum()) + 5)
+        (r0, t0, g0, rows0, T), (r1, t1, g1, rows1, _) = out["all"], out["targets"]
+        torch.testing.assert_close(r1, r0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(t1, t0, rtol=1e-5, atol=1e-6)
+        for k in g0:
+            torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6, msg=k)
+        assert rows0 == T and rows1 < T, (mode, rows0, rows1, T)
+
+
 # ---- 4. exact-score tightness ----------------------------------------------------------
 def test_exact_score_dise_equals_neg_log_likelihood():
     p = toy_probs(0)
@@ -240,8 +280,9 @@ def test_monte_carlo_nelbo_agrees_with_quadrature_and_bounds_entropy():
     assert (v > -1e-9).all()
     # a wrong score (uniform) gives a strictly larger NELBO
     class Uniform(ExactScore):
-        def forward(self, tokens, packing, sigma=None):
-            return torch.zeros(packing.T, dtype=torch.float64), torch.zeros(packing.T, V, dtype=torch.float64)
+        def forward(self, tokens, packing, sigma=None, rows=None):
+            n = packing.T if rows is None else rows.numel()
+            return torch.zeros(packing.T, dtype=torch.float64), torch.zeros(n, V, dtype=torch.float64)
     worse = fam.loss(Uniform(p), batch, g, exact=True).nll.double().mean().item()
     assert worse > H + 0.1
 

@@ -1,8 +1,14 @@
-"""One DiT code path over a ``Layout`` (tdlm.nn.layout) gives, bit for bit, what the former
-two paths (dense ``DiTBlock.forward`` and packed ``_forward_packed``, frozen in
-``reference_dit.py``) gave: hidden states, conditioning, the head's features and every
-parameter gradient, for dense (bidirectional, causal, with an attention mask, without time
-input), packed ragged inputs, in training mode with dropout (same RNG use) and in float64."""
+"""One DiT code path over a ``Layout`` (tdlm.nn.layout) gives what the former two paths (dense
+``DiTBlock.forward`` and packed ``_forward_packed``, frozen in ``reference_dit.py``) gave:
+hidden states, conditioning, the head's features and every parameter gradient, for dense
+(bidirectional, causal, with an attention mask, without time input), packed ragged inputs, in
+training mode with dropout (same RNG use: the masks are the same) and in float64.
+
+Bit for bit until the blocks' elementwise work was fused (weight inside layer_norm, addcmul
+for adaLN modulation and gated residuals, rotary as one autograd Function): since then equal
+within float32 rounding (float32) and within the reference's own float32 rotary (float64: the
+frozen ``apply_rotary`` rotated in float32 even for float64 inputs). ``assert_identical``
+still checks the dtypes, shapes and the conditioning bit for bit."""
 from __future__ import annotations
 
 import pytest
@@ -56,12 +62,19 @@ def run(net, head, tokens, sigma, train: bool, rng_seed: int = 5, **kw):
 
 
 def assert_identical(a, b):
-    for x, y in zip(a[:3], b[:3]):
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert torch.equal(x, y)
+    """Equal up to rounding: relative 1e-5 of each tensor's scale (float32 rounding over a
+    few fused operations; the float64 runs differ by the reference's float32 rotary)."""
+    def close(x, y, what):
+        assert x.dtype == y.dtype and x.shape == y.shape, what
+        scale = max(float(y.abs().max()), 1e-30)
+        err = float((x - y).abs().max())
+        assert err <= 1e-5 * scale, f"{what}: max |diff| {err:.3g} vs scale {scale:.3g}"
+    for x, y, what in zip(a[:3], b[:3], ("hidden", "c", "features")):
+        close(x, y, what)
+    assert torch.equal(a[1], b[1])                       # conditioning: untouched code
     assert a[3].keys() == b[3].keys()
     for k in a[3]:
-        assert torch.equal(a[3][k], b[3][k]), k
+        close(a[3][k], b[3][k], k)
 
 
 def dense_inputs(B=3, L=11, seed=0):
@@ -71,7 +84,7 @@ def dense_inputs(B=3, L=11, seed=0):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("train,dropout", [(False, 0.0), (True, 0.0), (True, 0.2)])
-def test_dense_bit_identical(causal, train, dropout):
+def test_dense_equal(causal, train, dropout):
     net_o, head_o, net_n, head_n = pair(mcfg(dropout=dropout), causal=causal)
     x, sig = dense_inputs()
     assert_identical(run(net_o, head_o, x, sig, train), run(net_n, head_n, x, sig, train))
@@ -86,7 +99,7 @@ def test_dense_float64_and_without_time_input():
         assert_identical(run(net_o, head_o, x, None, False), run(net_n, head_n, x, None, False))
 
 
-def test_dense_attention_mask_bit_identical():
+def test_dense_attention_mask_equal():
     net_o, head_o, net_n, head_n = pair(mcfg())
     x, sig = dense_inputs(B=2, L=9, seed=1)
     keep = torch.ones(2, 9, dtype=torch.bool)
@@ -102,7 +115,7 @@ def test_dense_attention_mask_bit_identical():
 
 @pytest.mark.parametrize("train,dropout", [(False, 0.0), (True, 0.2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_packed_bit_identical(train, dropout, dtype):
+def test_packed_equal(train, dropout, dtype):
     net_o, head_o, net_n, head_n = pair(mcfg(dropout=dropout), dtype=dtype)
     g = torch.Generator().manual_seed(2)
     lens = torch.tensor([5, 1, 17, 9])
@@ -116,7 +129,7 @@ def test_packed_bit_identical(train, dropout, dtype):
     net_n.train(train)
     torch.manual_seed(5)
     h, _ = net_n(x, sig, layout=PackedLayout(cu))
-    assert torch.equal(h, ref[0])
+    torch.testing.assert_close(h, ref[0], rtol=1e-5, atol=1e-5 * float(ref[0].abs().max()))
 
 
 def test_packing_bookkeeping_unchanged():

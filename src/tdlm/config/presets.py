@@ -104,6 +104,16 @@ PRESETS: dict[str, dict] = {
     "tdlm-cpu": _preset({"name": "tdlm", "K": 128, "H": 2}, dict(_CPU_DIT, n_layers=17),
                         _CPU_DATA, _CPU_TRAIN),
     "ar-cpu": _preset(_AR, dict(_CPU_DIT, time_conditioning=False), _CPU_DATA, _CPU_TRAIN),
+    # DID at the same paper-shaped CPU scale (the blocks hold 55% of the parameters, the
+    # embedding and output layer 45%, vs 93% at tiny-gpt2's): fixed length on packed
+    # [BOS]+255-token blocks (DICE, no time input); variable length on bundled paragraphs
+    # (DISE, time-conditioned, ragged batches, cap 256). benchmarks/did_race.py --scale cpu.
+    "did-cpu": _preset(_DID_FIXED, dict(_CPU_DIT, time_conditioning=False),
+                       dict(_CPU_DATA, layout="packed_bos"), _CPU_TRAIN),
+    "did-cpu-var": _preset({"name": "did", "length": "variable"},
+                           dict(_CPU_DIT, time_conditioning=True),
+                           dict(_CPU_DATA, layout="varlen", source="bundled:paragraphs"),
+                           _CPU_TRAIN),
 }
 
 

@@ -23,6 +23,7 @@ LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")
 TRACKERS = ("none", "tensorboard", "wandb")
+CPU_ALLOCATORS = ("retain", "system")
 AUTO = "auto"           # train.micro_batch: sized from the device's memory at training start
 
 
@@ -136,6 +137,7 @@ class TrainConfig:
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     compile: bool = opt(False, "torch.compile the transformer blocks (CUDA; the CPU too when a C++ compiler is found, else a one-line notice and eager)")
     parallel: str = opt("ddp", "ddp | fsdp (multi-process runs only)")
+    cpu_allocator: str = opt("retain", "CPU runs: retain | system. retain: freed memory stays in the process heap (glibc: no mmap for large blocks, no trimming), so each step reuses the last step's pages instead of page-faulting fresh ones; system: the C library's defaults")
     activation_checkpointing: bool = opt(False, "recompute each block's activations in backward (applied by train.parallel)")
     tracker: str = opt("none", "experiment tracker fed metrics.jsonl's scalars and the config on rank 0: none | tensorboard (<run>/tensorboard) | wandb (WANDB_* variables honoured)")
 
@@ -156,6 +158,7 @@ class TrainConfig:
         choice(self, "precision", PRECISIONS, section=s)
         choice(self, "parallel", PARALLEL, section=s)
         choice(self, "tracker", TRACKERS, section=s)
+        choice(self, "cpu_allocator", CPU_ALLOCATORS, section=s)
         check(0.0 <= self.ema < 1.0, s + "ema", f"must be in [0, 1), got {self.ema}")
         check(self.grad_clip >= 0, s + "grad_clip", "must be >= 0")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), s + "betas",

@@ -82,6 +82,70 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x.float() * cos + rot.float() * sin).to(x.dtype)
 
 
+def _rotate_into(out: torch.Tensor, x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> None:
+    """``out = (x1 c - x2 s, x2 c + x1 s)`` for the halves x1, x2 of the last dimension and the
+    half tables c, s: the rotary rotation by +angle (s = sin) or -angle (s = -sin, backward),
+    written in place, two multiply-adds per half, no temporaries of x's size."""
+    h = x.shape[-1] // 2
+    x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
+    torch.mul(x1, c, out=o1)
+    o1.addcmul_(x2, s, value=-1.0)
+    torch.mul(x2, c, out=o2)
+    o2.addcmul_(x1, s)
+
+
+class _RotaryQK(torch.autograd.Function):
+    """Rotary on q and k of a fused ``qkv`` [3, ...heads layout..., hd] (the layout's
+    ``split_heads``): returns ``(rot(q), rot(k), v)``.
+
+    Same values as :func:`apply_rotary` on ``qkv[:2]`` (each pair (x_j, x_{j+hd/2}) is a complex
+    number multiplied by e^{i theta}); the backward is the rotation by -theta
+    (``R(theta)^T = R(-theta)``), written with v's gradient straight into one gradient buffer
+    laid out like ``qkv``, so that autograd neither zero-fills nor adds slice gradients, nor
+    copies the buffer back into the projection's layout (tests/nn/test_rotary.py checks values
+    and gradients against the plain formula)."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin):
+        h = cos.shape[-1] // 2
+        c, s = cos[..., :h].to(qkv.dtype), sin[..., :h].to(qkv.dtype)
+        ctx.save_for_backward(c, s)
+        ctx.layout = (qkv.shape, qkv.stride())
+        qk = torch.empty_like(qkv[:2])
+        _rotate_into(qk, qkv[:2], c, s)
+        q, k = qk.unbind(0)
+        return q, k, qkv[2]
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        c, s = ctx.saved_tensors
+        like = next(g for g in (gq, gk, gv) if g is not None)
+        # qkv is a permuted view of the projection's output: a buffer with its strides flows
+        # back through split_heads' permute and view without a copy
+        grad = torch.empty_strided(*ctx.layout, dtype=like.dtype, device=like.device)
+        for i, g in enumerate((gq, gk)):
+            if g is None:
+                grad[i].zero_()
+            else:
+                _rotate_into(grad[i], g, c, -s)
+        if gv is None:
+            grad[2].zero_()
+        else:
+            grad[2].copy_(gv)
+        return grad, None, None
+
+
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """``(q, k, v)`` of a fused [3, ...] projection with rotary applied to q and k
+    (:class:`_RotaryQK`); ``cos``/``sin`` as :class:`Rotary` returns them (halves equal),
+    broadcastable against q. In float32 and float64 the math runs in the input's dtype; half
+    precision inputs rotate in float32 (as :func:`apply_rotary`)."""
+    if qkv.dtype in (torch.float16, torch.bfloat16):
+        q, k = apply_rotary(qkv[:2], cos, sin).unbind(0)
+        return q, k, qkv[2]
+    return _RotaryQK.apply(qkv, cos, sin)
+
+
 def block_token_params(d: int, mlp_ratio: int) -> int:
     """Weights + biases of one block's token-wise linear layers (qkv, out, MLP)."""
     return 3 * d * d + d * d + 2 * mlp_ratio * d * d + mlp_ratio * d + d
@@ -123,12 +187,13 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         h = modulate(self.norm1(x), shift_msa, scale_msa)
         qkv = layout.split_heads(self.attn_qkv(h), self.n_heads)     # [3, *heads layout]
-        q, k = apply_rotary(qkv[:2], *rope).unbind(0)                 # q and k in one pass
-        a = layout.attention(q, k, qkv[2])
+        q, k, v = rotary_qkv(qkv, *rope)                              # q and k in one pass
+        a = layout.attention(q, k, v)
         drop = self.dropout if self.training else 0.0
-        x = x + gate_msa * F.dropout(self.attn_out(a), drop, self.training)
+        # gated residuals as one fused multiply-add: x + gate * branch
+        x = torch.addcmul(x, gate_msa, F.dropout(self.attn_out(a), drop, self.training))
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)
-        return x + gate_mlp * F.dropout(self.mlp(h), drop, self.training)
+        return torch.addcmul(x, gate_mlp, F.dropout(self.mlp(h), drop, self.training))
 
 
 class DiT(nn.Module):

@@ -9,7 +9,7 @@ treat a batch of token features ``x``, so that one ``DiTBlock.forward`` serves e
 * :class:`PackedLayout` (also exported as ``Packing``) -- B ragged sequences concatenated
   without padding, ``x`` is [T, d] with ``cu_seqlens`` [B+1] offsets; rotary positions
   restart at 0 in every sequence; attention never crosses sequences (flash varlen on CUDA in
-  half precision, else SDPA on a [B, max_len] scatter with a key-padding mask).
+  half precision, else SDPA per sequence on views: no padding anywhere).
 
 What a layout provides (and all the model needs to know about it):
 
@@ -134,6 +134,7 @@ class PackedLayout(Layout):
                                               self.lengths, output_size=self.T)
         self.pos = torch.arange(self.T, device=cu.device) - cu[:-1][self.seq_id]
         self.pad_index = self.seq_id * self.max_len + self.pos
+        self.lengths_list = self.lengths.tolist()                    # one host sync, here
         self._key_mask = None
 
     def key_mask(self) -> torch.Tensor:
@@ -190,9 +191,12 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q, k, v: [T, H, hd] -> [T, H, hd].
 
     CUDA with half precision: ``torch.nn.attention.varlen.varlen_attn`` (flash, no padding).
-    Otherwise: scatter into [B, H, max_len, hd], SDPA with a key-padding mask, gather back
-    (padding only inside attention; with length-bucketed batches max_len is close to every
-    length)."""
+    Otherwise no padding either: sequences of equal length are one batched SDPA call on a
+    [B, H, L, hd] view; ragged ones get one SDPA call per sequence on views of q, k, v (a loop
+    over the B sequences, not over tokens), so attention costs sum_b L_b^2 rather than
+    B max_b L_b^2 (a third of it for uniformly spread lengths: DID's deletions). The former
+    CPU path, a [B, max_len] scatter with a key-padding mask (``key_mask``), paid for the
+    padding and took 2x as long at DID's lengths (benchmarks/results/did_race.md)."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         fn = _varlen_attn_fn()
         if fn is not None:
@@ -200,12 +204,17 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             window = (-1, 0) if packing.causal else (-1, -1)            # causal / full
             return fn(q, k, v, cu, cu, packing.max_len, packing.max_len, window_size=window)
     T, H, hd = q.shape
-    B, Lm = packing.B, packing.max_len
+    lens = packing.lengths_list
+    if min(lens) == packing.max_len:                              # all the same length
+        B, L = packing.B, packing.max_len
 
-    def pad(x):
-        out = x.new_zeros(B * Lm, H, hd)
-        out[packing.pad_index] = x
-        return out.view(B, Lm, H, hd).transpose(1, 2)             # [B, H, Lm, hd]
-
-    a = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=packing.key_mask())
-    return a.transpose(1, 2).reshape(B * Lm, H, hd)[packing.pad_index]
+        def heads(x):
+            return x.view(B, L, H, hd).transpose(1, 2)              # [B, H, L, hd]
+        a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=packing.causal)
+        return a.transpose(1, 2).reshape(T, H, hd)
+    outs = []
+    for qs, ks, vs in zip(q.split(lens), k.split(lens), v.split(lens)):
+        a = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
+                                           vs.transpose(0, 1)[None], is_causal=packing.causal)
+        outs.append(a[0].transpose(0, 1))                           # [L_b, H, hd]
+    return torch.cat(outs)

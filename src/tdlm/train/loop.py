@@ -45,7 +45,7 @@ from .memory import resolve_auto_micro
 from .preemption import Preempted, Preemption
 from .tracking import Tracker, check_available, make_tracker
 from .step import (EMA, RuntimeOptions, StepContext, lr_at, make_optimizer,  # noqa: F401
-                   micro_seed, nonfinite_error, resolve_runtime, sdpa_context, step_seed,
+                   micro_seed, nonfinite_error, resolve_runtime, retain_heap, sdpa_context, step_seed,
                    train_step)
 
 
@@ -219,6 +219,7 @@ class _Run:
         self.cfg, self.tc, self.run_dir, self.family, self.data = cfg, cfg.train, run_dir, family, data
         self.rt, self.main, self.device = rt, rt.is_main, rt.device
         self.opts = resolve_runtime(self.tc, rt.device)
+        retain_heap(self.opts)
         self.micro, _ = P.derive_micro(self.tc.global_batch, self.tc.micro_batch, rt.world_size)
         self.fsdp = rt.distributed and self.tc.parallel == "fsdp"
         self.metrics_path = run_dir / "metrics.jsonl"

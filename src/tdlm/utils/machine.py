@@ -38,15 +38,45 @@ class PeakMemory:
     """Peak memory of the code inside ``with PeakMemory(device) as m:`` -> ``m.peak_bytes``.
 
     CUDA: ``torch.cuda.max_memory_allocated`` after a reset (tensor memory of the device).
-    CPU: the process's resident set size sampled every ``interval`` s by a thread, reported as
-    the increase over its value at entry (what the block added to the process; allocations
-    released before the block are reused and not counted twice). ``kind`` says which."""
+    CPU with glibc: the bytes malloc has handed out and not taken back (``mallinfo2``: heap
+    chunks in use + mmapped chunks), sampled every ``interval`` s by a thread, reported as the
+    increase over its value at entry: the CPU analogue of CUDA's allocated bytes, blind to
+    freed memory the allocator keeps (``train.cpu_allocator=retain`` keeps it all, so a
+    resident-set measure would miss a block's reuse of it). Elsewhere: the resident set size,
+    sampled the same way. ``kind`` says which."""
 
     def __init__(self, device=None, interval: float = 0.02):
         import torch
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.interval, self.peak_bytes, self.kind = interval, 0, None
         self._stop = None
+
+    _mallinfo2 = None
+
+    @classmethod
+    def heap_bytes(cls) -> Optional[int]:
+        """Bytes in use by glibc's malloc (``mallinfo2``: uordblks + hblkhd), or None where
+        there is no glibc >= 2.33."""
+        if cls._mallinfo2 is None:
+            cls._mallinfo2 = False
+            try:
+                import ctypes
+                import platform
+                if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+                    fn = ctypes.CDLL("libc.so.6").mallinfo2
+
+                    class _Info(ctypes.Structure):
+                        _fields_ = [(n, ctypes.c_size_t) for n in (
+                            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                            "fsmblks", "uordblks", "fordblks", "keepcost")]
+                    fn.restype = _Info
+                    cls._mallinfo2 = fn
+            except (OSError, AttributeError):
+                pass
+        if not cls._mallinfo2:
+            return None
+        info = cls._mallinfo2()
+        return int(info.uordblks + info.hblkhd)
 
     @staticmethod
     def rss_bytes() -> int:
@@ -66,13 +96,18 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
-        self.kind = "CPU resident set size increase (sampled)"
-        self._base = self._peak = self.rss_bytes()
+        if self.heap_bytes() is not None:
+            self.kind = "CPU heap bytes in use increase (glibc mallinfo2, sampled)"
+            self._probe = self.heap_bytes
+        else:
+            self.kind = "CPU resident set size increase (sampled)"
+            self._probe = self.rss_bytes
+        self._base = self._peak = self._probe()
         self._stop = threading.Event()
 
         def watch():
             while not self._stop.wait(self.interval):
-                self._peak = max(self._peak, self.rss_bytes())
+                self._peak = max(self._peak, self._probe())
         self._thread = threading.Thread(target=watch, daemon=True)
         self._thread.start()
         return self
@@ -84,5 +119,5 @@ class PeakMemory:
             return
         self._stop.set()
         self._thread.join()
-        self._peak = max(self._peak, self.rss_bytes())
+        self._peak = max(self._peak, self._probe())
         self.peak_bytes = self._peak - self._base

@@ -21,12 +21,14 @@ class DIDConfig(NoiseSection):
     length: str = opt("fixed", "fixed (DICE: gap softmax, no time input) | variable (DISE: time-conditioned)")
     train_weighting: str = opt("elbo", "elbo | simple (drop the w(t) weight in training)")
     train_weight_clip: float = opt(0.0, "0: exact ELBO weights; > 0 clips them in training")
+    head_rows: str = opt("targets", "rows of the output layer in the loss: targets (only the gap rows that have insertion targets, r_g > 0: the lean default) | all (every gap row, as the paper's code); both give the same loss and gradients")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         s = "family."
         choice(self, "length", ("fixed", "variable"), section=s)
         choice(self, "train_weighting", ("elbo", "simple"), section=s)
+        choice(self, "head_rows", ("targets", "all"), section=s)
         check(self.train_weight_clip >= 0, s + "train_weight_clip", "must be >= 0")
 
     def check_run(self, run) -> None:

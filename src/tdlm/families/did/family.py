@@ -50,9 +50,10 @@ from ..base import Family, LossTerms, Regime, model_device, register
 class InsertionLM(nn.Module):
     """DiT on packed ragged xt + insertion-score head.
 
-    ``forward(tokens [T], packing, sigma [B] | None) -> (u [T], logits [T, V])``: ``u_g`` is
-    the raw log-rate of gap g (linear d -> 1 on the final adaLN features) and ``logits`` the
-    token distribution p(.|g) (the MDLM output linear without the [MASK] row)."""
+    ``forward(tokens [T], packing, sigma [B] | None, rows [R] | None) -> (u [T], logits)``:
+    ``u_g`` is the raw log-rate of gap g (linear d -> 1 on the final adaLN features) and
+    ``logits`` the token distribution p(.|g) (the MDLM output linear without the [MASK] row),
+    [T, V], or [R, V] for the gap rows ``rows`` only (the loss needs the rows with targets)."""
 
     def __init__(self, cfg: RunConfig):
         super().__init__()
@@ -65,10 +66,11 @@ class InsertionLM(nn.Module):
         nn.init.zeros_(self.rate.bias)
 
     def forward(self, tokens: torch.Tensor, packing: Packing,
-                sigma: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                sigma: Optional[torch.Tensor] = None,
+                rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         h, c = self.backbone(tokens, sigma, packing=packing)
         f = self.head.features(h, c, packing)
-        return self.rate(f).squeeze(-1).float(), self.head.linear(f)
+        return self.rate(f).squeeze(-1).float(), self.head.linear(f if rows is None else f[rows])
 
 
 def segment_logsumexp(x: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Tensor:
@@ -96,21 +98,26 @@ def xlogx(x: torch.Tensor) -> torch.Tensor:
 
 
 def dise_parts(l: torch.Tensor, logits: torch.Tensor, row: torch.Tensor, token: torch.Tensor,
-               rho: torch.Tensor, packing: Packing) -> tuple[torch.Tensor, torch.Tensor]:
+               rho: torch.Tensor, packing: Packing,
+               logit_row: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sums over gaps of the DISE rate and token parts (§4).
 
     ``l`` [T], ``logits`` [T, V] on the packed xt; targets as sparse triples (row = packed
     gap row, token, rho). rate_g = e^{l_g} - r_g l_g + r_g log r_g - r_g (>= 0);
     token_g = sum_v rho log rho - r_g log r_g - sum_v rho log p(v|g) = r_g KL (>= 0).
-    The V-wide work is one logsumexp per row and a gather at the K targets."""
+    The V-wide work is one logsumexp per row and a gather at the K targets. ``logit_row``
+    [K]: the targets' rows in ``logits`` when it holds only some gap rows ([R, V], e.g. the
+    rows with targets: the token part of a row without targets is 0, so the result is the
+    same)."""
     T = l.shape[0]
     dt = torch.promote_types(l.dtype, torch.float32)      # float32, or float64 in exact checks
     l, rho = l.to(dt), rho.to(dt)
     r = torch.zeros(T, dtype=dt, device=l.device).index_add_(0, row, rho)
     rl = torch.where(r > 0, r * l, torch.zeros_like(r))          # r = 0 and l = -inf -> 0
     rate_g = l.exp() - rl + xlogx(r) - r
-    lse = torch.logsumexp(logits.to(dt), dim=-1)                    # [T]
-    logp_t = logits[row, token].to(dt) - lse[row]                    # [K]
+    lrow = row if logit_row is None else logit_row
+    lse = torch.logsumexp(logits.to(dt), dim=-1)                    # [T] or [R]
+    logp_t = logits[lrow, token].to(dt) - lse[lrow]                  # [K]
     tok_k = xlogx(rho) - rho * logp_t
     tok_g = torch.zeros(T, dtype=dt, device=l.device).index_add_(0, row, tok_k) - xlogx(r)
     B = packing.B
@@ -186,9 +193,14 @@ class DeletionInsertion(Family):
         tokens, pk = pack(full, n + 1)
         tg = insertion_targets(x0, m, xt, n, dtype=dtype)
         row = pk.cu_seqlens[tg.seq] + tg.gap
-        u, logits = model(tokens, pk, self.sigma_of(t))
+        if self.cfg.family.head_rows == "targets":      # the output layer on target rows only
+            rows, logit_row = torch.unique(row, return_inverse=True)
+            u, logits = model(tokens, pk, self.sigma_of(t), rows=rows)
+        else:
+            logit_row = None
+            u, logits = model(tokens, pk, self.sigma_of(t))
         l = log_rates(u, pk, self.mode, m - n, self.max_len)
-        return dise_parts(l, logits, row, tg.token, tg.rho, pk)
+        return dise_parts(l, logits, row, tg.token, tg.rho, pk, logit_row=logit_row)
 
     def objective(self, model: nn.Module, batch: dict, generator: torch.Generator,
                   regime: Regime) -> LossTerms:
