@@ -204,7 +204,7 @@ def interleaved_timing(steps: int, threads: int = 2) -> dict:
     Returns the median seconds per step (first 2 rounds dropped) and the DID DP share."""
     import statistics
     from tdlm.train.step import train_step
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     from tdlm.flops import model_forward_flops
     dp_t = time_dp()
     state = {}

@@ -85,6 +85,7 @@ def worker(model_name: str, regime: str, batch: int, steps: int, threads: int) -
     precision = "bf16" if regime.startswith("bf16") else "fp32"
     cfg.train.precision = precision
     cfg.train.ema = 0.0
+    cfg.train.cpu_allocator = "system"     # RSS increments need glibc's release-to-OS malloc
     family = family_for(cfg)          # shape-only resources (TDLM: the tree)
     torch.manual_seed(0)
     model = family.build_model().to(device)

@@ -61,6 +61,7 @@ def preset_cfg(name: str, regime: str, seq_len: int):
     cfg.data.seq_len = seq_len
     cfg.train.precision = "fp32"
     cfg.train.ema = 0.0
+    cfg.train.cpu_allocator = "system"     # the pinned mmap threshold, not the retained heap
     cfg.train.activation_checkpointing = regime == "ckpt"
     return cfg
 

@@ -273,8 +273,10 @@ class DeletionInsertion(Family):
         l_c = logits_c = None          # cached outputs (fixed length) for the current x
         stale = torch.ones(num, dtype=torch.bool, device=dev)
         st = {"forward_calls": 0, "tokens_forwarded": 0, "sampler_steps": 0}
+        pk = None                      # the packing of x, rebuilt only when x grows
         for k in range(steps + n_extra):
-            pk = Packing(torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]))
+            if pk is None:
+                pk = Packing(torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]))
             full_now = lengths >= seq_len
             if k >= steps and bool(full_now.all()):
                 break
@@ -297,6 +299,16 @@ class DeletionInsertion(Family):
             uu = torch.rand(p_ins.shape, generator=generator, device=dev, dtype=torch.float64)
             ins = uu < p_ins
             ins = self._cap(ins, pk, seq_len - lengths, generator)
+            st["sampler_steps"] = k + 1
+            if not bool(ins.any()):
+                # nothing inserted: x, its rows and (fixed length) the cached outputs stay as
+                # they are; no [T, V] copy on the steps that only draw
+                if fixed and cache:
+                    l_c, logits_c = l, logits
+                stale = torch.zeros_like(stale)
+                if trajectory is not None:
+                    self._record(trajectory, k, t, r, x, lengths, num)
+                continue
             new_tok = torch.empty(0, dtype=torch.long, device=dev)
             if bool(ins.any()):
                 lg = logits[ins].float()
@@ -323,17 +335,20 @@ class DeletionInsertion(Family):
                 l_c[start[keep_rows]] = l[keep_rows]
                 logits_c[start[keep_rows]] = logits[keep_rows]
             stale = added > 0
-            x, ok, lengths = x2, ok2, lengths + added
-            st["sampler_steps"] = k + 1
+            x, ok, lengths, pk = x2, ok2, lengths + added, None
             if trajectory is not None:
-                cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).tolist()
-                xs = x.tolist()
-                trajectory.append({"step": k, "t": t, "r": r,
-                                   "ids": [xs[cu[i]:cu[i + 1]] for i in range(num)]})
+                self._record(trajectory, k, t, r, x, lengths, num)
         if stats is not None:
             stats.update(st)
         cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
         return list(torch.split(x, (cu[1:] - cu[:-1]).tolist()))
+
+    @staticmethod
+    def _record(trajectory: list, k: int, t: float, r: float, x, lengths, num: int) -> None:
+        cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).tolist()
+        xs = x.tolist()
+        trajectory.append({"step": k, "t": t, "r": r,
+                           "ids": [xs[cu[i]:cu[i + 1]] for i in range(num)]})
 
     def _outputs(self, model, x, pk, lengths, need, l_c, logits_c, t, seq_len):
         """(l [T], logits [T, V]) for the packed x; only sequences in ``need`` are forwarded,
@@ -350,11 +365,10 @@ class DeletionInsertion(Family):
         sig = self.sigma_of(torch.full((sub_pk.B,), t, device=x.device))
         u, lg = model(x[rows], sub_pk, sig)
         l_sub = log_rates(u, sub_pk, self.mode, seq_len - sub_len, seq_len)
-        l = l_c.clone()
-        logits = logits_c.clone()
-        l[rows] = l_sub
-        logits[rows] = lg.to(logits.dtype)
-        return l, logits
+        # the cache is rebuilt from these after the step: update it in place (no [T, V] clone)
+        l_c[rows] = l_sub
+        logits_c[rows] = lg.to(logits_c.dtype)
+        return l_c, logits_c
 
     @staticmethod
     def _cap(ins: torch.Tensor, pk: Packing, room: torch.Tensor,
