@@ -309,29 +309,17 @@ class DeletionInsertion(Family):
                 if trajectory is not None:
                     self._record(trajectory, k, t, r, x, lengths, num)
                 continue
-            new_tok = torch.empty(0, dtype=torch.long, device=dev)
-            if bool(ins.any()):
-                lg = logits[ins].float()
-                if exclude_tokens:
-                    lg[:, list(exclude_tokens)] = float("-inf")
-                lp = adjust_logits(lg, temperature, top_p)
-                new_tok = gumbel_argmax(lp, generator)
-            # interleave: each new token right after its gap's left token
-            cnt = 1 + ins.long()
-            start = cnt.cumsum(0) - cnt
-            T2 = int(cnt.sum())
-            x2 = x.new_empty(T2)
-            ok2 = ok.new_empty(T2)
-            x2[start] = x
-            ok2[start] = ok
-            x2[start[ins] + 1] = new_tok
-            ok2[start[ins] + 1] = True
+            lg = logits[ins].float()                      # something is inserted here
+            if exclude_tokens:
+                lg[:, list(exclude_tokens)] = float("-inf")
+            new_tok = gumbel_argmax(adjust_logits(lg, temperature, top_p), generator)
+            x2, ok2, start = self._interleave(x, ok, ins, new_tok)
             added = torch.zeros(num, dtype=torch.long, device=dev).index_add_(0, pk.seq_id, ins.long())
             if fixed and cache:
                 # keep outputs of unchanged sequences for the next step (rows move with x)
                 keep_rows = ~(added > 0)[pk.seq_id]
-                l_c = torch.empty(T2, dtype=l.dtype, device=dev)
-                logits_c = logits.new_empty((T2, logits.shape[1]))
+                l_c = torch.empty(x2.numel(), dtype=l.dtype, device=dev)
+                logits_c = logits.new_empty((x2.numel(), logits.shape[1]))
                 l_c[start[keep_rows]] = l[keep_rows]
                 logits_c[start[keep_rows]] = logits[keep_rows]
             stale = added > 0
@@ -342,6 +330,19 @@ class DeletionInsertion(Family):
             stats.update(st)
         cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
         return list(torch.split(x, (cu[1:] - cu[:-1]).tolist()))
+
+    @staticmethod
+    def _interleave(x: torch.Tensor, ok: torch.Tensor, ins: torch.Tensor, new_tok: torch.Tensor):
+        """Each new token right after its gap's left token: (x2, ok2, start), ``start`` the new
+        row of every old row; inserted tokens' gaps are allowed."""
+        cnt = 1 + ins.long()
+        start = cnt.cumsum(0) - cnt
+        T2 = int(cnt.sum())
+        x2, ok2 = x.new_empty(T2), ok.new_empty(T2)
+        x2[start], ok2[start] = x, ok
+        x2[start[ins] + 1] = new_tok
+        ok2[start[ins] + 1] = True
+        return x2, ok2, start
 
     @staticmethod
     def _record(trajectory: list, k: int, t: float, r: float, x, lengths, num: int) -> None:
