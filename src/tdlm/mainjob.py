@@ -5,10 +5,11 @@ what the budget supports.
 For each preset: parameters and the output layer's share, the peak memory of its training
 (measured in this run: CUDA ``max_memory_allocated``, or on a CPU the heap bytes in use that
 the training added, glibc's ``mallinfo2``, ``tdlm.utils.machine.PeakMemory``; the resident set
-would not see the second preset reuse the heap the first one's training kept), training tokens/s (median of the logged
-steps), the validation NELBO per token with the standard error of that estimate across the
-evaluated batches, its validation curve, and samples. ``summary.json`` and ``curves.png`` are
-written to the output folder, beside each preset's run folder.
+would not see the second preset reuse the heap the first one's training kept), training
+tokens/s (median of the logged steps), the validation NELBO per token with the standard error
+of that estimate across the evaluated batches, its validation curve, and samples.
+``summary.json`` and ``curves.png`` are written to the output folder, beside each preset's
+run folder.
 
 A few hundred steps cannot say whether TDLM matches MDLM. The closing ``parity`` entry is the
 committed verdict of the parity study (``benchmarks/parity.py`` ->
