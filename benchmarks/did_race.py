@@ -90,19 +90,12 @@ def use_scale(scale: str) -> None:
 
 def build_run(name: str):
     """(cfg, data, family, model, step context, batch iterator) of one run, on the CPU, the
-    model built with seed 0."""
+    model built with seed 0 (``train.seed`` of STEP_SETS)."""
     from tdlm.config import get_preset
-    from tdlm.data import BatchIterator, build_data
-    from tdlm.train.step import family_for, single_process
+    from tdlm.train.throughput import build_step_context
     preset, sets = RUNS[name]
     cfg = get_preset(preset).override(sets + STEP_SETS)
-    data = build_data(cfg.data)
-    fam = family_for(cfg, data)
-    torch.manual_seed(0)
-    model = fam.build_model()
-    ctx = single_process(fam, model, cfg, torch.device("cpu"))
-    bucket = cfg.data.bucket_factor if getattr(data.train, "ragged", False) else 0
-    it = BatchIterator(data.train, cfg.train.global_batch, cfg.train.seed, bucket_factor=bucket)
+    data, fam, model, ctx, it = build_step_context(cfg, "cpu", real_family=True)
     return cfg, data, fam, model, ctx, it
 
 

@@ -1,45 +1,51 @@
 """Does TDLM match MDLM at equal parameters in the paper's regime? (issue: parity study)
 
     python benchmarks/parity.py run                 # main pair, seeds 0 1 2 (resumable)
-    python benchmarks/parity.py run --ablations     # + tree constructions and H, one seed
+    python benchmarks/parity.py run --ablations     # + AR, tree constructions and H, seed 0
     python benchmarks/parity.py report              # -> benchmarks/results/parity.{json,md,png}
+    python benchmarks/parity.py run --regime gpt2   # the same pair at the GPT-2 vocabulary
+    python benchmarks/parity.py report --regime gpt2   # -> parity_gpt2.{json,md,png}
     python benchmarks/parity.py run --steps 4 --seeds 0 --work /tmp/p --lanes 1   # smoke
 
-Models (``tdlm info --preset mdlm-cpu --preset tdlm-cpu --preset ar-cpu``): the paper-shaped
-CPU presets, an 8k BPE of the bundled corpus, d=112, L=256: MDLM with 12 blocks whose output
-layer is 22.7% of its 4.08M parameters (mdlm-small: 22.8%), TDLM with 17 blocks (the paper's
-17/12) and a K=128, H=2 corpus tree at +0.42% parameters, and an AR model of the same budget.
+Regimes (``tdlm info --preset P``):
+* ``cpu`` (default, work ``runs/parity``): the paper-shaped CPU presets, an 8k BPE of the
+  bundled corpus, d=112, L=256: MDLM with 12 blocks whose output layer is 22.7% of its 4.08M
+  parameters (mdlm-small: 22.8%), TDLM with 17 blocks (the paper's 17/12) and a K=128, H=2
+  corpus tree at +0.42% parameters, and an AR model of the same budget; 1000 steps x 16 x 256
+  tokens (4.1M).
+* ``gpt2`` (work ``runs/parity-gpt2``): the tiny presets with the GPT-2 vocabulary (d=128,
+  L=128), where the output layer is 46% of MDLM's 13.9M parameters and the equal budget turns
+  MDLM's 4 blocks into TDLM's 30; 600 steps x 8 x 128 tokens (614k).
 
-Every run is ``tdlm train --preset P --set train.seed=S`` in its own folder of ``--work``: the
-same seed gives the same batches in the same order for every model. A stopped study resumes:
-a run with a checkpoint continues (``--resume``), a finished run is skipped. Each finished run
-is then evaluated once on the **whole** validation split with ``tdlm eval --repeats R`` (the
-same batches and noise seed for every model), which gives its NELBO per token and the
-standard error of that estimate across the validation batches. No setting is tuned on these
-batches. Runs are subprocesses with one thread each, ``--lanes`` at a time (main pair first).
+Every run is ``tdlm train --preset P --set train.seed=S`` in its own folder of the work
+folder: the same seed gives the same batches in the same order for every model. A stopped
+study resumes (``benchmarks/study.py``): a run with a checkpoint continues, a finished run is
+skipped. Each finished run is evaluated once on the **whole** validation split with
+``tdlm eval --repeats 4`` (the same batches and noise seed for every model): its NELBO per
+token and the standard error of that estimate across the validation batches. No setting is
+tuned on these batches. Runs are subprocesses with one thread each, ``--lanes`` at a time
+(main pair first).
 
-The report (``report``) reads only the run folders: validation NELBO against training tokens
-(the training-time evaluations, 16 batches), the final NELBO per run, the per-seed difference
-TDLM - MDLM (paired by seed: same data order) with its mean and a 95% confidence interval
-across seeds (Student t, n - 1 degrees of freedom), relative to MDLM's NELBO, the per-level
-split of TDLM's NELBO, tokens/s, and the ablation table. The verdict line compares the CI
-with the +/-2% parity band.
+The report reads only the run folders: the models' budgets; validation NELBO against training
+tokens for every seed (training-time evaluations, ``train.eval_batches`` batches); the final
+NELBO per run; the per-seed difference TDLM - MDLM (paired by seed: same data order) with its
+mean and a 95% confidence interval across seeds (Student t, n - 1 degrees of freedom), relative
+to MDLM's NELBO; how much the seeds of one model differ; the seed-mean difference along
+training (what the curves suggest about larger budgets); the per-level split of TDLM's NELBO;
+the AR model's exact NLL; and the ablation table. The verdict compares the CI with the +/-2%
+band.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-MAIN = {"mdlm": "mdlm-cpu", "tdlm": "tdlm-cpu"}
-AR = ("ar", "ar-cpu")
-#: ablations at one seed
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study import ci95, read_run, run_queue, sd  # noqa: E402
+
+#: ablations at one seed (the cpu regime)
 # (name, preset, overrides[, run it needs finished first]); "{work}" and "{seed}" are filled in
 ABLATIONS = [
     ("tdlm-tree-exchange", "tdlm-cpu", ["family.tree_source=exchange"]),
@@ -50,132 +56,117 @@ ABLATIONS = [
     ("tdlm-tree-checkpoint", "tdlm-cpu", ["family.tree_source=checkpoint",
                                           "family.tree_path={work}/mdlm-s{seed}"], "mdlm-s{seed}"),
 ]
-EVAL_REPEATS = 4
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-       9: 2.262}
+_GPT2_SETS = ["train.max_steps=600", "train.eval_every=100", "train.ckpt_every=100",
+              "train.eval_batches=16"]
+REGIMES = {
+    "cpu": {"title": "paper-shaped CPU presets, 8k BPE", "work": "runs/parity", "stem": "parity",
+            "main": {"mdlm": ("mdlm-cpu", []), "tdlm": ("tdlm-cpu", [])},
+            "ar": ("ar-cpu", []), "ablations": ABLATIONS},
+    "gpt2": {"title": "tiny presets, GPT-2 vocabulary", "work": "runs/parity-gpt2",
+             "stem": "parity_gpt2",
+             "main": {"mdlm": ("tiny-gpt2", _GPT2_SETS), "tdlm": ("tdlm-tiny", _GPT2_SETS)},
+             "ar": None, "ablations": []},
+}
+BAND = 0.02
+#: run-name stems of the main pair (baseline first) and of the same-budget AR model
+BASE, TREE, AUTOREG = "mdlm", "tdlm", "ar"
+PAIR = (BASE, TREE)
 
 
-def plan(seeds, ablations: bool, work: Path = Path("{work}")) -> list[tuple]:
+def plan(seeds, ablations: bool, work: Path = Path("{work}"), regime: str = "cpu") -> list[tuple]:
     """(run name, preset, overrides, needs) in start order: the main pair for every seed
-    first; ``needs`` names a run that must have finished before this one starts (or None)."""
+    first, then (with ``ablations``) the AR model and the ablations at the first seed;
+    ``needs`` names a run that must have finished before this one starts (or None)."""
+    R = REGIMES[regime]
     runs = []
     for s in seeds:
-        for m, preset in MAIN.items():
-            runs.append((f"{m}-s{s}", preset, [f"train.seed={s}"], None))
-    runs.append((f"{AR[0]}-s{seeds[0]}", AR[1], [f"train.seed={seeds[0]}"], None))
+        for m, (preset, sets) in R["main"].items():
+            runs.append((f"{m}-s{s}", preset, sets + [f"train.seed={s}"], None))
+    s0 = seeds[0]
+    if R["ar"] is not None and (ablations or regime == "cpu"):
+        runs.append((f"ar-s{s0}", R["ar"][0], R["ar"][1] + [f"train.seed={s0}"], None))
     if ablations:
-        s0 = seeds[0]
-        for n, p, o, *needs in ABLATIONS:
+        for n, p, o, *needs in R["ablations"]:
             o = [x.format(work=work, seed=s0) for x in o]
             runs.append((f"{n}-s{s0}", p, o + [f"train.seed={s0}"],
                          needs[0].format(seed=s0) if needs else None))
     return runs
 
 
-def _latest_step(run: Path) -> int:
-    m = run / "metrics.jsonl"
-    if not m.exists():
-        return 0
-    steps = [json.loads(line).get("step", 0) for line in m.read_text().splitlines() if line]
-    return max(steps, default=0)
-
-
-def commands(name: str, preset: str, sets: list, work: Path, steps: int | None) -> list[list]:
-    """The shell commands still needed for a run: train (fresh or --resume), then eval."""
-    run = work / name
-    done = run / "final_eval" / "metrics.json"
-    if done.exists():
-        return []
-    cli = [sys.executable, "-m", "tdlm.cli"]
-    extra = [f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 2)}",
-             f"train.ckpt_every={max(1, steps // 2)}"] if steps else []
-    out = []
-    cfg = run / "config.json"
-    finished = cfg.exists() and _latest_step(run) >= json.loads(cfg.read_text())["train"]["max_steps"] \
-        and (run / "checkpoints" / "latest").exists()
-    if not finished:
-        if (run / "checkpoints" / "latest").exists():
-            out.append(cli + ["train", "--out", str(run), "--resume", "--no-progress"])
-        else:
-            if run.exists():
-                import shutil
-                shutil.rmtree(run)              # a run stopped before its first checkpoint
-            sets_all = [a for s in sets + extra for a in ("--set", s)]
-            out.append(cli + ["train", "--preset", preset, *sets_all, "--out", str(run),
-                              "--no-progress"])
-    out.append(cli + ["eval", str(run), "--batches", "0", "--repeats", str(EVAL_REPEATS),
-                      "--out", str(run / "final_eval"), "--json"])
-    return out
-
-
 def run_all(a) -> None:
     work = Path(a.work)
-    work.mkdir(parents=True, exist_ok=True)
-    todo = [(n, commands(n, p, s, work, a.steps), need)
-            for n, p, s, need in plan(a.seeds, a.ablations, work)]
-    todo = [(n, c, need) for n, c, need in todo if c]
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
-    running: list = []
-    log = open(work / "study.log", "a")
-    while todo or running:
-        ready = [t for t in todo if t[2] is None
-                 or (work / t[2] / "final_eval" / "metrics.json").exists()]
-        if not ready and not running:
-            raise SystemExit(f"[parity] cannot start {[t[0] for t in todo]}: the runs they need "
-                             "did not finish")
-        while ready and len(running) < a.lanes:
-            item = ready.pop(0)
-            todo.remove(item)
-            name, cmds, _ = item
-            script = " && ".join(shlex.join(c) for c in cmds)
-            print(f"[parity] start {name}: {script}", flush=True)
-            log.write(f"{time.strftime('%F %T')} start {name}\n")
-            log.flush()
-            out = open(work / f"{name}.log", "a")
-            running.append((name, subprocess.Popen(["bash", "-c", script], env=env, stdout=out,
-                                                   stderr=subprocess.STDOUT), out))
-        time.sleep(5)
-        for item in list(running):
-            name, proc, out = item
-            if proc.poll() is not None:
-                running.remove(item)
-                out.close()
-                msg = f"{time.strftime('%F %T')} {name} exit {proc.returncode}"
-                print(f"[parity] {msg}", flush=True)
-                log.write(msg + "\n")
-                log.flush()
+    run_queue(plan(a.seeds, a.ablations, work, a.regime), work, a.lanes, a.threads, a.steps,
+              tag="parity")
 
 
 # ---- report ---------------------------------------------------------------------------------
-def _read_run(run: Path) -> dict | None:
-    if not (run / "final_eval" / "metrics.json").exists():
-        return None
-    cfg = json.loads((run / "config.json").read_text())
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-    tr = cfg["train"]
-    tokens_per_step = tr["global_batch"] * cfg["data"]["seq_len"]
-    val = [(r["step"] * tokens_per_step, r["nelbo_per_token"]) for r in recs
-           if r.get("split") == "val"]
-    tps = [r["tokens_per_s"] for r in recs if r.get("split") == "train" and "tokens_per_s" in r]
-    ev = json.loads((run / "final_eval" / "metrics.json").read_text())
-    return {"curve": val, "final": ev, "steps": tr["max_steps"],
-            "tokens": tr["max_steps"] * tokens_per_step,
-            "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None}
+def _budget(cfg: dict) -> dict:
+    """Parameters, output-layer share, blocks and width of a run's model (meta device)."""
+    from tdlm.config.run import RunConfig
+    from tdlm.families.base import meta_family
+    from tdlm.nn.accounting import count_parameters
+    c = RunConfig.from_dict(cfg)
+    _, model = meta_family(c)
+    n = count_parameters(model)
+    return {"parameters": n["total"], "head_share": n["head_share"], "blocks": c.backbone.n_layers,
+            "d_model": c.backbone.d_model, "vocab": c.backbone.vocab_size,
+            "seq_len": c.data.seq_len, "batch": c.train.global_batch,
+            "tokenizer": c.data.tokenizer}
 
 
-def _ci(diffs: list) -> tuple[float, float | None]:
-    n = len(diffs)
-    mean = sum(diffs) / n
-    if n < 2:
-        return mean, None
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    return mean, T95.get(n - 1, 1.96) * sd / math.sqrt(n)
+def _verdict(mean: float, half) -> str:
+    if half is None:
+        return f"one seed only: TDLM - MDLM = {100 * mean:+.2f}% (no interval yet)"
+    if abs(mean) + half <= BAND:
+        return (f"parity reproduced: TDLM - MDLM = {100 * mean:+.2f}% "
+                f"(95% CI +/-{100 * half:.2f}%, inside +/-2%)")
+    if mean - half > BAND or mean + half < -BAND:
+        return (f"parity NOT reproduced: TDLM - MDLM = {100 * mean:+.2f}% "
+                f"(95% CI +/-{100 * half:.2f}%, outside +/-2%)")
+    return (f"undecided: TDLM - MDLM = {100 * mean:+.2f}% (95% CI +/-{100 * half:.2f}% "
+            f"reaches past the +/-2% band)")
+
+
+def _along_training(runs: dict, seeds: list) -> list[dict]:
+    """Seed-mean relative difference TDLM/MDLM - 1 of the training-time validation NELBO at
+    every evaluation step all paired seeds share, with its 95% CI across seeds."""
+    curves = {n: {s: v for s, _, v in runs[n]["curve"]} for n in runs}
+    steps = None
+    for s in seeds:
+        for m in PAIR:
+            st = set(curves[f"{m}-s{s}"])
+            steps = st if steps is None else steps & st
+    out = []
+    for step in sorted(steps or ()):
+        rel = [curves[f"tdlm-s{s}"][step] / curves[f"mdlm-s{s}"][step] - 1 for s in seeds]
+        mean, half = ci95(rel)
+        out.append({"step": step, "tokens": step * runs[f"mdlm-s{seeds[0]}"]["tokens"]
+                    // runs[f"mdlm-s{seeds[0]}"]["steps"], "rel_mean": mean, "rel_ci95": half,
+                    "per_seed": rel})
+    return out
+
+
+def _trend_line(along: list) -> str:
+    """One sentence on how the difference moves over the second half of training."""
+    if len(along) < 4:
+        return "Too few evaluation points to read a trend."
+    half = [r for r in along if r["step"] >= along[-1]["step"] / 2]
+    first, last = half[0], half[-1]
+    d = last["rel_mean"] - first["rel_mean"]
+    word = ("flat" if abs(d) < 0.005 else
+            "moving in TDLM's favour" if d < 0 else "moving in MDLM's favour")
+    return (f"Over the second half of training the seed-mean difference goes from "
+            f"{100 * first['rel_mean']:+.2f}% (step {first['step']}) to "
+            f"{100 * last['rel_mean']:+.2f}% (step {last['step']}): {word} "
+            f"({100 * d:+.2f} points). This is an extrapolation hint, not a measurement at a "
+            "larger budget.")
 
 
 def report(a) -> dict:
+    R = REGIMES[a.regime]
     work, out = Path(a.work), Path(a.out)
     runs = {p.name: r for p in sorted(work.iterdir()) if p.is_dir()
-            for r in [_read_run(p)] if r is not None}
+            for r in [read_run(p)] if r is not None}
     seeds = sorted({int(n.rsplit("-s", 1)[1]) for n in runs if n.startswith("mdlm-s")})
     paired = [s for s in seeds if f"mdlm-s{s}" in runs and f"tdlm-s{s}" in runs]
     per_seed = []
@@ -186,72 +177,199 @@ def report(a) -> dict:
                          "diff": t["nelbo_per_token"] - m["nelbo_per_token"],
                          "rel": t["nelbo_per_token"] / m["nelbo_per_token"] - 1,
                          "tdlm_levels": t.get("parts_per_token")})
-    summary = {"seeds": paired}
+    summary = {"seeds": paired, "band": BAND}
     if per_seed:
-        mean, half = _ci([r["rel"] for r in per_seed])
-        dmean, dhalf = _ci([r["diff"] for r in per_seed])
-        summary.update(rel_mean=mean, rel_ci95=half, diff_mean=dmean, diff_ci95=dhalf)
-        if half is None:
-            verdict = f"one seed only: TDLM - MDLM = {100 * mean:+.2f}% (no interval yet)"
-        elif abs(mean) + half <= 0.02:
-            verdict = (f"parity reproduced: TDLM - MDLM = {100 * mean:+.2f}% "
-                       f"(95% CI +/-{100 * half:.2f}%, inside +/-2%)")
-        elif mean - half > 0.02 or mean + half < -0.02:
-            verdict = (f"parity NOT reproduced: TDLM - MDLM = {100 * mean:+.2f}% "
-                       f"(95% CI +/-{100 * half:.2f}%, outside +/-2%)")
-        else:
-            verdict = (f"undecided: TDLM - MDLM = {100 * mean:+.2f}% (95% CI +/-{100 * half:.2f}% "
-                       f"overlaps the +/-2% band's edge)")
-        summary["verdict"] = verdict
-    res = {"command": "python benchmarks/parity.py run [--ablations] && python benchmarks/parity.py report",
-           "runs": runs, "per_seed": per_seed, "summary": summary,
-           "presets": {m: p for m, p in MAIN.items()}}
+        mean, half = ci95([r["rel"] for r in per_seed])
+        dmean, dhalf = ci95([r["diff"] for r in per_seed])
+        summary.update(rel_mean=mean, rel_ci95=half, diff_mean=dmean, diff_ci95=dhalf,
+                       verdict=_verdict(mean, half),
+                       seed_sd={m: sd([r[m] for r in per_seed]) for m in PAIR},
+                       diff_sd=sd([r["diff"] for r in per_seed]))
+    along = _along_training(runs, paired) if paired else []
+    budgets = {}
+    for n, r in runs.items():
+        key = n.rsplit("-s", 1)[0]
+        if key not in budgets:
+            budgets[key] = _budget(r["config"])
+    res = {"command": (f"python benchmarks/parity.py run --regime {a.regime} [--ablations] && "
+                       f"python benchmarks/parity.py report --regime {a.regime}"),
+           "regime": a.regime, "title": R["title"],
+           "runs": {n: {k: v for k, v in r.items() if k != "config"} for n, r in runs.items()},
+           "per_seed": per_seed, "summary": summary, "along_training": along,
+           "budgets": budgets,
+           "presets": {m: p for m, (p, _) in R["main"].items()},
+           "ablations": _ablations(runs, paired[0] if paired else 0)}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "parity.json").write_text(json.dumps(res, indent=1, sort_keys=True))
-    (out / "parity.md").write_text(_markdown(res))
-    _plot(runs, out / "parity.png")
+    stem = R["stem"]
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1, sort_keys=True))
+    (out / f"{stem}.md").write_text(_markdown(res, stem))
+    _plot(runs, along, out / f"{stem}.png", R["title"])
     print(summary.get("verdict", "no finished pair yet"))
     return res
 
 
-def _markdown(res: dict) -> str:
+def _ablations(runs: dict, s0: int) -> list[dict]:
+    rows = []
+    base_t, base_m = runs.get(f"tdlm-s{s0}"), runs.get(f"mdlm-s{s0}")
+    for n, r in runs.items():
+        if not n.startswith("tdlm-") or n == f"tdlm-s{s0}" or not n.endswith(f"-s{s0}"):
+            continue
+        fam = r["config"]["family"]
+        v = r["final"]["nelbo_per_token"]
+        rows.append({"run": n, "tree_source": fam.get("tree_source"), "K": fam.get("K"),
+                     "H": fam.get("H"), "nelbo": v, "se": r["final"].get("stderr_per_token"),
+                     "levels": r["final"].get("parts_per_token"),
+                     "vs_tdlm": v / base_t["final"]["nelbo_per_token"] - 1 if base_t else None,
+                     "vs_mdlm": v / base_m["final"]["nelbo_per_token"] - 1 if base_m else None})
+    if base_t:
+        fam = base_t["config"]["family"]
+        rows.insert(0, {"run": f"tdlm-s{s0} (preset default)", "tree_source": fam.get("tree_source"),
+                        "K": fam.get("K"), "H": fam.get("H"),
+                        "nelbo": base_t["final"]["nelbo_per_token"],
+                        "se": base_t["final"].get("stderr_per_token"),
+                        "levels": base_t["final"].get("parts_per_token"), "vs_tdlm": 0.0,
+                        "vs_mdlm": (base_t["final"]["nelbo_per_token"]
+                                    / base_m["final"]["nelbo_per_token"] - 1) if base_m else None})
+    return rows
+
+
+def _pct(v) -> str:
+    return "" if v is None else f"{100 * v:+.2f}%"
+
+
+def _markdown(res: dict, stem: str) -> str:
     s = res["summary"]
-    lines = ["# TDLM vs MDLM at equal parameters (paper-shaped CPU presets)", "",
-             f"Command: `{res['command']}`", "",
-             f"**Verdict:** {s.get('verdict', 'no finished pair yet')}", "",
-             "| seed | MDLM NELBO (± SE) | TDLM NELBO (± SE) | TDLM − MDLM | relative |",
-             "|---|---|---|---|---|"]
+    L = [f"# TDLM vs MDLM at equal parameters ({res['title']})", "",
+         f"Command: `{res['command']}`", "",
+         f"**Verdict:** {s.get('verdict', 'no finished pair yet')}", "",
+         "## Models", "",
+         "| model | parameters | output layer share | blocks | d | vocabulary | tokens/step "
+         "| training tokens/s (median, 1 thread) |", "|---|---|---|---|---|---|---|---|"]
+    tps = {}
+    for n, r in res["runs"].items():
+        tps.setdefault(n.rsplit("-s", 1)[0], []).append(r["tokens_per_s"] or 0)
+    for k, b in res["budgets"].items():
+        t = sorted(tps.get(k, [0]))
+        L.append(f"| {k} | {b['parameters']:,} | {100 * b['head_share']:.2f}% | {b['blocks']} | "
+                 f"{b['d_model']} | {b['vocab']:,} ({b['tokenizer']}) | "
+                 f"{b['batch']} x {b['seq_len']} | {t[len(t) // 2]:.0f} |")
+    L += ["", "Throughput is logged during the study's runs on a shared 2-core CPU (one thread "
+          "per run, two runs at a time): compare it within this table only.", "",
+          "## Final NELBO per seed", "",
+          "Whole validation split, 4 noise draws per batch; ± is the standard error of each "
+          "estimate across validation batches (the evaluation's own noise). The difference is "
+          "paired by seed (same data order).", "",
+          "| seed | MDLM NELBO (± SE) | TDLM NELBO (± SE) | TDLM − MDLM | relative |",
+          "|---|---|---|---|---|"]
     for r in res["per_seed"]:
         se = lambda v: f" ± {v:.4f}" if v is not None else ""     # noqa: E731
-        lines.append(f"| {r['seed']} | {r['mdlm']:.4f}{se(r['mdlm_se'])} | "
-                     f"{r['tdlm']:.4f}{se(r['tdlm_se'])} | {r['diff']:+.4f} | "
-                     f"{100 * r['rel']:+.2f}% |")
-    lines += ["", "| run | steps | tokens | tokens/s | final NELBO/token | ± SE | levels |",
-              "|---|---|---|---|---|---|---|"]
+        L.append(f"| {r['seed']} | {r['mdlm']:.4f}{se(r['mdlm_se'])} | "
+                 f"{r['tdlm']:.4f}{se(r['tdlm_se'])} | {r['diff']:+.4f} | {_pct(r['rel'])} |")
+    if s.get("rel_ci95") is not None:
+        L.append(f"| **mean (95% CI)** | | | {s['diff_mean']:+.4f} ± {s['diff_ci95']:.4f} | "
+                 f"**{_pct(s['rel_mean'])} ± {100 * s['rel_ci95']:.2f}%** |")
+        sm, st = s["seed_sd"]["mdlm"], s["seed_sd"]["tdlm"]
+        mm = sum(r["mdlm"] for r in res["per_seed"]) / len(res["per_seed"])
+        L += ["", "## How much the seeds differ", "",
+              f"Across {len(res['per_seed'])} seeds the final NELBO has a standard deviation of "
+              f"{sm:.4f} for MDLM ({100 * sm / mm:.1f}% of its mean) and {st:.4f} for TDLM; the "
+              f"paired difference has {s['diff_sd']:.4f}. The evaluation's own standard error "
+              f"(~{res['per_seed'][0]['mdlm_se']:.3f}) is the smaller part; most of the interval's "
+              "width is how fast a run leaves the early plateau (see the curves)."]
+    if res["along_training"]:
+        al = res["along_training"]
+        L += ["", "## Learning curves (training-time validation NELBO per token)", "",
+              f"![curves]({stem}.png)", "",
+              "| run | " + " | ".join(str(r["step"]) for r in al) + " |",
+              "|---|" + "---|" * len(al)]
+        for n, r in res["runs"].items():
+            if n.rsplit("-s", 1)[0] in PAIR + (AUTOREG,):
+                cur = {st: v for st, _, v in r["curve"]}
+                L.append(f"| {n} | " + " | ".join(f"{cur[x['step']]:.3f}" if x["step"] in cur
+                                                   else "" for x in al) + " |")
+        L.append("| TDLM/MDLM − 1, seed mean | " + " | ".join(
+            _pct(x["rel_mean"]) + (f" ± {100 * x['rel_ci95']:.1f}" if x["rel_ci95"] else "")
+            for x in al) + " |")
+        L += ["", "Columns are training steps; the last row is the mean over seeds with its "
+              "95% CI half-width in points.", "", _trend_line(al)]
+    lv = [r for r in res["per_seed"] if r["tdlm_levels"]]
+    if lv:
+        keys = sorted(lv[0]["tdlm_levels"])
+        L += ["", "## TDLM's NELBO per level (level_0 = leaf: token given its cluster)", "",
+              "| seed | " + " | ".join(keys) + " | total |", "|---|" + "---|" * (len(keys) + 1)]
+        for r in lv:
+            L.append(f"| {r['seed']} | " + " | ".join(f"{r['tdlm_levels'][k]:.3f}" for k in keys)
+                     + f" | {r['tdlm']:.3f} |")
+    ar = {n: r for n, r in res["runs"].items() if n.startswith("ar-")}
+    if ar:
+        L += ["", "## AR model of the same budget (exact NLL, same tokens)", "",
+              "| run | NLL/token (± SE) | MDLM NELBO, same seed |", "|---|---|---|"]
+        for n, r in ar.items():
+            m = res["runs"].get("mdlm-" + n.split("-", 1)[1])
+            same = f"{m['final']['nelbo_per_token']:.4f}" if m else "n/a"
+            L.append(f"| {n} | {r['final']['nelbo_per_token']:.4f} ± "
+                     f"{r['final'].get('stderr_per_token') or 0:.4f} | {same} |")
+    if len(res["ablations"]) > 1:
+        L += ["", "## Ablations (one seed): tree construction and branching", "",
+              "| run | tree source | K | H | NELBO (± SE) | vs TDLM default | vs MDLM | levels |",
+              "|---|---|---|---|---|---|---|---|"]
+        for r in res["ablations"]:
+            lvl = ", ".join(f"{k} {v:.3f}" for k, v in sorted((r["levels"] or {}).items()))
+            L.append(f"| {r['run']} | {r['tree_source']} | {r['K']} | {r['H']} | "
+                     f"{r['nelbo']:.4f} ± {r['se'] or 0:.4f} | {_pct(r['vs_tdlm'])} | "
+                     f"{_pct(r['vs_mdlm'])} | {lvl} |")
+        L += ["", "One seed each: read differences smaller than the seed spread of the main "
+              "pair (above) as ties."]
+    L += ["", "## All runs", "", "| run | steps | tokens | tokens/s | final NELBO/token | ± SE | "
+          "levels |", "|---|---|---|---|---|---|---|"]
     for n, r in res["runs"].items():
         f = r["final"]
         lv = ", ".join(f"{k} {v:.3f}" for k, v in sorted((f.get("parts_per_token") or {}).items()))
         se = f.get("stderr_per_token")
-        lines.append(f"| {n} | {r['steps']} | {r['tokens']:,} | "
-                     f"{r['tokens_per_s'] or float('nan'):.0f} | {f['nelbo_per_token']:.4f} | "
-                     f"{se if se is None else round(se, 4)} | {lv} |")
-    return "\n".join(lines) + "\n"
+        L.append(f"| {n} | {r['steps']} | {r['tokens']:,} | "
+                 f"{r['tokens_per_s'] or float('nan'):.0f} | {f['nelbo_per_token']:.4f} | "
+                 f"{'' if se is None else round(se, 4)} | {lv} |")
+    return "\n".join(L) + "\n"
 
 
-def _plot(runs: dict, path: Path) -> None:
+def _plot(runs: dict, along: list, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = {"mdlm": "tab:blue", "tdlm": "tab:red", "ar": "tab:gray"}
+    styles = ["-", "--", ":", "-."]
     for n, r in runs.items():
-        if r["curve"]:
-            x, y = zip(*r["curve"])
-            ax.plot([v / 1e6 for v in x], y, label=n, lw=1.2,
-                    ls="-" if n.startswith("tdlm") else "--" if n.startswith("mdlm") else ":")
+        if not r["curve"]:
+            continue
+        fam, seed = n.rsplit("-s", 1)
+        _, x, y = zip(*r["curve"])
+        main = fam in colors
+        ax.plot([v / 1e6 for v in x], y, label=n, lw=1.4 if main else 0.8,
+                color=colors.get(fam), alpha=1.0 if main else 0.6,
+                ls=styles[int(seed) % 4] if main else (0, (1, 1)))
     ax.set_xlabel("training tokens (M)")
-    ax.set_ylabel("validation NELBO / token (16 batches)")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("validation NELBO / token")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
+    if along:
+        x = [r["tokens"] / 1e6 for r in along]
+        for i in range(len(along[0]["per_seed"])):
+            bx.plot(x, [100 * r["per_seed"][i] for r in along], lw=0.8, ls=styles[i % 4],
+                    color="tab:purple", alpha=0.6, label=f"seed {i}")
+        m = [100 * r["rel_mean"] for r in along]
+        bx.plot(x, m, color="k", lw=1.6, label="seed mean")
+        if along[0]["rel_ci95"] is not None:
+            h = [100 * r["rel_ci95"] for r in along]
+            bx.fill_between(x, [a - b for a, b in zip(m, h)], [a + b for a, b in zip(m, h)],
+                            color="k", alpha=0.12, label="95% CI")
+        bx.axhspan(-100 * BAND, 100 * BAND, color="tab:green", alpha=0.1, label="±2% band")
+        bx.axhline(0, color="k", lw=0.5)
+        bx.set_xlabel("training tokens (M)")
+        bx.set_ylabel("TDLM / MDLM − 1 (%)")
+        bx.legend(fontsize=7)
+        bx.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -260,7 +378,8 @@ def _plot(runs: dict, path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["run", "report"])
-    p.add_argument("--work", default="runs/parity")
+    p.add_argument("--regime", choices=sorted(REGIMES), default="cpu")
+    p.add_argument("--work", help="run folders (default: the regime's, e.g. runs/parity)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--ablations", action="store_true")
@@ -268,6 +387,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, help="override max_steps (smoke tests only)")
     a = p.parse_args(argv)
+    a.work = a.work or REGIMES[a.regime]["work"]
     if a.what == "run":
         run_all(a)
     else:

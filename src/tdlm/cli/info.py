@@ -23,15 +23,27 @@ def cmd_info(args) -> int:
                       "n_heads": m.n_heads, "vocab_size": m.vocab_size, "seq_len": cfg.data.seq_len,
                       "parameters": c}
         rows[name].update(fam.describe())
+        if args.measure:
+            from ..train.throughput import measure_throughput
+            rows[name]["throughput"] = measure_throughput(cfg, steps=args.measure)
     if args.json:
         print(json.dumps(rows if len(rows) > 1 else next(iter(rows.values())), indent=2))
     else:
+        tp = f"{'train tok/s':>13}" if args.measure else ""
         hdr = f"{'preset':<14}{'family':<7}{'d':>6}{'layers':>8}{'total':>14}{'embedding':>13}{'head':>13}{'blocks':>14}{'head %':>8}"
-        print(hdr)
+        print(hdr + tp)
         for n, r in rows.items():
             c = r["parameters"]
+            m = f"{r['throughput']['tokens_per_s']:>13.0f}" if args.measure else ""
             print(f"{n:<14}{r['family']:<7}{r['d_model']:>6}{r['n_layers']:>8}{c['total']:>14,}"
-                  f"{c['embedding']:>13,}{c['head']:>13,}{c['blocks']:>14,}{100 * c['head_share']:>7.2f}%")
+                  f"{c['embedding']:>13,}{c['head']:>13,}{c['blocks']:>14,}{100 * c['head_share']:>7.2f}%"
+                  + m)
+        if args.measure:
+            t = next(iter(rows.values()))["throughput"]
+            print(f"train tok/s: data tokens per second of {t['steps']} optimizer steps of the "
+                  f"preset's batch after {t['warmup']} untimed ones, {t['threads']} thread(s), "
+                  f"{t['device']}, measured now (the parity study's figures: "
+                  "benchmarks/results/parity.md)")
     return 0
 
 
@@ -60,4 +72,7 @@ def add_parser(sub) -> None:
     p.add_argument("--fields", action="store_true",
                    help="list every config field with its type, default and meaning")
     p.add_argument("--family", help="with --fields: only this family's section")
+    p.add_argument("--measure", type=int, metavar="STEPS", default=0,
+                   help="also time STEPS training steps of each preset on the bundled data "
+                        "(tokens/s on this machine, current thread count)")
     p.set_defaults(fn=cmd_info)

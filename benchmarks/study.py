@@ -1,0 +1,152 @@
+"""Shared machinery of the multi-run studies (``parity.py``, ``did_study.py``, the CPU-scale
+scheduling models): a resumable queue of ``tdlm train`` runs, their final evaluation, reading a
+finished run folder back, and confidence intervals across seeds.
+
+A run is ``(name, preset, overrides, needs)``: ``tdlm train --preset P --set ...`` in
+``work/name``; ``needs`` names a run whose final evaluation must exist before this one starts
+(or None). :func:`commands` gives what is still to do for a run: nothing when
+``final_eval/metrics.json`` exists; else train (``--resume`` when a checkpoint exists, fresh
+otherwise) and then ``tdlm eval`` on the **whole** validation split with ``EVAL_REPEATS`` noise
+draws (same batches and noise seed for every model). :func:`run_queue` runs the commands as
+subprocesses with ``threads`` threads each, ``lanes`` at a time, in the given order, and logs
+starts and exits to ``work/study.log``. SIGTERM to a training process writes a checkpoint, so
+a study stopped anywhere resumes with the same command.
+
+Confidence intervals (:func:`ci95`): mean and half-width ``t_{0.975, n-1} * s / sqrt(n)``
+(Student t, n - 1 degrees of freedom), the half-width None for n < 2.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+EVAL_REPEATS = 4
+#: t_{0.975, df} for df = 1..9; larger df use 1.96 (a slight under-coverage noted where used)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+       9: 2.262}
+
+
+def latest_step(run: Path) -> int:
+    """The last step ``metrics.jsonl`` records (0 when there is none)."""
+    m = run / "metrics.jsonl"
+    if not m.exists():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in m.read_text().splitlines() if line]
+    return max(steps, default=0)
+
+
+def commands(name: str, preset: str, sets: Sequence[str], work: Path,
+             steps: Optional[int] = None, repeats: int = EVAL_REPEATS) -> list[list]:
+    """The shell commands still needed for a run: train (fresh or --resume), then eval.
+    ``steps`` overrides max_steps (smoke tests only)."""
+    run = work / name
+    if (run / "final_eval" / "metrics.json").exists():
+        return []
+    cli = [sys.executable, "-m", "tdlm.cli"]
+    extra = [f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 2)}",
+             f"train.ckpt_every={max(1, steps // 2)}"] if steps else []
+    out = []
+    cfg = run / "config.json"
+    latest = run / "checkpoints" / "latest"
+    finished = (cfg.exists() and latest.exists()
+                and latest_step(run) >= json.loads(cfg.read_text())["train"]["max_steps"])
+    if not finished:
+        if latest.exists():
+            out.append(cli + ["train", "--out", str(run), "--resume", "--no-progress"])
+        else:
+            if run.exists():
+                shutil.rmtree(run)              # a run stopped before its first checkpoint
+            sets_all = [a for s in list(sets) + extra for a in ("--set", s)]
+            out.append(cli + ["train", "--preset", preset, *sets_all, "--out", str(run),
+                              "--no-progress"])
+    out.append(cli + ["eval", str(run), "--batches", "0", "--repeats", str(repeats),
+                      "--out", str(run / "final_eval"), "--json"])
+    return out
+
+
+def run_queue(runs: Sequence[tuple], work: Path, lanes: int = 2, threads: int = 1,
+              steps: Optional[int] = None, tag: str = "study") -> None:
+    """Run every unfinished run of ``runs`` (``(name, preset, sets, needs)``), ``lanes`` at
+    a time in order, each a subprocess with ``threads`` threads; see the module docstring."""
+    import os
+    work.mkdir(parents=True, exist_ok=True)
+    todo = [(n, commands(n, p, s, work, steps), need) for n, p, s, need in runs]
+    todo = [(n, c, need) for n, c, need in todo if c]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    running: list = []
+    with open(work / "study.log", "a") as log:
+        def note(msg: str) -> None:
+            print(f"[{tag}] {msg}", flush=True)
+            log.write(f"{time.strftime('%F %T')} {msg}\n")
+            log.flush()
+
+        while todo or running:
+            ready = [t for t in todo if t[2] is None
+                     or (work / t[2] / "final_eval" / "metrics.json").exists()]
+            if not ready and not running:
+                raise SystemExit(f"[{tag}] cannot start {[t[0] for t in todo]}: the runs they "
+                                 "need did not finish")
+            while ready and len(running) < lanes:
+                item = ready.pop(0)
+                todo.remove(item)
+                name, cmds, _ = item
+                note(f"start {name}")
+                out = open(work / f"{name}.log", "a")
+                script = " && ".join(shlex.join(c) for c in cmds)
+                running.append((name, subprocess.Popen(["bash", "-c", script], env=env,
+                                                       stdout=out, stderr=subprocess.STDOUT), out))
+            time.sleep(5)
+            for item in list(running):
+                name, proc, out = item
+                if proc.poll() is not None:
+                    running.remove(item)
+                    out.close()
+                    note(f"{name} exit {proc.returncode}")
+
+
+def read_run(run: Path) -> Optional[dict]:
+    """A finished run folder (its final evaluation exists) as a dict: ``curve`` [(step,
+    training tokens, val NELBO/token)] of the training-time evaluations, ``final`` (the final
+    evaluation's metrics.json), ``steps``, ``tokens`` (data tokens seen), ``tokens_per_s``
+    (median of the logged training throughput), ``config``; None when unfinished."""
+    if not (run / "final_eval" / "metrics.json").exists():
+        return None
+    cfg = json.loads((run / "config.json").read_text())
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    tr = cfg["train"]
+    tokens_per_step = tr["global_batch"] * cfg["data"]["seq_len"]
+    val = {}
+    for r in recs:          # a resumed run may log a step twice: the later record wins
+        if r.get("split") == "val" and "nelbo_per_token" in r:
+            val[r["step"]] = r["nelbo_per_token"]
+    tps = [r["tokens_per_s"] for r in recs if r.get("split") == "train" and "tokens_per_s" in r]
+    return {"curve": [(s, s * tokens_per_step, v) for s, v in sorted(val.items())],
+            "final": json.loads((run / "final_eval" / "metrics.json").read_text()),
+            "steps": tr["max_steps"], "tokens": tr["max_steps"] * tokens_per_step,
+            "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None, "config": cfg}
+
+
+def ci95(values: Sequence[float]) -> tuple[float, Optional[float]]:
+    """(mean, 95% half-width across the values; None for fewer than 2)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, T95.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+
+def sd(values: Sequence[float]) -> Optional[float]:
+    """Sample standard deviation (n - 1); None for fewer than 2 values."""
+    n = len(values)
+    if n < 2:
+        return None
+    m = sum(values) / n
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))

@@ -1,0 +1,104 @@
+"""The study queue (benchmarks/study.py) and the parity report on synthetic run folders:
+what is still to run, confidence intervals against hand-computed values, and verdicts."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+
+import pytest
+
+from paths import REPO
+
+BENCH = REPO / "benchmarks"
+
+
+def _load(name):
+    if not (BENCH / f"{name}.py").is_file():
+        pytest.skip("no benchmarks/ folder (not a source checkout)")
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ci95_matches_student_t_by_hand():
+    st = _load("study")
+    mean, half = st.ci95([1.0, 2.0, 3.0])          # s = 1, t_{0.975,2} = 4.303
+    assert mean == 2.0 and half == pytest.approx(4.303 / math.sqrt(3))
+    assert st.ci95([5.0]) == (5.0, None)
+    assert st.sd([2.0, 4.0]) == pytest.approx(math.sqrt(2))
+
+
+def _run(work, name, preset_cfg, curve, final, max_steps=1000, latest=True):
+    d = work / name
+    (d / "checkpoints").mkdir(parents=True)
+    if latest:
+        (d / "checkpoints" / "latest").write_text("step_x")
+    (d / "config.json").write_text(json.dumps(preset_cfg))
+    recs = [{"step": s, "split": "val", "nelbo_per_token": v} for s, v in curve]
+    recs += [{"step": 10, "split": "train", "tokens_per_s": 100.0}]
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    if final is not None:
+        (d / "final_eval").mkdir()
+        (d / "final_eval" / "metrics.json").write_text(json.dumps(final))
+    return d
+
+
+def _cfg(preset):
+    from tdlm.config import get_preset
+    return get_preset(preset).to_dict()
+
+
+def test_commands_fresh_resume_eval_only_and_done(tmp_path):
+    st = _load("study")
+    cfg = _cfg("tiny")
+    assert st.commands("a", "tiny", ["train.seed=1"], tmp_path)[0][3:] == [
+        "train", "--preset", "tiny", "--set", "train.seed=1", "--out", str(tmp_path / "a"),
+        "--no-progress"]
+    _run(tmp_path, "b", cfg, [(100, 6.0)], None, latest=True)          # stopped mid-way
+    c = st.commands("b", "tiny", [], tmp_path)
+    assert "--resume" in c[0] and c[1][3] == "eval"
+    _run(tmp_path, "c", cfg, [(cfg["train"]["max_steps"], 6.0)], None)  # trained, not evaluated
+    c = st.commands("c", "tiny", [], tmp_path)
+    assert len(c) == 1 and c[0][3] == "eval" and "--repeats" in c[0]
+    _run(tmp_path, "d", cfg, [(100, 6.0)], {"nelbo_per_token": 6.0})    # finished
+    assert st.commands("d", "tiny", [], tmp_path) == []
+    (tmp_path / "e" / "x").mkdir(parents=True)                          # no checkpoint: restart
+    assert "--preset" in st.commands("e", "tiny", [], tmp_path)[0]
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("tdlm_finals,word", [
+    ([6.01, 6.02, 5.99], "parity reproduced"),
+    ([6.5, 6.6, 6.55], "parity NOT reproduced"),
+    ([6.0, 6.3, 6.1], "undecided"),
+])
+def test_parity_report_verdicts(tmp_path, tdlm_finals, word):
+    par = _load("parity")
+    m, t = _cfg("mdlm-cpu"), _cfg("tdlm-cpu")
+    for s, tf in enumerate(tdlm_finals):
+        _run(tmp_path, f"mdlm-s{s}", m, [(100, 7.0), (1000, 6.0)],
+             {"nelbo_per_token": 6.0, "stderr_per_token": 0.05})
+        _run(tmp_path, f"tdlm-s{s}", t, [(100, 7.1), (1000, tf)],
+             {"nelbo_per_token": tf, "stderr_per_token": 0.05,
+              "parts_per_token": {"level_0": tf / 2, "level_1": tf / 2}})
+    out = tmp_path / "out"
+    res = par.main(["report", "--work", str(tmp_path), "--out", str(out)])
+    assert res == 0
+    data = json.loads((out / "parity.json").read_text())
+    rel = [tf / 6.0 - 1 for tf in tdlm_finals]
+    mean = sum(rel) / 3
+    sdv = math.sqrt(sum((r - mean) ** 2 for r in rel) / 2)
+    assert data["summary"]["rel_mean"] == pytest.approx(mean)
+    assert data["summary"]["rel_ci95"] == pytest.approx(4.303 * sdv / math.sqrt(3))
+    assert data["summary"]["verdict"].startswith(word)
+    assert data["budgets"]["mdlm"]["head_share"] == pytest.approx(0.2269, abs=1e-4)
+    along = data["along_training"]
+    assert [a["step"] for a in along] == [100, 1000]
+    assert along[0]["rel_mean"] == pytest.approx(7.1 / 7.0 - 1)
+    md = (out / "parity.md").read_text()
+    assert "How much the seeds differ" in md and "level_0" in md
+    assert (out / "parity.png").stat().st_size > 0
