@@ -81,3 +81,54 @@ def flops_from_log(log, models: dict) -> dict:
         for k in tot:
             tot[k] += acc[k]
     return {"per_model": per, **tot}
+
+
+class TrainingFlops:
+    """Cumulative training FLOPs of the forwards a model's backbone actually runs.
+
+    A forward pre-hook on the model's DiT (every family calls it, whatever its head does)
+    records the lengths of the sequences each forward sees: the real lengths for packed and
+    ragged layouts (DID forwards shortened sequences), ``[L] * B`` for dense batches.
+    :meth:`step_done` turns the lengths recorded since the last call into
+    ``train_flops = 3 x forward`` (:func:`model_forward_flops`, ``full``: blocks, embedding,
+    head and the rest) and adds them to ``total``; :meth:`discard` drops forwards that are not
+    training (validation). Activation checkpointing re-runs blocks inside the backward, not
+    the DiT's forward, so recomputation is not counted (the usual convention: model FLOPs).
+    A model without a DiT is not counted (``total`` stays None)."""
+
+    def __init__(self, model: torch.nn.Module, total: float = 0.0):
+        from .nn.dit import DiT
+        self.model = model
+        self._seen: list = []
+        dit = next((m for m in model.modules() if isinstance(m, DiT)), None)
+        self.total = None if dit is None else float(total)
+        self._handle = None if dit is None else dit.register_forward_pre_hook(
+            self._hook, with_kwargs=True)
+
+    def _hook(self, mod, args, kwargs) -> None:
+        lay = kwargs.get("packing") or kwargs.get("layout")
+        lens = getattr(lay, "lengths_list", None)
+        if lens is None and lay is not None and getattr(lay, "lengths", None) is not None:
+            lens = lay.lengths.tolist()
+        if lens is None:
+            x = args[0] if args else kwargs["tokens"]
+            lens = [x.shape[1]] * x.shape[0]
+        self._seen.append(lens)
+
+    def discard(self) -> None:
+        self._seen.clear()
+
+    def step_done(self) -> float:
+        """Add the FLOPs of the forwards since the last call; returns this step's FLOPs."""
+        lens = [v for s in self._seen for v in s]
+        self._seen.clear()
+        if self.total is None or not lens:
+            return 0.0
+        f = 3.0 * model_forward_flops(self.model, lens)["full"]
+        self.total += f
+        return f
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None

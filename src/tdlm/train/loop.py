@@ -36,6 +36,7 @@ import torch
 
 from ..config import AUTO, RunConfig
 from ..errors import TdlmError
+from ..flops import TrainingFlops
 from ..families import get_family_class
 from ..store.checkpoint import load_checkpoint, save_checkpoint
 from ..utils.io import atomic_write, atomic_write_text
@@ -227,6 +228,8 @@ class _Run:
         self.start = 0
         self.final: Optional[Path] = None
         self.tracker = Tracker()          # train.tracker, rank 0 only (set in build)
+        self.flops = None                 # TrainingFlops of this rank's forwards (loop)
+        self.flops_start = 0.0            # all ranks' training FLOPs up to self.start
 
     def build(self, ckpt, log) -> None:
         """Model (seeded), its checkpoint state, ``parallelize`` (activation checkpointing,
@@ -270,6 +273,7 @@ class _Run:
                                for k, v in ckpt.ema_state.items()}
         self.start = int(ckpt.trainer["step"])
         self.history = list(ckpt.trainer.get("history", []))
+        self.flops_start = ckpt.trainer.get("train_flops")
         self.final = ckpt.path
         rng = ckpt.rng_state()
         torch.set_rng_state(rng["torch_cpu"])
@@ -302,11 +306,13 @@ class _Run:
             save_ema = ema.shadow if ema is not None else None
         extra = self.family.state_files()
         extra["tokenizer"] = self.data.tokenizer.save
+        flops = self.flops_so_far()                 # a collective when distributed
         path, err = None, None
         if main:
             try:
                 path = save_checkpoint(self.run_dir, step, self.cfg, save_model, save_opt,
-                                       save_ema, {"history": self.history, "data_position": step},
+                                       save_ema, {"history": self.history, "data_position": step,
+                                                  "train_flops": flops},
                                        extra)
             except BaseException as e:
                 if not rt.distributed:
@@ -318,6 +324,15 @@ class _Run:
             raise TdlmError(f"rank 0 could not write the checkpoint of step {step} (see its "
                             f"error); rank {rt.rank} stopped")
         return path if main else self.run_dir / "checkpoints" / f"step_{step:07d}"
+
+    def flops_so_far(self) -> Optional[float]:
+        """Training FLOPs of every rank since step 0 (None for a model without a DiT or a
+        resumed run whose checkpoint predates the count); a collective when distributed."""
+        if self.flops is None or self.flops.total is None or self.flops_start is None:
+            return None
+        mine = self.flops.total
+        return self.flops_start + (self.rt.all_reduce_sum([mine])[0] if self.rt.distributed
+                                   else mine)
 
     def params_finite(self) -> bool:
         ok = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
@@ -351,6 +366,7 @@ class _Run:
                ("nelbo_per_token", "ppl_bound", "bits_per_token", "tokens")}}
         if res.get("parts_per_token"):                   # e.g. TDLM's NELBO per level
             rec["parts_per_token"] = res["parts_per_token"]
+        rec["train_flops"] = self.flops_so_far()
         self.record(rec)
         return rec
 
@@ -372,11 +388,14 @@ class _Run:
         self.clock = [time.perf_counter(), 0]            # last log time, tokens since
         done = self.start
         preempt = Preemption(self.rt)
+        self.flops = TrainingFlops(self.model)
         try:
             for step in range(self.start, tc.max_steps):
                 self.wrapped.train()
                 batch = next(batches)
+                self.flops.discard()                  # forwards since the last step: eval
                 res = train_step(ctx, batch, step, self.final)
+                self.flops.step_done()
                 done = step + 1
                 self._after_step(done, batch, res, bar)
                 stop = preempt.requested()          # a collective: every rank stops here
@@ -391,6 +410,7 @@ class _Run:
                     break
         finally:
             preempt.restore()
+            self.flops.close()
             self.tracker.close()
             if bar is not None:
                 bar.close()
@@ -407,7 +427,8 @@ class _Run:
         if done % tc.log_every == 0 or done == tc.max_steps:
             dt = time.perf_counter() - self.clock[0]
             rec = {"step": done, "split": "train", "loss": res.loss, "lr": res.lr,
-                   "grad_norm": res.grad_norm, "tokens_per_s": self.clock[1] / max(dt, 1e-9)}
+                   "grad_norm": res.grad_norm, "tokens_per_s": self.clock[1] / max(dt, 1e-9),
+                   "train_flops": self.flops_so_far()}
             if res.parts:                                # e.g. TDLM's per-level terms
                 rec["parts_per_token"] = res.parts
             self.record(rec)
