@@ -436,3 +436,15 @@ def test_failed_setup_leaves_no_folder(cache, tmp_path):
     with pytest.raises(TdlmError, match="not found"):
         train(cfg, out, progress=False)
     assert not out.exists()
+
+
+def test_keep_every_spares_multiples(tmp_path):
+    run = tmp_path / "run"
+    for s in range(1, 8):
+        _toy_save(run, s, keep=2, keep_every=3)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["latest", "step_0000003", "step_0000006", "step_0000007"]
+    from tdlm.config import TrainConfig
+    from tdlm.errors import ConfigError
+    with pytest.raises(ConfigError, match="keep_every"):
+        TrainConfig(keep_every=-1)

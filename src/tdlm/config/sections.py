@@ -131,6 +131,7 @@ class TrainConfig:
     eval_every: int = opt(200, "validate every this many steps")
     eval_batches: int = opt(8, "validation batches per evaluation")
     ckpt_every: int = opt(200, "write a checkpoint every this many steps")
+    keep_every: int = opt(0, "besides the newest 2 checkpoints, keep every checkpoint whose step is a multiple of this (0: none), e.g. to evaluate a run at equal compute later")
     log_every: int = opt(10, "log training metrics every this many steps")
     seed: int = opt(0, "seed of initialisation, noise and data order")
     precision: str = opt("fp32", "fp32 | bf16 (bf16 autocast, CUDA only)")
@@ -146,6 +147,8 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         positive(self, "global_batch", "max_steps", "lr", "eval_every", "eval_batches",
                  "ckpt_every", "log_every", section=s)
+        check(isinstance(self.keep_every, int) and self.keep_every >= 0, s + "keep_every",
+              f"must be an integer >= 0, got {self.keep_every!r}")
         mb = self.micro_batch
         check(mb == AUTO or (isinstance(mb, int) and not isinstance(mb, bool) and mb >= 0),
               s + "micro_batch", f"must be an integer >= 0 or {AUTO!r}, got {mb!r}")

@@ -104,7 +104,8 @@ def _write_state(tmp: Path, step: int, cfg, model, optimizer, ema, trainer_state
 def save_checkpoint(run_dir: Path, step: int, cfg: RunConfig, model: torch.nn.Module,
                     optimizer: Optional[torch.optim.Optimizer] = None,
                     ema: Optional[dict] = None, trainer_state: Optional[dict] = None,
-                    extra_files: Optional[dict] = None, keep: int = 2) -> Path:
+                    extra_files: Optional[dict] = None, keep: int = 2,
+                    keep_every: int = 0) -> Path:
     """Write ``run_dir/checkpoints/step_<step>`` atomically and point ``latest`` at it.
     ``extra_files``: name -> callable(folder) that writes an artefact into ``extra/<name>``.
 
@@ -112,7 +113,8 @@ def save_checkpoint(run_dir: Path, step: int, cfg: RunConfig, model: torch.nn.Mo
     fsynced and renamed to ``step_<step>``; only then is ``latest`` replaced (atomically).
     A failure at any point leaves ``latest`` on the previous checkpoint, and a folder
     without its manifest never loads. Older checkpoints beyond ``keep`` are deleted last
-    (never the one ``latest`` points at)."""
+    (never the one ``latest`` points at), except those whose step is a multiple of
+    ``keep_every`` (> 0)."""
     ckdir = Path(run_dir) / "checkpoints"
     name = f"step_{step:07d}"
     final = ckdir / name
@@ -132,7 +134,7 @@ def save_checkpoint(run_dir: Path, step: int, cfg: RunConfig, model: torch.nn.Mo
     if keep > 0:
         old = sorted((p for p in ckdir.glob("step_*") if p.is_dir()), key=_step_of)
         for p in old[:-keep]:
-            if p.name != name:
+            if p.name != name and not (keep_every > 0 and _step_of(p) % keep_every == 0):
                 shutil.rmtree(p, ignore_errors=True)
     return final
 

@@ -313,7 +313,7 @@ class _Run:
                 path = save_checkpoint(self.run_dir, step, self.cfg, save_model, save_opt,
                                        save_ema, {"history": self.history, "data_position": step,
                                                   "train_flops": flops},
-                                       extra)
+                                       extra, keep_every=self.tc.keep_every)
             except BaseException as e:
                 if not rt.distributed:
                     raise
