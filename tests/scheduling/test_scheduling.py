@@ -452,6 +452,46 @@ def test_cli_schedule_search(runs, capsys):
     assert (out / "frontier.png").exists() and json.loads((out / "search.json").read_text())
 
 
+def test_cli_schedule_search_resumes_from_partial_rows(runs, capsys, monkeypatch):
+    """A search stopped after two schedules resumes with only the rest sampled, and gives
+    the rows of an uninterrupted search; other settings start over."""
+    import csv
+    args = ["schedule", "search", "--model", f"H={runs['H']}", "--model", f"L={runs['L']}",
+            "--judge", str(runs["A"]), "--steps", "8", "--segments", "4", "--light-segments",
+            "1", "--num", "2", "--seeds", "1"]
+    full = runs["root"] / "search-full"
+    assert main(args + ["--out", str(full)]) == 0
+    want = {r["mask"]: r for r in csv.DictReader((full / "search.csv").open())}
+    out = runs["root"] / "search-resume"
+    calls = []
+    import tdlm.eval.genppl as G
+    real = G.generative_perplexity
+
+    def stop_after_two(*a, **k):
+        calls.append(1)
+        if len(calls) > 4:                  # 2 schedules x (1 seed + pooled)
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(G, "generative_perplexity", stop_after_two)
+    assert main(args + ["--out", str(out)]) != 0          # stopped (Ctrl-C: status 130)
+    lines = (out / "partial.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + 2 and not (out / "search.csv").exists()
+    with open(out / "partial.jsonl", "a") as f:
+        f.write('{"mask": "HLH')             # a line cut by the stop
+    calls.clear()
+    monkeypatch.setattr(G, "generative_perplexity", lambda *a, **k: (calls.append(1),
+                                                                       real(*a, **k))[1])
+    assert main(args + ["--out", str(out)]) == 0
+    assert len(calls) == 2 * (len(want) - 2)   # only the schedules not done yet
+    got = {r["mask"]: r for r in csv.DictReader((out / "search.csv").open())}
+    assert got.keys() == want.keys()
+    for m in want:
+        assert got[m]["gen_ppl"] == want[m]["gen_ppl"], m
+    calls.clear()
+    assert main(args[:-1] + ["2", "--out", str(out)]) == 0       # 2 seeds: starts over
+    assert len(calls) == 3 * len(want)
+
+
 @pytest.mark.parametrize("family", ["mdlm", "tdlm"])
 def test_trajectory_and_same_input_analysis_in_memory(family):
     from tdlm.scheduling.analysis import _log_probs_on_noised, analyze_trajectories

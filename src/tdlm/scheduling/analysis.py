@@ -284,13 +284,16 @@ def segment_search(sampler, judge, steps: int, segments: int, light_segments: Op
                    num: int, seeds: Sequence[int], light: str = "L", heavy: str = "H",
                    include_light_only: bool = True, batch: int = 0, progress=None,
                    extra_masks: Sequence[str] = (), prefix: Optional[torch.Tensor] = None,
-                   **sample_kw) -> list[dict]:
+                   done: Optional[dict] = None, **sample_kw) -> list[dict]:
     """Sample and score every candidate schedule (module docstring). Per row: mask, name,
     run-length schedule, light steps, saved block/full FLOPs (from counted calls), gen PPL
     and entropy pooled over all seeds, per-seed gen PPL (``ppl_seed_<s>``), their standard
     deviation, seconds. ``batch``: samples per sampler call (0: all ``num`` at once).
     ``prefix`` [num, k]: clamped prefixes (prefix-conditional generation); only the generated
-    continuation is scored (the prefix is the judge's context)."""
+    continuation is scored (the prefix is the judge's context). ``done``: mask -> row of
+    schedules already scored with the same settings (a resumed search); they are reused, not
+    sampled again (every schedule's draws depend only on its seeds, so the rows are the same
+    as an uninterrupted search's)."""
     if prefix is not None and prefix.shape[0] != num:
         raise ConfigError(f"prefix has {prefix.shape[0]} rows for num={num} samples")
     from ..eval.genppl import generative_perplexity, load_judge, vocab_ids_hash
@@ -306,6 +309,11 @@ def segment_search(sampler, judge, steps: int, segments: int, light_segments: Op
                                                _merge([(light, n) for n in lens]), light, heavy)))
     rows = []
     for ci, (mask, sched) in enumerate(cands):
+        if done and mask in done:
+            rows.append(done[mask])
+            if progress:
+                progress(ci + 1, len(cands), done[mask])
+            continue
         t0 = time.perf_counter()
         recs, calls, flops_b, flops_f, ref_b, ref_f = [], 0, 0, 0, 0, 0
         per_seed = {}

@@ -5,10 +5,13 @@ the segment search (``tdlm schedule analyze`` / ``search`` parse arguments and c
 KL both ways on the same noised validation input), ``step_importance_trajectory.csv`` (the
 same on the heavy model's own trajectories), ``step_importance.png`` and ``analysis.json``.
 ``search_to_files``: ``search.csv`` / ``search.json`` (every light/heavy assignment of the
-segments: saved FLOPs, generative perplexity, entropy per seed) and ``frontier.png``.
+segments: saved FLOPs, generative perplexity, entropy per seed) and ``frontier.png``. A
+search writes every scored schedule to ``partial.jsonl`` as it goes (first line: the settings);
+run again with the same settings, it resumes from there (other settings: it starts over).
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -56,11 +59,25 @@ def search_to_files(sampler, light: str, heavy: str, judge, out, steps: int, seg
     "frontier", "files"}``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    settings = {"models": {n: str(p.checkpoint.path) for n, p in sampler.pipes.items()},
+                "light": light, "heavy": heavy, "steps": steps, "segments": segments,
+                "light_segments": light_segments, "num": num, "seeds": list(seeds),
+                "batch": batch, "temperature": temperature, "top_p": top_p,
+                "masks": list(masks), "prefix_from_val": prefix_from_val,
+                "judge": judge.label}
+    done = _resume_rows(out / "partial.jsonl", settings)
+
+    def record(i, n, row):
+        if row["mask"] not in done:
+            with open(out / "partial.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if progress:
+            progress(i, n, row)
 
     rows = segment_search(sampler, judge, steps, segments, light_segments,
                           num, seeds, light, heavy, batch=batch,
-                          temperature=temperature, top_p=top_p, progress=progress,
-                          extra_masks=masks, prefix=prefix)
+                          temperature=temperature, top_p=top_p, progress=record,
+                          extra_masks=masks, prefix=prefix, done=done)
     front = pareto_front(rows)
     fm = {r["mask"] for r in front}
     for r in rows:
@@ -78,3 +95,27 @@ def search_to_files(sampler, light: str, heavy: str, judge, out, steps: int, seg
         "judge": judge.info(), "rows": rows})
     return {"rows": rows, "frontier": front,
             "files": [out / f for f in ("search.csv", "frontier.png", "search.json")]}
+
+
+def _resume_rows(path: Path, settings: dict) -> dict:
+    """mask -> row of a stopped search with the same settings (``partial.jsonl``); otherwise
+    the file is started afresh with the settings as its first line."""
+    if path.exists():
+        lines = path.read_text().splitlines()
+        try:
+            head = json.loads(lines[0]) if lines else None
+        except json.JSONDecodeError:
+            head = None
+        if head == {"settings": json.loads(json.dumps(settings))}:
+            rows = {}
+            for line in lines[1:]:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:      # a line cut by the stop
+                    break
+                rows[r["mask"]] = r
+            path.write_text("".join(json.dumps(x) + "\n"      # without a cut last line
+                                    for x in [{"settings": settings}, *rows.values()]))
+            return rows
+    path.write_text(json.dumps({"settings": settings}) + "\n")
+    return {}
