@@ -1,15 +1,29 @@
-"""Model scheduling at CPU scale (issue 5, item 9): heavy and light tiny MDLMs of the same width
-(3:1 depth) trained on the bundled corpus, an AR judge trained on the same data, the per-t
-loss/KL profile, the segment search frontier, and the sandwich against light-first, light-last
-and light-middle at the same saved FLOPs.
+"""Model scheduling at CPU scale (issue 5, item 9; issue 17, items 2-3): a heavy and a light
+MDLM of the same width (3:1 depth) trained on the bundled corpus, an AR judge trained on the
+same data, the per-t loss/KL profile, the segment search frontier, and the sandwich against
+light-first, light-last and light-middle at the same saved FLOPs.
 
-    python benchmarks/scheduling.py --work runs/sched-cpu            # all stages (~1-2 h, 1 core)
-    python benchmarks/scheduling.py --work runs/sched-cpu --stage report
+    python benchmarks/scheduling.py --work runs/sched-cpu            # tiny scale (~1-2 h, 1 core)
+    python benchmarks/scheduling.py --scale cpu                      # paper-shaped CPU scale
+    python benchmarks/scheduling.py --scale cpu --stage report
 
-Stages (each skipped when its outputs exist): ``train`` (tdlm train x 3), ``analyze`` (tdlm
+Scales:
+* ``tiny`` (``results/scheduling.md``): tiny MDLMs with bpe-512, L=64, 6 vs 2 blocks, all
+  trained here (heavy, light, judge).
+* ``cpu`` (``results/scheduling_cpu.md``, work ``runs/sched-paper``): the paper-shaped CPU
+  MDLM (``mdlm-cpu``: d=112, 8k BPE, L=256, 12 blocks) as the heavy model -- the parity study's
+  ``runs/parity/mdlm-s0``, linked, not retrained -- against the same preset with 4 blocks (a
+  third, as the paper's 12/4), same seed, data order and budget, trained here; the judge is the
+  parity study's same-budget AR model ``runs/parity/ar-s0``. Stage ``levels`` adds scheduling
+  across a tree model's levels: the parity study's TDLM (``tdlm-s0``, 17 blocks) as heavy and a
+  6-block TDLM (a third) of the same tree and data as light; the searched masks include giving
+  the light model the whole coarse (root) level or the whole leaf level.
+
+Stages (each skipped when its outputs exist; the search resumes from its ``partial.jsonl``):
+``train`` (tdlm train, resumed when stopped; linked runs must be finished), ``analyze`` (tdlm
 schedule analyze), ``search`` (tdlm schedule search), ``prefix`` (the named placements with
-16-token prefixes of held-out documents), ``report`` (benchmarks/results/
-scheduling.md + scheduling.json; CSVs and plots in benchmarks/results/scheduling/).
+prefixes of held-out documents), ``levels`` (cpu scale: the TDLM pair), ``report``
+(benchmarks/results/<stem>.md + .json; CSVs and plots in benchmarks/results/<stem>/).
 Single-threaded on purpose (the machine is shared).
 """
 from __future__ import annotations
@@ -51,6 +65,36 @@ RUNS = {
                                    "data.seq_len=128", "train.global_batch=16",
                                    "train.max_steps=1000", "train.eval_every=500"]),
 }
+LINKS: dict = {}                          # run name -> an existing finished run folder
+STEM = "scheduling"
+TITLE = "heavy 6 blocks vs light 2 blocks, tiny MDLMs"
+PREFIX, NUM_PREFIX = 16, 48   # the bpe-512 validation split has 59 documents longer than 16 tokens
+LEVEL_RUNS: dict = {}
+SCALES = {
+    "tiny": {},
+    "cpu": {"STEM": "scheduling_cpu", "L_SEQ": 256, "HEAVY": 12, "LIGHT": 4, "D": 112,
+            "STEPS_TRAIN": 1000, "BATCH": 16, "T": 64, "SEGMENTS": 8, "NUM": 32, "SEEDS": 4,
+            "PREFIX": 32, "NUM_PREFIX": 32,
+            "TITLE": "heavy 12 blocks vs light 4 blocks, paper-shaped CPU MDLMs (d=112, 8k BPE, "
+                     "L=256)",
+            "RUNS": {"light": ("mdlm-cpu", ["backbone.n_layers=4", "train.seed=0"])},
+            "LINKS": {"heavy": "runs/parity/mdlm-s0", "judge": "runs/parity/ar-s0"},
+            "LEVEL_RUNS": {"tdlm-light": ("tdlm-cpu", ["backbone.n_layers=6", "train.seed=0"])},
+            "LEVEL_LINKS": {"tdlm-heavy": "runs/parity/tdlm-s0"}},
+}
+LEVEL_LINKS: dict = {}
+#: cpu scale, TDLM pair: T split evenly over the 2 levels (root level first), so segments
+#: 0-3 are the coarse level and 4-7 the leaf level
+LEVEL_MASKS = ["LLLLHHHH", "HHHHLLLL", "LHHHHHHL", "LLHHHHHH", "HHHHHHLL", "HHHLLHHH",
+               "HHHHHHHH", "LLLLLLLL"]
+
+
+def use_scale(name: str) -> None:
+    """Point the module's settings at scale ``name`` (module docstring)."""
+    globals().update(SCALES[name])
+    globals()["OUT"] = RESULTS / STEM
+
+
 # 3 and 4 light segments of 8 (37.5% / 50% light steps) for the named forms
 EXTRA_MASKS = ["LLHHHHHL", "LLLHHHHH", "HHHHHLLL", "HHHLLLHH",
                "LLHHHHLL", "LLLLHHHH", "HHHHLLLL", "HHLLLLHH"]
@@ -64,16 +108,41 @@ def sh(args: list[str]) -> None:
         raise SystemExit(f"tdlm {args[0]} failed with status {rc}")
 
 
-def stage_train(work: Path) -> None:
-    for name, (preset, sets) in RUNS.items():
+def _finished(run: Path) -> bool:
+    cfg = run / "config.json"
+    if not cfg.exists():
+        return False
+    steps = [json.loads(x).get("step", 0) for x in (run / "metrics.jsonl").read_text().splitlines()
+             if x] if (run / "metrics.jsonl").exists() else []
+    return max(steps, default=0) >= json.loads(cfg.read_text())["train"]["max_steps"]
+
+
+def _train_runs(work: Path, runs: dict, links: dict) -> None:
+    for name, target in links.items():
+        link = work / name
+        if not _finished(Path(target)):
+            raise SystemExit(f"[train] {name}: {target} is not a finished run yet (the parity "
+                             "study trains it: benchmarks/parity.py run)")
+        if not link.exists():
+            link.symlink_to(Path(target).resolve())
+        print(f"[train] {name}: linked to {target}", flush=True)
+    for name, (preset, sets) in runs.items():
         run = work / name
-        if (run / "checkpoints" / "latest").exists():
+        if _finished(run):
             print(f"[train] {name}: exists", flush=True)
             continue
         t0 = time.time()
-        sh(["train", "--preset", preset, "--out", str(run), "--no-progress",
-            *[a for s in sets for a in ("--set", s)]])
-        (run / "train_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+        if (run / "checkpoints" / "latest").exists():
+            sh(["train", "--out", str(run), "--resume", "--no-progress"])
+        else:
+            sh(["train", "--preset", preset, "--out", str(run), "--no-progress",
+                *[a for s in sets for a in ("--set", s)]])
+        prev = float((run / "train_seconds.txt").read_text()) if (run / "train_seconds.txt").exists() else 0
+        (run / "train_seconds.txt").write_text(f"{prev + time.time() - t0:.1f}\n")
+
+
+def stage_train(work: Path) -> None:
+    _train_runs(work, RUNS, LINKS)
 
 
 def models(work: Path) -> list[str]:
@@ -98,8 +167,6 @@ def stage_search(work: Path) -> None:
         "--num", str(NUM), "--seeds", str(SEEDS), "--out", str(OUT / "search")])
 
 
-PREFIX = 16
-NUM_PREFIX = 48      # the bpe-512 validation split has 59 documents longer than 16 tokens
 PREFIX_MASKS = ["LHHHHHHL", "LLHHHHHH", "HHHHHHLL", "HHHLLHHH"]
 
 
@@ -111,6 +178,23 @@ def stage_prefix(work: Path) -> None:
         "--segments", str(SEGMENTS), "--light-segments", "-1", "--masks", ",".join(PREFIX_MASKS),
         "--num", str(NUM_PREFIX), "--seeds", str(SEEDS), "--prefix-from-val", str(PREFIX),
         "--out", str(OUT / "prefix")])
+
+
+def stage_levels(work: Path) -> None:
+    """The TDLM pair (cpu scale): train/link, the per-t profile, the level masks."""
+    if not LEVEL_RUNS and not LEVEL_LINKS:
+        print("[levels] this scale has no tree-model pair", flush=True)
+        return
+    _train_runs(work, LEVEL_RUNS, LEVEL_LINKS)
+    pair = ["--model", f"H={work / 'tdlm-heavy'}", "--model", f"L={work / 'tdlm-light'}"]
+    if not (OUT / "levels" / "analyze" / "step_importance.csv").exists():
+        sh(["schedule", "analyze", *pair, "--grid", "20", "--batches", "8", "--batch-size", "16",
+            "--trajectory-samples", "0", "--out", str(OUT / "levels" / "analyze")])
+    if not (OUT / "levels" / "search" / "search.csv").exists():
+        sh(["schedule", "search", *pair, "--judge", str(work / "judge"), "--steps", str(T),
+            "--segments", str(SEGMENTS), "--light-segments", "-1", "--masks",
+            ",".join(LEVEL_MASKS), "--num", str(NUM), "--seeds", str(SEEDS),
+            "--out", str(OUT / "levels" / "search")])
 
 
 def _rows(path: Path) -> list[dict]:
@@ -176,6 +260,65 @@ def verdict_lines(sr, href, seeds, peak, gpeak, evals) -> list[str]:
     return out
 
 
+def setup_lines() -> list[str]:
+    """The report's description of the models of the active scale."""
+    if LINKS:
+        first = (f"* Heavy MDLM: the parity study's `{LINKS['heavy']}` (`mdlm-cpu`: d={D}, "
+                 f"{HEAVY} blocks, time-conditioned, 8k BPE, L={L_SEQ}; {STEPS_TRAIN} steps x "
+                 f"{BATCH} sequences, seed 0), linked. Light MDLM: the same preset with {LIGHT} "
+                 f"blocks (a third, as the paper's 12/4), same seed, batches and budget.")
+    else:
+        first = (f"* Heavy and light MDLM: the `tiny` preset (here with the bpe-512 vocabulary, "
+                 f"d={D}, 4 heads, time-conditioned) at sequence length {L_SEQ}, {HEAVY} vs "
+                 f"{LIGHT} blocks (3:1, same width), {STEPS_TRAIN} steps x {BATCH} sequences each "
+                 f"on the bundled corpus (same batches).")
+    return [first]
+
+
+LEVEL_NAMES = {"LLLLHHHH": "light on the coarse (root) level", "HHHHLLLL": "light on the leaf level",
+               "LHHHHHHL": "sandwich", "LLHHHHHH": "light-first", "HHHHHHLL": "light-last",
+               "HHHLLHHH": "light-middle", "HHHHHHHH": "heavy-only", "LLLLLLLL": "light-only"}
+
+
+def levels_lines() -> list[str]:
+    """Report section of the TDLM pair (stage ``levels``), when it ran."""
+    f = OUT / "levels" / "search" / "search.csv"
+    if not f.exists():
+        return []
+    rows = {r["mask"]: r for r in _rows(f)}
+    meta = json.loads((OUT / "levels" / "search" / "search.json").read_text())
+    seeds = meta["seeds"]
+    href = rows["H" * SEGMENTS]
+
+    def paired(r):
+        d = [_f(r[f"ppl_seed_{x}"]) / _f(href[f"ppl_seed_{x}"]) - 1 for x in seeds]
+        m = sum(d) / len(d)
+        se = (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else 0
+        return m, se
+    out = ["", "## Scheduling across a tree model's levels (TDLM heavy 17 blocks, light 6)", "",
+           f"T={T} steps split evenly over the tree's 2 levels (coarse/root level first): "
+           f"segments 1-{SEGMENTS // 2} denoise the coarse level, the rest the leaf level. "
+           f"{meta['num']} samples x {len(seeds)} seeds per schedule, same draws.", "",
+           "| mask | schedule | block FLOPs saved | gen PPL | entropy | paired change vs "
+           "heavy-only |", "|---|---|---|---|---|---|"]
+    for m in LEVEL_MASKS:
+        if m in rows:
+            r = rows[m]
+            pm, pse = paired(r)
+            out.append(f"| {m} | {LEVEL_NAMES.get(m, '')} | {100 * _f(r['saved_blocks']):.1f}% | "
+                       f"{_f(r['gen_ppl']):.2f} | {_f(r['entropy']):.3f} | "
+                       f"{'-' if r is href else f'{100 * pm:+.1f}% +- {100 * pse:.1f}%'} |")
+    an = OUT / "levels" / "analyze" / "step_importance.csv"
+    if an.exists():
+        ok = [r for r in _rows(an) if r.get("noised") and int(r["noised"]) > 0]
+        if ok:
+            pk = max(ok, key=lambda r: _f(r["kl_heavy_light"]))
+            out += ["", f"Per-t profile on the same noised validation input "
+                    f"(`{STEM}/levels/analyze/`): KL(heavy||light) peaks at t = {_f(pk['t']):.3f} "
+                    f"(progress {_f(pk['step_fraction']):.2f}; t > 0.5 is the coarse level)."]
+    return out
+
+
 def model_facts(cfg) -> dict:
     """The config fields this script reads: the family and the number of blocks."""
     return {"family": cfg.family.name, "blocks": cfg.backbone.n_layers}
@@ -192,8 +335,13 @@ def stage_report(work: Path) -> None:
     evals = {}
     for name in ("heavy", "light", "judge"):
         p = load(work / name)
-        data = build_data(p.cfg.data, None, tokenizer=p.tokenizer, need_train=False)
-        ev = evaluate_nelbo(p.family, p.model, data.val, batch_size=16, max_batches=16, seed=0)
+        fin = work / name / "final_eval" / "metrics.json"
+        if fin.exists():                  # the whole validation split, 4 noise draws
+            ev = json.loads(fin.read_text())
+        else:
+            data = build_data(p.cfg.data, None, tokenizer=p.tokenizer, need_train=False)
+            ev = evaluate_nelbo(p.family, p.model, data.val, batch_size=16, max_batches=16,
+                                seed=0)
         secs = (work / name / "train_seconds.txt")
         evals[name] = {**model_facts(p.cfg),
                        "params": sum(q.numel() for q in p.model.parameters()),
@@ -217,18 +365,14 @@ def stage_report(work: Path) -> None:
         return f"{100 * m:+.1f}% +- {100 * se:.1f}%"
 
     lines = [
-        "# Model scheduling at CPU scale (heavy 6 blocks vs light 2 blocks, tiny MDLMs)", "",
-        f"Command: `python benchmarks/scheduling.py --work runs/sched-cpu` (stages train, analyze, "
-        f"search, report). Machine: {os.cpu_count()} shared CPU cores, no GPU, torch "
-        f"{torch.__version__}, 1 thread, python {platform.python_version()}.", "",
+        f"# Model scheduling at CPU scale ({TITLE})", "",
+        f"Command: `{COMMAND}` (stages train, analyze, search, prefix, levels, report). Machine: "
+        f"{os.cpu_count()} shared CPU cores, no GPU, torch {torch.__version__}, 1 thread, python "
+        f"{platform.python_version()}.", "",
         "## Setup", "",
-        f"* Heavy and light MDLM: the `tiny` preset (here with the bpe-512 vocabulary, d={D}, "
-        f"4 heads, time-conditioned) at sequence length {L_SEQ}, {HEAVY} vs {LIGHT} blocks (3:1, "
-        f"same width), {STEPS_TRAIN} steps x {BATCH} sequences each on the bundled corpus "
-        f"(same batches).",
-        "* Judge: this library's AR model (`ar-tiny` with bpe-512, 4 blocks, context 128, "
-        "1000 steps x 16 x 128 tokens) trained on the same "
-        "data, **not GPT-2 Large**; gen PPL values are only comparable within this report.",
+        *setup_lines(),
+        "* Judge: this library's AR model trained on the same data (table below), **not GPT-2 "
+        "Large**; gen PPL values are only comparable within this report.",
         f"* Sampling: T={T} ancestral steps, float64 Gumbel, temperature 1, no nucleus; "
         f"{NUM} samples x {len(seeds)} seeds per schedule, the same seeds for every schedule "
         f"(common random numbers). Gen PPL: token-pooled, first-EOS counting; entropy: mean "
@@ -237,6 +381,8 @@ def stage_report(work: Path) -> None:
         f"C({SEGMENTS},2) = 28 assignments of 2 light segments, plus the named forms at 3 and 4 "
         f"light segments, plus heavy-only and light-only. Saved FLOPs are counted from the "
         f"forward calls made (no cache hits: time-conditioned models).", "",
+        "Validation figures: the whole validation split with 4 noise draws where the run has "
+        "its final evaluation (linked runs, the cpu scale), else 16 batches.", "",
         "| model | blocks | parameters | val NELBO/token (or NLL) | train time |",
         "|---|---|---|---|---|"]
     for n, e in evals.items():
@@ -278,7 +424,7 @@ def stage_report(work: Path) -> None:
                              f"{100 * _f(r['saved_full']):.1f}% | {ppl_line(r)} | {delta(r)} |")
     lo = by.get("L" * SEGMENTS)
     if lo:
-        lines.append(f"| 8 | light-only | {lo['mask']} | {100 * _f(lo['saved_blocks']):.1f}% | "
+        lines.append(f"| {SEGMENTS} | light-only | {lo['mask']} | {100 * _f(lo['saved_blocks']):.1f}% | "
                      f"{100 * _f(lo['saved_full']):.1f}% | {ppl_line(lo)} | {delta(lo)} |")
     two = sorted([r for r in sr if r["mask"].count("L") == 2], key=lambda r: _f(r["gen_ppl"]))
     lines += ["", "## All 28 placements of 2 light segments (25% light steps), best first", "",
@@ -314,28 +460,35 @@ def stage_report(work: Path) -> None:
             lines.append(f"| {r['name'] or '-'} | {r['mask']} | "
                          f"{100 * _f(r['saved_blocks']):.1f}% | {ppl_line(r)} | "
                          f"{delta(r) if r is not href else '-'} |")
-    lines += ["", "Files: `benchmarks/results/scheduling/analyze/` (step_importance.csv, "
+    lines += levels_lines()
+    lines += ["", f"Files: `benchmarks/results/{STEM}/analyze/` (step_importance.csv, "
               "step_importance_trajectory.csv, step_importance.png), "
-              "`benchmarks/results/scheduling/search/` (search.csv, search.json, frontier.png).", ""]
-    (RESULTS / "scheduling.md").write_text("\n".join(lines))
-    (RESULTS / "scheduling.json").write_text(json.dumps(
+              f"`benchmarks/results/{STEM}/search/` (search.csv, search.json, frontier.png).", ""]
+    lines = [x.replace("](scheduling/", f"]({STEM}/") for x in lines]
+    (RESULTS / f"{STEM}.md").write_text("\n".join(lines))
+    (RESULTS / f"{STEM}.json").write_text(json.dumps(
         {"models": evals, "analysis_peak_t": _f(peak["t"]), "search": sr, "settings": {
             "T": T, "segments": SEGMENTS, "num": NUM, "seeds": seeds, "d": D, "heavy": HEAVY,
             "light": LIGHT, "seq_len": L_SEQ, "train_steps": STEPS_TRAIN}}, indent=2))
-    print(f"wrote {RESULTS / 'scheduling.md'}")
+    print(f"wrote {RESULTS / (STEM + '.md')}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default="runs/sched-cpu", help="folder for the trained runs")
+    ap.add_argument("--scale", choices=sorted(SCALES), default="tiny")
+    ap.add_argument("--work", help="folder for the trained runs (tiny: runs/sched-cpu, cpu: "
+                    "runs/sched-paper)")
     ap.add_argument("--stage", default="all", choices=["all", "train", "analyze", "search",
-                                                        "prefix", "report"])
+                                                        "prefix", "levels", "report"])
     a = ap.parse_args()
-    work = Path(a.work)
+    use_scale(a.scale)
+    work = Path(a.work or ("runs/sched-cpu" if a.scale == "tiny" else "runs/sched-paper"))
+    globals()["COMMAND"] = (f"python benchmarks/scheduling.py --scale {a.scale} --work {work}")
     work.mkdir(parents=True, exist_ok=True)
     OUT.mkdir(parents=True, exist_ok=True)
     for st, fn in (("train", stage_train), ("analyze", stage_analyze), ("search", stage_search),
-                   ("prefix", stage_prefix), ("report", stage_report)):
+                   ("prefix", stage_prefix), ("levels", stage_levels),
+                   ("report", stage_report)):
         if a.stage in ("all", st):
             t0 = time.time()
             fn(work)

@@ -45,7 +45,7 @@ def latest_step(run: Path) -> int:
 def commands(name: str, preset: str, sets: Sequence[str], work: Path,
              steps: Optional[int] = None, repeats: int = EVAL_REPEATS) -> list[list]:
     """The shell commands still needed for a run: train (fresh or --resume), then eval.
-    ``steps`` overrides max_steps (smoke tests only)."""
+    ``steps`` overrides max_steps (smoke tests only; then 2 evaluation batches, 1 draw)."""
     run = work / name
     if (run / "final_eval" / "metrics.json").exists():
         return []
@@ -66,7 +66,9 @@ def commands(name: str, preset: str, sets: Sequence[str], work: Path,
             sets_all = [a for s in list(sets) + extra for a in ("--set", s)]
             out.append(cli + ["train", "--preset", preset, *sets_all, "--out", str(run),
                               "--no-progress"])
-    out.append(cli + ["eval", str(run), "--batches", "0", "--repeats", str(repeats),
+    # a smoke run (``steps``) is evaluated on 2 batches, once
+    out.append(cli + ["eval", str(run), "--batches", "2" if steps else "0",
+                      "--repeats", "1" if steps else str(repeats),
                       "--out", str(run / "final_eval"), "--json"])
     return out
 

@@ -102,3 +102,29 @@ def test_parity_report_verdicts(tmp_path, tdlm_finals, word):
     md = (out / "parity.md").read_text()
     assert "How much the seeds differ" in md and "level_0" in md
     assert (out / "parity.png").stat().st_size > 0
+
+
+def test_did_study_interpolates_mdlm_at_dids_training_flops(tmp_path):
+    ds = _load("did_study")
+    cfg = _cfg("mdlm-cpu")
+    names = [n for n, *_ in ds.plan([0, 1], [0])]
+    assert names[:4] == ["did-s0", "mdlm-s0", "did-var-s0", "mdlm-var-s0"]
+    d = _run(tmp_path, "did-s0", cfg, [(1000, 6.3)], {"nelbo_per_token": 6.3})
+    m = _run(tmp_path, "mdlm-s0", cfg, [(1000, 6.0)], {"nelbo_per_token": 6.0})
+    F = 1e11
+    (d / "metrics.jsonl").write_text(json.dumps({"step": 1000, "split": "val",
+                                                 "nelbo_per_token": 6.3, "train_flops": 470 * F}) + "\n")
+    (m / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": s, "split": "val", "nelbo_per_token": 7 - s / 1000, "train_flops": s * F}) + "\n"
+        for s in (400, 500, 1000)))
+    for s, v in ((400, 6.5), (500, 6.4)):
+        (m / "checkpoints" / f"step_{s:07d}").mkdir()
+        e = tmp_path / "equal" / f"mdlm-s0-{s}"
+        e.mkdir(parents=True)
+        (e / "metrics.json").write_text(json.dumps({"nelbo_per_token": v, "stderr_per_token": 0.1}))
+    r = ds.equal_flops(tmp_path, "fixed", 0, run_missing=False)
+    assert r["mdlm_steps"] == [400, 500] and r["weight_hi"] == pytest.approx(0.7)
+    assert r["mdlm_nelbo_at_did_flops"] == pytest.approx(0.3 * 6.5 + 0.7 * 6.4)
+    # an evaluation missing and not to be run: no figure rather than a guess
+    (tmp_path / "equal" / "mdlm-s0-500" / "metrics.json").unlink()
+    assert ds.equal_flops(tmp_path, "fixed", 0, run_missing=False) is None

@@ -1,0 +1,401 @@
+"""DID vs MDLM at the backbone-dominated CPU size, trained to the presets' budget with seeds
+(issue: DID's speed and model scheduling's savings, item 1).
+
+    python benchmarks/did_study.py run              # the training runs (resumable, 2 lanes)
+    python benchmarks/did_study.py equal            # MDLM evaluated at DID's training FLOPs
+    python benchmarks/did_study.py memory           # peak training memory, one process each
+    python benchmarks/did_study.py sample --judge runs/parity/ar-s0   # s/sample, gen PPL
+    python benchmarks/did_study.py report           # -> benchmarks/results/did_study.{json,md,png}
+    python benchmarks/did_study.py run --steps 4 --seeds 0 --work /tmp/d --lanes 1   # smoke
+
+Models: the paper-shaped CPU backbone (d=112, 12 blocks, 8k BPE of the bundled corpus, L=256,
+16 sequences per step, 1000 steps): ``did-cpu`` (fixed length, packed [BOS]+255 tokens) against
+``mdlm-cpu`` on the same packed [BOS] rows with the BOS never masked (``keep_first``), and
+``did-cpu-var`` (variable length, bundled paragraphs, ragged) against ``mdlm-cpu`` on the same
+paragraphs cropped/padded to 256. The same seed gives the same batches in the same order on
+both sides of a pair. Main pair (fixed length): ``--seeds`` (default 0 1 2); variable length:
+``--variable-seeds`` (default 0). MDLM runs keep every 100th checkpoint (``train.keep_every``).
+
+Stages (each skips what exists; runs are ``benchmarks/study.py`` queues, one thread each):
+* ``run``: train, then evaluate each run on the whole validation split (4 noise draws).
+* ``equal``: the trainer logs cumulative training FLOPs (``train_flops``: 3 x the forward
+  FLOPs of what the backbone forwarded). For each seed, MDLM's two kept checkpoints that
+  bracket DID's final training FLOPs F_D are evaluated the same way, and MDLM's NELBO at F_D is
+  interpolated linearly in FLOPs between them: the equal-compute comparison.
+* ``memory``: peak resident memory of 3 training steps per setting, each in a fresh process
+  with the system allocator (``train.cpu_allocator=system``), minus the resident memory after
+  the model was built.
+* ``sample``: ``tdlm sample`` at equal steps (``--sample-steps``) from seed 0's final
+  checkpoints (``--samples`` sequences, one batch), its wall-clock per sample, and ``tdlm
+  genppl`` under ``--judge`` (an AR model of the same tokenizer trained on the same corpus:
+  the parity study's ``ar-s0``; its own validation NLL is reported beside).
+* ``report``: NELBO against training FLOPs per seed (plot), the equal-FLOPs differences DID -
+  MDLM with a 95% CI across seeds, equal-steps finals, per-sequence NELBO (variable length:
+  DID's bound includes the length), the round-robin step ratio of ``did_step_cpu.json``
+  (``did_race.py --scale cpu --timing-only``), memory, sampling and generative perplexity.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study import ci95, read_run, run_queue  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: setting -> (run-name stem, preset, overrides) of the DID side and the MDLM side
+SETTINGS = {
+    "fixed": {"did": ("did", "did-cpu", []),
+              "mdlm": ("mdlm", "mdlm-cpu", ['data.layout="packed_bos"', "family.keep_first=true",
+                                            "train.keep_every=100"])},
+    "variable": {"did": ("did-var", "did-cpu-var", []),
+                 "mdlm": ("mdlm-var", "mdlm-cpu", ['data.layout="crop_pad"',
+                                                   'data.source="bundled:paragraphs"',
+                                                   "train.keep_every=100"])},
+}
+SIDES = ("did", "mdlm")
+TARGETS = {"step": {"fixed": 0.55, "variable": 0.35}, "sample": {"fixed": 0.6, "variable": 0.3}}
+
+
+def plan(seeds, var_seeds) -> list[tuple]:
+    """(name, preset, overrides, needs): seed by seed, the fixed pair first; the variable
+    pairs after the first fixed pair."""
+    runs = []
+    order = [("fixed", s) for s in seeds[:1]] + [("variable", s) for s in var_seeds] + \
+        [("fixed", s) for s in seeds[1:]]
+    for setting, s in order:
+        for side in SIDES:
+            stem, preset, sets = SETTINGS[setting][side]
+            runs.append((f"{stem}-s{s}", preset, sets + [f"train.seed={s}"], None))
+    return runs
+
+
+# ---- equal FLOPs ------------------------------------------------------------------------------
+def _flops_at_steps(run: Path) -> dict:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+    return {r["step"]: r["train_flops"] for r in recs if r.get("train_flops") is not None}
+
+
+def _eval_ckpt(ckpt: Path, out: Path, run_missing: bool) -> dict | None:
+    if not (out / "metrics.json").exists():
+        if not run_missing:
+            return None
+        subprocess.run([sys.executable, "-m", "tdlm.cli", "eval", str(ckpt), "--batches", "0",
+                        "--repeats", "4", "--out", str(out), "--json"], check=True,
+                       stdout=subprocess.DEVNULL)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def equal_flops(work: Path, setting: str, seed: int, run_missing: bool = True) -> dict | None:
+    """MDLM's whole-split NELBO interpolated at DID's final training FLOPs (module
+    docstring), or None while either run is unfinished (or, without ``run_missing``, while
+    the bracketing evaluations are missing)."""
+    d_stem, m_stem = (SETTINGS[setting][s][0] for s in SIDES)
+    d_run, m_run = work / f"{d_stem}-s{seed}", work / f"{m_stem}-s{seed}"
+    if read_run(d_run) is None or read_run(m_run) is None:
+        return None
+    f_d = max(_flops_at_steps(d_run).items())[1]
+    m_fl = _flops_at_steps(m_run)
+    kept = sorted(int(p.name.split("_")[1]) for p in (m_run / "checkpoints").glob("step_*"))
+    below = [s for s in kept if m_fl.get(s, float("inf")) <= f_d]
+    above = [s for s in kept if m_fl.get(s, -1) >= f_d]
+    if not below or not above:
+        print(f"[did_study] {m_run}: no kept checkpoints bracket DID's {f_d:.3e} training "
+              f"FLOPs (kept: {kept})", flush=True)
+        return None
+    lo, hi = below[-1], above[0]
+    ev = {s: _eval_ckpt(m_run / "checkpoints" / f"step_{s:07d}",
+                        work / "equal" / f"{m_stem}-s{seed}-{s}", run_missing) for s in {lo, hi}}
+    if any(v is None for v in ev.values()):
+        return None
+    w = 0.0 if lo == hi else (f_d - m_fl[lo]) / (m_fl[hi] - m_fl[lo])
+    v = (1 - w) * ev[lo]["nelbo_per_token"] + w * ev[hi]["nelbo_per_token"]
+    se = max(ev[lo].get("stderr_per_token") or 0, ev[hi].get("stderr_per_token") or 0)
+    return {"did_flops": f_d, "mdlm_steps": [lo, hi], "mdlm_flops": [m_fl[lo], m_fl[hi]],
+            "weight_hi": w, "mdlm_nelbo_at_did_flops": v, "mdlm_se": se}
+
+
+def stage_equal(a) -> None:
+    work = Path(a.work)
+    for setting, seeds in (("fixed", a.seeds), ("variable", a.variable_seeds)):
+        for s in seeds:
+            r = equal_flops(work, setting, s)
+            print(f"[did_study] {setting} seed {s}: {r}")
+
+
+# ---- memory -----------------------------------------------------------------------------------
+def memory_worker(setting: str, side: str, steps: int) -> None:
+    import torch
+    from tdlm.config import get_preset
+    from tdlm.train.step import train_step
+    from tdlm.train.throughput import build_step_context
+    torch.set_num_threads(1)
+    _, preset, sets = SETTINGS[setting][side]
+    cfg = get_preset(preset).override([s for s in sets if "keep_every" not in s]
+                                      + ["train.cpu_allocator=system"])
+    data, _, _, ctx, it = build_step_context(cfg, "cpu")
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for i in range(steps):
+        train_step(ctx, next(it), i)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_rss_mib": peak / 1024, "after_build_mib": base / 1024,
+                      "step_increment_mib": (peak - base) / 1024}))
+
+
+def stage_memory(a) -> None:
+    out = Path(a.work) / "memory.json"
+    res = json.loads(out.read_text()) if out.exists() else {}
+    for setting in SETTINGS:
+        for side in SIDES:
+            key = f"{setting}/{side}"
+            if key in res:
+                continue
+            p = subprocess.run([sys.executable, __file__, "memory-worker", "--setting", setting,
+                                "--side", side], capture_output=True, text=True, check=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+            res[key] = json.loads(p.stdout.strip().splitlines()[-1])
+            out.write_text(json.dumps(res, indent=1))
+            print(f"[did_study] memory {key}: {res[key]}")
+
+
+# ---- sampling and generative perplexity -------------------------------------------------------
+def stage_sample(a) -> None:
+    work = Path(a.work)
+    out = work / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for setting in SETTINGS:
+        seed = (a.seeds if setting == "fixed" else a.variable_seeds)[0]
+        for side in SIDES:
+            name = f"{SETTINGS[setting][side][0]}-s{seed}"
+            if read_run(work / name) is None:
+                print(f"[did_study] {name} unfinished: no samples")
+                continue
+            f = out / f"{name}-T{a.sample_steps}.jsonl"
+            if not f.exists():
+                subprocess.run([sys.executable, "-m", "tdlm.cli", "sample", str(work / name),
+                                "--num", str(a.samples), "--steps", str(a.sample_steps),
+                                "--seed", "1", "--show", "0", "--out", str(f)], check=True,
+                               env=env, stdout=subprocess.DEVNULL)
+            g = f.with_suffix(".genppl.json")
+            if a.judge and not g.exists():
+                subprocess.run([sys.executable, "-m", "tdlm.cli", "genppl", str(f), "--judge",
+                                a.judge, "--out", str(g)], check=True, env=env,
+                               stdout=subprocess.DEVNULL)
+    if a.judge:
+        j = Path(a.judge) / "final_eval" / "metrics.json"
+        if j.exists():
+            (out / "judge.json").write_text(json.dumps({"judge": a.judge,
+                                                         **json.loads(j.read_text())}, indent=1))
+
+
+# ---- report -----------------------------------------------------------------------------------
+def _curve_flops(run: Path) -> list:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+    val = {}
+    for r in recs:
+        if r.get("split") == "val" and r.get("train_flops") is not None:
+            val[r["step"]] = (r["train_flops"], r["nelbo_per_token"])
+    return [(s, *v) for s, v in sorted(val.items())]
+
+
+def collect(a) -> dict:
+    work = Path(a.work)
+    res = {"settings": {}, "command": "python benchmarks/did_study.py run && ... equal && ... "
+           "memory && ... sample --judge runs/parity/ar-s0 && ... report"}
+    mem = json.loads((work / "memory.json").read_text()) if (work / "memory.json").exists() else {}
+    step = RESULTS / "did_step_cpu.json"
+    step = json.loads(step.read_text())["summary"] if step.exists() else {}
+    for setting, seeds in (("fixed", a.seeds), ("variable", a.variable_seeds)):
+        rows = []
+        for s in seeds:
+            d_stem, m_stem = (SETTINGS[setting][x][0] for x in SIDES)
+            d, m = read_run(work / f"{d_stem}-s{s}"), read_run(work / f"{m_stem}-s{s}")
+            if d is None or m is None:
+                continue
+            eq = equal_flops(work, setting, s, run_missing=a.evaluate_equal)
+            fd, fm = d["final"], m["final"]
+            row = {"seed": s, "did": fd["nelbo_per_token"], "mdlm": fm["nelbo_per_token"],
+                   "did_se": fd.get("stderr_per_token"), "mdlm_se": fm.get("stderr_per_token"),
+                   "did_per_seq": fd["nelbo_per_token"] * fd["tokens"] / fd["sequences"],
+                   "mdlm_per_seq": fm["nelbo_per_token"] * fm["tokens"] / fm["sequences"],
+                   "did_tokens_per_s": d["tokens_per_s"], "mdlm_tokens_per_s": m["tokens_per_s"],
+                   "curves": {"did": _curve_flops(work / f"{d_stem}-s{s}"),
+                              "mdlm": _curve_flops(work / f"{m_stem}-s{s}")},
+                   "equal": eq}
+            if eq:
+                row["equal_rel"] = row["did"] / eq["mdlm_nelbo_at_did_flops"] - 1
+            row["steps_rel"] = row["did"] / row["mdlm"] - 1
+            rows.append(row)
+        eqr = [r["equal_rel"] for r in rows if "equal_rel" in r]
+        st = step.get(setting, {})
+        samp = _samples(work, setting, (seeds or [0])[0], a)
+        res["settings"][setting] = {
+            "seeds": [r["seed"] for r in rows], "rows": rows,
+            "equal_rel": ci95(eqr) if eqr else None,
+            "steps_rel": ci95([r["steps_rel"] for r in rows]) if rows else None,
+            "step_ratio": st.get("ratio"), "flops_ratio": st.get("flops_ratio"),
+            "tokens_ratio": st.get("tokens_ratio"), "dp_share": st.get("dp_share"),
+            "memory": {x: mem.get(f"{setting}/{x}") for x in SIDES}, "sampling": samp}
+    return res
+
+
+def _samples(work: Path, setting: str, seed: int, a) -> dict:
+    out = {}
+    for side in SIDES:
+        name = f"{SETTINGS[setting][side][0]}-s{seed}"
+        f = work / "samples" / f"{name}-T{a.sample_steps}.jsonl"
+        meta = f.with_suffix(".meta.json")
+        if not meta.exists():
+            continue
+        m = json.loads(meta.read_text())
+        rec = {"seconds_per_sample": m["seconds"] / m.get("num", a.samples),
+               "num": m.get("num", a.samples), "steps": a.sample_steps}
+        g = f.with_suffix(".genppl.json")
+        if g.exists():
+            gp = json.loads(g.read_text())
+            rec.update(gen_ppl=gp["gen_ppl"], entropy=gp["entropy"] if not isinstance(
+                gp["entropy"], dict) else gp["entropy"]["mean"], judged_tokens=gp.get("tokens"))
+        out[side] = rec
+    j = work / "samples" / "judge.json"
+    if j.exists():
+        out["judge"] = json.loads(j.read_text())
+    return out
+
+
+def _fmt(v, f="{:.4f}") -> str:
+    return "" if v is None else f.format(v)
+
+
+def markdown(res: dict) -> str:
+    L = ["# DID vs MDLM at the backbone-dominated CPU size (d=112, 12 blocks, 8k BPE, L=256)", "",
+         f"Command: `{res['command']}`", "",
+         "Blocks hold 55% of the parameters and ~76% of the forward FLOPs here (tiny: 7%). "
+         "Every run: 1000 steps x 16 sequences, one thread, seeds paired (same batches).", "",
+         "![curves](did_study.png)", ""]
+    for setting, S in res["settings"].items():
+        L += [f"## {setting} length", ""]
+        if S["equal_rel"]:
+            m, h = S["equal_rel"]
+            L.append(f"**NELBO at equal training FLOPs, DID/MDLM - 1: {100 * m:+.2f}%"
+                     + (f" (95% CI +/-{100 * h:.2f}%, {len(S['seeds'])} seeds)" if h else
+                        " (one seed, no interval)") + "** (target: no worse than MDLM)")
+            L.append("")
+        L += ["| seed | DID NELBO (± SE) | MDLM at DID's FLOPs (interp. steps) | DID/MDLM - 1 at "
+              "equal FLOPs | MDLM at equal steps (± SE) | DID/MDLM - 1 at equal steps | "
+              "per sequence DID / MDLM |", "|---|---|---|---|---|---|---|"]
+        for r in S["rows"]:
+            eq = r["equal"] or {}
+            L.append(f"| {r['seed']} | {r['did']:.4f} ± {_fmt(r['did_se'], '{:.3f}')} | "
+                     f"{_fmt(eq.get('mdlm_nelbo_at_did_flops'))} "
+                     f"({'-'.join(str(x) for x in eq.get('mdlm_steps', []))}) | "
+                     f"{_fmt(r.get('equal_rel'), '{:+.2%}')} | {r['mdlm']:.4f} ± "
+                     f"{_fmt(r['mdlm_se'], '{:.3f}')} | {r['steps_rel']:+.2%} | "
+                     f"{r['did_per_seq']:.1f} / {r['mdlm_per_seq']:.1f} |")
+        L += ["", "| measure | DID/MDLM | target |", "|---|---|---|"]
+        if S["step_ratio"]:
+            t = TARGETS["step"][setting]
+            L.append(f"| training step wall-clock (round-robin, did_step_cpu.md) | "
+                     f"{S['step_ratio']:.3f} | <= {t} ({'met' if S['step_ratio'] <= t else 'missed'}) |")
+            L.append(f"| tokens forwarded / FLOPs per step | {S['tokens_ratio']:.3f} / "
+                     f"{S['flops_ratio']:.3f} | |")
+            L.append(f"| DP share of DID's step | {100 * S['dp_share']:.1f}% | |")
+        mem = S["memory"]
+        if mem.get("did") and mem.get("mdlm"):
+            L.append(f"| peak RSS increment of a step (MiB) | {mem['did']['step_increment_mib']:.0f}"
+                     f" / {mem['mdlm']['step_increment_mib']:.0f} = "
+                     f"{mem['did']['step_increment_mib'] / mem['mdlm']['step_increment_mib']:.3f} | |")
+        sp = S["sampling"]
+        if sp.get("did") and sp.get("mdlm"):
+            t = TARGETS["sample"][setting]
+            ratio = sp["did"]["seconds_per_sample"] / sp["mdlm"]["seconds_per_sample"]
+            L.append(f"| sampling s/sample at {sp['did']['steps']} steps | "
+                     f"{sp['did']['seconds_per_sample']:.2f} / {sp['mdlm']['seconds_per_sample']:.2f}"
+                     f" = {ratio:.3f} | <= {t} ({'met' if ratio <= t else 'missed'}) |")
+            if "gen_ppl" in sp["did"] and "gen_ppl" in sp["mdlm"]:
+                L.append(f"| generative perplexity | {sp['did']['gen_ppl']:.1f} / "
+                         f"{sp['mdlm']['gen_ppl']:.1f} | |")
+                L.append(f"| entropy (nats) | {sp['did']['entropy']:.3f} / "
+                         f"{sp['mdlm']['entropy']:.3f} | |")
+            if sp.get("judge"):
+                L.append(f"| judge's own validation NLL/token | {sp['judge']['nelbo_per_token']:.3f}"
+                         f" ({sp['judge']['judge']}) | |")
+        L.append("")
+    return "\n".join(L) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(res["settings"]), figsize=(6 * len(res["settings"]), 4.3))
+    axes = axes if hasattr(axes, "__len__") else [axes]
+    for ax, (setting, S) in zip(axes, res["settings"].items()):
+        for r in S["rows"]:
+            for side, col in (("did", "tab:orange"), ("mdlm", "tab:blue")):
+                c = r["curves"][side]
+                if c:
+                    ax.plot([x[1] / 1e12 for x in c], [x[2] for x in c], color=col, lw=1,
+                            ls=["-", "--", ":"][r["seed"] % 3], label=f"{side} s{r['seed']}")
+        ax.set_xlabel("training FLOPs (TFLOP)")
+        ax.set_ylabel("validation NELBO / token")
+        ax.set_title(f"{setting} length")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def stage_report(a) -> None:
+    res = collect(a)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "did_study.json").write_text(json.dumps(res, indent=1))
+    (out / "did_study.md").write_text(markdown(res))
+    plot(res, out / "did_study.png")
+    print(markdown(res))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("stage", choices=["run", "equal", "memory", "sample", "report", "memory-worker"])
+    p.add_argument("--work", default="runs/did-study")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variable-seeds", type=int, nargs="*", default=[0])
+    p.add_argument("--lanes", type=int, default=2)
+    p.add_argument("--steps", type=int, help="override max_steps (smoke tests only)")
+    p.add_argument("--judge", default="", help="AR run folder for generative perplexity")
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--sample-steps", type=int, default=128)
+    p.add_argument("--evaluate-equal", action="store_true",
+                   help="report: run the equal-FLOPs evaluations that are missing")
+    p.add_argument("--setting", choices=sorted(SETTINGS))
+    p.add_argument("--side", choices=SIDES)
+    a = p.parse_args(argv)
+    if a.stage == "run":
+        t0 = time.time()
+        run_queue(plan(a.seeds, a.variable_seeds), Path(a.work), a.lanes, 1, a.steps, tag="did")
+        print(f"[did_study] queue done in {(time.time() - t0) / 60:.1f} min")
+    elif a.stage == "equal":
+        stage_equal(a)
+    elif a.stage == "memory":
+        stage_memory(a)
+    elif a.stage == "memory-worker":
+        memory_worker(a.setting, a.side, 3)
+    elif a.stage == "sample":
+        stage_sample(a)
+    else:
+        stage_report(a)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
