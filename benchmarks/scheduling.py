@@ -121,8 +121,9 @@ def _train_runs(work: Path, runs: dict, links: dict) -> None:
     for name, target in links.items():
         link = work / name
         if not _finished(Path(target)):
-            raise SystemExit(f"[train] {name}: {target} is not a finished run yet (the parity "
-                             "study trains it: benchmarks/parity.py run)")
+            print(f"[train] {name}: waits for {target} (not a finished run yet; the parity "
+                  "study trains it: benchmarks/parity.py run)", flush=True)
+            continue
         if not link.exists():
             link.symlink_to(Path(target).resolve())
         print(f"[train] {name}: linked to {target}", flush=True)
@@ -150,6 +151,7 @@ def models(work: Path) -> list[str]:
 
 
 def stage_analyze(work: Path) -> None:
+    _need(work, "heavy", "light")
     if (OUT / "analyze" / "step_importance.csv").exists():
         print("[analyze] exists", flush=True)
         return
@@ -158,7 +160,15 @@ def stage_analyze(work: Path) -> None:
         "--out", str(OUT / "analyze")])
 
 
+def _need(work: Path, *names: str) -> None:
+    missing = [n for n in names if not (work / n).exists()]
+    if missing:
+        raise SystemExit(f"scheduling.py: {', '.join(missing)} not in {work} yet: run --stage "
+                         "train (linked runs must be finished first)")
+
+
 def stage_search(work: Path) -> None:
+    _need(work, "heavy", "light", "judge")
     if (OUT / "search" / "search.csv").exists():
         print("[search] exists", flush=True)
         return
@@ -171,6 +181,7 @@ PREFIX_MASKS = ["LHHHHHHL", "LLHHHHHH", "HHHHHHLL", "HHHLLHHH"]
 
 
 def stage_prefix(work: Path) -> None:
+    _need(work, "heavy", "light", "judge")
     if (OUT / "prefix" / "search.csv").exists():
         print("[prefix] exists", flush=True)
         return
@@ -186,6 +197,7 @@ def stage_levels(work: Path) -> None:
         print("[levels] this scale has no tree-model pair", flush=True)
         return
     _train_runs(work, LEVEL_RUNS, LEVEL_LINKS)
+    _need(work, "tdlm-heavy", "tdlm-light", "judge")
     pair = ["--model", f"H={work / 'tdlm-heavy'}", "--model", f"L={work / 'tdlm-light'}"]
     if not (OUT / "levels" / "analyze" / "step_importance.csv").exists():
         sh(["schedule", "analyze", *pair, "--grid", "20", "--batches", "8", "--batch-size", "16",

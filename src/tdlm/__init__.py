@@ -20,3 +20,24 @@ def save_pretrained(model, folder, **kw):
     model.safetensors, tokenizer, tree, README.md, manifest.json); see :mod:`tdlm.export`."""
     from .pipeline import save_pretrained as _sp
     return _sp(model, folder, **kw)
+
+
+def measure_throughput(config, steps: int = 5, warmup: int = 2, device: str = "cpu",
+                       overrides=()):
+    """Training tokens/s and seconds per step of a preset name or ``RunConfig`` (with
+    ``overrides``, e.g. ``["train.global_batch=8"]``) on this machine: the trainer's own step
+    over the config's data; see :mod:`tdlm.train.throughput`."""
+    from .config import get_preset
+    from .train.throughput import measure_throughput as _mt
+    cfg = get_preset(config) if isinstance(config, str) else config
+    if overrides:
+        cfg = cfg.override(list(overrides))
+    return _mt(cfg, steps=steps, warmup=warmup, device=device)
+
+
+def load_scheduled(paths, device: str = "cpu", use_ema: bool = True):
+    """A :class:`tdlm.scheduling.sampler.ScheduledSampler` over named checkpoints
+    (``{"H": "runs/heavy", "L": "runs/light"}``): ``sample(num, steps, schedule="sandwich:0.25")``,
+    with the forward calls and FLOPs saved in ``last_report``."""
+    from .scheduling.sampler import load_scheduled as _ls
+    return _ls(paths, device=device, use_ema=use_ema)

@@ -48,3 +48,10 @@ def test_cli_prints_the_column(capsys):
     assert main(["info", "--preset", "tiny", "--measure", "1"]) == 0
     out = capsys.readouterr().out
     assert "train tok/s" in out and "measured now" in out
+
+
+def test_public_api_takes_a_preset_name_and_overrides():
+    import tdlm
+    r = tdlm.measure_throughput("tiny", steps=1, warmup=0,
+                                overrides=["backbone.n_layers=1", "train.global_batch=3"])
+    assert r["tokens_per_step"] == 3 * 128 and r["steps"] == 1
