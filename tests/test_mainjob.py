@@ -46,3 +46,11 @@ def test_parity_verdict_reads_the_committed_study(tmp_path):
     p.write_text(json.dumps({"summary": {"seeds": [0, 1, 2], "verdict": "parity reproduced: x"}}))
     v = parity_verdict(p)
     assert "3 seed(s)" in v and "parity reproduced: x" in v
+
+
+def test_parity_verdict_names_the_presets_and_file(tmp_path):
+    p = tmp_path / "parity_gpt2.json"
+    p.write_text(json.dumps({"presets": {"mdlm": "tiny-gpt2", "tdlm": "tdlm-tiny"},
+                             "summary": {"seeds": [0, 1], "verdict": "undecided: y"}}))
+    v = parity_verdict(p)
+    assert "tiny-gpt2 vs tdlm-tiny" in v and "parity_gpt2.md" in v and "undecided: y" in v

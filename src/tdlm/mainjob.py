@@ -25,16 +25,20 @@ from .utils.io import atomic_write_json
 from .utils.machine import PeakMemory
 
 PARITY = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "parity.json"
+#: the same study with this job's own presets (tiny, GPT-2 vocabulary), longer and seeded
+PARITY_GPT2 = PARITY.with_name("parity_gpt2.json")
 
 
 def parity_verdict(path: Path = PARITY) -> str:
     """The committed parity study's verdict, or what is known without it."""
     if path.is_file():
         try:
-            s = json.loads(path.read_text())["summary"]
+            d = json.loads(path.read_text())
+            s = d["summary"]
             seeds = len(s.get("seeds", []))
-            return (f"parity study (mdlm-cpu vs tdlm-cpu, {seeds} seed(s), "
-                    f"benchmarks/results/parity.md): {s['verdict']}")
+            pair = " vs ".join(d.get("presets", {"mdlm": "mdlm-cpu", "tdlm": "tdlm-cpu"}).values())
+            return (f"parity study ({pair}, {seeds} seed(s), "
+                    f"benchmarks/results/{path.stem}.md): {s['verdict']}")
         except (KeyError, ValueError, TypeError):
             pass
     return ("the parity study (benchmarks/parity.py) has no committed verdict here; this run "
@@ -105,7 +109,10 @@ def main_job(cfgs: dict, out: Path, steps: int = 128, num_samples: int = 8,
                                   "samples": str(spath),
                                   "loss curve": str(run_dir / "loss_curve.png")}}
     _plot(rows, out / "curves.png")
-    summary = {"presets": rows, "parity": parity_verdict(), "curves": str(out / "curves.png"),
+    summary = {"presets": rows, "parity": parity_verdict(),
+               "parity_same_presets": (parity_verdict(PARITY_GPT2) if PARITY_GPT2.is_file()
+                                       else None),
+               "curves": str(out / "curves.png"),
                "note": ("NELBOs are compared on the same validation batches and noise seed; "
                         "their difference is within noise when it is not larger than a few "
                         "standard errors, and a short run says nothing about the converged "

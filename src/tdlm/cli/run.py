@@ -46,6 +46,8 @@ def cmd_run(args) -> int:
     print(f"  {'summary':<26} {out / 'summary.json'}")
     print(f"[tdlm] {res['note']}.")
     print(f"[tdlm] parity: {res['parity']}")
+    if res.get("parity_same_presets"):
+        print(f"[tdlm] parity at this job's presets: {res['parity_same_presets']}")
     return 0
 
 
