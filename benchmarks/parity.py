@@ -2,6 +2,7 @@
 
     python benchmarks/parity.py run                 # main pair, seeds 0 1 2 (resumable)
     python benchmarks/parity.py run --ablations     # + AR, tree constructions and H, seed 0
+    python benchmarks/parity.py paired              # per-batch re-evaluation (paired errors)
     python benchmarks/parity.py report              # -> benchmarks/results/parity.{json,md,png}
     python benchmarks/parity.py run --regime gpt2   # the same pair at the GPT-2 vocabulary
     python benchmarks/parity.py report --regime gpt2   # -> parity_gpt2.{json,md,png}
@@ -43,7 +44,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import ci95, read_run, run_queue, sd  # noqa: E402
+from study import EVAL_REPEATS, ci95, read_run, run_queue, sd  # noqa: E402
 
 #: ablations at one seed (the cpu regime)
 # (name, preset, overrides[, run it needs finished first]); "{work}" and "{seed}" are filled in
@@ -97,6 +98,35 @@ def run_all(a) -> None:
     work = Path(a.work)
     run_queue(plan(a.seeds, a.ablations, work, a.regime), work, a.lanes, a.threads, a.steps,
               tag="parity")
+
+
+def _per_batch_eval(run: Path) -> dict | None:
+    """The run's final evaluation with per-batch values: ``final_eval`` itself when it has
+    them, else ``final_eval_paired`` (stage ``paired``)."""
+    for sub in ("final_eval", "final_eval_paired"):
+        f = run / sub / "metrics.json"
+        if f.exists():
+            d = json.loads(f.read_text())
+            if d.get("per_batch"):
+                return d
+    return None
+
+
+def paired_evals(a) -> None:
+    """Re-evaluate finished main-pair runs whose final evaluation predates per-batch values
+    (same batches, noise seed and repeats) into ``final_eval_paired``; the report then gives
+    each seed's TDLM - MDLM difference with its paired standard error."""
+    import subprocess
+    work = Path(a.work)
+    for s in a.seeds:
+        for m in PAIR:
+            run = work / f"{m}-s{s}"
+            if read_run(run) is None or _per_batch_eval(run) is not None:
+                continue
+            print(f"[parity] paired evaluation of {run.name}", flush=True)
+            subprocess.run([sys.executable, "-m", "tdlm.cli", "eval", str(run), "--batches", "0",
+                            "--repeats", str(EVAL_REPEATS), "--out", str(run / "final_eval_paired"),
+                            "--json"], check=True, stdout=subprocess.DEVNULL)
 
 
 # ---- report ---------------------------------------------------------------------------------
@@ -172,7 +202,13 @@ def report(a) -> dict:
     per_seed = []
     for s in paired:
         m, t = runs[f"mdlm-s{s}"]["final"], runs[f"tdlm-s{s}"]["final"]
+        pm, pt = _per_batch_eval(work / f"mdlm-s{s}"), _per_batch_eval(work / f"tdlm-s{s}")
+        paired_se = None
+        if pm and pt:
+            from tdlm.eval.nelbo import paired_difference
+            paired_se = paired_difference(pt, pm)["stderr"]
         per_seed.append({"seed": s, "mdlm": m["nelbo_per_token"], "tdlm": t["nelbo_per_token"],
+                         "diff_paired_se": paired_se,
                          "mdlm_se": m.get("stderr_per_token"), "tdlm_se": t.get("stderr_per_token"),
                          "diff": t["nelbo_per_token"] - m["nelbo_per_token"],
                          "rel": t["nelbo_per_token"] / m["nelbo_per_token"] - 1,
@@ -258,13 +294,17 @@ def _markdown(res: dict, stem: str) -> str:
           "## Final NELBO per seed", "",
           "Whole validation split, 4 noise draws per batch; ± is the standard error of each "
           "estimate across validation batches (the evaluation's own noise). The difference is "
-          "paired by seed (same data order).", "",
-          "| seed | MDLM NELBO (± SE) | TDLM NELBO (± SE) | TDLM − MDLM | relative |",
-          "|---|---|---|---|---|"]
+          "paired by seed (same data order); its paired SE is the evaluation noise of the "
+          "difference itself (both models on the same batches: `tdlm.eval.nelbo."
+          "paired_difference`), which the batches' shared difficulty makes much smaller than "
+          "either model's own.", "",
+          "| seed | MDLM NELBO (± SE) | TDLM NELBO (± SE) | TDLM − MDLM (± paired SE) | "
+          "relative |", "|---|---|---|---|---|"]
     for r in res["per_seed"]:
         se = lambda v: f" ± {v:.4f}" if v is not None else ""     # noqa: E731
         L.append(f"| {r['seed']} | {r['mdlm']:.4f}{se(r['mdlm_se'])} | "
-                 f"{r['tdlm']:.4f}{se(r['tdlm_se'])} | {r['diff']:+.4f} | {_pct(r['rel'])} |")
+                 f"{r['tdlm']:.4f}{se(r['tdlm_se'])} | {r['diff']:+.4f}"
+                 f"{se(r.get('diff_paired_se'))} | {_pct(r['rel'])} |")
     if s.get("rel_ci95") is not None:
         L.append(f"| **mean (95% CI)** | | | {s['diff_mean']:+.4f} ± {s['diff_ci95']:.4f} | "
                  f"**{_pct(s['rel_mean'])} ± {100 * s['rel_ci95']:.2f}%** |")
@@ -377,7 +417,7 @@ def _plot(runs: dict, along: list, path: Path, title: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["run", "report"])
+    p.add_argument("what", choices=["run", "paired", "report"])
     p.add_argument("--regime", choices=sorted(REGIMES), default="cpu")
     p.add_argument("--work", help="run folders (default: the regime's, e.g. runs/parity)")
     p.add_argument("--out", default="benchmarks/results")
@@ -390,6 +430,8 @@ def main(argv=None) -> int:
     a.work = a.work or REGIMES[a.regime]["work"]
     if a.what == "run":
         run_all(a)
+    elif a.what == "paired":
+        paired_evals(a)
     else:
         report(a)
     return 0

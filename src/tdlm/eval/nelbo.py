@@ -59,6 +59,7 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
     rounds = -(-n_batches // world)
     nll, toks, seqs, parts = 0.0, 0.0, 0, {}
     mom = [0.0, 0.0, 0.0, 0.0]       # per batch b: sum nll_b^2, nll_b tok_b, tok_b^2; count
+    b_nlls, b_toks = [0.0] * n_batches, [0.0] * n_batches     # per batch (for paired errors)
     try:
         for r in range(rounds):
             real = r < len(mine)
@@ -81,6 +82,7 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
                 for k, v in terms.parts.items():
                     parts[k] += v.double().sum().item()
             if real:
+                b_nlls[bi], b_toks[bi] = b_nll, b_tok
                 seqs += num_rows(batch)
                 mom = [mom[0] + b_nll ** 2, mom[1] + b_nll * b_tok, mom[2] + b_tok ** 2,
                        mom[3] + 1]
@@ -88,15 +90,19 @@ def evaluate_nelbo(family: Family, model: torch.nn.Module, dataset, batch_size: 
         model.train(was_training)
     if world > 1:
         keys = sorted(parts)
-        tot = dist.all_reduce_sum([nll, toks, seqs] + mom + [parts[k] for k in keys])
+        tot = dist.all_reduce_sum([nll, toks, seqs] + mom + [parts[k] for k in keys]
+                                  + b_nlls + b_toks)
         nll, toks, seqs = tot[0], tot[1], int(round(tot[2]))
         mom = tot[3:7]
-        parts = dict(zip(keys, tot[7:]))
+        parts = dict(zip(keys, tot[7:7 + len(keys)]))
+        b_nlls = tot[7 + len(keys):7 + len(keys) + n_batches]
+        b_toks = tot[7 + len(keys) + n_batches:]
     per_tok = nll / max(toks, 1)
     out = {"nelbo_per_token": per_tok, "ppl_bound": math.exp(min(per_tok, 700)),
            "bits_per_token": per_tok / math.log(2), "tokens": int(toks / repeats),
            "sequences": seqs, "repeats": repeats, "seed": seed,
            "batches": int(round(mom[3])), "stderr_per_token": _ratio_stderr(per_tok, toks, mom),
+           "per_batch": {"nll": b_nlls, "tokens": b_toks},
            "bound": "exact NLL" if not family.is_diffusion else "NELBO (upper bound on NLL)"}
     out.update(family.eval_conventions())   # t window, padding: stated beside the number
     if parts:
@@ -143,3 +149,25 @@ def evaluate_to_files(ckpt_path: str, batches: int = 0, seed: int = 0, repeats: 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "metrics.json", res)
     return res, out_dir
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+    """NELBO/token difference ``a - b`` of two evaluations of the same batches and tokens
+    (``per_batch`` of :func:`evaluate_nelbo`: the same split, batch size, repeats) with its
+    standard error across batches (delta method on e_b = nll_b^a - nll_b^b):
+    ``D = sum_b e_b / sum_b tok_b``, ``se = sqrt(n / (n - 1) * sum_b (e_b - D tok_b)^2) /
+    sum_b tok_b``. Much smaller than either evaluation's own error when the batches' difficulty
+    is shared. Raises ``ConfigError`` when the evaluations did not see the same tokens."""
+    pa, pb = a.get("per_batch"), b.get("per_batch")
+    if not pa or not pb:
+        raise ConfigError("paired difference needs evaluations with per-batch values")
+    if len(pa["tokens"]) != len(pb["tokens"]) or any(
+            abs(x - y) > 1e-6 * max(1.0, x) for x, y in zip(pa["tokens"], pb["tokens"])):
+        raise ConfigError("the two evaluations did not see the same batches and tokens")
+    e = [x - y for x, y in zip(pa["nll"], pb["nll"])]
+    tok = sum(pa["tokens"])
+    d = sum(e) / tok
+    n = len(e)
+    se = (math.sqrt(n / (n - 1) * sum((eb - d * tb) ** 2 for eb, tb in zip(e, pa["tokens"])))
+          / tok) if n > 1 else None
+    return {"diff_per_token": d, "stderr": se, "batches": n}
