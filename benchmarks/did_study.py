@@ -150,6 +150,7 @@ def memory_worker(setting: str, side: str, steps: int) -> None:
 
 def stage_memory(a) -> None:
     out = Path(a.work) / "memory.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     res = json.loads(out.read_text()) if out.exists() else {}
     for setting in SETTINGS:
         for side in SIDES:
