@@ -269,6 +269,23 @@ def _ablations(runs: dict, s0: int) -> list[dict]:
     return rows
 
 
+def _median_paired(rows: list) -> str:
+    v = sorted(r["diff_paired_se"] for r in rows if r.get("diff_paired_se") is not None)
+    return f"{v[len(v) // 2]:.3f}" if v else "not measured"
+
+
+def _spread_line(rows: list, sm: float, st: float) -> str:
+    """Which model's seeds spread, in words computed from the numbers."""
+    hi, lo = (BASE, TREE) if sm >= st else (TREE, BASE)
+    ratio = max(sm, st) / max(min(sm, st), 1e-12)
+    worst, best = max(rows, key=lambda r: r[hi]), min(rows, key=lambda r: r[hi])
+    return (f"{hi.upper()}'s seeds spread {ratio:.0f}x as much as {lo.upper()}'s: its worst seed "
+            f"({worst['seed']}, {worst[hi]:.3f}) ends {worst[hi] - best[hi]:.3f} above its best "
+            f"(seed {best['seed']}; the curves below show where the runs part), so the "
+            f"interval's width comes mostly from {hi.upper()}'s seed-to-seed variation. More "
+            "seeds narrow it; a different batch or budget would be a new, pre-registered study.")
+
+
 def _pct(v) -> str:
     return "" if v is None else f"{100 * v:+.2f}%"
 
@@ -313,9 +330,9 @@ def _markdown(res: dict, stem: str) -> str:
         L += ["", "## How much the seeds differ", "",
               f"Across {len(res['per_seed'])} seeds the final NELBO has a standard deviation of "
               f"{sm:.4f} for MDLM ({100 * sm / mm:.1f}% of its mean) and {st:.4f} for TDLM; the "
-              f"paired difference has {s['diff_sd']:.4f}. The evaluation's own standard error "
-              f"(~{res['per_seed'][0]['mdlm_se']:.3f}) is the smaller part; most of the interval's "
-              "width is how fast a run leaves the early plateau (see the curves)."]
+              f"paired difference has {s['diff_sd']:.4f}; the evaluation's own error of a "
+              f"difference (paired SE, ~{_median_paired(res['per_seed'])}) is the smaller part.",
+              "", _spread_line(res["per_seed"], sm, st)]
     if res["along_training"]:
         al = res["along_training"]
         L += ["", "## Learning curves (training-time validation NELBO per token)", "",
