@@ -279,9 +279,14 @@ def markdown(res: dict) -> str:
          f"Command: `{res['command']}`", "",
          "Blocks hold 55% of the parameters and ~76% of the forward FLOPs here (tiny: 7%). "
          "Every run: 1000 steps x 16 sequences, one thread, seeds paired (same batches).", "",
-         "![curves](did_study.png)", ""]
+         *(["![curves](did_study.png)", ""] if any(S["rows"] for S in res["settings"].values())
+           else [])]
     for setting, S in res["settings"].items():
         L += [f"## {setting} length", ""]
+        if not S["rows"]:
+            L += ["No finished pair yet (`python benchmarks/did_study.py run`): the NELBO rows, "
+                  "equal-FLOPs comparison, sampling and judge appear when runs finish; the "
+                  "measurements below need no training.", ""]
         if S["equal_rel"]:
             m, h = S["equal_rel"]
             L.append(f"**NELBO at equal training FLOPs, DID/MDLM - 1: {100 * m:+.2f}%"
@@ -290,7 +295,7 @@ def markdown(res: dict) -> str:
             L.append("")
         L += ["| seed | DID NELBO (± SE) | MDLM at DID's FLOPs (interp. steps) | DID/MDLM - 1 at "
               "equal FLOPs | MDLM at equal steps (± SE) | DID/MDLM - 1 at equal steps | "
-              "per sequence DID / MDLM |", "|---|---|---|---|---|---|---|"]
+              "per sequence DID / MDLM |", "|---|---|---|---|---|---|---|"] if S["rows"] else []
         for r in S["rows"]:
             eq = r["equal"] or {}
             L.append(f"| {r['seed']} | {r['did']:.4f} ± {_fmt(r['did_se'], '{:.3f}')} | "
@@ -309,7 +314,8 @@ def markdown(res: dict) -> str:
             L.append(f"| DP share of DID's step | {100 * S['dp_share']:.1f}% | |")
         mem = S["memory"]
         if mem.get("did") and mem.get("mdlm"):
-            L.append(f"| peak RSS increment of a step (MiB) | {mem['did']['step_increment_mib']:.0f}"
+            L.append(f"| peak RSS increment of 3 training steps over the built model (MiB; "
+                     f"system allocator, fresh process each) | {mem['did']['step_increment_mib']:.0f}"
                      f" / {mem['mdlm']['step_increment_mib']:.0f} = "
                      f"{mem['did']['step_increment_mib'] / mem['mdlm']['step_increment_mib']:.3f} | |")
         sp = S["sampling"]
@@ -360,7 +366,8 @@ def stage_report(a) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "did_study.json").write_text(json.dumps(res, indent=1))
     (out / "did_study.md").write_text(markdown(res))
-    plot(res, out / "did_study.png")
+    if any(S["rows"] for S in res["settings"].values()):
+        plot(res, out / "did_study.png")
     print(markdown(res))
 
 
