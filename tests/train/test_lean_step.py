@@ -102,26 +102,34 @@ from tdlm.config import RunConfig
 from tdlm.train.step import resolve_runtime, retain_heap
 tc = RunConfig.from_dict({"train": {"cpu_allocator": sys.argv[1]}}).train
 print("retained", retain_heap(resolve_runtime(tc, torch.device("cpu"))))
-x = torch.empty(16 * 2**20).fill_(1.0)             # 64 MiB: above glibc's mmap threshold
-del x
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-y = torch.empty(16 * 2**20).fill_(2.0)
-print("faults", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = []
+for r in range(5):                                  # a step's 64 MiB block, allocated and freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.empty(16 * 2**20).fill_(float(r))     # 64 MiB: above glibc's mmap threshold
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    del x
+print("faults", ",".join(map(str, faults)))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
 def test_retained_heap_reuses_pages_instead_of_faulting_them_in():
-    """train.cpu_allocator=retain: a freed 64 MiB block is reused, so touching a new one costs
-    (almost) no page faults; with ``system`` (glibc's mmap/munmap) it costs one per 4 KiB
-    page. Fresh processes: the setting is process-wide."""
+    """train.cpu_allocator=retain: a freed 64 MiB block is reused, so allocating it again costs
+    (almost) no page faults; with ``system`` (glibc's mmap/munmap) every allocation costs one
+    fault per 4 KiB page. Fresh processes: the setting is process-wide. Steady state, not the
+    first reuse: PyTorch allocates with ``posix_memalign``, for which glibc asks a little more
+    than the block; when a small allocation has landed right after the freed block, that exact-
+    size hole cannot serve it and the heap grows once (seen in about 1 process in 3 at the
+    second or third round); from then on the blocks are reused."""
     out = {}
     for mode in ("retain", "system"):
         r = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True,
                            check=True)
         lines = dict(line.split() for line in r.stdout.splitlines())
-        out[mode] = (lines["retained"], int(lines["faults"]))
+        out[mode] = (lines["retained"], [int(v) for v in lines["faults"].split(",")])
     assert out["retain"][0] == "True" and out["system"][0] == "False"
     pages = 64 * 2**20 // 4096
-    assert out["system"][1] > pages // 2, out          # every page faulted in afresh
-    assert out["retain"][1] < pages // 20, out          # reused
+    assert all(f > pages // 2 for f in out["system"][1]), out     # every page faulted afresh
+    later = out["retain"][1][1:]
+    assert sum(later) <= pages + pages // 20, out                 # at most one heap growth
+    assert out["retain"][1][-1] < pages // 20, out                # then reused

@@ -151,7 +151,10 @@ def retain_heap(opts: RuntimeOptions) -> bool:
     and unmaps it when freed, so every training step page-faults its activations, gradients and
     the dense embedding gradient in afresh (zero-filling a 50k x 768 gradient took 100 ms vs
     17 ms on reused pages, on this project's CPU); the retained heap turns that into reuse, as
-    tcmalloc/jemalloc (PyTorch's CPU tuning guide) would. Process-wide and sticky; a no-op
+    tcmalloc/jemalloc (PyTorch's CPU tuning guide) would. One extra heap growth can precede the
+    steady state: PyTorch allocates with ``posix_memalign``, for which glibc requests slightly
+    more than the block, so an exact-size hole left behind a small allocation is skipped once
+    (tests/train/test_lean_step.py counts the faults per round). Process-wide and sticky; a no-op
     (returns False) off the CPU, with ``system``, or without glibc."""
     if not opts.retain_heap or _retained[0]:
         return _retained[0]
