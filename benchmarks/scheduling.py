@@ -40,6 +40,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study import latest_step  # noqa: E402
+
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent
@@ -110,11 +113,7 @@ def sh(args: list[str]) -> None:
 
 def _finished(run: Path) -> bool:
     cfg = run / "config.json"
-    if not cfg.exists():
-        return False
-    steps = [json.loads(x).get("step", 0) for x in (run / "metrics.jsonl").read_text().splitlines()
-             if x] if (run / "metrics.jsonl").exists() else []
-    return max(steps, default=0) >= json.loads(cfg.read_text())["train"]["max_steps"]
+    return cfg.exists() and latest_step(run) >= json.loads(cfg.read_text())["train"]["max_steps"]
 
 
 def _train_runs(work: Path, runs: dict, links: dict) -> None:
