@@ -44,7 +44,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import EVAL_REPEATS, ci95, read_run, run_queue, sd  # noqa: E402
+from study import EVAL_REPEATS, ci95, context_free_level, read_run, run_queue, sd  # noqa: E402
 
 #: ablations at one seed (the cpu regime)
 # (name, preset, overrides[, run it needs finished first]); "{work}" and "{seed}" are filled in
@@ -213,7 +213,11 @@ def report(a) -> dict:
                          "diff": t["nelbo_per_token"] - m["nelbo_per_token"],
                          "rel": t["nelbo_per_token"] / m["nelbo_per_token"] - 1,
                          "tdlm_levels": t.get("parts_per_token")})
-    summary = {"seeds": paired, "band": BAND}
+    cf = next((c for n in sorted(runs) for c in [context_free_level(work / n)] if c), None)
+    for r in per_seed:
+        if cf:
+            r.update({f"{m}_below_cf": cf["nats"] - r[m] for m in PAIR})
+    summary = {"seeds": paired, "band": BAND, "context_free": cf}
     if per_seed:
         mean, half = ci95([r["rel"] for r in per_seed])
         dmean, dhalf = ci95([r["diff"] for r in per_seed])
@@ -239,7 +243,7 @@ def report(a) -> dict:
     stem = R["stem"]
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1, sort_keys=True))
     (out / f"{stem}.md").write_text(_markdown(res, stem))
-    _plot(runs, along, out / f"{stem}.png", R["title"])
+    _plot(runs, along, out / f"{stem}.png", R["title"], cf["nats"] if cf else None)
     print(summary.get("verdict", "no finished pair yet"))
     return res
 
@@ -284,6 +288,37 @@ def _spread_line(rows: list, sm: float, st: float) -> str:
             f"(seed {best['seed']}; the curves below show where the runs part), so the "
             f"interval's width comes mostly from {hi.upper()}'s seed-to-seed variation. More "
             "seeds narrow it; a different batch or budget would be a new, pre-registered study.")
+
+
+def _context_free_lines(rows: list, cf: dict) -> list[str]:
+    """The per-seed distance below the context-free level and one computed sentence."""
+    L = ["", "## Against the context-free level", "",
+         f"A model that ignores context scores the validation split's cross-entropy under the "
+         f"training split's unigram distribution, **{cf['nats']:.4f} nats** "
+         f"({cf['val_tokens']:,} validation tokens, add-{cf['prior']} smoothing; "
+         "`study.unigram_cross_entropy`): the NELBO of masked diffusion and of TDLM with a "
+         "context-free prediction, and the AR NLL of one. How far below it a run ends is what "
+         "it has learned from context.", "",
+         "| seed | MDLM below context-free (nats) | TDLM below context-free (nats) |",
+         "|---|---|---|"]
+    for r in rows:
+        L.append(f"| {r['seed']} | {r[BASE + '_below_cf']:.3f} | {r[TREE + '_below_cf']:.3f} |")
+    parts, stuck = [], []
+    for m in PAIR:
+        g = [r[m + "_below_cf"] for r in rows]
+        worst = min(rows, key=lambda r: r[m + "_below_cf"])
+        share = min(g) / max(max(g), 1e-12)
+        parts.append(f"{m.upper()} ends {min(g):.3f}-{max(g):.3f} nats below it (its weakest "
+                     f"seed, {worst['seed']}, {100 * share:.0f}% of its best seed's distance)")
+        if share < 0.5:
+            stuck.append(f"{m.upper()}'s seed {worst['seed']}")
+    L += ["", "; ".join(parts) + "."]
+    if stuck:
+        L[-1] += (f" {' and '.join(stuck)} ended close to this level: it had barely left the "
+                  "unigram plateau that training starts on, while the other seeds had. How long "
+                  "a run stays there varies with the seed, so at this budget the difference "
+                  "measures that escape more than either model's converged quality.")
+    return L
 
 
 def _pct(v) -> str:
@@ -333,6 +368,8 @@ def _markdown(res: dict, stem: str) -> str:
               f"paired difference has {s['diff_sd']:.4f}; the evaluation's own error of a "
               f"difference (paired SE, ~{_median_paired(res['per_seed'])}) is the smaller part.",
               "", _spread_line(res["per_seed"], sm, st)]
+    if s.get("context_free") and res["per_seed"]:
+        L += _context_free_lines(res["per_seed"], s["context_free"])
     if res["along_training"]:
         al = res["along_training"]
         L += ["", "## Learning curves (training-time validation NELBO per token)", "",
@@ -344,6 +381,9 @@ def _markdown(res: dict, stem: str) -> str:
                 cur = {st: v for st, _, v in r["curve"]}
                 L.append(f"| {n} | " + " | ".join(f"{cur[x['step']]:.3f}" if x["step"] in cur
                                                    else "" for x in al) + " |")
+        if s.get("context_free"):
+            L.append("| context-free level | " + " | ".join(
+                f"{s['context_free']['nats']:.3f}" for _ in al) + " |")
         L.append("| TDLM/MDLM − 1, seed mean | " + " | ".join(
             _pct(x["rel_mean"]) + (f" ± {100 * x['rel_ci95']:.1f}" if x["rel_ci95"] else "")
             for x in al) + " |")
@@ -389,7 +429,7 @@ def _markdown(res: dict, stem: str) -> str:
     return "\n".join(L) + "\n"
 
 
-def _plot(runs: dict, along: list, path: Path, title: str) -> None:
+def _plot(runs: dict, along: list, path: Path, title: str, cf: float | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -405,6 +445,8 @@ def _plot(runs: dict, along: list, path: Path, title: str) -> None:
         ax.plot([v / 1e6 for v in x], y, label=n, lw=1.4 if main else 0.8,
                 color=colors.get(fam), alpha=1.0 if main else 0.6,
                 ls=styles[int(seed) % 4] if main else (0, (1, 1)))
+    if cf is not None:
+        ax.axhline(cf, color="k", lw=0.8, ls="--", label=f"context-free (unigram) {cf:.3f}")
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel("validation NELBO / token")
     ax.set_title(title, fontsize=9)

@@ -135,6 +135,41 @@ def read_run(run: Path) -> Optional[dict]:
             "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None, "config": cfg}
 
 
+def unigram_cross_entropy(train_counts, val_tokens, prior: float = 0.5) -> float:
+    """``H = -(1/N) sum_i log p(x_i)`` over the validation tokens ``x_1..x_N`` under the
+    training split's unigram ``p_v = (c_v + prior) / (sum_u c_u + prior V)`` (add-``prior``
+    smoothing; ``train_counts`` has one count per vocabulary id): the loss of a model that
+    ignores context. It is the *context-free level* of every family here: the AR NLL of that
+    model; its masked-diffusion NELBO too, since with the same prediction ``p`` at every masked
+    position the NELBO ``int_0^1 alpha'_t / (1 - alpha_t) E[sum_masked log p] dt`` sums to
+    ``H`` for any schedule; and TDLM's, whose tree factorisation of ``p`` is exact."""
+    import numpy as np
+    c = np.asarray(train_counts, dtype=np.float64) + prior
+    logp = np.log(c) - np.log(c.sum())
+    v = np.asarray(val_tokens, dtype=np.int64)
+    return float(-logp[v].mean())
+
+
+def context_free_level(run: Path) -> Optional[dict]:
+    """:func:`unigram_cross_entropy` of a run's validation split under its training split,
+    read from the token caches its ``data.json`` names (None when they are not on this
+    machine): ``{"nats", "val_tokens", "train_tokens", "prior"}``."""
+    try:
+        data = json.loads((run / "data.json").read_text())
+        cache_dir = json.loads((run / "config.json").read_text())["data"]["cache_dir"]
+        keys = data["train_cache"], data["val_cache"]
+    except (OSError, ValueError, KeyError):
+        return None
+    import os
+    from tdlm.data.cache import load_cache
+    tr, va = (load_cache(os.path.expanduser(cache_dir), k, verify=False) for k in keys)
+    if tr is None or va is None:
+        return None
+    counts = tr.token_counts(int(data["vocab_size"]))
+    return {"nats": unigram_cross_entropy(counts, va.tokens), "val_tokens": va.n_tokens,
+            "train_tokens": tr.n_tokens, "prior": 0.5}
+
+
 def ci95(values: Sequence[float]) -> tuple[float, Optional[float]]:
     """(mean, 95% half-width across the values; None for fewer than 2)."""
     n = len(values)

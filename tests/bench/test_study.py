@@ -128,3 +128,50 @@ def test_did_study_interpolates_mdlm_at_dids_training_flops(tmp_path):
     # an evaluation missing and not to be run: no figure rather than a guess
     (tmp_path / "equal" / "mdlm-s0-500" / "metrics.json").unlink()
     assert ds.equal_flops(tmp_path, "fixed", 0, run_missing=False) is None
+
+
+def test_unigram_cross_entropy_matches_a_loop_by_hand():
+    st = _load("study")
+    counts, val = [3, 0, 1], [0, 2, 1, 0]
+    tot = sum(c + 0.5 for c in counts)                 # add-1/2 smoothing: 5.5
+    want = -sum(math.log((counts[v] + 0.5) / tot) for v in val) / len(val)
+    assert st.unigram_cross_entropy(counts, val) == pytest.approx(want, rel=1e-12)
+
+
+def _cache(folder, key, tokens):
+    import numpy as np
+    from tdlm.data.cache import CACHE_VERSION
+    np.asarray(tokens, dtype=np.uint16).tofile(folder / f"{key}.tokens.bin")
+    np.save(folder / f"{key}.offsets.npy", np.array([0, len(tokens)], dtype=np.int64))
+    (folder / f"{key}.meta.json").write_text(json.dumps(
+        {"version": CACHE_VERSION, "key": key, "dtype": "uint16", "n_tokens": len(tokens),
+         "n_docs": 1}))
+
+
+def test_parity_report_gives_the_context_free_level_from_the_runs_caches(tmp_path):
+    par = _load("parity")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    train, val = [0, 0, 1, 2, 0, 1], [0, 1, 2]
+    _cache(cache, "trainkey", train)
+    _cache(cache, "valkey", val)
+    m, t = _cfg("mdlm-cpu"), _cfg("tdlm-cpu")
+    for c in (m, t):
+        c["data"]["cache_dir"] = str(cache)
+    work = tmp_path / "work"
+    for s, (mf, tf) in enumerate([(6.0, 5.9), (6.6, 5.95)]):
+        for name, cfg, f in ((f"mdlm-s{s}", m, mf), (f"tdlm-s{s}", t, tf)):
+            d = _run(work, name, cfg, [(100, 7.0), (1000, f)], {"nelbo_per_token": f})
+            (d / "data.json").write_text(json.dumps(
+                {"train_cache": "trainkey", "val_cache": "valkey", "vocab_size": 8192}))
+    out = tmp_path / "out"
+    assert par.main(["report", "--work", str(work), "--out", str(out)]) == 0
+    data = json.loads((out / "parity.json").read_text())
+    counts = [3, 2, 1] + [0] * (8192 - 3)
+    tot = sum(c + 0.5 for c in counts)
+    want = -sum(math.log((counts[v] + 0.5) / tot) for v in val) / 3
+    cf = data["summary"]["context_free"]
+    assert cf["nats"] == pytest.approx(want) and cf["val_tokens"] == 3
+    assert data["per_seed"][1]["mdlm_below_cf"] == pytest.approx(want - 6.6)
+    md = (out / "parity.md").read_text()
+    assert "Against the context-free level" in md and f"{want:.4f}" in md
