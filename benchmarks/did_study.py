@@ -4,7 +4,7 @@
     python benchmarks/did_study.py run              # the training runs (resumable, 2 lanes)
     python benchmarks/did_study.py equal            # MDLM evaluated at DID's training FLOPs
     python benchmarks/did_study.py memory           # peak training memory, one process each
-    python benchmarks/did_study.py sample --judge runs/parity/ar-s0   # s/sample, gen PPL
+    python benchmarks/did_study.py sample --judge runs/judge/ar-judge   # s/sample, gen PPL
     python benchmarks/did_study.py report           # -> benchmarks/results/did_study.{json,md,png}
     python benchmarks/did_study.py run --steps 4 --seeds 0 --work /tmp/d --lanes 1   # smoke
 
@@ -28,7 +28,8 @@ Stages (each skips what exists; runs are ``benchmarks/study.py`` queues, one thr
 * ``sample``: ``tdlm sample`` at equal steps (``--sample-steps``) from seed 0's final
   checkpoints (``--samples`` sequences, one batch), its wall-clock per sample, and ``tdlm
   genppl`` under ``--judge`` (an AR model of the same tokenizer trained on the same corpus:
-  the parity study's ``ar-s0``; its own validation NLL is reported beside).
+  ``benchmarks/judge.py``'s ``runs/judge/ar-judge``, trained to convergence; its own
+  validation NLL is reported beside).
 * ``report``: NELBO against training FLOPs per seed (plot), the equal-FLOPs differences DID -
   MDLM with a 95% CI across seeds, equal-steps finals, per-sequence NELBO (variable length:
   DID's bound includes the length), the round-robin step ratio of ``did_step_cpu.json``
@@ -209,7 +210,7 @@ def _curve_flops(run: Path) -> list:
 def collect(a) -> dict:
     work = Path(a.work)
     res = {"settings": {}, "command": "python benchmarks/did_study.py run && ... equal && ... "
-           "memory && ... sample --judge runs/parity/ar-s0 && ... report"}
+           "memory && ... sample --judge runs/judge/ar-judge && ... report"}
     mem = json.loads((work / "memory.json").read_text()) if (work / "memory.json").exists() else {}
     step = RESULTS / "did_step_cpu.json"
     step = json.loads(step.read_text())["summary"] if step.exists() else {}

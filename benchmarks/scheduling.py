@@ -14,10 +14,12 @@ Scales:
   MDLM (``mdlm-cpu``: d=112, 8k BPE, L=256, 12 blocks) as the heavy model -- the parity study's
   ``runs/parity/mdlm-s0``, linked, not retrained -- against the same preset with 4 blocks (a
   third, as the paper's 12/4), same seed, data order and budget, trained here; the judge is the
-  parity study's same-budget AR model ``runs/parity/ar-s0``. Stage ``levels`` adds scheduling
-  across a tree model's levels: the parity study's TDLM (``tdlm-s0``, 17 blocks) as heavy and a
-  6-block TDLM (a third) of the same tree and data as light; the searched masks include giving
-  the light model the whole coarse (root) level or the whole leaf level.
+  AR model trained to convergence on the same corpus (``benchmarks/judge.py``:
+  ``runs/judge/ar-judge``, 4x the study budget; its own NLL in ``results/judge.md``).
+  Stage ``levels`` adds scheduling across a tree model's levels: the parity study's TDLM
+  (``tdlm-s0``, 17 blocks) as heavy and a 6-block TDLM (a third) of the same tree and data
+  as light; the searched masks include giving the light model the whole coarse (root) level
+  or the whole leaf level.
 
 Stages (each skipped when its outputs exist; the search resumes from its ``partial.jsonl``):
 ``train`` (tdlm train, resumed when stopped; linked runs must be finished), ``analyze`` (tdlm
@@ -81,7 +83,7 @@ SCALES = {
             "TITLE": "heavy 12 blocks vs light 4 blocks, paper-shaped CPU MDLMs (d=112, 8k BPE, "
                      "L=256)",
             "RUNS": {"light": ("mdlm-cpu", ["backbone.n_layers=4", "train.seed=0"])},
-            "LINKS": {"heavy": "runs/parity/mdlm-s0", "judge": "runs/parity/ar-s0"},
+            "LINKS": {"heavy": "runs/parity/mdlm-s0", "judge": "runs/judge/ar-judge"},
             "LEVEL_RUNS": {"tdlm-light": ("tdlm-cpu", ["backbone.n_layers=6", "train.seed=0"])},
             "LEVEL_LINKS": {"tdlm-heavy": "runs/parity/tdlm-s0"}},
 }

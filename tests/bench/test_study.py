@@ -175,3 +175,20 @@ def test_parity_report_gives_the_context_free_level_from_the_runs_caches(tmp_pat
     assert data["per_seed"][1]["mdlm_below_cf"] == pytest.approx(want - 6.6)
     md = (out / "parity.md").read_text()
     assert "Against the context-free level" in md and f"{want:.4f}" in md
+
+
+def test_judge_convergence_rule_and_report(tmp_path):
+    jd = _load("judge")
+    curve = [(s, s * 4096, v) for s, v in [(1000, 5.0), (2000, 4.5), (3000, 4.30), (4000, 4.28)]]
+    c = jd.convergence(curve, 4.27)
+    assert c["quarter_step"] == 3000 and c["last_quarter_rel_gain"] == pytest.approx(0.02 / 4.3)
+    assert c["converged"]
+    assert not jd.convergence(curve[:3], 4.3)["converged"]      # 2000 -> 3000: 4.4% better
+    cfg = _cfg("ar-cpu")
+    cfg["train"]["max_steps"] = 4000
+    _run(tmp_path / "w", "ar-judge", cfg, [(s, v) for s, _, v in curve],
+         {"nelbo_per_token": 4.27, "stderr_per_token": 0.01})
+    res = jd.report(jd.argparse.Namespace(work=str(tmp_path / "w"), out=str(tmp_path / "o"),
+                                          short=""))
+    assert res["convergence"]["converged"] and res["final"]["nelbo_per_token"] == 4.27
+    assert "**converged**" in (tmp_path / "o" / "judge.md").read_text()

@@ -1,0 +1,107 @@
+"""The AR judge of generative perplexity at the paper-shaped CPU scale, trained until its
+validation NLL stops improving (issue: DID's speed and model scheduling's savings: "an AR
+judge trained to convergence on the same data (report its own NLL)").
+
+    python benchmarks/judge.py run                  # runs/judge/ar-judge (resumable)
+    python benchmarks/judge.py report               # -> benchmarks/results/judge.{json,md}
+    python benchmarks/judge.py run --steps 4 --work /tmp/j   # smoke
+
+The judge is ``ar-cpu`` (the parity study's same-budget AR model: 8k BPE of the bundled corpus,
+d=112, L=256, 16 sequences per step) trained ``STEPS`` steps instead of 1000 (4x the tokens,
+about 2.4 epochs of the training split), cosine schedule, seed 0, evaluated like every study
+run (whole validation split). Its samples' scores are ``tdlm genppl --judge runs/judge/ar-judge``
+(``did_study.py sample``, ``scheduling.py --scale cpu``).
+
+Convergence is read from the numbers, not assumed: the report gives the training-time
+validation NLL curve, the relative improvement over the last quarter of the run (a cosine
+schedule still lowers the loss as the rate decays, so this overstates what more steps would
+give) and the gap to the 1000-step model (``runs/parity/ar-s0``) when that run exists. The
+judge counts as converged when the last quarter improved it by less than ``CONVERGED_REL``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study import read_run, run_queue  # noqa: E402
+
+STEPS = 4000
+CONVERGED_REL = 0.01
+NAME = "ar-judge"
+SETS = [f"train.max_steps={STEPS}", "train.seed=0", "train.ckpt_every=100",
+        "train.eval_every=200"]
+
+
+def run(a) -> None:
+    run_queue([(NAME, "ar-cpu", SETS, None)], Path(a.work), lanes=1, threads=a.threads,
+              steps=a.steps, tag="judge")
+
+
+def convergence(curve: list, final: float, rel: float = CONVERGED_REL) -> dict:
+    """From the training-time curve [(step, tokens, NLL)]: the NLL at the start of the last
+    quarter (the evaluation nearest 3/4 of the last step), the relative improvement from it to
+    the last evaluation, and whether that is below ``rel``."""
+    last = curve[-1][0]
+    q = min(curve, key=lambda c: abs(c[0] - 0.75 * last))
+    gain = (q[2] - curve[-1][2]) / q[2]
+    return {"quarter_step": q[0], "quarter_nll": q[2], "last_step": last,
+            "last_nll": curve[-1][2], "final_nll": final, "last_quarter_rel_gain": gain,
+            "threshold": rel, "converged": gain < rel}
+
+
+def report(a) -> dict:
+    work, out = Path(a.work), Path(a.out)
+    r = read_run(work / NAME)
+    if r is None:
+        raise SystemExit(f"judge: {work / NAME} has not finished (run `judge.py run` first)")
+    f = r["final"]
+    res = {"command": "python benchmarks/judge.py run && python benchmarks/judge.py report",
+           "run": str(work / NAME), "steps": r["steps"], "tokens": r["tokens"],
+           "final": {k: f.get(k) for k in ("nelbo_per_token", "stderr_per_token", "tokens")},
+           "curve": r["curve"], "convergence": convergence(r["curve"], f["nelbo_per_token"])}
+    short = read_run(Path(a.short)) if a.short else None
+    if short:
+        res["short"] = {"run": a.short, "steps": short["steps"],
+                        "nll": short["final"]["nelbo_per_token"]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "judge.json").write_text(json.dumps(res, indent=1, sort_keys=True))
+    c = res["convergence"]
+    L = ["# The AR judge (ar-cpu trained to convergence)", "", f"Command: `{res['command']}`", "",
+         f"Final validation NLL/token (whole split, ± SE across batches): "
+         f"**{f['nelbo_per_token']:.4f} ± {f.get('stderr_per_token') or 0:.4f}** after "
+         f"{r['steps']} steps ({r['tokens']:,} tokens).", "",
+         f"Last quarter (step {c['quarter_step']} -> {c['last_step']}): {c['quarter_nll']:.4f}"
+         f" -> {c['last_nll']:.4f}, {100 * c['last_quarter_rel_gain']:.2f}% better; "
+         + ("**converged**" if c["converged"] else "**not converged**")
+         + f" by the {100 * CONVERGED_REL:.0f}% rule (a cosine schedule's decay alone lowers "
+         "the loss over its last quarter, so the rule is conservative)."]
+    if short:
+        L += ["", f"The same model after {short['steps']} steps ({a.short}): "
+              f"{short['final']['nelbo_per_token']:.4f}: the longer run is "
+              f"{short['final']['nelbo_per_token'] - f['nelbo_per_token']:.3f} nats better."]
+    L += ["", "| step | validation NLL/token (training-time, 16 batches) |", "|---|---|"]
+    L += [f"| {s} | {v:.4f} |" for s, _, v in r["curve"]]
+    (out / "judge.md").write_text("\n".join(L) + "\n")
+    print(L[4])
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["run", "report"])
+    p.add_argument("--work", default="runs/judge")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--short", default="runs/parity/ar-s0",
+                   help="the same model at the study budget, for comparison ('' for none)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, help="override max_steps (smoke tests only)")
+    a = p.parse_args(argv)
+    run(a) if a.what == "run" else report(a)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
