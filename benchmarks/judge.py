@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import read_run, run_queue  # noqa: E402
+from study import context_free_level, read_run, run_queue  # noqa: E402
 
 STEPS = 4000
 CONVERGED_REL = 0.01
@@ -40,16 +40,20 @@ def run(a) -> None:
               steps=a.steps, tag="judge")
 
 
-def convergence(curve: list, final: float, rel: float = CONVERGED_REL) -> dict:
+def convergence(curve: list, final: float, rel: float = CONVERGED_REL,
+                context_free: float | None = None) -> dict:
     """From the training-time curve [(step, tokens, NLL)]: the NLL at the start of the last
     quarter (the evaluation nearest 3/4 of the last step), the relative improvement from it to
-    the last evaluation, and whether that is below ``rel``."""
+    the last evaluation, and whether that is below ``rel`` -- and, when ``context_free`` (the
+    unigram level, ``study.context_free_level``) is given, the final NLL at least 1 nat below
+    it (a flat curve at the start of training is not convergence)."""
     last = curve[-1][0]
     q = min(curve, key=lambda c: abs(c[0] - 0.75 * last))
     gain = (q[2] - curve[-1][2]) / q[2]
     return {"quarter_step": q[0], "quarter_nll": q[2], "last_step": last,
             "last_nll": curve[-1][2], "final_nll": final, "last_quarter_rel_gain": gain,
-            "threshold": rel, "converged": gain < rel}
+            "threshold": rel, "context_free": context_free,
+            "converged": gain < rel and (context_free is None or final < context_free - 1.0)}
 
 
 def report(a) -> dict:
@@ -61,7 +65,8 @@ def report(a) -> dict:
     res = {"command": "python benchmarks/judge.py run && python benchmarks/judge.py report",
            "run": str(work / NAME), "steps": r["steps"], "tokens": r["tokens"],
            "final": {k: f.get(k) for k in ("nelbo_per_token", "stderr_per_token", "tokens")},
-           "curve": r["curve"], "convergence": convergence(r["curve"], f["nelbo_per_token"])}
+           "curve": r["curve"], "convergence": convergence(r["curve"], f["nelbo_per_token"], context_free=(
+               (context_free_level(work / NAME) or {}).get("nats")))}
     short = read_run(Path(a.short)) if a.short else None
     if short:
         res["short"] = {"run": a.short, "steps": short["steps"],
@@ -77,7 +82,9 @@ def report(a) -> dict:
          f" -> {c['last_nll']:.4f}, {100 * c['last_quarter_rel_gain']:.2f}% better; "
          + ("**converged**" if c["converged"] else "**not converged**")
          + f" by the {100 * CONVERGED_REL:.0f}% rule (a cosine schedule's decay alone lowers "
-         "the loss over its last quarter, so the rule is conservative)."]
+         "the loss over its last quarter, so the rule is conservative)"
+         + (f"; the context-free (unigram) level is {c['context_free']:.4f}, and the rule also "
+            "asks for 1 nat below it." if c["context_free"] else ".")]
     if short:
         L += ["", f"The same model after {short['steps']} steps ({a.short}): "
               f"{short['final']['nelbo_per_token']:.4f}: the longer run is "

@@ -184,6 +184,8 @@ def test_judge_convergence_rule_and_report(tmp_path):
     assert c["quarter_step"] == 3000 and c["last_quarter_rel_gain"] == pytest.approx(0.02 / 4.3)
     assert c["converged"]
     assert not jd.convergence(curve[:3], 4.3)["converged"]      # 2000 -> 3000: 4.4% better
+    assert not jd.convergence(curve, 4.27, context_free=5.0)["converged"]   # < 1 nat below
+    assert jd.convergence(curve, 4.27, context_free=6.72)["converged"]
     cfg = _cfg("ar-cpu")
     cfg["train"]["max_steps"] = 4000
     _run(tmp_path / "w", "ar-judge", cfg, [(s, v) for s, _, v in curve],
