@@ -10,7 +10,10 @@ otherwise) and then ``tdlm eval`` on the **whole** validation split with ``EVAL_
 draws (same batches and noise seed for every model). :func:`run_queue` runs the commands as
 subprocesses with ``threads`` threads each, ``lanes`` at a time, in the given order, and logs
 starts and exits to ``work/study.log``. SIGTERM to a training process writes a checkpoint, so
-a study stopped anywhere resumes with the same command.
+a study stopped anywhere resumes with the same command. Several queues may share a work
+folder (one per core, say, each ``--lanes 1``): a run is claimed with a lock file holding the
+queue's pid before it starts (:func:`claim`), a run another live queue holds is left to it,
+and the lock of a killed queue is taken over.
 
 Confidence intervals (:func:`ci95`): mean and half-width ``t_{0.975, n-1} * s / sqrt(n)``
 (Student t, n - 1 degrees of freedom), the half-width None for n < 2.
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 EVAL_REPEATS = 4
+POLL_S = 5.0            # seconds between the queue's looks at its subprocesses
 #: t_{0.975, df} for df = 1..9; larger df use 1.96 (a slight under-coverage noted where used)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
        9: 2.262}
@@ -43,9 +47,12 @@ def latest_step(run: Path) -> int:
 
 
 def commands(name: str, preset: str, sets: Sequence[str], work: Path,
-             steps: Optional[int] = None, repeats: int = EVAL_REPEATS) -> list[list]:
+             steps: Optional[int] = None, repeats: int = EVAL_REPEATS,
+             clean: bool = True) -> list[list]:
     """The shell commands still needed for a run: train (fresh or --resume), then eval.
-    ``steps`` overrides max_steps (smoke tests only; then 2 evaluation batches, 1 draw)."""
+    ``steps`` overrides max_steps (smoke tests only; then 2 evaluation batches, 1 draw).
+    ``clean`` removes the folder of a run stopped before its first checkpoint (so that the
+    fresh start may write there); only the queue that holds the run's claim passes it."""
     run = work / name
     if (run / "final_eval" / "metrics.json").exists():
         return []
@@ -61,7 +68,7 @@ def commands(name: str, preset: str, sets: Sequence[str], work: Path,
         if latest.exists():
             out.append(cli + ["train", "--out", str(run), "--resume", "--no-progress"])
         else:
-            if run.exists():
+            if run.exists() and clean:
                 shutil.rmtree(run)              # a run stopped before its first checkpoint
             sets_all = [a for s in list(sets) + extra for a in ("--set", s)]
             out.append(cli + ["train", "--preset", preset, *sets_all, "--out", str(run),
@@ -73,14 +80,64 @@ def commands(name: str, preset: str, sets: Sequence[str], work: Path,
     return out
 
 
+def _alive(pid: int) -> bool:
+    import os
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
+def claim(work: Path, name: str) -> bool:
+    """Take ``work/name.lock`` for this process (its pid inside): False while another live
+    process holds it; a lock whose process is gone (a killed queue) is taken over. Several
+    queues over the same work folder thus never run the same run twice."""
+    import os
+    lock = work / f"{name}.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pid = -1
+            if pid == os.getpid() or _alive(pid):
+                return False
+            lock.unlink(missing_ok=True)
+            continue
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        return True
+    return False
+
+
+def held(work: Path, name: str) -> bool:
+    """Whether a live process (this one included) holds ``work/name.lock``."""
+    try:
+        return _alive(int((work / f"{name}.lock").read_text().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def release(work: Path, name: str) -> None:
+    (work / f"{name}.lock").unlink(missing_ok=True)
+
+
 def run_queue(runs: Sequence[tuple], work: Path, lanes: int = 2, threads: int = 1,
               steps: Optional[int] = None, tag: str = "study") -> None:
     """Run every unfinished run of ``runs`` (``(name, preset, sets, needs)``), ``lanes`` at
-    a time in order, each a subprocess with ``threads`` threads; see the module docstring."""
+    a time in order, each a subprocess with ``threads`` threads; see the module docstring.
+    A run is claimed (:func:`claim`) before it starts and its commands are computed then, so
+    two queues over the same folder (e.g. one per core) share the work: a run another queue
+    holds is left to it, and a run that needs it waits for its final evaluation."""
     import os
     work.mkdir(parents=True, exist_ok=True)
-    todo = [(n, commands(n, p, s, work, steps), need) for n, p, s, need in runs]
-    todo = [(n, c, need) for n, c, need in todo if c]
+    todo = [(n, p, s, need) for n, p, s, need in runs
+            if commands(n, p, s, work, steps, clean=False)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     running: list = []
     with open(work / "study.log", "a") as log:
@@ -90,26 +147,34 @@ def run_queue(runs: Sequence[tuple], work: Path, lanes: int = 2, threads: int = 
             log.flush()
 
         while todo or running:
-            ready = [t for t in todo if t[2] is None
-                     or (work / t[2] / "final_eval" / "metrics.json").exists()]
-            if not ready and not running:
+            ready = [t for t in todo if t[3] is None
+                     or (work / t[3] / "final_eval" / "metrics.json").exists()]
+            if not ready and not running and not any(held(work, t[3]) for t in todo if t[3]):
                 raise SystemExit(f"[{tag}] cannot start {[t[0] for t in todo]}: the runs they "
                                  "need did not finish")
             while ready and len(running) < lanes:
                 item = ready.pop(0)
                 todo.remove(item)
-                name, cmds, _ = item
+                name, preset, sets, _ = item
+                if not claim(work, name):
+                    note(f"{name}: another queue holds it")
+                    continue
+                cmds = commands(name, preset, sets, work, steps)
+                if not cmds:
+                    release(work, name)
+                    continue
                 note(f"start {name}")
                 out = open(work / f"{name}.log", "a")
                 script = " && ".join(shlex.join(c) for c in cmds)
                 running.append((name, subprocess.Popen(["bash", "-c", script], env=env,
                                                        stdout=out, stderr=subprocess.STDOUT), out))
-            time.sleep(5)
+            time.sleep(POLL_S if todo or running else 0)
             for item in list(running):
                 name, proc, out = item
                 if proc.poll() is not None:
                     running.remove(item)
                     out.close()
+                    release(work, name)
                     note(f"{name} exit {proc.returncode}")
 
 

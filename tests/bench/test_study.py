@@ -194,3 +194,51 @@ def test_judge_convergence_rule_and_report(tmp_path):
                                           short=""))
     assert res["convergence"]["converged"] and res["final"]["nelbo_per_token"] == 4.27
     assert "**converged**" in (tmp_path / "o" / "judge.md").read_text()
+
+
+def test_two_queues_share_a_folder_without_running_a_run_twice(tmp_path, monkeypatch):
+    """Two queues over the same runs (threads here; the lock holds the pid, and a lock of this
+    pid counts as held too) run each run exactly once, and the run that needs another starts
+    only after that one's final evaluation exists."""
+    import threading
+    st = _load("study")
+    monkeypatch.setattr(st, "POLL_S", 0.05)
+
+    def fake(name, preset, sets, work, steps=None, repeats=4, clean=True):
+        if (work / name / "final_eval" / "metrics.json").exists():
+            return []
+        need = f"test -f {work}/a/final_eval/metrics.json && " if name == "d" else ""
+        return [["bash", "-c", f"{need}echo run >> {work}/{name}.count && sleep 0.3 && "
+                 f"mkdir -p {work}/{name}/final_eval && echo {{}} > "
+                 f"{work}/{name}/final_eval/metrics.json"]]
+    monkeypatch.setattr(st, "commands", fake)
+    runs = [("a", "p", [], None), ("b", "p", [], None), ("c", "p", [], None), ("d", "p", [], "a")]
+    qs = [threading.Thread(target=st.run_queue, args=(runs, tmp_path, 1)) for _ in range(2)]
+    for q in qs:
+        q.start()
+    for q in qs:
+        q.join(60)
+    for n in "abcd":
+        assert (tmp_path / f"{n}.count").read_text() == "run\n", n
+        assert (tmp_path / n / "final_eval" / "metrics.json").exists()
+        assert not (tmp_path / f"{n}.lock").exists()
+
+
+def test_a_dead_queues_lock_is_taken_over(tmp_path):
+    import subprocess
+    st = _load("study")
+    p = subprocess.Popen(["true"])
+    p.wait()                                       # a pid that no longer runs
+    (tmp_path / "a.lock").write_text(f"{p.pid}\n")
+    assert not st.held(tmp_path, "a")
+    assert st.claim(tmp_path, "a") and st.held(tmp_path, "a")
+    assert not st.claim(tmp_path, "a")             # held (by this process) now
+    st.release(tmp_path, "a")
+    assert not (tmp_path / "a.lock").exists()
+
+
+def test_commands_leaves_an_unclaimed_folder_alone(tmp_path):
+    st = _load("study")
+    (tmp_path / "e" / "x").mkdir(parents=True)     # no checkpoint yet: maybe another queue's
+    assert "--preset" in st.commands("e", "tiny", [], tmp_path, clean=False)[0]
+    assert (tmp_path / "e" / "x").exists()
