@@ -321,6 +321,26 @@ def _context_free_lines(rows: list, cf: dict) -> list[str]:
     return L
 
 
+def _ablation_reading(rows: list, tree_sd) -> str:
+    """Which constructions tie with the lowest NELBO (within one TDLM seed standard deviation)
+    and whether the preset default (the first row) is among them: the evidence for the
+    default tree."""
+    best = min(rows, key=lambda r: r["nelbo"])
+    if tree_sd is None:
+        return (f"Lowest NELBO: {best['run']} ({best['nelbo']:.4f}); no seed spread of TDLM yet "
+                "to call ties by.")
+    ties = [r["run"] for r in rows if r["nelbo"] - best["nelbo"] <= tree_sd]
+    gap = rows[0]["nelbo"] - best["nelbo"]
+    text = (f"Lowest NELBO: {best['run']} ({best['nelbo']:.4f}); within one TDLM seed standard "
+            f"deviation ({tree_sd:.3f}) of it: {', '.join(ties)}. ")
+    if rows[0]["run"] in ties:
+        return text + (f"The preset default ({rows[0]['tree_source']}) is among them "
+                       f"({gap:+.3f}): this evidence gives no reason to change it.")
+    return text + (f"The preset default ({rows[0]['tree_source']}) ends {gap:.3f} above the "
+                   f"best, more than one seed standard deviation: the evidence favours "
+                   f"{best['run']} (one seed; confirm with more before relying on it).")
+
+
 def _pct(v) -> str:
     return "" if v is None else f"{100 * v:+.2f}%"
 
@@ -416,7 +436,8 @@ def _markdown(res: dict, stem: str) -> str:
                      f"{r['nelbo']:.4f} ± {r['se'] or 0:.4f} | {_pct(r['vs_tdlm'])} | "
                      f"{_pct(r['vs_mdlm'])} | {lvl} |")
         L += ["", "One seed each: read differences smaller than the seed spread of the main "
-              "pair (above) as ties."]
+              "pair (above) as ties.", "",
+              _ablation_reading(res["ablations"], (s.get("seed_sd") or {}).get(TREE))]
     L += ["", "## All runs", "", "| run | steps | tokens | tokens/s | final NELBO/token | ± SE | "
           "levels |", "|---|---|---|---|---|---|---|"]
     for n, r in res["runs"].items():

@@ -242,3 +242,14 @@ def test_commands_leaves_an_unclaimed_folder_alone(tmp_path):
     (tmp_path / "e" / "x").mkdir(parents=True)     # no checkpoint yet: maybe another queue's
     assert "--preset" in st.commands("e", "tiny", [], tmp_path, clean=False)[0]
     assert (tmp_path / "e" / "x").exists()
+
+
+def test_ablation_reading_names_ties_and_the_default():
+    par = _load("parity")
+    rows = [{"run": "tdlm-s0 (preset default)", "tree_source": "corpus", "nelbo": 6.10},
+            {"run": "tdlm-tree-exchange-s0", "tree_source": "exchange", "nelbo": 6.00},
+            {"run": "tdlm-tree-random-s0", "tree_source": "random", "nelbo": 6.30}]
+    txt = par._ablation_reading(rows, 0.05)
+    assert "Lowest NELBO: tdlm-tree-exchange-s0" in txt and "favours tdlm-tree-exchange-s0" in txt
+    txt = par._ablation_reading(rows, 0.12)
+    assert "among them" in txt and "random" not in txt.split("of it:")[1].split(".")[0]
