@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The CPU studies still to finish, in priority order, on every core of a small machine:
 #
-#   nohup bash benchmarks/backlog.sh > runs/backlog.log 2>&1 &
+#   setsid nohup bash benchmarks/backlog.sh > runs/backlog.log 2>&1 &
+#   kill -TERM -- -$(pgrep -of "bash benchmarks/backlog.sh")    # stop: the whole group;
+#                                        # SIGTERM makes each training process checkpoint
 #
 # Two lanes (LANES, one thread each) walk the same list of training queues (benchmarks/study.py:
 # a run is claimed with a lock file, so the lanes share each queue's runs and never run one
@@ -11,40 +13,52 @@
 # GPT-2-vocabulary regime, the converged AR judge, the DID study's runs, then the stages that
 # need the judge. PARITY_SRC (default: this checkout's src) is the library the cpu-regime parity
 # runs use: the study's first runs were made at cc8ff46, so set it to a checkout of that commit
-# to finish them with the same code.
+# to finish them with the same code. The exit status is non-zero when any command failed.
 set -u
+PARITY_SRC=$(realpath "${PARITY_SRC:-$(dirname "$0")/../src}")
 cd "$(dirname "$0")/.."
 LANES=${LANES:-2}
 SRC=$PWD/src
-PARITY_SRC=${PARITY_SRC:-$SRC}
+FAILED=0
+fail() { echo "[backlog] FAILED ($?): $*"; FAILED=1; }
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 queues() {      # the training queues, every lane in the same order
-  PYTHONPATH=$PARITY_SRC python benchmarks/parity.py run --ablations --lanes 1
-  PYTHONPATH=$SRC python benchmarks/parity.py run --regime gpt2 --lanes 1
-  PYTHONPATH=$SRC python benchmarks/judge.py run --threads 1
-  PYTHONPATH=$SRC python benchmarks/did_study.py run --lanes 1
+  PYTHONPATH=$PARITY_SRC python benchmarks/parity.py run --ablations --lanes 1 \
+    || fail parity ablations
+  PYTHONPATH=$SRC python benchmarks/parity.py run --regime gpt2 --lanes 1 || fail parity gpt2
+  PYTHONPATH=$SRC python benchmarks/judge.py run --threads 1 || fail judge
+  PYTHONPATH=$SRC python benchmarks/did_study.py run --lanes 1 || fail did_study run
+  return $FAILED
 }
 
 stages() {      # single-process stages, after the queues (lane 1)
   export PYTHONPATH=$SRC
-  python benchmarks/parity.py paired && python benchmarks/parity.py report
-  python benchmarks/parity.py paired --regime gpt2 && python benchmarks/parity.py report --regime gpt2
-  python benchmarks/judge.py report
+  { python benchmarks/parity.py paired && python benchmarks/parity.py report; } \
+    || fail parity report
+  { python benchmarks/parity.py paired --regime gpt2 \
+    && python benchmarks/parity.py report --regime gpt2; } || fail parity gpt2 report
+  python benchmarks/judge.py report || fail judge report
   for st in train search prefix levels report; do
-    python benchmarks/scheduling.py --scale cpu --stage "$st" || break
+    python benchmarks/scheduling.py --scale cpu --stage "$st" || { fail scheduling "$st"; break; }
   done
-  python benchmarks/did_study.py equal && python benchmarks/did_study.py memory \
+  { python benchmarks/did_study.py equal && python benchmarks/did_study.py memory \
     && python benchmarks/did_study.py sample --judge runs/judge/ar-judge \
-    && python benchmarks/did_study.py report
+    && python benchmarks/did_study.py report; } || fail did_study stages
 }
 
+pids=()
 for i in $(seq 2 "$LANES"); do
-  ( echo "[backlog] lane $i start $(date +%T)"; queues; echo "[backlog] lane $i done $(date +%T)" ) &
+  ( echo "[backlog] lane $i start $(date +%T)"; queues; rc=$?
+    echo "[backlog] lane $i done $(date +%T)"; exit $rc ) &
+  pids+=($!)
 done
 echo "[backlog] lane 1 start $(date +%T)"
 queues
-wait            # the other lanes' queues
+for p in "${pids[@]}"; do       # the other lanes' queues
+  wait "$p" || FAILED=1
+done
 echo "[backlog] stages start $(date +%T)"
 stages
-echo "[backlog] done $(date +%T)"
+echo "[backlog] done $(date +%T), failed=$FAILED"
+exit $FAILED

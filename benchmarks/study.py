@@ -11,9 +11,9 @@ draws (same batches and noise seed for every model). :func:`run_queue` runs the 
 subprocesses with ``threads`` threads each, ``lanes`` at a time, in the given order, and logs
 starts and exits to ``work/study.log``. SIGTERM to a training process writes a checkpoint, so
 a study stopped anywhere resumes with the same command. Several queues may share a work
-folder (one per core, say, each ``--lanes 1``): a run is claimed with a lock file holding the
-queue's pid before it starts (:func:`claim`), a run another live queue holds is left to it,
-and the lock of a killed queue is taken over.
+folder (one per core, say, each ``--lanes 1``): a run is claimed with an ``flock`` on
+``work/<run>.lock`` before it starts (:func:`claim`), held by the queue and the run's own
+processes, and a run another queue (or a run left by a killed queue) holds is left to it.
 
 Confidence intervals (:func:`ci95`): mean and half-width ``t_{0.975, n-1} * s / sqrt(n)``
 (Student t, n - 1 degrees of freedom), the half-width None for n < 2.
@@ -80,51 +80,39 @@ def commands(name: str, preset: str, sets: Sequence[str], work: Path,
     return out
 
 
-def _alive(pid: int) -> bool:
+def claim(work: Path, name: str) -> Optional[int]:
+    """An exclusive ``flock`` on ``work/name.lock`` for this run, or None while another open
+    file (another queue, or a training process still running from one) holds it. The lock
+    lives as long as any process holds the returned descriptor: the queue passes it to the
+    run's processes, so a run whose queue was killed stays claimed until it ends, and the
+    kernel drops the lock of processes that are gone (no pids to go stale). Lock files are
+    left in place (removing them would race with a queue opening one)."""
+    import fcntl
     import os
+    fd = os.open(work / f"{name}.lock", os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
-
-
-def claim(work: Path, name: str) -> bool:
-    """Take ``work/name.lock`` for this process (its pid inside): False while another live
-    process holds it; a lock whose process is gone (a killed queue) is taken over. Several
-    queues over the same work folder thus never run the same run twice."""
-    import os
-    lock = work / f"{name}.lock"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                pid = -1
-            if pid == os.getpid() or _alive(pid):
-                return False
-            lock.unlink(missing_ok=True)
-            continue
-        os.write(fd, f"{os.getpid()}\n".encode())
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         os.close(fd)
-        return True
-    return False
+        return None
+    return fd
 
 
 def held(work: Path, name: str) -> bool:
-    """Whether a live process (this one included) holds ``work/name.lock``."""
+    """Whether some process holds ``work/name.lock`` (:func:`claim`)."""
+    import fcntl
+    import os
     try:
-        return _alive(int((work / f"{name}.lock").read_text().split()[0]))
-    except (OSError, ValueError, IndexError):
+        fd = os.open(work / f"{name}.lock", os.O_RDONLY)
+    except FileNotFoundError:
         return False
-
-
-def release(work: Path, name: str) -> None:
-    (work / f"{name}.lock").unlink(missing_ok=True)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def run_queue(runs: Sequence[tuple], work: Path, lanes: int = 2, threads: int = 1,
@@ -146,35 +134,42 @@ def run_queue(runs: Sequence[tuple], work: Path, lanes: int = 2, threads: int = 
             log.write(f"{time.strftime('%F %T')} {msg}\n")
             log.flush()
 
+        def ready_now() -> list:
+            return [t for t in todo if t[3] is None
+                    or (work / t[3] / "final_eval" / "metrics.json").exists()]
+
         while todo or running:
-            ready = [t for t in todo if t[3] is None
-                     or (work / t[3] / "final_eval" / "metrics.json").exists()]
+            ready = ready_now()
             if not ready and not running and not any(held(work, t[3]) for t in todo if t[3]):
-                raise SystemExit(f"[{tag}] cannot start {[t[0] for t in todo]}: the runs they "
-                                 "need did not finish")
+                ready = ready_now()         # a needed run may have finished just now
+                if not ready:
+                    raise SystemExit(f"[{tag}] cannot start {[t[0] for t in todo]}: the runs "
+                                     "they need did not finish")
             while ready and len(running) < lanes:
                 item = ready.pop(0)
                 todo.remove(item)
                 name, preset, sets, _ = item
-                if not claim(work, name):
+                fd = claim(work, name)
+                if fd is None:
                     note(f"{name}: another queue holds it")
                     continue
                 cmds = commands(name, preset, sets, work, steps)
                 if not cmds:
-                    release(work, name)
+                    os.close(fd)
                     continue
                 note(f"start {name}")
                 out = open(work / f"{name}.log", "a")
                 script = " && ".join(shlex.join(c) for c in cmds)
-                running.append((name, subprocess.Popen(["bash", "-c", script], env=env,
-                                                       stdout=out, stderr=subprocess.STDOUT), out))
+                proc = subprocess.Popen(["bash", "-c", script], env=env, stdout=out,
+                                        stderr=subprocess.STDOUT, pass_fds=(fd,))
+                running.append((name, proc, out, fd))
             time.sleep(POLL_S if todo or running else 0)
             for item in list(running):
-                name, proc, out = item
+                name, proc, out, fd = item
                 if proc.poll() is not None:
                     running.remove(item)
                     out.close()
-                    release(work, name)
+                    os.close(fd)
                     note(f"{name} exit {proc.returncode}")
 
 
@@ -206,8 +201,10 @@ def unigram_cross_entropy(train_counts, val_tokens, prior: float = 0.5) -> float
     smoothing; ``train_counts`` has one count per vocabulary id): the loss of a model that
     ignores context. It is the *context-free level* of every family here: the AR NLL of that
     model; its masked-diffusion NELBO too, since with the same prediction ``p`` at every masked
-    position the NELBO ``int_0^1 alpha'_t / (1 - alpha_t) E[sum_masked log p] dt`` sums to
-    ``H`` for any schedule; and TDLM's, whose tree factorisation of ``p`` is exact."""
+    position the NELBO ``int alpha'_t / (1 - alpha_t) E[sum_masked log p] dt`` integrates the
+    expected masked fraction's rate to ``H`` for any schedule (exactly over t in [0, 1]; a
+    time cut-off ``t_min`` leaves out about ``t_min * H``, 0.007 nats at 1e-3); and TDLM's,
+    whose tree factorisation of ``p`` telescopes to the same sum."""
     import numpy as np
     c = np.asarray(train_counts, dtype=np.float64) + prior
     logp = np.log(c) - np.log(c.sum())
