@@ -44,7 +44,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import EVAL_REPEATS, ci95, context_free_level, read_run, run_queue, sd  # noqa: E402
+from study import (EVAL_REPEATS, ci95, context_free_level, read_run, run_queue, sd,  # noqa: E402
+                   seeds_for_half_width)
 
 #: ablations at one seed (the cpu regime)
 # (name, preset, overrides[, run it needs finished first]); "{work}" and "{seed}" are filled in
@@ -354,6 +355,25 @@ def _ablation_reading(rows: list, tree_sd) -> str:
                    "seed each).")
 
 
+def _seeds_line(rows: list) -> str:
+    """How many seeds the band's verdicts would need at the spread measured so far."""
+    rel = [r["rel"] for r in rows]
+    mean, s = sum(rel) / len(rel), sd(rel)
+    if not s:
+        return ""
+    inside = seeds_for_half_width(s, BAND)
+    text = (f"At this spread (per-seed relative difference sd {100 * s:.2f}%), a 95% half-width "
+            f"of {100 * BAND:.0f}% needs {inside or 'more than 1000'} seeds")
+    if abs(mean) < BAND:
+        return text + (f"; 'parity reproduced' needs the half-width under "
+                       f"{100 * (BAND - abs(mean)):.2f}% at the current mean ({100 * mean:+.2f}%): "
+                       f"{seeds_for_half_width(s, BAND - abs(mean)) or 'more than 1000'} seeds.")
+    return text + (f"; at the current mean ({100 * mean:+.2f}%) 'parity reproduced' is out of "
+                   f"reach and 'not reproduced' needs a half-width under "
+                   f"{100 * (abs(mean) - BAND):.2f}%: "
+                   f"{seeds_for_half_width(s, abs(mean) - BAND) or 'more than 1000'} seeds.")
+
+
 def _pct(v) -> str:
     return "" if v is None else f"{100 * v:+.2f}%"
 
@@ -400,7 +420,7 @@ def _markdown(res: dict, stem: str) -> str:
               f"{sm:.4f} for MDLM ({100 * sm / mm:.1f}% of its mean) and {st:.4f} for TDLM; the "
               f"paired difference has {s['diff_sd']:.4f}; the evaluation's own error of a "
               f"difference (paired SE, ~{_median_paired(res['per_seed'])}) is the smaller part.",
-              "", _spread_line(res["per_seed"], sm, st)]
+              "", _spread_line(res["per_seed"], sm, st), "", _seeds_line(res["per_seed"])]
     if s.get("context_free") and res["per_seed"]:
         L += _context_free_lines(res["per_seed"], s["context_free"])
     if res["along_training"]:

@@ -32,9 +32,11 @@ from typing import Optional, Sequence
 
 EVAL_REPEATS = 4
 POLL_S = 5.0            # seconds between the queue's looks at its subprocesses
-#: t_{0.975, df} for df = 1..9; larger df use 1.96 (a slight under-coverage noted where used)
+#: t_{0.975, df} for df = 1..30; larger df use 1.96 (a slight under-coverage)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-       9: 2.262}
+       9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120,
+       17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064,
+       25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042}
 
 
 def latest_step(run: Path) -> int:
@@ -240,6 +242,15 @@ def ci95(values: Sequence[float]) -> tuple[float, Optional[float]]:
         return mean, None
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     return mean, T95.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+
+def seeds_for_half_width(sd_value: float, half: float, most: int = 1000) -> Optional[int]:
+    """The smallest n whose 95% half-width ``t_{0.975, n-1} * sd / sqrt(n)`` is at most
+    ``half`` at the given spread (None beyond ``most``): how many seeds a target needs."""
+    for n in range(2, most + 1):
+        if T95.get(n - 1, 1.96) * sd_value / math.sqrt(n) <= half:
+            return n
+    return None
 
 
 def sd(values: Sequence[float]) -> Optional[float]:

@@ -300,3 +300,12 @@ def test_ablation_reading_names_ties_and_the_default():
     assert "among them" in txt and "default" in ties and "random" not in ties
     txt = par._ablation_reading(rows[1:], 0.04)         # no default row: no verdict on it
     assert "has not finished" in txt
+
+
+def test_seeds_for_half_width_by_hand():
+    st = _load("study")
+    # sd 3.4: n = 13 gives 2.179 * 3.4 / sqrt(13) = 2.055 > 2; n = 14 gives 2.160 * 3.4 /
+    # sqrt(14) = 1.963 <= 2
+    assert st.seeds_for_half_width(3.4, 2.0) == 14
+    assert st.seeds_for_half_width(1.0, 12.706 / math.sqrt(2)) == 2
+    assert st.seeds_for_half_width(100.0, 0.01, most=50) is None
