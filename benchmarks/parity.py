@@ -469,7 +469,7 @@ def _markdown(res: dict, stem: str) -> str:
                      f"{r['nelbo']:.4f} ± {r['se'] or 0:.4f} | {_pct(r['vs_tdlm'])} | "
                      f"{_pct(r['vs_mdlm'])} | {lvl} |")
         L += ["", "One seed each: read differences within the seed noise of the main pair's "
-              "TDLM (below) as ties.", "",
+              "TDLM (section above) as ties.", "",
               _ablation_reading(res["ablations"], (s.get("seed_sd") or {}).get(TREE))]
     L += ["", "## All runs", "", "| run | steps | tokens | tokens/s | final NELBO/token | ± SE | "
           "levels |", "|---|---|---|---|---|---|---|"]
