@@ -7,9 +7,10 @@
 #
 # Two lanes (LANES, one thread each) walk the same list of training queues (benchmarks/study.py:
 # a run is claimed with a lock file, so the lanes share each queue's runs and never run one
-# twice); lane 1 then runs the single-process stages (paired evaluations, searches, sampling,
-# reports). Every command resumes or skips what is done, so after a stop the same command
-# continues where the studies were. Priority: the parity study's ablations (cpu regime), its
+# twice); then the single-process stages run, the scheduling ones beside the others (paired
+# evaluations, the DID study's evaluations, memory and sampling, reports). Every command
+# resumes or skips what is done, so after a stop the same command continues where the studies
+# were. Priority: the parity study's ablations (cpu regime), its
 # GPT-2-vocabulary regime, the converged AR judge, the DID study's runs, then the stages that
 # need the judge. PARITY_SRC (default: this checkout's src) is the library the cpu-regime parity
 # runs use: the study's first runs were made at cc8ff46, so set it to a checkout of that commit
@@ -32,19 +33,35 @@ queues() {      # the training queues, every lane in the same order
   return $FAILED
 }
 
-stages() {      # single-process stages, after the queues (lane 1)
-  export PYTHONPATH=$SRC
+scheduling_stages() {   # one process at a time (the search is single-threaded)
+  for st in train search prefix levels report; do
+    python benchmarks/scheduling.py --scale cpu --stage "$st" || { fail scheduling "$st"; break; }
+  done
+  return $FAILED
+}
+
+report_stages() {
   { python benchmarks/parity.py paired && python benchmarks/parity.py report; } \
     || fail parity report
   { python benchmarks/parity.py paired --regime gpt2 \
     && python benchmarks/parity.py report --regime gpt2; } || fail parity gpt2 report
   python benchmarks/judge.py report || fail judge report
-  for st in train search prefix levels report; do
-    python benchmarks/scheduling.py --scale cpu --stage "$st" || { fail scheduling "$st"; break; }
-  done
   { python benchmarks/did_study.py equal && python benchmarks/did_study.py memory \
     && python benchmarks/did_study.py sample --judge runs/judge/ar-judge \
     && python benchmarks/did_study.py report; } || fail did_study stages
+  return $FAILED
+}
+
+stages() {      # after every lane's queues: the scheduling stages beside the others
+  export PYTHONPATH=$SRC
+  if [ "$LANES" -ge 2 ]; then
+    scheduling_stages & sp=$!
+    report_stages || FAILED=1
+    wait "$sp" || FAILED=1
+  else
+    scheduling_stages
+    report_stages
+  fi
 }
 
 pids=()
