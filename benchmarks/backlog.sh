@@ -11,10 +11,11 @@
 # evaluations, the DID study's evaluations, memory and sampling, reports). Every command
 # resumes or skips what is done, so after a stop the same command continues where the studies
 # were. Priority: the parity study's ablations (cpu regime), its
-# GPT-2-vocabulary regime, the converged AR judge, the DID study's runs, then the stages that
-# need the judge. PARITY_SRC (default: this checkout's src) is the library the cpu-regime parity
-# runs use: the study's first runs were made at cc8ff46, so set it to a checkout of that commit
-# to finish them with the same code. The exit status is non-zero when any command failed.
+# GPT-2-vocabulary regime, the converged AR judge, the scheduling study's MDLM pair, the DID
+# study's runs, the scheduling study's TDLM pair, then the stages that need the judge.
+# PARITY_SRC (default: this checkout's src) is the library the cpu-regime parity runs use: the
+# study's first runs were made at cc8ff46, so set it to a checkout of that commit to finish
+# them with the same code. The exit status is non-zero when any command failed.
 set -u
 PARITY_SRC=$(realpath "${PARITY_SRC:-$(dirname "$0")/../src}")
 cd "$(dirname "$0")/.."
@@ -29,12 +30,16 @@ queues() {      # the training queues, every lane in the same order
     || fail parity ablations
   PYTHONPATH=$SRC python benchmarks/parity.py run --regime gpt2 --lanes 1 || fail parity gpt2
   PYTHONPATH=$SRC python benchmarks/judge.py run --threads 1 || fail judge
+  PYTHONPATH=$SRC python benchmarks/scheduling.py --scale cpu --stage run --lanes 1 \
+    || fail scheduling run
   PYTHONPATH=$SRC python benchmarks/did_study.py run --lanes 1 || fail did_study run
+  PYTHONPATH=$SRC python benchmarks/scheduling.py --scale cpu --stage run-levels --lanes 1 \
+    || fail scheduling run-levels
   return $FAILED
 }
 
 scheduling_stages() {   # one process at a time (the search is single-threaded)
-  for st in train search prefix levels report; do
+  for st in train analyze search prefix levels report; do
     python benchmarks/scheduling.py --scale cpu --stage "$st" || { fail scheduling "$st"; break; }
   done
   return $FAILED

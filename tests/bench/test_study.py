@@ -309,3 +309,18 @@ def test_seeds_for_half_width_by_hand():
     assert st.seeds_for_half_width(3.4, 2.0) == 14
     assert st.seeds_for_half_width(1.0, 12.706 / math.sqrt(2)) == 2
     assert st.seeds_for_half_width(100.0, 0.01, most=50) is None
+
+
+def test_scheduling_pair_gap_read_against_two_standard_errors():
+    """The scheduling report says whether heavy and light differ clearly from the numbers:
+    gap > 2 sqrt(se_h^2 + se_l^2) (here 2 * 0.05 = 0.1 nats)."""
+    sch = _load("scheduling")
+    peak = {"step_fraction": "0.5", "t": "0.5"}
+
+    def first(gap):
+        evals = {"heavy": {"nelbo_per_token": 5.0, "stderr_per_token": 0.03},
+                 "light": {"nelbo_per_token": 5.0 + gap, "stderr_per_token": 0.04}}
+        return sch.verdict_lines([], {}, [0], peak, peak, evals)[3]
+    assert "differs clearly" in first(0.15) and "+0.150" in first(0.15)
+    assert "does **not** differ clearly" in first(0.05)
+    assert "does **not** differ clearly" in first(0.099)
