@@ -78,11 +78,6 @@ def plan(seeds, var_seeds) -> list[tuple]:
 
 
 # ---- equal FLOPs ------------------------------------------------------------------------------
-def _flops_at_steps(run: Path) -> dict:
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
-    return {r["step"]: r["train_flops"] for r in recs if r.get("train_flops") is not None}
-
-
 def _eval_ckpt(ckpt: Path, out: Path, run_missing: bool) -> dict | None:
     if not (out / "metrics.json").exists():
         if not run_missing:
@@ -99,10 +94,11 @@ def equal_flops(work: Path, setting: str, seed: int, run_missing: bool = True) -
     the bracketing evaluations are missing)."""
     d_stem, m_stem = (SETTINGS[setting][s][0] for s in SIDES)
     d_run, m_run = work / f"{d_stem}-s{seed}", work / f"{m_stem}-s{seed}"
-    if read_run(d_run) is None or read_run(m_run) is None:
+    d, m = read_run(d_run), read_run(m_run)
+    if d is None or m is None:
         return None
-    f_d = max(_flops_at_steps(d_run).items())[1]
-    m_fl = _flops_at_steps(m_run)
+    f_d = max(d["train_flops"].items())[1]
+    m_fl = m["train_flops"]
     kept = sorted(int(p.name.split("_")[1]) for p in (m_run / "checkpoints").glob("step_*"))
     below = [s for s in kept if m_fl.get(s, float("inf")) <= f_d]
     above = [s for s in kept if m_fl.get(s, -1) >= f_d]
@@ -198,15 +194,6 @@ def stage_sample(a) -> None:
 
 
 # ---- report -----------------------------------------------------------------------------------
-def _curve_flops(run: Path) -> list:
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
-    val = {}
-    for r in recs:
-        if r.get("split") == "val" and r.get("train_flops") is not None:
-            val[r["step"]] = (r["train_flops"], r["nelbo_per_token"])
-    return [(s, *v) for s, v in sorted(val.items())]
-
-
 def collect(a) -> dict:
     work = Path(a.work)
     res = {"settings": {}, "command": "python benchmarks/did_study.py run && ... equal && ... "
@@ -228,8 +215,7 @@ def collect(a) -> dict:
                    "did_per_seq": fd["nelbo_per_token"] * fd["tokens"] / fd["sequences"],
                    "mdlm_per_seq": fm["nelbo_per_token"] * fm["tokens"] / fm["sequences"],
                    "did_tokens_per_s": d["tokens_per_s"], "mdlm_tokens_per_s": m["tokens_per_s"],
-                   "curves": {"did": _curve_flops(work / f"{d_stem}-s{s}"),
-                              "mdlm": _curve_flops(work / f"{m_stem}-s{s}")},
+                   "curves": {"did": d["curve_flops"], "mdlm": m["curve_flops"]},
                    "equal": eq}
             if eq:
                 row["equal_rel"] = row["did"] / eq["mdlm_nelbo_at_did_flops"] - 1

@@ -179,19 +179,25 @@ def read_run(run: Path) -> Optional[dict]:
     """A finished run folder (its final evaluation exists) as a dict: ``curve`` [(step,
     training tokens, val NELBO/token)] of the training-time evaluations, ``final`` (the final
     evaluation's metrics.json), ``steps``, ``tokens`` (data tokens seen), ``tokens_per_s``
-    (median of the logged training throughput), ``config``; None when unfinished."""
+    (median of the logged training throughput), ``train_flops`` {step: cumulative training
+    FLOPs} where the trainer logged them (``curve_flops`` [(step, FLOPs, val NELBO/token)]),
+    ``config``; None when unfinished."""
     if not (run / "final_eval" / "metrics.json").exists():
         return None
     cfg = json.loads((run / "config.json").read_text())
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
     tr = cfg["train"]
     tokens_per_step = tr["global_batch"] * cfg["data"]["seq_len"]
-    val = {}
+    val, flops = {}, {}
     for r in recs:          # a resumed run may log a step twice: the later record wins
         if r.get("split") == "val" and "nelbo_per_token" in r:
             val[r["step"]] = r["nelbo_per_token"]
+        if r.get("train_flops") is not None:
+            flops[r["step"]] = r["train_flops"]
     tps = [r["tokens_per_s"] for r in recs if r.get("split") == "train" and "tokens_per_s" in r]
     return {"curve": [(s, s * tokens_per_step, v) for s, v in sorted(val.items())],
+            "train_flops": flops,
+            "curve_flops": [(s, flops[s], v) for s, v in sorted(val.items()) if s in flops],
             "final": json.loads((run / "final_eval" / "metrics.json").read_text()),
             "steps": tr["max_steps"], "tokens": tr["max_steps"] * tokens_per_step,
             "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None, "config": cfg}

@@ -122,6 +122,8 @@ def test_did_study_interpolates_mdlm_at_dids_training_flops(tmp_path):
         e = tmp_path / "equal" / f"mdlm-s0-{s}"
         e.mkdir(parents=True)
         (e / "metrics.json").write_text(json.dumps({"nelbo_per_token": v, "stderr_per_token": 0.1}))
+    assert ds.read_run(m)["curve_flops"] == [(400, 400 * F, 6.6), (500, 500 * F, 6.5),
+                                             (1000, 1000 * F, 6.0)]
     r = ds.equal_flops(tmp_path, "fixed", 0, run_missing=False)
     assert r["mdlm_steps"] == [400, 500] and r["weight_hi"] == pytest.approx(0.7)
     assert r["mdlm_nelbo_at_did_flops"] == pytest.approx(0.3 * 6.5 + 0.7 * 6.4)
