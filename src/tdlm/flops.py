@@ -91,7 +91,8 @@ class TrainingFlops:
     ragged layouts (DID forwards shortened sequences), ``[L] * B`` for dense batches.
     :meth:`step_done` turns the lengths recorded since the last call into
     ``train_flops = 3 x forward`` (:func:`model_forward_flops`, ``full``: blocks, embedding,
-    head and the rest) and adds them to ``total``; :meth:`discard` drops forwards that are not
+    head and the rest) and adds them to ``total`` (and the tokens forwarded to ``tokens``);
+    :meth:`discard` drops forwards that are not
     training (validation). Activation checkpointing re-runs blocks inside the backward, not
     the DiT's forward, so recomputation is not counted (the usual convention: model FLOPs).
     A model without a DiT is not counted (``total`` stays None)."""
@@ -102,6 +103,7 @@ class TrainingFlops:
         self._seen: list = []
         dit = next((m for m in model.modules() if isinstance(m, DiT)), None)
         self.total = None if dit is None else float(total)
+        self.tokens = 0
         self._handle = None if dit is None else dit.register_forward_pre_hook(
             self._hook, with_kwargs=True)
 
@@ -124,6 +126,7 @@ class TrainingFlops:
         self._seen.clear()
         if self.total is None or not lens:
             return 0.0
+        self.tokens += sum(lens)
         f = 3.0 * model_forward_flops(self.model, lens)["full"]
         self.total += f
         return f

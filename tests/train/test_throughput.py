@@ -55,3 +55,22 @@ def test_public_api_takes_a_preset_name_and_overrides():
     r = tdlm.measure_throughput("tiny", steps=1, warmup=0,
                                 overrides=["backbone.n_layers=1", "train.global_batch=3"])
     assert r["tokens_per_step"] == 3 * 128 and r["steps"] == 1
+
+
+def test_reports_forwarded_tokens_and_training_flops_as_the_trainer_counts_them():
+    """Dense rows: the backbone forwards every token, and the FLOPs are 3x the analytic forward
+    of B rows of L (tdlm.flops, itself checked against torch's FlopCounterMode in
+    tests/scheduling/test_scheduling.py);
+    DID forwards only the surviving tokens of its deleted sequences, so fewer than it reads."""
+    from tdlm.flops import model_forward_flops
+    from tdlm.train.throughput import build_step_context
+    cfg = small()
+    r = measure_throughput(cfg, steps=2, warmup=1)
+    assert r["forwarded_tokens_per_step"] == 2 * 128
+    model = build_step_context(cfg)[2]
+    assert r["train_flops_per_step"] == pytest.approx(
+        3 * model_forward_flops(model, [128, 128])["full"])
+    did = measure_throughput(get_preset("did-tiny").override(
+        ["train.global_batch=4", "backbone.n_layers=1"]), steps=2, warmup=0)
+    assert 0 < did["forwarded_tokens_per_step"] < did["tokens_per_step"]
+    assert did["train_flops_per_step"] > 0

@@ -8,7 +8,10 @@ step the trainer runs -- over ``steps`` optimizer steps after ``warmup`` untimed
 
     tokens/s = (data tokens of the timed batches) / (wall-clock of the timed steps)
 
-with the thread count in effect (``torch.get_num_threads()``), which the result states.
+with the thread count in effect (``torch.get_num_threads()``), which the result states. The
+same steps' model FLOPs are counted as the trainer counts them (:class:`tdlm.flops.
+TrainingFlops`: 3 x the forward FLOPs of the sequences the backbone forwarded), with the tokens
+forwarded, so a method that forwards fewer tokens than it reads (DID) shows both.
 """
 from __future__ import annotations
 
@@ -38,15 +41,18 @@ def build_step_context(cfg, device: str = "cpu", data=None, real_family: bool = 
 
 def measure_throughput(cfg, steps: int = 5, warmup: int = 2, device: str = "cpu") -> dict:
     """Training tokens/s of ``cfg`` (module docstring): ``{"tokens_per_s",
-    "seconds_per_step", "tokens_per_step", "steps", "warmup", "threads", "device"}``."""
+    "seconds_per_step", "tokens_per_step", "forwarded_tokens_per_step", "train_flops_per_step",
+    "steps", "warmup", "threads", "device"}`` (the FLOPs None for a model without a DiT)."""
     from ..data.batches import num_tokens
     from ..errors import ConfigError
+    from ..flops import TrainingFlops
     from .step import train_step
     if steps < 1 or warmup < 0:
         raise ConfigError(f"measure needs steps >= 1 and warmup >= 0, got {steps}, {warmup}")
-    _, _, _, ctx, it = build_step_context(cfg, device)
+    _, _, model, ctx, it = build_step_context(cfg, device)
     for i in range(warmup):
         train_step(ctx, next(it), i)
+    flops = TrainingFlops(model)
     tokens = 0
     t0 = time.perf_counter()
     for i in range(steps):
@@ -56,6 +62,11 @@ def measure_throughput(cfg, steps: int = 5, warmup: int = 2, device: str = "cpu"
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    flops.step_done()                   # hook bookkeeping only: after the clock stopped
+    flops.close()
     return {"tokens_per_s": tokens / dt, "seconds_per_step": dt / steps,
-            "tokens_per_step": tokens / steps, "steps": steps, "warmup": warmup,
+            "tokens_per_step": tokens / steps,
+            "forwarded_tokens_per_step": flops.tokens / steps,
+            "train_flops_per_step": None if flops.total is None else flops.total / steps,
+            "steps": steps, "warmup": warmup,
             "threads": torch.get_num_threads(), "device": device}
