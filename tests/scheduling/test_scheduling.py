@@ -248,6 +248,64 @@ def test_incompatible_models_are_refused():
         ScheduledSampler({"H": base, "A": pipe_of(ar_cfg)})
 
 
+class Counted(torch.nn.Module):
+    """A model wrapper that counts the forward passes really made."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.n = inner, 0
+
+    def forward(self, *a, **k):
+        self.n += 1
+        return self.inner(*a, **k)
+
+    def __getattr__(self, name):            # the rest of the model's interface (TDLM's child)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("family", ["mdlm", "mdlm-cached", "tdlm"])
+def test_shared_plan_prefixes_give_the_samples_and_counts_of_independent_runs(family):
+    """Masks that share leading segments, sampled through one PrefixMemo per seed in every
+    order, against each mask sampled alone: the same ids and the same forward-call report;
+    the memo saves real forward passes (counted by wrapping the models)."""
+    from tdlm.sampling.loop import PrefixMemo
+    from tdlm.scheduling.schedule import split_even
+    if family == "tdlm":
+        pipes = {"H": tdlm_pipe(2, 0), "L": tdlm_pipe(1, 1)}
+    else:
+        tc = family == "mdlm"
+        pipes = {"H": pipe_of(mdlm_cfg(2, tc=tc), 0), "L": pipe_of(mdlm_cfg(1, tc=tc), 1)}
+    T, seg = 24, 4
+    lens = split_even(T, seg)
+    ends = [sum(lens[:i + 1]) - 1 for i in range(seg)]
+    masks = ["HHHH", "HHLH", "HLHH", "LHHH", "HHHL", "LLHH", "HLLH", "LLLL"]
+
+    def spec(mask):
+        return ",".join(f"{c}{n}" for c, n in zip(mask, lens))
+    alone = {}
+    for m in masks:
+        s = ScheduledSampler(pipes)
+        alone[m] = (s.generate_ids(5, T, schedule=spec(m), seed=7, top_p=0.95),
+                    s.last_report["forward_calls"])
+    for order in (masks, masks[::-1]):
+        for p in pipes.values():
+            p.model = Counted(getattr(p.model, "inner", p.model))
+        memo = PrefixMemo(ends)
+        s = ScheduledSampler(pipes)
+        for m in order:
+            ids = s.generate_ids(5, T, schedule=spec(m), seed=7, top_p=0.95, memo=memo)
+            assert torch.equal(ids, alone[m][0]), m
+            assert s.last_report["forward_calls"] == alone[m][1], m
+        made = sum(p.model.n for p in pipes.values())
+        reported = sum(sum(c.values()) for _, c in alone.values())
+        assert memo.hits > 0 and made == reported - memo.forwards_saved < reported
+    with pytest.raises(ValueError, match="one sampling setting"):
+        s.generate_ids(5, T, schedule=spec("HHHH"), seed=8, top_p=0.95, memo=memo)
+
+
 def test_tdlm_levels_schedule_gives_whole_levels():
     h, l = tdlm_pipe(2, 0), tdlm_pipe(1, 1)
     s = ScheduledSampler({"H": h, "L": l})

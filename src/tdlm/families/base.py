@@ -211,6 +211,8 @@ class Family:
                 raise ConfigError(f"{self.name!r} models cannot be mixed in a model plan")
             kw.update(models=dict(plan.models), plan=list(plan.per_step),
                       time_conditioned=dict(plan.time_conditioned))
+            if plan.memo is not None:
+                kw["memo"] = plan.memo
         for name, hook in (("log", log), ("on_forward", on_forward)):
             if hook is not None:
                 if name not in params:

@@ -22,6 +22,16 @@ applied. The loop owns what is common:
 Random draws do not depend on the model or on caching, so the same seed gives the same stream
 of uniforms; a one-model plan is bit-identical to the family's plain sampler.
 
+Shared prefixes (optional, ``memo`` a :class:`PrefixMemo`): plans that name the same models
+for steps 0..k, from the same start and generator seed, reach the same state after step k --
+the draws do not depend on the plan. A memo keeps that state (z, the generator's state, the
+forward calls made so far) keyed by the plan's first k+1 names, at the steps it is asked to
+(``boundaries``, e.g. the ends of a segment search's segments) where no cached prediction is
+pending (a cache would be a [B, L, V] tensor per state; time-conditioned models never cache),
+and a later run with the same plan prefix resumes from the longest one it holds. The samples, and
+the forward calls the log reports (those the plan makes, replayed), are bit-identical to a
+run without it; only the work is saved. Not used while a trajectory is recorded.
+
 Trajectory (optional, ``trajectory`` a list): the loop appends the starting state
 (``"step": -1, "initial": True``) and the state after every step k, ``{"step": k, "t",
 "p_move", "phase", "ids": z as nested lists}`` (:meth:`AncestralLoop.record`; a family
@@ -75,6 +85,46 @@ class ForwardLog:
         self.steps.append((k, name))
 
 
+class PrefixMemo:
+    """States of an ancestral loop after step k keyed by the plan's names for steps 0..k
+    (module docstring). One memo serves runs that differ only in their plan: the caller binds
+    it to everything else (:meth:`bind`); ``boundaries`` is the set of step indices k after
+    which states are kept (None: every step). ``hits`` counts resumed runs, ``skipped`` the
+    steps they did not recompute, ``forwards_saved`` the forward passes not made."""
+
+    def __init__(self, boundaries: Optional[Sequence[int]] = None):
+        self.boundaries = None if boundaries is None else frozenset(int(b) for b in boundaries)
+        self.context = None
+        self._states: dict = {}
+        self.hits = self.skipped = self.forwards_saved = 0
+
+    def bind(self, context) -> None:
+        """Tie the memo to one sampling setting (seed, batch, options...): a different one is
+        an error, so states are never reused across settings."""
+        if self.context is None:
+            self.context = context
+        elif self.context != context:
+            raise ValueError("a PrefixMemo serves one sampling setting; this call differs in "
+                             "more than its plan")
+
+    def keeps(self, k: int) -> bool:
+        return self.boundaries is None or k in self.boundaries
+
+    def put(self, key: tuple, state: tuple) -> None:
+        self._states.setdefault(key, state)
+
+    def longest(self, plan: Sequence[str], lo: int, hi: int):
+        """``(k, state)`` of the largest k in [lo, hi) whose plan prefix is held, else None."""
+        for k in range(hi - 1, lo - 1, -1):
+            st = self._states.get(tuple(plan[:k + 1]))
+            if st is not None:
+                return k, st
+        return None
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+
 class AncestralLoop:
     """Runs ``steps`` reverse steps with per-step model choice and caching (module docstring).
 
@@ -83,20 +133,23 @@ class AncestralLoop:
     final noise removal); ``reuse``: name -> whether that model's prediction may be reused
     while nothing changed; ``predict(model, z, step) -> logp`` (float64 log-probabilities over
     the classes ``choice`` indexes); ``on_forward(k)`` is called after every forward pass;
-    ``trajectory`` (a list) receives the state after every step (module docstring)."""
+    ``trajectory`` (a list) receives the state after every step; ``memo`` (a
+    :class:`PrefixMemo`) lets runs with a common plan prefix share it (module docstring)."""
 
     def __init__(self, models: Mapping[str, torch.nn.Module], plan: Sequence[str],
                  reuse: Mapping[str, bool], predict: Callable,
                  log: Optional[ForwardLog] = None, on_forward: Optional[Callable] = None,
-                 trajectory: Optional[list] = None):
+                 trajectory: Optional[list] = None, memo: Optional[PrefixMemo] = None):
         missing = sorted(set(plan) - set(models))
         if missing:
             raise ValueError(f"plan names unknown models: {missing}")
         self.models, self.plan, self.reuse = models, list(plan), dict(reuse)
         self.predict, self.log, self.on_forward = predict, log, on_forward
         self.trajectory = trajectory
+        self.memo = memo if trajectory is None else None
         self._logp: Optional[torch.Tensor] = None
         self._key = None                 # (model name, phase) of the cached prediction
+        self._calls: list = []           # (name, k, shape) of every forward made (the memo's)
 
     def prediction(self, k: int, step: Step, z: torch.Tensor) -> torch.Tensor:
         """``log p_theta(. | z)`` of the model planned for step k: the cached one when it was
@@ -105,6 +158,7 @@ class AncestralLoop:
         if self._logp is None or self._key != (name, step.phase):
             self._logp = self.predict(self.models[name], z, step)
             self._key = (name, step.phase)
+            self._calls.append((name, k, tuple(z.shape)))
             if self.log is not None:
                 self.log.record(name, k, tuple(z.shape))
             if self.on_forward:
@@ -118,7 +172,22 @@ class AncestralLoop:
         a copy of z. The cache is dropped when a position moved or the model must not reuse."""
         if start == 0 and steps:
             self.record(-1, Step(steps[0].t, 0.0, steps[0].phase), z, initial=True)
-        for j, st in enumerate(steps):
+        first = 0
+        if self.memo is not None:
+            got = self.memo.longest(self.plan, start, start + len(steps))
+            if got is not None:
+                k, (z, rng, calls) = got
+                generator.set_state(rng)
+                self._logp, self._key = None, None      # states are kept with no cache
+                for name, kk, shape in calls[len(self._calls):]:
+                    if self.log is not None:
+                        self.log.record(name, kk, shape)
+                self.memo.hits += 1
+                self.memo.skipped += k + 1 - start
+                self.memo.forwards_saved += len(calls) - len(self._calls)
+                self._calls = list(calls)
+                first = k + 1 - start
+        for j, st in enumerate(steps[first:], first):
             k = start + j
             logp = self.prediction(k, st, z)
             move, choice = reverse_step(noised(z, st), logp, st.p_move, generator)
@@ -128,6 +197,9 @@ class AncestralLoop:
             if moved or not self.reuse[self.plan[k]]:
                 self._logp = None
             self.record(k, st, z)
+            if self.memo is not None and self._logp is None and self.memo.keeps(k):
+                self.memo.put(tuple(self.plan[:k + 1]), (z, generator.get_state(),
+                                                         list(self._calls)))
         return z
 
     def record(self, k: int, step: Step, z: torch.Tensor, **extra) -> None:

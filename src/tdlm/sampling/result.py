@@ -64,6 +64,8 @@ class StepPlan:
     models: Mapping[str, torch.nn.Module]
     per_step: Sequence[str]
     time_conditioned: Mapping[str, bool] = field(default_factory=dict)
+    #: a ``tdlm.sampling.loop.PrefixMemo`` shared by runs that differ only in their plan
+    memo: Optional[object] = None
 
     @classmethod
     def single(cls, model: torch.nn.Module, steps: int, name: str = "model") -> "StepPlan":

@@ -284,7 +284,8 @@ def segment_search(sampler, judge, steps: int, segments: int, light_segments: Op
                    num: int, seeds: Sequence[int], light: str = "L", heavy: str = "H",
                    include_light_only: bool = True, batch: int = 0, progress=None,
                    extra_masks: Sequence[str] = (), prefix: Optional[torch.Tensor] = None,
-                   done: Optional[dict] = None, **sample_kw) -> list[dict]:
+                   done: Optional[dict] = None, share_prefixes: bool = True,
+                   **sample_kw) -> list[dict]:
     """Sample and score every candidate schedule (module docstring). Per row: mask, name,
     run-length schedule, light steps, saved block/full FLOPs (from counted calls), gen PPL
     and entropy pooled over all seeds, per-seed gen PPL (``ppl_seed_<s>``), their standard
@@ -293,7 +294,11 @@ def segment_search(sampler, judge, steps: int, segments: int, light_segments: Op
     continuation is scored (the prefix is the judge's context). ``done``: mask -> row of
     schedules already scored with the same settings (a resumed search); they are reused, not
     sampled again (every schedule's draws depend only on its seeds, so the rows are the same
-    as an uninterrupted search's)."""
+    as an uninterrupted search's). For the same reason schedules that agree on their first
+    segments share them: one ``PrefixMemo`` per seed and batch keeps the sampler's state at
+    every segment end, and a schedule starts from the longest prefix already sampled (the
+    samples and the forward calls counted are those of sampling it alone; ``seconds`` is the
+    time spent, so a later schedule may take less). ``share_prefixes=False`` turns it off."""
     if prefix is not None and prefix.shape[0] != num:
         raise ConfigError(f"prefix has {prefix.shape[0]} rows for num={num} samples")
     from ..eval.genppl import generative_perplexity, load_judge, vocab_ids_hash
@@ -307,6 +312,9 @@ def segment_search(sampler, judge, steps: int, segments: int, light_segments: Op
         from .schedule import _merge
         cands.append(("L" * segments, ModelPlan("L" * segments, steps,
                                                _merge([(light, n) for n in lens]), light, heavy)))
+    from ..sampling.loop import PrefixMemo
+    ends = [sum(split_even(steps, segments)[:i + 1]) - 1 for i in range(segments)]
+    memos: dict = {}
     rows = []
     for ci, (mask, sched) in enumerate(cands):
         if done and mask in done:
@@ -325,6 +333,8 @@ def segment_search(sampler, judge, steps: int, segments: int, light_segments: Op
                 kw = dict(sample_kw)
                 if prefix is not None:
                     kw["prefix"] = prefix[start:start + n]
+                if share_prefixes:
+                    kw["memo"] = memos.setdefault((s, start), PrefixMemo(ends))
                 ids = sampler.generate_ids(n, steps, schedule=sched, seed=s * 100_003 + start,
                                            **kw)
                 rep = sampler.last_report

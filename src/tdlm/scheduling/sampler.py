@@ -23,9 +23,19 @@ import torch
 
 from ..errors import ConfigError
 from ..flops import flops_from_log, model_forward_flops
-from ..sampling.loop import ForwardLog
+from ..sampling.loop import ForwardLog, PrefixMemo
 from ..sampling.result import SampleResult, StepPlan
 from .schedule import ModelPlan, parse_schedule, resolve_schedule
+
+
+def _fingerprint(v):
+    """A comparable stand-in for sampling arguments (tensors by shape, dtype and bytes)."""
+    if isinstance(v, torch.Tensor):
+        t = v.detach().cpu().contiguous()
+        return ("tensor", tuple(t.shape), str(t.dtype), hash(t.numpy().tobytes()))
+    if isinstance(v, (list, tuple)):
+        return tuple(_fingerprint(x) for x in v)
+    return v
 
 
 def compatibility_key(pipe) -> dict:
@@ -120,19 +130,26 @@ class ScheduledSampler:
     @torch.no_grad()
     def sample(self, num: int = 1, steps: int = 128, schedule=None, seed: int = 0,
                light: Optional[str] = None, heavy: Optional[str] = None,
-               steps_split: Optional[Sequence[int]] = None, **kw) -> SampleResult:
+               steps_split: Optional[Sequence[int]] = None, memo: Optional[PrefixMemo] = None,
+               **kw) -> SampleResult:
         """Samples under ``schedule`` (string, ModelPlan, or None for a single loaded model):
         the plan is resolved to a ``StepPlan`` and run by the first model's pipeline
         (``Pipeline.sample``; the models share the family's process). ``steps_split``: TDLM
         steps per level, leaf level first (as the family's ``steps_per_level``). Other
         keywords as ``Pipeline.sample`` (seq_len, temperature, top_p, prefix, cache, ...).
-        The cost report is left in ``self.last_report``."""
+        ``memo`` (a ``tdlm.sampling.loop.PrefixMemo``): calls that differ only in their
+        schedule resume from the state the longest common plan prefix reached (same samples
+        and forward-call report; a call with other settings is an error). The cost report
+        is left in ``self.last_report``."""
         if not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")
         sched = self.resolve(schedule, steps, light, heavy, steps_split)
         used = sched.names()
         plan = StepPlan({n: self.pipes[n].model for n in used}, sched.per_step(),
                         {n: self.pipes[n].cfg.backbone.time_conditioning for n in used})
+        if memo is not None:
+            memo.bind(_fingerprint((num, steps, seed, steps_split, sorted(kw.items()))))
+            plan.memo = memo
         log = ForwardLog()
         if steps_split is not None:
             kw["steps_split"] = list(steps_split)

@@ -243,7 +243,7 @@ class MaskedDiffusion(Family):
                models: Optional[dict] = None, plan: Optional[list] = None,
                time_conditioned: Optional[dict] = None, log: Optional[ForwardLog] = None,
                on_forward: Optional[Callable] = None,
-               trajectory: Optional[list] = None) -> torch.Tensor:
+               trajectory: Optional[list] = None, memo=None) -> torch.Tensor:
         """Ancestral sampling from all-[MASK]. ``prefix`` [num, k] clamps the first k tokens.
 
         Model scheduling: ``models`` (name -> module) and ``plan`` (a name per step; the final
@@ -252,7 +252,8 @@ class MaskedDiffusion(Family):
         its prediction may be cached while nothing changes. ``log`` records the forward calls
         made; ``on_forward(step)`` is called for every forward pass actually made.
         ``trajectory`` (a list) receives z after every step ([MASK] = ``mask_id``) and after
-        the noise removal (``AncestralLoop.record``); the samples do not depend on it."""
+        the noise removal (``AncestralLoop.record``); the samples do not depend on it.
+        ``memo`` (a ``PrefixMemo``): runs with a common plan prefix share it (segment search)."""
         device = model_device(model)
         z = torch.full((num, seq_len), self.mask_id, dtype=torch.long, device=device)
         if prefix is not None:
@@ -273,7 +274,7 @@ class MaskedDiffusion(Family):
             return zz
 
         loop = AncestralLoop(models, list(plan) + [plan[-1]], reuse, predict, log, on_forward,
-                             trajectory)
+                             trajectory, memo)
         z = loop.run(z, self.sample_steps(steps, t_min), lambda zz, st: zz == self.mask_id,
                      apply, generator)
         if noise_removal and (z == self.mask_id).any():

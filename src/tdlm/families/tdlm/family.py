@@ -393,7 +393,7 @@ class TreeDiffusion(Family):
                plan: Optional[list] = None, time_conditioned: Optional[dict] = None,
                log: Optional[ForwardLog] = None, on_forward=None,
                t_min: float = SAMPLE_T_MIN, noise_removal: bool = True,
-               trajectory: Optional[list] = None) -> torch.Tensor:
+               trajectory: Optional[list] = None, memo=None) -> torch.Tensor:
         """Coarse-to-fine ancestral sampling from all-root; returns token ids [num, seq_len].
         ``prefix`` clamps the first tokens (leaves never move). ``models``/``plan``/
         ``time_conditioned``/``log``: model scheduling and call counting as in MDLM's sampler
@@ -401,7 +401,8 @@ class TreeDiffusion(Family):
         window ends at ``t_min``; with ``noise_removal`` the positions still at height 1 then
         take their argmax child (the last step's model), as in MDLM. ``trajectory`` (a list)
         receives z (tree node ids; ``phase`` = the level being denoised) after every step
-        and after the noise removal; the samples do not depend on it."""
+        and after the noise removal; the samples do not depend on it. ``memo``: shared plan
+        prefixes, as in MDLM's sampler."""
         device = model_device(model)
         z = torch.full((num, seq_len), self.root, dtype=torch.long, device=device)
         if prefix is not None:
@@ -423,7 +424,7 @@ class TreeDiffusion(Family):
 
         grid = self.sample_steps(steps, steps_split, t_min)
         loop = AncestralLoop(models, list(plan) + [plan[-1]], reuse, predict, log, on_forward,
-                             trajectory)
+                             trajectory, memo)
         z = loop.run(z, grid, lambda zz, st: height[zz] == st.phase + 1, apply, generator)
         last = height[z] == 1
         if noise_removal and last.any():
