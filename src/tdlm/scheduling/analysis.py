@@ -312,7 +312,6 @@ def segment_search(sampler, judge, steps: int, segments: int, light_segments: Op
         from .schedule import _merge
         cands.append(("L" * segments, ModelPlan("L" * segments, steps,
                                                _merge([(light, n) for n in lens]), light, heavy)))
-    from ..sampling.loop import PrefixMemo
     ends = [sum(split_even(steps, segments)[:i + 1]) - 1 for i in range(segments)]
     memos: dict = {}
     rows = []
@@ -323,40 +322,22 @@ def segment_search(sampler, judge, steps: int, segments: int, light_segments: Op
                 progress(ci + 1, len(cands), done[mask])
             continue
         t0 = time.perf_counter()
-        recs, calls, flops_b, flops_f, ref_b, ref_f = [], 0, 0, 0, 0, 0
-        per_seed = {}
+        recs, per_seed = [], {}
+        cost = {"calls": 0, "blocks": 0, "full": 0, "ref_blocks": 0, "ref_full": 0}
         for s in seeds:
-            srecs = []
-            bsz = batch or num
-            for start in range(0, num, bsz):
-                n = min(bsz, num - start)
-                kw = dict(sample_kw)
-                if prefix is not None:
-                    kw["prefix"] = prefix[start:start + n]
-                if share_prefixes:
-                    kw["memo"] = memos.setdefault((s, start), PrefixMemo(ends))
-                ids = sampler.generate_ids(n, steps, schedule=sched, seed=s * 100_003 + start,
-                                           **kw)
-                rep = sampler.last_report
-                calls += rep["forward_calls_total"]
-                flops_b += rep["flops"]["blocks"]
-                flops_f += rep["flops"]["full"]
-                ref_b += rep["reference"]["blocks"]
-                ref_f += rep["reference"]["full"]
-                k = 0 if prefix is None else prefix.shape[1]
-                srecs += [{"text": tok.decode(r.tolist()), "ids": r.tolist(), "prefix_len": k,
-                           "prefix_text": tok.decode(r[:k].tolist())} for r in ids]
-            g = generative_perplexity(srecs, judge, sample_vocab_hash=vh)
-            per_seed[s] = g
+            srecs = _draw_seed(sampler, sched, steps, s, num, batch, prefix,
+                               memos if share_prefixes else None, ends, sample_kw, cost)
+            per_seed[s] = generative_perplexity(srecs, judge, sample_vocab_hash=vh)
             recs += srecs
         pooled = generative_perplexity(recs, judge, sample_vocab_hash=vh)
         ppls = [per_seed[s]["gen_ppl"] for s in seeds]
         row = {"mask": mask, "name": name_of_mask(mask), "schedule": str(sched),
                "light_steps": sched.counts().get(light, 0),
-               "saved_blocks": 1 - flops_b / ref_b, "saved_full": 1 - flops_f / ref_f,
+               "saved_blocks": 1 - cost["blocks"] / cost["ref_blocks"],
+               "saved_full": 1 - cost["full"] / cost["ref_full"],
                "gen_ppl": pooled["gen_ppl"], "nll_per_token": pooled["nll_per_token"],
                "entropy": pooled["entropy"], "tokens": pooled["tokens"],
-               "samples": len(recs), "forward_calls": calls,
+               "samples": len(recs), "forward_calls": cost["calls"],
                "gen_ppl_seed_std": (float(torch.tensor(ppls, dtype=torch.float64).std())
                                     if len(ppls) > 1 else 0.0),
                "seconds": time.perf_counter() - t0}
@@ -367,6 +348,35 @@ def segment_search(sampler, judge, steps: int, segments: int, light_segments: Op
         if progress:
             progress(ci + 1, len(cands), row)
     return rows
+
+
+def _draw_seed(sampler, sched, steps: int, s: int, num: int, batch: int, prefix, memos,
+               ends, sample_kw: dict, cost: dict) -> list[dict]:
+    """Seed ``s``'s ``num`` samples under ``sched`` (batches of ``batch``; the draws of batch
+    ``start`` use seed ``s * 100003 + start``) as genppl records; the calls and FLOPs the
+    sampler reports are added to ``cost``. ``memos`` ((seed, start) -> PrefixMemo with states
+    at the segment ends ``ends``; None: no sharing) carries shared plan prefixes."""
+    from ..sampling.loop import PrefixMemo
+    tok = sampler.tokenizer
+    out = []
+    bsz = batch or num
+    for start in range(0, num, bsz):
+        n = min(bsz, num - start)
+        kw = dict(sample_kw)
+        if prefix is not None:
+            kw["prefix"] = prefix[start:start + n]
+        if memos is not None:
+            kw["memo"] = memos.setdefault((s, start), PrefixMemo(ends))
+        ids = sampler.generate_ids(n, steps, schedule=sched, seed=s * 100_003 + start, **kw)
+        rep = sampler.last_report
+        cost["calls"] += rep["forward_calls_total"]
+        for part in ("blocks", "full"):
+            cost[part] += rep["flops"][part]
+            cost["ref_" + part] += rep["reference"][part]
+        k = 0 if prefix is None else prefix.shape[1]
+        out += [{"text": tok.decode(r.tolist()), "ids": r.tolist(), "prefix_len": k,
+                 "prefix_text": tok.decode(r[:k].tolist())} for r in ids]
+    return out
 
 
 def plot_frontier(rows, path: Path, title: str = "") -> None:
