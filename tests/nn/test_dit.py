@@ -47,6 +47,14 @@ def test_info_mdlm_small(capsys):
     assert c["head"] == 768 * 50258 + 50258          # the output linear, [MASK] included
     assert c["embedding"] == 50258 * 768
     assert info["vocab_size"] == 50257 and info["d_model"] == 768 and info["n_layers"] == 12
+    assert info["run_tokens"] == info["max_steps"] * info["global_batch"] * info["seq_len"]
+
+
+def test_info_states_the_paper_shaped_budgets(capsys):
+    """The parity presets' budget in the table: 1000 steps x 16 x 256 = 4,096,000 tokens."""
+    assert main(["info", "--preset", "mdlm-cpu", "--preset", "tdlm-cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "22.69%" in out and "0.35%" in out and out.count("4,096,000") == 2
 
 
 @pytest.mark.parametrize("family,causal", [("ar", True), ("mdlm", False)])

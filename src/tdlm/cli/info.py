@@ -21,7 +21,9 @@ def cmd_info(args) -> int:
         m = cfg.backbone
         rows[name] = {"family": cfg.family.name, "d_model": m.d_model, "n_layers": m.n_layers,
                       "n_heads": m.n_heads, "vocab_size": m.vocab_size, "seq_len": cfg.data.seq_len,
-                      "parameters": c}
+                      "parameters": c, "max_steps": cfg.train.max_steps,
+                      "global_batch": cfg.train.global_batch,
+                      "run_tokens": cfg.train.max_steps * cfg.train.global_batch * cfg.data.seq_len}
         rows[name].update(fam.describe())
         if args.measure:
             from ..train.throughput import measure_throughput
@@ -29,15 +31,21 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(rows if len(rows) > 1 else next(iter(rows.values())), indent=2))
     else:
-        tp = f"{'train tok/s':>13}" if args.measure else ""
-        hdr = f"{'preset':<14}{'family':<7}{'d':>6}{'layers':>8}{'total':>14}{'embedding':>13}{'head':>13}{'blocks':>14}{'head %':>8}"
+        tp = f"{'train tok/s':>13}{'run h':>7}" if args.measure else ""
+        hdr = (f"{'preset':<14}{'family':<7}{'d':>6}{'layers':>8}{'total':>14}{'embedding':>13}"
+               f"{'head':>13}{'blocks':>14}{'head %':>8}{'run tokens':>13}")
         print(hdr + tp)
         for n, r in rows.items():
             c = r["parameters"]
-            m = f"{r['throughput']['tokens_per_s']:>13.0f}" if args.measure else ""
+            m = ""
+            if args.measure:
+                tps = r["throughput"]["tokens_per_s"]
+                m = f"{tps:>13.0f}{r['run_tokens'] / tps / 3600:>7.2f}"
             print(f"{n:<14}{r['family']:<7}{r['d_model']:>6}{r['n_layers']:>8}{c['total']:>14,}"
-                  f"{c['embedding']:>13,}{c['head']:>13,}{c['blocks']:>14,}{100 * c['head_share']:>7.2f}%"
-                  + m)
+                  f"{c['embedding']:>13,}{c['head']:>13,}{c['blocks']:>14,}"
+                  f"{100 * c['head_share']:>7.2f}%{r['run_tokens']:>13,}" + m)
+        print("run tokens: the preset's training budget, max_steps x global_batch x seq_len"
+              + ("; run h: those tokens at the measured rate" if args.measure else ""))
         if args.measure:
             t = next(iter(rows.values()))["throughput"]
             print(f"train tok/s: data tokens per second of {t['steps']} optimizer steps of the "
