@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,7 +64,11 @@ _GPT2_SETS = ["train.max_steps=600", "train.eval_every=100", "train.ckpt_every=1
 REGIMES = {
     "cpu": {"title": "paper-shaped CPU presets, 8k BPE", "work": "runs/parity", "stem": "parity",
             "main": {"mdlm": ("mdlm-cpu", []), "tdlm": ("tdlm-cpu", [])},
-            "ar": ("ar-cpu", []), "ablations": ABLATIONS},
+            "ar": ("ar-cpu", []), "ablations": ABLATIONS,
+            # the scheduling study's seed-0 heavy MDLM and heavy TDLM (relative to the work
+            # folder): the same presets, seed and data order, 4000 steps
+            # (benchmarks/scheduling.py --scale cpu --stage run / run-levels)
+            "longer": {"mdlm": "../sched-paper/heavy", "tdlm": "../sched-paper/tdlm-heavy"}},
     "gpt2": {"title": "tiny presets, GPT-2 vocabulary", "work": "runs/parity-gpt2",
              "stem": "parity_gpt2",
              "main": {"mdlm": ("tiny-gpt2", _GPT2_SETS), "tdlm": ("tdlm-tiny", _GPT2_SETS)},
@@ -250,7 +255,8 @@ def report(a) -> dict:
            "per_seed": per_seed, "summary": summary, "along_training": along,
            "budgets": budgets,
            "presets": {m: p for m, (p, _) in R["main"].items()},
-           "ablations": _ablations(runs, paired[0] if paired else 0)}
+           "ablations": _ablations(runs, paired[0] if paired else 0),
+           "longer": _longer({m: work / p for m, p in R.get("longer", {}).items()}, runs, cf)}
     out.mkdir(parents=True, exist_ok=True)
     stem = R["stem"]
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1, sort_keys=True))
@@ -258,6 +264,51 @@ def report(a) -> dict:
     _plot(runs, along, out / f"{stem}.png", R["title"], cf["nats"] if cf else None)
     print(summary.get("verdict", "no finished pair yet"))
     return res
+
+
+def _longer(where: dict | None, runs: dict, cf: dict | None) -> dict | None:
+    """The main pair at a longer budget (one seed), when both runs have finished: final
+    NELBOs, the difference with its paired SE, the same seed's difference at the study's
+    budget, how far each got below the context-free level, and both curves."""
+    got = {m: read_run(where[m]) for m in PAIR} if where else {}
+    if not got or any(r is None for r in got.values()):
+        return None
+    m, t = (got[x]["final"]["nelbo_per_token"] for x in PAIR)
+    pm, pt = (_per_batch_eval(where[x]) for x in PAIR)
+    se = None
+    if pm and pt:
+        from tdlm.eval.nelbo import paired_difference
+        se = paired_difference(pt, pm)["stderr"]
+    seed = got[BASE]["config"]["train"]["seed"]
+    short = {x: runs.get(f"{x}-s{seed}") for x in PAIR}
+    return {"seed": seed, "steps": got[BASE]["steps"], "tokens": got[BASE]["tokens"],
+            "runs": {x: os.path.relpath(where[x]) for x in PAIR}, BASE: m, TREE: t, "diff": t - m, "rel": t / m - 1,
+            "diff_paired_se": se,
+            "short_rel": (short[TREE]["final"]["nelbo_per_token"]
+                          / short[BASE]["final"]["nelbo_per_token"] - 1)
+            if all(short.values()) else None,
+            "below_cf": {x: cf["nats"] - v for x, v in ((BASE, m), (TREE, t))} if cf else None,
+            "curves": {x: got[x]["curve"] for x in PAIR}}
+
+
+def _longer_lines(lg: dict) -> list:
+    se = f" ± {lg['diff_paired_se']:.4f}" if lg["diff_paired_se"] is not None else ""
+    L = ["", f"## Four times the budget, one seed ({lg['steps']} steps, {lg['tokens']:,} tokens)",
+         "", f"The same presets, seed {lg['seed']} and data order trained {lg['steps']} steps "
+         f"(cosine schedule over the longer run): the scheduling study's heavy models "
+         f"(`{lg['runs'][BASE]}`, `{lg['runs'][TREE]}`). One seed: a reading of where the "
+         "difference goes with budget, not a verdict (the verdict above is the pre-registered "
+         "study's).", "",
+         "| budget | MDLM NELBO | TDLM NELBO | TDLM − MDLM (± paired SE) | relative |",
+         "|---|---|---|---|---|",
+         f"| {lg['steps']} steps | {lg[BASE]:.4f} | {lg[TREE]:.4f} | {lg['diff']:+.4f}{se} | "
+         f"{100 * lg['rel']:+.2f}% |"]
+    if lg["short_rel"] is not None:
+        L.append(f"| the study's budget, same seed | | | | {100 * lg['short_rel']:+.2f}% |")
+    if lg["below_cf"]:
+        L += ["", f"Below the context-free level: MDLM {lg['below_cf'][BASE]:.3f} nats, TDLM "
+              f"{lg['below_cf'][TREE]:.3f} nats."]
+    return L
 
 
 def _ablations(runs: dict, s0: int) -> list[dict]:
@@ -466,6 +517,8 @@ def _markdown(res: dict, stem: str) -> str:
             same = f"{m['final']['nelbo_per_token']:.4f}" if m else "n/a"
             L.append(f"| {n} | {r['final']['nelbo_per_token']:.4f} ± "
                      f"{r['final'].get('stderr_per_token') or 0:.4f} | {same} |")
+    if res.get("longer"):
+        L += _longer_lines(res["longer"])
     if len(res["ablations"]) > 1:
         L += ["", "## Ablations (one seed): tree construction and branching", "",
               "| run | tree source | K | H | NELBO (± SE) | vs TDLM default | vs MDLM | levels |",

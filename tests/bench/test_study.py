@@ -326,3 +326,33 @@ def test_scheduling_pair_gap_read_against_two_standard_errors():
     assert "differs clearly" in first(0.15) and "+0.150" in first(0.15)
     assert "does **not** differ clearly" in first(0.05)
     assert "does **not** differ clearly" in first(0.099)
+
+
+def test_parity_report_reads_the_longer_budget_pair_beside_the_study(tmp_path):
+    """The cpu regime's seed-0 pair trained 4x longer (the scheduling study's heavy models,
+    ../sched-paper beside the work folder): final difference, its paired SE by hand, and the
+    same seed's difference at the study's budget."""
+    par = _load("parity")
+    m, t = _cfg("mdlm-cpu"), _cfg("tdlm-cpu")
+    work = tmp_path / "parity"
+    _run(work, "mdlm-s0", m, [(1000, 6.0)], {"nelbo_per_token": 6.0})
+    _run(work, "tdlm-s0", t, [(1000, 6.06)], {"nelbo_per_token": 6.06})
+    m4, t4 = (dict(c, train=dict(c["train"], max_steps=4000)) for c in (m, t))
+    sp = tmp_path / "sched-paper"
+    nll_m, nll_t, tok = [500.0, 700.0, 650.0], [490.0, 660.0, 655.0], [100.0, 120.0, 110.0]
+    fm = {"nelbo_per_token": sum(nll_m) / sum(tok), "per_batch": {"nll": nll_m, "tokens": tok}}
+    ft = {"nelbo_per_token": sum(nll_t) / sum(tok), "per_batch": {"nll": nll_t, "tokens": tok}}
+    _run(sp, "heavy", m4, [(4000, 5.5)], fm, max_steps=4000)
+    out = tmp_path / "out"
+    assert par.main(["report", "--work", str(work), "--out", str(out)]) == 0
+    assert json.loads((out / "parity.json").read_text())["longer"] is None   # one side only
+    _run(sp, "tdlm-heavy", t4, [(4000, 5.4)], ft, max_steps=4000)
+    assert par.main(["report", "--work", str(work), "--out", str(out)]) == 0
+    lg = json.loads((out / "parity.json").read_text())["longer"]
+    e = [a - b for a, b in zip(nll_t, nll_m)]
+    D = sum(e) / sum(tok)
+    se = math.sqrt(3 / 2 * sum((x - D * n) ** 2 for x, n in zip(e, tok))) / sum(tok)
+    assert lg["steps"] == 4000 and lg["diff"] == pytest.approx(D)
+    assert lg["diff_paired_se"] == pytest.approx(se)
+    assert lg["short_rel"] == pytest.approx(0.01)
+    assert "Four times the budget" in (out / "parity.md").read_text()
