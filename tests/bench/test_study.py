@@ -356,3 +356,34 @@ def test_parity_report_reads_the_longer_budget_pair_beside_the_study(tmp_path):
     assert lg["diff_paired_se"] == pytest.approx(se)
     assert lg["short_rel"] == pytest.approx(0.01)
     assert "Four times the budget" in (out / "parity.md").read_text()
+
+
+def test_did_sampling_timing_is_round_robin_with_per_round_ratios():
+    """Fake pipelines whose sampling takes a known time per sample: the sides alternate, the
+    warm-up call is not timed, and the ratio is the median of the per-round ratios."""
+    import time as _t
+    ds = _load("did_study")
+    order = []
+
+    class Res:
+        def __init__(self, n, length):
+            self.rows = [[0] * length for _ in range(n)]
+
+        def sequences(self):
+            return self.rows
+
+    class Fake:
+        def __init__(self, name, per_sample, length):
+            self.name, self.per, self.length = name, per_sample, length
+
+        def sample(self, num, steps, seed=0):
+            order.append((self.name, seed))
+            _t.sleep(self.per * num)
+            return Res(num, self.length)
+
+    t = ds.sample_timing({"did": Fake("did", 0.01, 100), "mdlm": Fake("mdlm", 0.04, 256)},
+                         num=2, steps=8, rounds=3)
+    assert order == [(side, 1000 + r) for r in range(4) for side in ("did", "mdlm")]
+    assert len(t["did"]["per_round"]) == 3 and t["rounds"] == 3
+    assert t["ratio"] == pytest.approx(0.25, rel=0.3)
+    assert t["did"]["mean_length"] == 100 and t["mdlm"]["mean_length"] == 256
