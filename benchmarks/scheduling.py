@@ -440,7 +440,8 @@ def stage_report(work: Path) -> None:
     for n, e in evals.items():
         lines.append(f"| {n} ({e['family']}) | {e['blocks']} | {e['params']:,} | "
                      f"{e['nelbo_per_token']:.3f} ({e['bound']}) | "
-                     f"{(e['train_seconds'] or 0) / 60:.1f} min |")
+                     + (f"{e['train_seconds'] / 60:.1f} min |" if e["train_seconds"] else
+                        "- |"))
     # KL profile
     ok = [r for r in an if r.get("noised") and int(r["noised"]) > 0]
     peak = max(ok, key=lambda r: _f(r["kl_heavy_light"]))
