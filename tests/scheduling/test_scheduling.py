@@ -304,6 +304,9 @@ def test_shared_plan_prefixes_give_the_samples_and_counts_of_independent_runs(fa
         assert memo.hits > 0 and made == reported - memo.forwards_saved < reported
     with pytest.raises(ValueError, match="one sampling setting"):
         s.generate_ids(5, T, schedule=spec("HHHH"), seed=8, top_p=0.95, memo=memo)
+    other = ScheduledSampler({"H": pipes["L"], "L": pipes["H"]})     # same names, other models
+    with pytest.raises(ValueError, match="one sampling setting"):
+        other.generate_ids(5, T, schedule=spec("HHHH"), seed=7, top_p=0.95, memo=memo)
 
 
 def test_tdlm_levels_schedule_gives_whole_levels():

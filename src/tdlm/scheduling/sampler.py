@@ -148,7 +148,8 @@ class ScheduledSampler:
         plan = StepPlan({n: self.pipes[n].model for n in used}, sched.per_step(),
                         {n: self.pipes[n].cfg.backbone.time_conditioning for n in used})
         if memo is not None:
-            memo.bind(_fingerprint((num, steps, seed, steps_split, sorted(kw.items()))))
+            memo.bind(_fingerprint((num, steps, seed, steps_split, sorted(kw.items()),
+                                    sorted((n, id(p.model)) for n, p in self.pipes.items()))))
             plan.memo = memo
         log = ForwardLog()
         if steps_split is not None:
