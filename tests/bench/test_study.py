@@ -387,3 +387,18 @@ def test_did_sampling_timing_is_round_robin_with_per_round_ratios():
     assert len(t["did"]["per_round"]) == 3 and t["rounds"] == 3
     assert t["ratio"] == pytest.approx(0.25, rel=0.3)
     assert t["did"]["mean_length"] == 100 and t["mdlm"]["mean_length"] == 256
+
+
+def test_tdlm_default_tree_note_matches_the_committed_ablations():
+    """TDLMConfig's docstring gives the parity study's ablation figures as the reason for its
+    default tree: every committed ablation NELBO (3 decimals) is in it, and the default is the
+    one the note names."""
+    from tdlm.families.tdlm.config import TDLMConfig
+    res = BENCH / "results" / "parity.json"
+    if not res.is_file():
+        pytest.skip("no committed parity results")
+    abl = json.loads(res.read_text())["ablations"]
+    assert len(abl) == 6
+    for r in abl:
+        assert f"{r['nelbo']:.3f}" in TDLMConfig.__doc__, r["run"]
+    assert TDLMConfig().tree_source == "corpus" and 'tree_source="corpus"' in TDLMConfig.__doc__

@@ -16,7 +16,18 @@ TREE_SOURCES = ("corpus", "exchange", "random", "frequency", "checkpoint", "file
 @register_section
 @dataclass
 class TDLMConfig(NoiseSection):
-    """Tree-structured diffusion (spec TDLM.md): H levels of K-way child prediction."""
+    """Tree-structured diffusion (spec TDLM.md): H levels of K-way child prediction.
+
+    The default tree, ``tree_source="corpus"`` (balanced k-means of corpus co-occurrence
+    embeddings), follows the parity study's ablations [ours] (benchmarks/results/parity.md:
+    ``tdlm-cpu``, 8k BPE, K=128, H=2, seed 0, 1000 steps; validation NELBO/token): exchange
+    6.027, corpus 6.097, H=3 (K=21) 6.330, checkpoint (the trained MDLM's input embeddings)
+    6.526, frequency 6.560, random 6.624. Only exchange and corpus are within two runs' seed
+    noise of the lowest (2 sqrt(2) x TDLM's seed sd 0.047 = 0.134 nats), so no construction is
+    shown better than corpus; corpus stays the default because it builds about 4x faster
+    (GPT-2 vocabulary, K=256, 2 cores: 27 s against exchange's 109 s,
+    benchmarks/results/tree_build.md). ``tree_source="exchange"`` is there for those who want
+    the lowest single-seed figure."""
     name = "tdlm"
     layouts = ("packed", "crop_pad", "packed_bos", "varlen")
     renamed = {"model.tree_K": "K", "model.tree_H": "H", "model.tree_head": "head",
