@@ -267,3 +267,58 @@ def sd(values: Sequence[float]) -> Optional[float]:
         return None
     m = sum(values) / n
     return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+
+
+def progress(work: Path) -> list[dict]:
+    """Every run folder under ``work`` (symlinks included) with its progress: ``step`` of
+    ``max_steps``, ``evaluated`` (final evaluation done), the median logged training
+    throughput and the hours the remaining steps take at it (None when not measured)."""
+    rows = []
+    for run in sorted(p for p in work.iterdir() if p.is_dir()):
+        cfg_f = run / "config.json"
+        if not cfg_f.exists():
+            continue
+        cfg = json.loads(cfg_f.read_text())
+        tr = cfg["train"]
+        step = latest_step(run)
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
+                if x] if (run / "metrics.jsonl").exists() else []
+        tps = sorted(r["tokens_per_s"] for r in recs if r.get("split") == "train"
+                     and r.get("tokens_per_s"))
+        rate = tps[len(tps) // 2] if tps else None
+        left = max(tr["max_steps"] - step, 0) * tr["global_batch"] * cfg["data"]["seq_len"]
+        rows.append({"run": run.name, "step": step, "max_steps": tr["max_steps"],
+                     "evaluated": (run / "final_eval" / "metrics.json").exists(),
+                     "tokens_per_s": rate, "hours_left": left / rate / 3600 if rate else None})
+    return rows
+
+
+def main(argv=None) -> int:
+    """``python benchmarks/study.py status [WORK ...]``: the progress of every study's runs
+    (default: the study folders under runs/)."""
+    import argparse
+    p = argparse.ArgumentParser(description="progress of the studies' runs")
+    p.add_argument("what", choices=["status"])
+    p.add_argument("work", nargs="*", default=["runs/parity", "runs/parity-gpt2", "runs/judge",
+                                               "runs/sched-paper", "runs/did-study"])
+    a = p.parse_args(argv)
+    total = 0.0
+    for w in map(Path, a.work):
+        if not w.is_dir():
+            print(f"{w}: not started")
+            continue
+        for r in progress(w):
+            h = r["hours_left"]
+            total += h or 0.0
+            state = "done" if r["evaluated"] else ("trained, not evaluated"
+                                                   if r["step"] >= r["max_steps"] else "")
+            print(f"{w}/{r['run']:<24} {r['step']:>5}/{r['max_steps']:<5} "
+                  f"{'' if r['tokens_per_s'] is None else format(r['tokens_per_s'], '.0f'):>6} "
+                  f"tok/s  {'' if h is None else format(h, '.2f') + ' h left':<12} {state}")
+    print(f"training hours left at the logged rates (one thread per run; runs not started "
+          f"are not counted): {total:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

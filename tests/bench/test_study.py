@@ -402,3 +402,15 @@ def test_tdlm_default_tree_note_matches_the_committed_ablations():
     for r in abl:
         assert f"{r['nelbo']:.3f}" in TDLMConfig.__doc__, r["run"]
     assert TDLMConfig().tree_source == "corpus" and 'tree_source="corpus"' in TDLMConfig.__doc__
+
+
+def test_progress_gives_steps_and_hours_left_at_the_logged_rate(tmp_path):
+    st = _load("study")
+    cfg = _cfg("mdlm-cpu")                                  # 1000 steps x 16 x 256
+    _run(tmp_path, "a", cfg, [(400, 6.5)], None)            # logged 100 tokens/s
+    _run(tmp_path, "b", cfg, [(1000, 6.0)], {"nelbo_per_token": 6.0})
+    rows = {r["run"]: r for r in st.progress(tmp_path)}
+    assert rows["a"]["step"] == 400 and not rows["a"]["evaluated"]
+    assert rows["a"]["hours_left"] == pytest.approx(600 * 16 * 256 / 100 / 3600)
+    assert rows["b"]["evaluated"] and rows["b"]["hours_left"] == 0
+    assert st.main(["status", str(tmp_path)]) == 0
