@@ -341,20 +341,82 @@ def _median_paired(rows: list) -> str:
     return f"{v[len(v) // 2]:.3f}" if v else "not measured"
 
 
+#: seed spreads within this factor of each other count as comparable (report wording only)
+SPREAD_COMPARABLE = 2.0
+
+
 def _spread_line(rows: list, sm: float, st: float) -> str:
     """Which model's seeds spread, in words computed from the numbers."""
     hi, lo = (BASE, TREE) if sm >= st else (TREE, BASE)
     ratio = max(sm, st) / max(min(sm, st), 1e-12)
+    if ratio < SPREAD_COMPARABLE:
+        return (f"The two models' seeds spread comparably (final NELBO sd {sm:.4f} for MDLM, "
+                f"{st:.4f} for TDLM, {ratio:.1f}x apart): the interval's width comes from both. "
+                "More seeds narrow it; a different batch or budget would be a new, "
+                "pre-registered study.")
     worst, best = max(rows, key=lambda r: r[hi]), min(rows, key=lambda r: r[hi])
-    return (f"{hi.upper()}'s seeds spread {ratio:.0f}x as much as {lo.upper()}'s: its worst seed "
+    return (f"{hi.upper()}'s seeds spread {ratio:.1f}x as much as {lo.upper()}'s: its worst seed "
             f"({worst['seed']}, {worst[hi]:.3f}) ends {worst[hi] - best[hi]:.3f} above its best "
             f"(seed {best['seed']}; the curves below show where the runs part), so the "
             f"interval's width comes mostly from {hi.upper()}'s seed-to-seed variation. More "
             "seeds narrow it; a different batch or budget would be a new, pre-registered study.")
 
 
-def _context_free_lines(rows: list, cf: dict) -> list[str]:
-    """The per-seed distance below the context-free level and one computed sentence."""
+def _cf_reading(rows: list) -> str:
+    """One sentence per model on where its seeds ended against the context-free level, and
+    a comparison of the spreads only when every seed of both ended below it."""
+    parts, spread = [], {}
+    for m in PAIR:
+        g = [r[m + "_below_cf"] for r in rows]
+        if min(g) > 0:
+            worst = min(rows, key=lambda r: r[m + "_below_cf"])
+            spread[m] = max(g) / min(g)
+            parts.append(f"{m.upper()} ends {min(g):.3f}-{max(g):.3f} nats below it (its "
+                         f"weakest seed, {worst['seed']}, {100 * min(g) / max(g):.0f}% of its "
+                         "best seed's distance)")
+        elif max(g) < 0:
+            parts.append(f"{m.upper()} ends {-max(g):.3f}-{-min(g):.3f} nats ABOVE it in every "
+                         "seed: its NELBO is still worse than a context-free prediction's")
+        else:
+            parts.append(f"{m.upper()} ends between {-min(g):.3f} nats above and {max(g):.3f} "
+                         "nats below it")
+    text = "; ".join(parts) + "."
+    if len(spread) == len(PAIR):
+        hi, lo = (BASE, TREE) if spread[BASE] >= spread[TREE] else (TREE, BASE)
+        if spread[hi] >= SPREAD_COMPARABLE * spread[lo]:
+            text += (f" How far {hi.upper()}'s seeds got from the context-free level differs "
+                     f"{spread[hi]:.1f}x between its best and weakest seed, {lo.upper()}'s "
+                     f"{spread[lo]:.1f}x: at this budget the difference between the models is "
+                     f"largely how far {hi.upper()}'s seed happened to get.")
+        else:
+            text += (f" Both models' seeds got comparably far ({spread[BASE]:.1f}x and "
+                     f"{spread[TREE]:.1f}x between best and weakest seed).")
+    else:
+        text += (" At this budget the comparison is between models that have barely left, or "
+                 "not yet left, the context-free level: it says little about the ranking at "
+                 "convergence.")
+    return text
+
+
+def _curve_offset_line(rows: list, runs: dict) -> str:
+    """How far the training-time evaluations (a subset of the validation batches) read from
+    the whole-split final evaluation at the last step, for the 'first step' column."""
+    off = []
+    for r in rows:
+        for m in PAIR:
+            run = runs.get(f"{m}-s{r['seed']}")
+            if run and run["curve"]:
+                off.append(run["final"]["nelbo_per_token"] - run["curve"][-1][2])
+    if not off:
+        return ""
+    return (f"The training-time evaluations score the first `train.eval_batches` validation "
+            f"batches, the final one the whole split: at the last step the whole split reads "
+            f"{min(off):+.3f} to {max(off):+.3f} nats from the curve, so the 'first step' "
+            "columns compare against the context-free level only approximately.")
+
+
+def _context_free_lines(rows: list, cf: dict, runs: dict | None = None) -> list[str]:
+    """The per-seed distance below the context-free level and computed readings."""
     L = ["", "## Against the context-free level", "",
          f"A model that ignores context scores the validation split's cross-entropy under the "
          f"training split's unigram distribution, **{cf['nats']:.4f} nats** "
@@ -362,7 +424,8 @@ def _context_free_lines(rows: list, cf: dict) -> list[str]:
          "`study.unigram_cross_entropy`): the NELBO of masked diffusion and of TDLM with a "
          "context-free prediction (the evaluated NELBO, which leaves out t < t_min and "
          f"ends at alpha_1 = eps, is {cf.get('nelbo_short_by', 0):.3f} nats under it), and the "
-         "AR NLL of one. How far below it a run ends is, mostly, what it has learned from context; "
+         "AR NLL of one. How far below it a run ends is, mostly, what it has learned from context "
+         "(negative: above it); "
          f"'first step {CF_MARGIN} below' is the first training-time evaluation at least "
          f"{CF_MARGIN} nats under it.", "",
          "| seed | MDLM below context-free (nats) | TDLM below context-free (nats) | MDLM first "
@@ -370,19 +433,10 @@ def _context_free_lines(rows: list, cf: dict) -> list[str]:
     for r in rows:
         L.append(f"| {r['seed']} | {r[BASE + '_below_cf']:.3f} | {r[TREE + '_below_cf']:.3f} | "
                  f"{r.get(BASE + '_cf_step') or 'never'} | {r.get(TREE + '_cf_step') or 'never'} |")
-    parts, spread = [], {}
-    for m in PAIR:
-        g = [r[m + "_below_cf"] for r in rows]
-        worst = min(rows, key=lambda r: r[m + "_below_cf"])
-        spread[m] = max(g) / max(min(g), 1e-12)
-        parts.append(f"{m.upper()} ends {min(g):.3f}-{max(g):.3f} nats below it (its weakest "
-                     f"seed, {worst['seed']}, {100 * min(g) / max(max(g), 1e-12):.0f}% of its "
-                     "best seed's distance)")
-    hi, lo = (BASE, TREE) if spread[BASE] >= spread[TREE] else (TREE, BASE)
-    L += ["", "; ".join(parts) + f". How far {hi.upper()}'s seeds got from the context-free "
-          f"level differs {spread[hi]:.1f}x between its best and weakest seed, {lo.upper()}'s "
-          f"{spread[lo]:.1f}x: at this budget the difference between the models is largely how "
-          f"far {hi.upper()}'s seed happened to get."]
+    L += ["", _cf_reading(rows)]
+    off = _curve_offset_line(rows, runs or {})
+    if off:
+        L += ["", off]
     return L
 
 
@@ -480,7 +534,7 @@ def _markdown(res: dict, stem: str) -> str:
               f"difference (paired SE, ~{_median_paired(res['per_seed'])}) is the smaller part.",
               "", _spread_line(res["per_seed"], sm, st), "", _seeds_line(res["per_seed"])]
     if s.get("context_free") and res["per_seed"]:
-        L += _context_free_lines(res["per_seed"], s["context_free"])
+        L += _context_free_lines(res["per_seed"], s["context_free"], res["runs"])
     if res["along_training"]:
         al = res["along_training"]
         L += ["", "## Learning curves (training-time validation NELBO per token)", "",

@@ -414,3 +414,22 @@ def test_progress_gives_steps_and_hours_left_at_the_logged_rate(tmp_path):
     assert rows["a"]["hours_left"] == pytest.approx(600 * 16 * 256 / 100 / 3600)
     assert rows["b"]["evaluated"] and rows["b"]["hours_left"] == 0
     assert st.main(["status", str(tmp_path)]) == 0
+
+
+def test_parity_readings_for_comparable_spreads_and_runs_above_the_context_free_level():
+    """The gpt2 regime's shape: spreads 1.3x apart read as comparable (not 'mostly one
+    model'); a model above the context-free level in every seed is said to be above it, and no
+    best/weakest ratio is formed from negative distances."""
+    par = _load("parity")
+    assert "spread comparably" in par._spread_line([], 0.0155, 0.0201)
+    rows = [{"seed": 0, "mdlm": 6.2, "tdlm": 6.0}, {"seed": 1, "mdlm": 6.7, "tdlm": 6.05}]
+    assert "MDLM's seeds spread 10.0x" in par._spread_line(rows, 0.35, 0.035)
+    rows = [{"seed": s, "mdlm_below_cf": b, "tdlm_below_cf": -a}
+            for s, (b, a) in enumerate([(0.057, 0.197), (0.088, 0.169), (0.076, 0.158)])]
+    text = par._cf_reading(rows)
+    assert "TDLM ends 0.158-0.197 nats ABOVE it in every seed" in text
+    assert "MDLM ends 0.057-0.088 nats below it" in text and "%" in text
+    assert "barely left" in text and "largely how far" not in text
+    both = [{"seed": 0, "mdlm_below_cf": 0.6, "tdlm_below_cf": 0.6},
+            {"seed": 1, "mdlm_below_cf": 0.15, "tdlm_below_cf": 0.5}]
+    assert "largely how far MDLM's seed" in par._cf_reading(both)
