@@ -280,9 +280,9 @@ def progress(work: Path) -> list[dict]:
             continue
         cfg = json.loads(cfg_f.read_text())
         tr = cfg["train"]
-        step = latest_step(run)
         recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
                 if x] if (run / "metrics.jsonl").exists() else []
+        step = max((r.get("step", 0) for r in recs), default=0)      # as latest_step
         tps = sorted(r["tokens_per_s"] for r in recs if r.get("split") == "train"
                      and r.get("tokens_per_s"))
         rate = tps[len(tps) // 2] if tps else None
