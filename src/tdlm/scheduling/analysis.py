@@ -306,13 +306,13 @@ def segment_search(sampler, judge, steps: int, segments: int, light_segments: Op
     tok = sampler.tokenizer
     vh = vocab_ids_hash(tok.hf) if hasattr(tok, "hf") else None
     cands = segment_schedules(steps, segments, light_segments, light, heavy, extra_masks)
+    lens = split_even(steps, segments)
     if include_light_only and light_segments is not None and "L" * segments not in \
             {m for m, _ in cands}:
-        lens = split_even(steps, segments)
         from .schedule import _merge
         cands.append(("L" * segments, ModelPlan("L" * segments, steps,
                                                _merge([(light, n) for n in lens]), light, heavy)))
-    ends = [sum(split_even(steps, segments)[:i + 1]) - 1 for i in range(segments)]
+    ends = [sum(lens[:i + 1]) - 1 for i in range(segments)]      # last step of each segment
     memos: dict = {}
     rows = []
     for ci, (mask, sched) in enumerate(cands):
