@@ -33,7 +33,7 @@ CLI_MODULES: set = set()
 LONG_FUNCTIONS = {          # path:function -> lines today (may only shrink)
     "vocab_tree/build.py:auction_assign": 129,
     "eval/genppl.py:generative_perplexity": 110,
-    "families/did/family.py:run_sampler": 105,
+    "families/did/family.py:run_sampler": 90,
 }
 PRESET_TABLE = "config/presets.py"      # the one place outside families/ that names families
 

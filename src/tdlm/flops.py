@@ -67,7 +67,10 @@ def model_forward_flops(model: torch.nn.Module, lengths) -> dict:
 def flops_from_log(log, models: dict) -> dict:
     """Total FLOPs of the forward calls recorded in a ``ForwardLog``: per model name and in
     all, ``{"per_model": {name: {...}}, "blocks": ..., "full": ...}``. Every dense call of
-    shape (num, seq_len) counts ``num`` sequences of length ``seq_len``."""
+    shape (num, seq_len) counts ``num`` sequences of length ``seq_len``. Model-FLOPs
+    convention: ``head`` (and so ``full``) counts the output layer at every position of a
+    call, although MDLM's sampler runs it on the positions that move alone (and DID's on the
+    gaps that insert), so a sampler's arithmetic is lower than ``full`` by up to ``head``."""
     per = {}
     tot = {"blocks": 0, "embedding": 0, "head": 0, "other": 0, "full": 0}
     for name, shapes in log.shapes.items():

@@ -329,6 +329,47 @@ def test_fixed_length_sampler_completes_to_exact_length_and_reuses_outputs():
     assert stats["tokens_forwarded"] < stats["forward_calls"] * 6000 * 4
 
 
+class ScoreOnly(torch.nn.Module):
+    """Exposes only ``forward -> (u, logits)`` of an InsertionLM (the generic score path)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *a, **k):
+        return self.inner(*a, **k)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "variable"])
+def test_sampler_output_layer_runs_on_inserting_gaps_only(mode):
+    """A real InsertionLM (random weights): the sampler forwards to the features and the
+    rates and runs the output layer on the gaps that insert alone -- as many rows as tokens
+    were inserted over the whole sample -- with the samples of the all-gaps path."""
+    cfg = RunConfig.from_dict({"backbone": {"vocab_size": 40, "d_model": 32, "n_layers": 2,
+                                            "n_heads": 4, "cond_dim": 16, "max_seq_len": 24,
+                                            "time_conditioning": mode == "variable"},
+                               "family": {"name": "did", "length": mode},
+                               "data": {"seq_len": 24, "layout": "packed_bos"}})
+    fam = get_family(cfg)
+    torch.manual_seed(0)
+    model = fam.build_model().eval()
+    with torch.no_grad():
+        for p_ in model.parameters():
+            p_.add_(torch.randn_like(p_) * 0.3)
+    rows = []
+    model.head.linear.register_forward_hook(lambda mod, i, o: rows.append(i[0].shape[0]))
+    a = fam.sample(model, 6, 24, 12, torch.Generator().manual_seed(4), bos_id=0, top_p=0.9)
+    head_rows = sum(rows)
+    rows.clear()
+    b = fam.sample(ScoreOnly(model), 6, 24, 12, torch.Generator().manual_seed(4), bos_id=0,
+                   top_p=0.9)
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b) == 6
+    inserted = sum(len(x) - 1 for x in a)
+    if mode == "fixed":
+        assert inserted == 6 * 23
+    assert 0 < head_rows == inserted < sum(rows), (head_rows, inserted, sum(rows))
+
+
 def test_prompt_and_infilling_gaps():
     p = toy_probs(0)
     fam = toy_family("variable")

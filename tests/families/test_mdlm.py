@@ -187,6 +187,53 @@ def test_cache_reuses_prediction_only_when_nothing_changed(source):
     assert oracle2.calls >= 50               # a time-conditioned model is called every step
 
 
+class LogitsOnly(torch.nn.Module):
+    """Exposes only ``forward -> logits`` of a model (the sampler's generic path)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *a, **k):
+        return self.inner(*a, **k)
+
+
+@pytest.mark.parametrize("time_cond", [False, True])
+def test_sampler_output_layer_runs_on_moving_positions_only(time_cond, monkeypatch):
+    """A real network (random weights): the sampler forwards to the features and runs the
+    output layer on the positions that move alone (plus the noise-removal pass); the samples
+    are those of the all-positions path (a module that only returns logits)."""
+    torch.manual_seed(0)
+    cfg = RunConfig.from_dict({"backbone": {"vocab_size": 50, "d_model": 32, "n_layers": 2,
+                                            "n_heads": 4, "cond_dim": 16, "max_seq_len": 24,
+                                            "time_conditioning": time_cond},
+                               "family": {"name": "mdlm"}, "data": {"seq_len": 24}})
+    fam = get_family(cfg)
+    model = fam.build_model().eval()
+    with torch.no_grad():
+        for p_ in model.parameters():
+            p_.add_(torch.randn_like(p_) * 0.1)
+    rows, linear, head_w = [], torch.nn.functional.linear, model.head.linear.weight.data_ptr()
+
+    def counting(x, w, b=None):                # rows through the output layer's weights
+        if w.data_ptr() == head_w:
+            rows.append(x.shape[:-1].numel())
+        return linear(x, w, b)
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    traj = []
+    a = fam.sample(model, 6, 24, 16, torch.Generator().manual_seed(2), top_p=0.9,
+                   trajectory=traj)
+    head_rows = sum(rows)
+    rows.clear()
+    b = fam.sample(LogitsOnly(model), 6, 24, 16, torch.Generator().manual_seed(2), top_p=0.9)
+    assert torch.equal(a, b)
+    moved = sum(int(((torch.tensor(p["ids"]) == fam.mask_id)
+                     & (torch.tensor(c["ids"]) != fam.mask_id)).sum())
+                for p, c in zip(traj[:17], traj[1:17]))       # the 16 reverse steps
+    removal = 6 * 24 if traj[-1].get("noise_removal") else 0
+    assert head_rows == moved + removal < sum(rows), (head_rows, moved, removal, sum(rows))
+
+
 def test_sampler_reproducible_at_seed(source):
     fam = make()
     oracle = OracleMaskedDenoiser(source, fam.mask_id)

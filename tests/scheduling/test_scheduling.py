@@ -259,6 +259,10 @@ class Counted(torch.nn.Module):
         self.n += 1
         return self.inner(*a, **k)
 
+    def features(self, *a, **k):            # MDLM's sampler forwards to the features
+        self.n += 1
+        return self.inner.features(*a, **k)
+
     def __getattr__(self, name):            # the rest of the model's interface (TDLM's child)
         try:
             return super().__getattr__(name)

@@ -28,7 +28,10 @@ r = (alpha_s - alpha_t) / (1 - alpha_t) (r = 1 on the last step), a token drawn 
 (temperature, top-p, float64 Gumbel); at most one insertion per gap per step. Fixed length:
 outputs of unchanged sequences are reused (the model is time-independent), extra r = 1 steps
 complete every sequence to exactly L. Variable length: the model is called every step and
-lengths are capped at L_max.
+lengths are capped at L_max. The insertion decisions need only the rates l_g, so a step
+forwards the network to its final features f_g and l_g, and the output layer (d x V) runs on
+the gaps that insert alone (about L rows over a whole sample instead of every gap at every
+step); the cache holds f (d wide), not the logits (V wide).
 """
 from __future__ import annotations
 
@@ -65,12 +68,23 @@ class InsertionLM(nn.Module):
         nn.init.zeros_(self.rate.weight)
         nn.init.zeros_(self.rate.bias)
 
+    def features(self, tokens: torch.Tensor, packing: Packing,
+                 sigma: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(u [T], f [T, d])``: the raw log-rates and the output layer's input (the final
+        adaLN features); ``token_logits(f[rows])`` gives those rows' logits."""
+        h, c = self.backbone(tokens, sigma, packing=packing)
+        f = self.head.features(h, c, packing)
+        return self.rate(f).squeeze(-1).float(), f
+
+    def token_logits(self, f: torch.Tensor) -> torch.Tensor:
+        """p(.|g)'s logits [R, V] from features [R, d] (the output layer alone)."""
+        return self.head.linear(f)
+
     def forward(self, tokens: torch.Tensor, packing: Packing,
                 sigma: Optional[torch.Tensor] = None,
                 rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        h, c = self.backbone(tokens, sigma, packing=packing)
-        f = self.head.features(h, c, packing)
-        return self.rate(f).squeeze(-1).float(), self.head.linear(f if rows is None else f[rows])
+        u, f = self.features(tokens, packing, sigma)
+        return u, self.token_logits(f if rows is None else f[rows])
 
 
 def segment_logsumexp(x: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Tensor:
@@ -250,30 +264,15 @@ class DeletionInsertion(Family):
         dev = model_device(model)
         if exclude_tokens is None and self.cfg.data.layout == "varlen":
             exclude_tokens = [int(bos_id)]          # BOS never occurs inside a varlen text
-        if prefix is not None and prompts is None:
-            prompts = [list(map(int, row)) for row in prefix.tolist()]
-        prompts = [list(p) for p in prompts] if prompts is not None else [[] for _ in range(num)]
-        if len(prompts) != num:
-            raise ConfigError(f"{len(prompts)} prompts given for num={num} samples")
-        init = [[int(bos_id)] + p for p in prompts]
-        if any(len(s) > seq_len for s in init):
-            raise ConfigError(f"a prompt is longer than seq_len={seq_len} (BOS included)")
-        if allowed is None:
-            allowed = [[False] * (len(s) - 1) + [True] for s in init]
-        else:
-            allowed = [list(map(bool, a)) for a in allowed]
-            if len(allowed) != num or any(len(a) != len(s) for a, s in zip(allowed, init)):
-                raise ConfigError("allowed: one bool per initial token (BOS first) per sample")
-        lengths = torch.tensor([len(s) for s in init], device=dev)
-        x = torch.tensor([v for s in init for v in s], dtype=torch.long, device=dev)
-        ok = torch.tensor([v for a in allowed for v in a], dtype=torch.bool, device=dev)
+        x, ok, lengths = self._start(num, seq_len, int(bos_id), prefix, prompts, allowed, dev)
         fixed = self.mode == "fixed"
         ts = torch.linspace(1.0, t_min, steps + 1, dtype=torch.float64)
         n_extra = (max_extra_steps or 4 * seq_len) if fixed else 0
-        l_c = logits_c = None          # cached outputs (fixed length) for the current x
+        l_c = feats_c = None           # cached rates and features (fixed length) for x
         stale = torch.ones(num, dtype=torch.bool, device=dev)
         st = {"forward_calls": 0, "tokens_forwarded": 0, "sampler_steps": 0}
         pk = None                      # the packing of x, rebuilt only when x grows
+        forward, head = self._split(model)
         for k in range(steps + n_extra):
             if pk is None:
                 pk = Packing(torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]))
@@ -287,7 +286,7 @@ class DeletionInsertion(Family):
             else:
                 t, r = float(ts[-1]), 1.0
             need = stale if (fixed and cache and l_c is not None) else torch.ones_like(stale)
-            l, logits = self._outputs(model, x, pk, lengths, need, l_c, logits_c, t, seq_len)
+            l, feats = self._outputs(forward, x, pk, lengths, need, l_c, feats_c, t, seq_len)
             if bool(need.any()):
                 st["forward_calls"] += 1
                 st["tokens_forwarded"] += int(lengths[need].sum())
@@ -304,12 +303,12 @@ class DeletionInsertion(Family):
                 # nothing inserted: x, its rows and (fixed length) the cached outputs stay as
                 # they are; no [T, V] copy on the steps that only draw
                 if fixed and cache:
-                    l_c, logits_c = l, logits
+                    l_c, feats_c = l, feats
                 stale = torch.zeros_like(stale)
                 if trajectory is not None:
                     self._record(trajectory, k, t, r, x, lengths, num)
                 continue
-            lg = logits[ins].float()                      # something is inserted here
+            lg = head(feats[ins]).float()                # the inserting gaps' logits only
             if exclude_tokens:
                 lg[:, list(exclude_tokens)] = float("-inf")
             new_tok = gumbel_argmax(adjust_logits(lg, temperature, top_p), generator)
@@ -319,9 +318,9 @@ class DeletionInsertion(Family):
                 # keep outputs of unchanged sequences for the next step (rows move with x)
                 keep_rows = ~(added > 0)[pk.seq_id]
                 l_c = torch.empty(x2.numel(), dtype=l.dtype, device=dev)
-                logits_c = logits.new_empty((x2.numel(), logits.shape[1]))
+                feats_c = feats.new_empty((x2.numel(), feats.shape[1]))
                 l_c[start[keep_rows]] = l[keep_rows]
-                logits_c[start[keep_rows]] = logits[keep_rows]
+                feats_c[start[keep_rows]] = feats[keep_rows]
             stale = added > 0
             x, ok, lengths, pk = x2, ok2, lengths + added, None
             if trajectory is not None:
@@ -330,6 +329,30 @@ class DeletionInsertion(Family):
             stats.update(st)
         cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
         return list(torch.split(x, (cu[1:] - cu[:-1]).tolist()))
+
+    @staticmethod
+    def _start(num: int, seq_len: int, bos_id: int, prefix, prompts, allowed, dev):
+        """The packed starting state ``(x [T], ok [T] allowed gaps, lengths [num])``: BOS +
+        each prompt (``prefix`` rows if no ``prompts``); by default only the gap after the
+        last initial token is allowed."""
+        if prefix is not None and prompts is None:
+            prompts = [list(map(int, row)) for row in prefix.tolist()]
+        prompts = [list(p) for p in prompts] if prompts is not None else [[] for _ in range(num)]
+        if len(prompts) != num:
+            raise ConfigError(f"{len(prompts)} prompts given for num={num} samples")
+        init = [[bos_id] + p for p in prompts]
+        if any(len(s) > seq_len for s in init):
+            raise ConfigError(f"a prompt is longer than seq_len={seq_len} (BOS included)")
+        if allowed is None:
+            allowed = [[False] * (len(s) - 1) + [True] for s in init]
+        else:
+            allowed = [list(map(bool, a)) for a in allowed]
+            if len(allowed) != num or any(len(a) != len(s) for a, s in zip(allowed, init)):
+                raise ConfigError("allowed: one bool per initial token (BOS first) per sample")
+        lengths = torch.tensor([len(s) for s in init], device=dev)
+        x = torch.tensor([v for s in init for v in s], dtype=torch.long, device=dev)
+        ok = torch.tensor([v for a in allowed for v in a], dtype=torch.bool, device=dev)
+        return x, ok, lengths
 
     @staticmethod
     def _interleave(x: torch.Tensor, ok: torch.Tensor, ins: torch.Tensor, new_tok: torch.Tensor):
@@ -351,25 +374,36 @@ class DeletionInsertion(Family):
         trajectory.append({"step": k, "t": t, "r": r,
                            "ids": [xs[cu[i]:cu[i + 1]] for i in range(num)]})
 
-    def _outputs(self, model, x, pk, lengths, need, l_c, logits_c, t, seq_len):
-        """(l [T], logits [T, V]) for the packed x; only sequences in ``need`` are forwarded,
-        the rest come from the cache (fixed length: time-independent model)."""
+    @staticmethod
+    def _split(model) -> tuple[Callable, Callable]:
+        """``(forward(x, packing, sigma) -> (u, f), head(f[rows]) -> logits)``: the features
+        and the output layer apart for an :class:`InsertionLM`; any other score module (one
+        ``forward(x, packing, sigma) -> (u, logits)``) gives its logits, with the identity
+        as head."""
+        if hasattr(model, "token_logits"):
+            return model.features, model.token_logits
+        return model, (lambda f: f)
+
+    def _outputs(self, forward, x, pk, lengths, need, l_c, feats_c, t, seq_len):
+        """(l [T], f [T, d]) for the packed x: log-rates and final features; only sequences in
+        ``need`` are forwarded, the rest come from the cache (fixed length: time-independent
+        model)."""
         if not bool(need.any()):
-            return l_c, logits_c
+            return l_c, feats_c
         if bool(need.all()) or l_c is None:
             sig = self.sigma_of(torch.full((pk.B,), t, device=x.device))
-            u, logits = model(x, pk, sig)
-            return log_rates(u, pk, self.mode, seq_len - lengths, seq_len), logits
+            u, f = forward(x, pk, sig)
+            return log_rates(u, pk, self.mode, seq_len - lengths, seq_len), f
         rows = need[pk.seq_id]
         sub_len = lengths[need]
         sub_pk = Packing(torch.cat([sub_len.new_zeros(1), sub_len.cumsum(0)]))
         sig = self.sigma_of(torch.full((sub_pk.B,), t, device=x.device))
-        u, lg = model(x[rows], sub_pk, sig)
+        u, f = forward(x[rows], sub_pk, sig)
         l_sub = log_rates(u, sub_pk, self.mode, seq_len - sub_len, seq_len)
-        # the cache is rebuilt from these after the step: update it in place (no [T, V] clone)
+        # the cache is rebuilt from these after the step: update it in place
         l_c[rows] = l_sub
-        logits_c[rows] = lg.to(logits_c.dtype)
-        return l_c, logits_c
+        feats_c[rows] = f.to(feats_c.dtype)
+        return l_c, feats_c
 
     @staticmethod
     def _cap(ins: torch.Tensor, pk: Packing, room: torch.Tensor,

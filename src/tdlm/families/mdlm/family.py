@@ -83,22 +83,25 @@ class MaskedLM(nn.Module):
 
 class RowPrediction:
     """``log p_theta(x | z_t)`` computed only for the rows a step asks for: holds the network's
-    logits [num, L, V] and turns ``pred[rows]`` into float64 log-probabilities (temperature,
-    top-p) of those rows alone. A reverse step reads only the positions that move (a few per
-    step out of num x L), so the float64 log-softmax over V is no longer done for every
-    position at every forward (the sampler's main cost outside the network). Row-wise, the
-    values equal the all-rows computation's; ``argmax`` (noise removal) is taken on the logits,
-    which orders the classes as the log-probabilities do (temperature > 0, the top class
-    always kept by top-p)."""
+    output-layer input (features [num, L, d], with ``head`` the output layer) or its logits
+    (``head`` the identity), and turns ``pred[rows]`` into float64 log-probabilities
+    (temperature, top-p) of those rows alone. A reverse step reads only the positions that
+    move (a few per step out of num x L), so neither the output layer (d x V, a fifth of a
+    forward at d=112, V=8k) nor the float64 log-softmax over V runs for every position at
+    every forward, and a cached prediction is d wide, not V. Row-wise, the values equal the
+    all-rows computation's; ``argmax`` (noise removal) is taken on the logits, which orders
+    the classes as the log-probabilities do (temperature > 0, the top class always kept by
+    top-p)."""
 
-    def __init__(self, logits: torch.Tensor, fn: Callable):
-        self.logits, self.fn = logits, fn
+    def __init__(self, source: torch.Tensor, fn: Callable,
+                 head: Callable = lambda x: x):
+        self.source, self.fn, self.head = source, fn, head
 
     def __getitem__(self, rows) -> torch.Tensor:
-        return self.fn(self.logits[rows])
+        return self.fn(self.head(self.source[rows]))
 
     def argmax(self, dim: int = -1) -> torch.Tensor:
-        return self.logits.argmax(dim)
+        return self.head(self.source).argmax(dim)
 
 
 def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -265,8 +268,13 @@ class MaskedDiffusion(Family):
         def predict(m, zz, st):
             sigma = self.schedule.time_input(torch.full((num,), st.t, device=device,
                                                         dtype=torch.float64))
-            return RowPrediction(m(zz, sigma)[..., :self.mask_id],
-                                 lambda rows: adjust_logits(rows.double(), temperature, top_p))
+            if not hasattr(m, "output_weights"):         # any module returning logits
+                return RowPrediction(m(zz, sigma)[..., :self.mask_id], log_probs)
+            return RowPrediction(m.features(zz, sigma), log_probs,
+                                 lambda f: F.linear(f, *m.output_weights()))
+
+        def log_probs(rows):
+            return adjust_logits(rows.double(), temperature, top_p)
 
         def apply(m, zz, move, choice):
             zz = zz.clone()
