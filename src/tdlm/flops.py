@@ -16,6 +16,9 @@ with d = d_model, r = mlp_ratio, c = cond_dim, n = n_layers, counting a multiply
   (final adaLN).
 * **other**: the time embedding MLP, ``2 * (256 c + c + c^2 + c) * B``.
 
+B in the conditioning terms (adaLN, final adaLN, time MLP) is the number of conditioning rows
+computed: one per sequence, or 1 for a model without time input (one row shared by all).
+
 ``full = blocks + embedding + head + other``. Norms, softmax, rotary and activations
 (O(d) per token) are not counted. Training costs ``train_flops = 3 x forward`` (backward =
 2 x forward). Model-specific shapes (``head_out``, ``n_embed``):
@@ -46,6 +49,8 @@ def forward_flops(model_cfg, lengths: Union[Iterable[int], torch.Tensor], head_o
     ``model_cfg``: a ``BackboneConfig`` (d_model, n_layers, mlp_ratio, cond_dim). Returns
     ``{"blocks", "embedding", "head", "other", "full", "tokens", "sequences"}``."""
     s = seq_stats(lengths)
+    if not getattr(model_cfg, "time_conditioning", True):    # one conditioning row (DiT)
+        s = s.shared_conditioning()
     f = {**dit_flops(model_cfg, n_embed, s),
          **final_layer_flops(model_cfg.d_model, model_cfg.cond_dim, head_out, s)}
     out = {k: f[k] for k in ("blocks", "embedding", "head", "other")}

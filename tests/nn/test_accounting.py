@@ -85,8 +85,10 @@ def test_bare_backbone_and_bad_reports():
 
 
 def test_seq_stats_and_heads_module():
-    assert seq_stats([3, 4]) == (2, 7, 25)
-    assert seq_stats(torch.tensor([[1, 2], [3, 0]])) == (4, 6, 14)
+    assert seq_stats([3, 4])[:3] == (2, 7, 25) and seq_stats([3, 4]).conditioning == 2
+    assert seq_stats(torch.tensor([[1, 2], [3, 0]]))[:3] == (4, 6, 14)
+    assert seq_stats([3, 4]).shared_conditioning().conditioning == 1
+    assert seq_stats([]).shared_conditioning().conditioning == 0
     with pytest.raises(ValueError):
         seq_stats([-1])
     assert FinalLayer is HeadsFinalLayer          # tdlm.nn.dit re-exports the head

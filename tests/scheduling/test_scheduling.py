@@ -326,9 +326,12 @@ def test_tdlm_levels_schedule_gives_whole_levels():
 
 
 # ---- FLOPs -------------------------------------------------------------------------------------
-def test_forward_flops_matches_flop_counter():
+@pytest.mark.parametrize("tc", [False, True])
+def test_forward_flops_matches_flop_counter(tc):
+    """Analytic forward FLOPs against torch's FlopCounterMode; without a time input the
+    conditioning (time MLP, adaLN modulations) is one row for the whole batch."""
     from torch.utils.flop_counter import FlopCounterMode
-    cfg = mdlm_cfg(3, d=32, V=50, L=16)
+    cfg = mdlm_cfg(3, d=32, V=50, L=16, tc=tc)
     m = get_family(cfg).build_model().eval()
     B, L = 3, 16
     with FlopCounterMode(display=False) as fc:
@@ -336,8 +339,9 @@ def test_forward_flops_matches_flop_counter():
     f = model_forward_flops(m, [L] * B)
     d, c, n, r, V1 = 32, 8, 3, 4, 50        # the head computes V outputs ([MASK] row never)
     attention = n * 4 * d * B * L * L                    # SDPA is not counted by FlopCounterMode
-    biases = (n * (2 * (r * d + d) * B * L + 2 * 6 * d * B)     # MLP + adaLN biases
-              + 2 * V1 * B * L + 2 * 2 * d * B + 2 * 2 * c * B)  # head, final adaLN, time MLP
+    Bc = B if tc else 1                                   # conditioning rows computed
+    biases = (n * (2 * (r * d + d) * B * L + 2 * 6 * d * Bc)    # MLP + adaLN biases
+              + 2 * V1 * B * L + 2 * 2 * d * Bc + 2 * 2 * c * Bc)  # head, final adaLN, time MLP
     assert f["full"] - f["embedding"] - attention - biases == fc.get_total_flops()
     assert f["full"] == f["blocks"] + f["embedding"] + f["head"] + f["other"]
 

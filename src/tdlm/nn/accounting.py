@@ -20,7 +20,7 @@ one group.
 """
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple, Union
+from typing import Iterable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -29,10 +29,22 @@ GROUPS = ("embedding", "blocks", "head", "other")
 
 
 class SeqStats(NamedTuple):
-    """What FLOPs depend on in a batch of sequences of lengths l_1..l_B."""
+    """What FLOPs depend on in a batch of sequences of lengths l_1..l_B; ``cond_rows``: rows
+    of the conditioning (time embedding, adaLN modulations) computed, None = one per
+    sequence (a model without time input computes one row shared by all: ``tdlm.nn.dit``)."""
     sequences: int          # B
     tokens: int             # T = sum l_b
     sq_tokens: int          # S2 = sum l_b^2 (attention)
+    cond_rows: Optional[int] = None
+
+    @property
+    def conditioning(self) -> int:
+        """Rows of conditioning computed in the pass."""
+        return self.sequences if self.cond_rows is None else self.cond_rows
+
+    def shared_conditioning(self) -> "SeqStats":
+        """The same batch with one conditioning row for all (none for an empty batch)."""
+        return self._replace(cond_rows=min(1, self.sequences))
 
 
 def seq_stats(lengths: Union[Iterable[int], torch.Tensor]) -> SeqStats:
@@ -99,6 +111,8 @@ def model_flops(model: nn.Module, lengths) -> dict:
     if not mods:
         raise ValueError("FLOPs need a model built from tdlm.nn modules (a DiT and a head)")
     head_out = getattr(model, "head_out", None)
+    if any(getattr(m, "shared_conditioning", False) for m in mods):
+        s = s.shared_conditioning()
     out = {"blocks": 0, "embedding": 0, "head": 0, "other": 0}
     for m in mods:
         for g, v in m.flops(s, head_out=head_out).items():

@@ -14,6 +14,11 @@ concatenated without padding; linear layers and the MLP run on the T real tokens
 positions restart at 0 in every sequence, adaLN modulation is per sequence, and attention never
 crosses sequences.
 
+Shared conditioning: without a time input (``time_conditioning=False`` or sigma None), or with
+one sigma for every sequence (``sigma`` of shape [1], e.g. a sampler's step), ``c`` is one row
+[1, cond] and every layout broadcasts it as a view: a packed batch then never gathers the
+[T, 6d] modulation of each block row by row (a tenth of DID's sampling time at d=112).
+
 The model knows nothing of training: activation checkpointing, compile and DDP/FSDP are
 applied from outside (``tdlm.train.parallel.parallelize``).
 
@@ -157,9 +162,9 @@ def dit_flops(cfg: BackboneConfig, n_embed: int, s: SeqStats) -> dict:
     d, n, r, c = cfg.d_model, cfg.n_layers, cfg.mlp_ratio, cfg.cond_dim
     f = TimestepEmbedder.FREQ_DIM
     per_block = (2 * block_token_params(d, r) * s.tokens + 4 * d * s.sq_tokens
-                 + 2 * (6 * d * c + 6 * d) * s.sequences)
+                 + 2 * (6 * d * c + 6 * d) * s.conditioning)
     return {"blocks": n * per_block, "embedding": 2 * n_embed * d * s.tokens,
-            "other": 2 * (f * c + c + c * c + c) * s.sequences}
+            "other": 2 * (f * c + c + c * c + c) * s.conditioning}
 
 
 class DiTBlock(nn.Module):
@@ -227,7 +232,8 @@ class DiT(nn.Module):
                 layout: Optional[Layout] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense: tokens [B, L] -> hidden [B, L, d] (``attn_mask``: an SDPA mask). Packed
         (``packing`` or ``layout`` a ``PackedLayout``): tokens [T] -> hidden [T, d]; sigma is
-        per sequence [B]. Returns ``(hidden, c [B, cond])``."""
+        per sequence [B], or [1] shared by all. Returns ``(hidden, c [B or 1, cond])``: one
+        row when the conditioning is shared (module docstring)."""
         if layout is None:
             layout = packing if packing is not None else self.layout(tokens, attn_mask)
         layout.check(tokens)
@@ -235,7 +241,10 @@ class DiT(nn.Module):
             raise ValueError("a causal backbone needs a causal layout (a PackedLayout "
                              "built with causal=True)")
         if sigma is None or not self.cfg.time_conditioning:
-            sigma = torch.zeros(layout.num_sequences, device=tokens.device)
+            sigma = torch.zeros(1, device=tokens.device)          # shared by every sequence
+        elif sigma.dim() != 1 or sigma.shape[0] not in (1, layout.num_sequences):
+            raise ValueError(f"sigma must have shape [{layout.num_sequences}] or [1], "
+                             f"got {tuple(sigma.shape)}")
         c = F.silu(self.sigma_map(sigma))
         x = self.vocab_embed(tokens)
         rope = layout.rope(self.rotary)
@@ -248,6 +257,11 @@ class DiT(nn.Module):
         return {"embedding": list(self.vocab_embed.parameters()),
                 "blocks": list(self.blocks.parameters()),
                 "other": list(self.sigma_map.parameters())}
+
+    @property
+    def shared_conditioning(self) -> bool:
+        """True when every forward computes one conditioning row (no time input)."""
+        return not self.cfg.time_conditioning
 
     def flops(self, s: SeqStats, head_out: Optional[int] = None) -> dict:
         return dit_flops(self.cfg, self.vocab_embed.num_embeddings, s)

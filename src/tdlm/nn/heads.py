@@ -20,7 +20,8 @@ from .layout import Layout
 def final_layer_flops(d: int, cond_dim: int, out: int, s: SeqStats) -> dict:
     """Forward FLOPs of a :class:`FinalLayer` computing ``out`` outputs: the output linear per
     token and the final adaLN per sequence (``tdlm.flops``)."""
-    return {"head": 2 * (d * out + out) * s.tokens + 2 * (2 * d * cond_dim + 2 * d) * s.sequences}
+    return {"head": 2 * (d * out + out) * s.tokens
+            + 2 * (2 * d * cond_dim + 2 * d) * s.conditioning}
 
 
 class FinalLayer(nn.Module):

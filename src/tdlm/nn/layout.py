@@ -50,6 +50,8 @@ class Layout:
         raise NotImplementedError
 
     def broadcast(self, per_sequence: torch.Tensor) -> torch.Tensor:
+        """Per-sequence values [B, k] (or [1, k], shared by every sequence) shaped to
+        broadcast against the hidden states; a shared row stays a view."""
         raise NotImplementedError
 
     def split_heads(self, qkv: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -165,6 +167,8 @@ class PackedLayout(Layout):
         return cos[:, None, :], sin[:, None, :]                      # [T, 1, hd]
 
     def broadcast(self, per_sequence: torch.Tensor) -> torch.Tensor:
+        if per_sequence.shape[0] == 1:                               # shared: a view
+            return per_sequence.expand(self.T, -1)                   # [T, k]
         return per_sequence[self.seq_id]                             # [T, k]
 
     def split_heads(self, qkv: torch.Tensor, n_heads: int) -> torch.Tensor:
