@@ -8,7 +8,9 @@
 # Two lanes (LANES, one thread each) walk the same list of training queues (benchmarks/study.py:
 # a run is claimed with a lock file, so the lanes share each queue's runs and never run one
 # twice); then the single-process stages run, the scheduling ones beside the others (paired
-# evaluations, the DID study's evaluations, memory and sampling, reports). Every command
+# evaluations, the DID study's evaluations, memory and sampling, reports); a study's stages
+# run earlier, in the first lane that finds its runs finished (``once``: a lock per study, so
+# the other lane keeps training). Every command
 # resumes or skips what is done, so after a stop the same command continues where the studies
 # were. Priority: the parity study's ablations (cpu regime), its
 # GPT-2-vocabulary regime, the converged AR judge, the scheduling study's MDLM pair and TDLM
@@ -26,23 +28,71 @@ FAILED=0
 fail() { echo "[backlog] FAILED ($?): $*"; FAILED=1; }
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
-queues() {      # the training queues, every lane in the same order
+JUDGE=runs/judge/ar-judge
+SCHED=runs/sched-paper
+DID_RUNS="runs/did-study/did-s0 runs/did-study/mdlm-s0 runs/did-study/did-s1 runs/did-study/mdlm-s1
+  runs/did-study/did-s2 runs/did-study/mdlm-s2 runs/did-study/did-var-s0 runs/did-study/mdlm-var-s0"
+
+ready() { PYTHONPATH=$SRC python benchmarks/study.py finished "$@"; }
+
+LOCKS=$(mktemp -d "${TMPDIR:-/tmp}/backlog-locks.XXXXXX")     # this invocation's
+once() {        # once NAME FUNCTION: FUNCTION in one lane, once per invocation of this script
+  ( flock -n 9 || { echo "[backlog] $1: another lane has it"; exit 0; }
+    [ -e "$LOCKS/$1.done" ] && exit 0
+    echo "[backlog] $1 start $(date +%T)"; "$2"; rc=$?
+    echo "[backlog] $1 done $(date +%T), rc=$rc"; [ $rc -eq 0 ] && touch "$LOCKS/$1.done"
+    exit $rc
+  ) 9>"$LOCKS/$1" || fail "$1"
+}
+
+queues() {      # the training queues, every lane in the same order; a study's stages run in
+                # the first lane that finds its runs finished (the other lane keeps training)
   PYTHONPATH=$PARITY_SRC python benchmarks/parity.py run --ablations --lanes 1 \
     || fail parity ablations
   PYTHONPATH=$SRC python benchmarks/parity.py run --regime gpt2 --lanes 1 || fail parity gpt2
   PYTHONPATH=$SRC python benchmarks/judge.py run --threads 1 || fail judge
   PYTHONPATH=$SRC python benchmarks/scheduling.py --scale cpu --stage run --lanes 1 \
     || fail scheduling run
+  ready $JUDGE $SCHED/heavy $SCHED/light && once sched-mdlm scheduling_mdlm_stages
   PYTHONPATH=$SRC python benchmarks/scheduling.py --scale cpu --stage run-levels --lanes 1 \
     || fail scheduling run-levels
+  ready $JUDGE $SCHED/heavy $SCHED/light $SCHED/tdlm-heavy $SCHED/tdlm-light \
+    && once sched-levels scheduling_levels_stages
   PYTHONPATH=$SRC python benchmarks/did_study.py run --lanes 1 || fail did_study run
+  # shellcheck disable=SC2086
+  ready $JUDGE $DID_RUNS && once did-stages did_stages
+  return $FAILED
+}
+
+sched() {       # one scheduling stage (single-threaded)
+  PYTHONPATH=$SRC python benchmarks/scheduling.py --scale cpu --stage "$1" \
+    || { fail scheduling "$1"; return 1; }
+}
+
+scheduling_mdlm_stages() {      # needs the MDLM pair and the judge
+  PYTHONPATH=$SRC python benchmarks/judge.py report || fail judge report
+  for st in train analyze search prefix report; do sched "$st" || break; done
+  return $FAILED
+}
+
+scheduling_levels_stages() {    # needs the TDLM pair too; the parity report then reads the
+  sched levels && sched report  # 4000-step heavy pair (mdlm-cpu 12 vs tdlm-cpu 17 blocks)
+  PYTHONPATH=$SRC python benchmarks/parity.py report || fail parity report
   return $FAILED
 }
 
 scheduling_stages() {   # one process at a time (the search is single-threaded)
   for st in train analyze search prefix levels report; do
-    python benchmarks/scheduling.py --scale cpu --stage "$st" || { fail scheduling "$st"; break; }
+    sched "$st" || break
   done
+  return $FAILED
+}
+
+did_stages() {
+  { PYTHONPATH=$SRC python benchmarks/did_study.py equal \
+    && PYTHONPATH=$SRC python benchmarks/did_study.py memory \
+    && PYTHONPATH=$SRC python benchmarks/did_study.py sample --judge $JUDGE \
+    && PYTHONPATH=$SRC python benchmarks/did_study.py report; } || fail did_study stages
   return $FAILED
 }
 
@@ -52,9 +102,7 @@ report_stages() {
   { python benchmarks/parity.py paired --regime gpt2 \
     && python benchmarks/parity.py report --regime gpt2; } || fail parity gpt2 report
   python benchmarks/judge.py report || fail judge report
-  { python benchmarks/did_study.py equal && python benchmarks/did_study.py memory \
-    && python benchmarks/did_study.py sample --judge runs/judge/ar-judge \
-    && python benchmarks/did_study.py report; } || fail did_study stages
+  did_stages
   return $FAILED
 }
 

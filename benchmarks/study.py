@@ -175,6 +175,11 @@ def run_queue(runs: Sequence[tuple], work: Path, lanes: int = 2, threads: int = 
                     note(f"{name} exit {proc.returncode}")
 
 
+def finished(run: Path) -> bool:
+    """A run is finished when its final evaluation exists (what ``read_run`` reads)."""
+    return (run / "final_eval" / "metrics.json").exists()
+
+
 def read_run(run: Path) -> Optional[dict]:
     """A finished run folder (its final evaluation exists) as a dict: ``curve`` [(step,
     training tokens, val NELBO/token)] of the training-time evaluations, ``final`` (the final
@@ -182,7 +187,7 @@ def read_run(run: Path) -> Optional[dict]:
     (median of the logged training throughput), ``train_flops`` {step: cumulative training
     FLOPs} where the trainer logged them (``curve_flops`` [(step, FLOPs, val NELBO/token)]),
     ``config``; None when unfinished."""
-    if not (run / "final_eval" / "metrics.json").exists():
+    if not finished(run):
         return None
     cfg = json.loads((run / "config.json").read_text())
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
@@ -295,13 +300,18 @@ def progress(work: Path) -> list[dict]:
 
 def main(argv=None) -> int:
     """``python benchmarks/study.py status [WORK ...]``: the progress of every study's runs
-    (default: the study folders under runs/)."""
+    (default: the study folders under runs/). ``python benchmarks/study.py finished RUN ...``:
+    exit status 0 when every run folder is finished (its final evaluation exists), else 1
+    (what a queue checks before a stage that needs those runs)."""
     import argparse
     p = argparse.ArgumentParser(description="progress of the studies' runs")
-    p.add_argument("what", choices=["status"])
+    p.add_argument("what", choices=["status", "finished"])
     p.add_argument("work", nargs="*", default=["runs/parity", "runs/parity-gpt2", "runs/judge",
                                                "runs/sched-paper", "runs/did-study"])
     a = p.parse_args(argv)
+    if a.what == "finished":
+        given = argv[1:]                       # no default folders here: runs must be named
+        return 0 if given and all(finished(Path(w)) for w in given) else 1
     total = 0.0
     for w in map(Path, a.work):
         if not w.is_dir():

@@ -433,3 +433,49 @@ def test_parity_readings_for_comparable_spreads_and_runs_above_the_context_free_
     both = [{"seed": 0, "mdlm_below_cf": 0.6, "tdlm_below_cf": 0.6},
             {"seed": 1, "mdlm_below_cf": 0.15, "tdlm_below_cf": 0.5}]
     assert "largely how far MDLM's seed" in par._cf_reading(both)
+
+
+def test_finished_is_true_only_when_every_run_has_its_final_evaluation(tmp_path):
+    """``study.py finished RUN ...``: 0 only when every folder holds final_eval/metrics.json
+    (the backlog's check before a stage that needs the runs); no run given is not finished."""
+    st = _load("study")
+    a, b = tmp_path / "a", tmp_path / "b"
+    for r in (a, b):
+        r.mkdir()
+        (r / "metrics.jsonl").write_text("")
+    (a / "final_eval").mkdir()
+    (a / "final_eval" / "metrics.json").write_text("{}")
+    assert st.main(["finished", str(a)]) == 0
+    assert st.main(["finished", str(a), str(b)]) == 1
+    assert st.main(["finished", str(tmp_path / "missing")]) == 1
+    assert st.main(["finished"]) == 1
+
+
+def test_backlog_runs_each_studys_stages_once_across_two_lanes(tmp_path):
+    """benchmarks/backlog.sh with a stand-in ``python`` that logs its arguments (every run
+    reported finished): both lanes walk the training queues, each study's early stages run
+    in one lane only (the lock), and the final stages follow; exit status 0."""
+    import shutil
+    import stat
+    import subprocess
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(REPO / "benchmarks" / "backlog.sh", tmp_path / "benchmarks" / "backlog.sh")
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    fake = bin_ / "python"
+    fake.write_text("#!/bin/sh\necho \"$*\" >> \"$LOG\"\nsleep 0.2\nexit 0\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    log = tmp_path / "calls.log"
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "LOG": str(log), "LANES": "2"}
+    p = subprocess.run(["bash", str(tmp_path / "benchmarks" / "backlog.sh")], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    calls = log.read_text().splitlines()
+    count = lambda s: sum(c.startswith(s) for c in calls)      # noqa: E731
+    assert count("benchmarks/judge.py run") == 2                   # both lanes' queues
+    assert count("benchmarks/did_study.py run") == 2
+    # early stages: one lane each (the other finds the lock held) + the final pass
+    assert count("benchmarks/scheduling.py --scale cpu --stage search") == 2, calls
+    assert count("benchmarks/scheduling.py --scale cpu --stage levels") == 2
+    assert count("benchmarks/did_study.py sample --judge runs/judge/ar-judge") == 2
+    assert "another lane has it" in p.stdout
