@@ -47,7 +47,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import latest_step, run_queue  # noqa: E402
+from study import T95, latest_step, run_queue  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -248,15 +248,30 @@ def _f(x) -> float:
     return float(x)
 
 
+def paired_change(r: dict, ref: dict, seeds) -> tuple[float, float]:
+    """Paired (same seed, same draws) relative gen-PPL change of schedule row ``r`` against row
+    ``ref``: mean and standard error over the seeds of ppl_r,s / ppl_ref,s - 1 (s.e. 0 for one
+    seed)."""
+    d = [_f(r[f"ppl_seed_{s}"]) / _f(ref[f"ppl_seed_{s}"]) - 1 for s in seeds]
+    m = sum(d) / len(d)
+    se = (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else 0.
+    return m, se
+
+
+def _t95(seeds) -> float:
+    """Student t quantile for a 95% interval from len(seeds) paired values."""
+    return T95.get(len(seeds) - 1, 1.96) if len(seeds) > 1 else float("inf")
+
+
 def verdict_lines(sr, href, seeds, peak, gpeak, evals) -> list[str]:
     """The reading of the results, computed from them: the paper's two claims (middle steps
-    most sensitive; the sandwich best at equal saved FLOPs) and the issue's target (>= 25% block
-    FLOPs saved at <= 3% gen-PPL cost, entropy within 2%)."""
+    most sensitive: by the KL profile and by which placement costs the most gen PPL; the
+    sandwich best at equal saved FLOPs), whether the placements can be told apart (95% CI of
+    the paired best-vs-worst difference), and the issue's target (>= 25% block FLOPs saved at
+    <= 3% gen-PPL cost, entropy within 2%)."""
     def paired(r):
-        d = [_f(r[f"ppl_seed_{s}"]) / _f(href[f"ppl_seed_{s}"]) - 1 for s in seeds]
-        m = sum(d) / len(d)
-        se = (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else 0.
-        return m, se
+        return paired_change(r, href, seeds)
+    t = _t95(seeds)
     out = ["", "## Verdict (computed from the tables above)", ""]
     gap = evals["light"]["nelbo_per_token"] - evals["heavy"]["nelbo_per_token"]
     se = [evals[n].get("stderr_per_token") for n in ("heavy", "light")]
@@ -279,20 +294,7 @@ def verdict_lines(sr, href, seeds, peak, gpeak, evals) -> list[str]:
                f"sensitive' is {'supported' if mid else 'not supported'} by the KL profile here" +
                (" (KL grows towards the last steps, where few positions remain noised and the "
                 "predictions are sharp)." if _f(peak["step_fraction"]) > 0.75 else "."))
-    for k in (2, 3, 4):
-        named = {r["name"]: r for r in sr if r["mask"].count("L") == k and r["name"] in
-                 ("sandwich", "light-first", "light-middle", "light-last")}
-        if len(named) < 2:
-            continue
-        ranked = sorted(named.values(), key=lambda r: paired(r)[0])
-        sw = named.get("sandwich")
-        best = ranked[0]
-        m_sw, se_sw = paired(sw) if sw else (float("nan"), 0.)
-        m_b, se_b = paired(best)
-        out.append(f"* {k} light segments ({100 * _f(best['saved_blocks']):.1f}% block FLOPs "
-                   f"saved): best named placement **{best['name']}** ({100 * m_b:+.1f}% +- "
-                   f"{100 * se_b:.1f}%); sandwich {100 * m_sw:+.1f}% +- {100 * se_sw:.1f}%, rank "
-                   f"{ranked.index(sw) + 1 if sw else '-'} of {len(ranked)}.")
+    out += _placement_lines(sr, paired, seeds, t)
     ok = []
     for r in sr:
         if _f(r["saved_blocks"]) >= 0.25 - 1e-9:
@@ -303,12 +305,51 @@ def verdict_lines(sr, href, seeds, peak, gpeak, evals) -> list[str]:
     if ok:
         m, se, dh, r = ok[0]
         hit = m <= 0.03 and dh <= 0.02
+        hi = m + t * se
         out.append(f"* Target (>= 25% block FLOPs saved at <= 3% gen-PPL cost, entropy within "
                    f"2%): best schedule with >= 25% saved is {r['mask']} ({r['name'] or 'unnamed'}"
                    f", {100 * _f(r['saved_blocks']):.1f}% saved): {100 * m:+.1f}% +- "
                    f"{100 * se:.1f}% gen PPL, entropy {100 * dh:.2f}% off; target "
-                   f"{'met' if hit else 'missed'} (mean over {len(seeds)} seeds; the s.e. is "
-                   f"of the same order as the effect).")
+                   f"{'met' if hit else 'missed'} on the mean over {len(seeds)} seeds, and the "
+                   f"95% upper bound of its cost, {100 * hi:+.1f}%, is "
+                   f"{'within' if hi <= 0.03 else 'beyond'} 3%.")
+    return out
+
+
+def _placement_lines(sr, paired, seeds, t) -> list[str]:
+    """Per number of light segments: the named placements ranked by paired gen-PPL cost; the
+    sandwich's rank; whether best and worst differ (95% CI of their paired difference excludes
+    0); and which placement costs the most (the quality reading of 'middle steps most
+    sensitive': light-middle costing the most)."""
+    out, worst_names = [], []
+    for k in (2, 3, 4):
+        named = {r["name"]: r for r in sr if r["mask"].count("L") == k and r["name"] in
+                 ("sandwich", "light-first", "light-middle", "light-last")}
+        if len(named) < 2:
+            continue
+        ranked = sorted(named.values(), key=lambda r: paired(r)[0])
+        sw = named.get("sandwich")
+        best, worst = ranked[0], ranked[-1]
+        m_sw, se_sw = paired(sw) if sw else (float("nan"), 0.)
+        m_b, se_b = paired(best)
+        dm, dse = paired_change(worst, best, seeds)
+        apart = dm - t * dse > 0
+        worst_names.append(worst["name"])
+        out.append(f"* {k} light segments ({100 * _f(best['saved_blocks']):.1f}% block FLOPs "
+                   f"saved): best named placement **{best['name']}** ({100 * m_b:+.1f}% +- "
+                   f"{100 * se_b:.1f}%); sandwich {100 * m_sw:+.1f}% +- {100 * se_sw:.1f}%, rank "
+                   f"{ranked.index(sw) + 1 if sw else '-'} of {len(ranked)}; the worst, "
+                   f"{worst['name']}, costs {100 * dm:+.1f}% +- {100 * dse:.1f}% more than the "
+                   f"best (paired): the placements are "
+                   + ("told apart (95% CI excludes 0)." if apart else
+                      "**not** told apart at this s.e. (95% CI includes 0)."))
+    if worst_names:
+        n_mid = worst_names.count("light-middle")
+        out.append(f"* Step sensitivity by quality: light-middle costs the most in {n_mid} of "
+                   f"{len(worst_names)} light-segment counts (worst: {', '.join(worst_names)}): "
+                   f"'middle steps most sensitive' is "
+                   f"{'supported' if n_mid > len(worst_names) / 2 else 'not supported'} by the "
+                   f"gen-PPL costs.")
     return out
 
 
@@ -342,10 +383,7 @@ def levels_lines() -> list[str]:
     href = rows["H" * SEGMENTS]
 
     def paired(r):
-        d = [_f(r[f"ppl_seed_{x}"]) / _f(href[f"ppl_seed_{x}"]) - 1 for x in seeds]
-        m = sum(d) / len(d)
-        se = (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else 0
-        return m, se
+        return paired_change(r, href, seeds)
     out = ["", "## Scheduling across a tree model's levels (TDLM heavy 17 blocks, light 6)", "",
            f"T={T} steps split evenly over the tree's 2 levels (coarse/root level first): "
            f"segments 1-{SEGMENTS // 2} denoise the coarse level, the rest the leaf level. "
@@ -359,6 +397,17 @@ def levels_lines() -> list[str]:
             out.append(f"| {m} | {LEVEL_NAMES.get(m, '')} | {100 * _f(r['saved_blocks']):.1f}% | "
                        f"{_f(r['gen_ppl']):.2f} | {_f(r['entropy']):.3f} | "
                        f"{'-' if r is href else f'{100 * pm:+.1f}% +- {100 * pse:.1f}%'} |")
+    coarse, leaf = rows.get("LLLLHHHH"), rows.get("HHHHLLLL")
+    if coarse and leaf and len(seeds) > 1:
+        dm, dse = paired_change(leaf, coarse, seeds)
+        half = _t95(seeds) * dse
+        cheaper = "coarse" if dm > 0 else "leaf"
+        out += ["", f"Light on the leaf level against light on the coarse level (the same "
+                f"{100 * _f(leaf['saved_blocks']):.1f}% / {100 * _f(coarse['saved_blocks']):.1f}% "
+                f"block FLOPs saved): {100 * dm:+.1f}% +- {100 * half:.1f}% gen PPL (paired, "
+                f"95% CI): the light model is "
+                + (f"better placed on the **{cheaper}** level." if abs(dm) > half else
+                   "**not** told apart between the levels at this s.e.")]
     an = OUT / "levels" / "analyze" / "step_importance.csv"
     if an.exists():
         ok = [r for r in _rows(an) if r.get("noised") and int(r["noised"]) > 0]
@@ -411,9 +460,7 @@ def stage_report(work: Path) -> None:
 
     def delta(r):
         """Paired (same seed) relative gen-PPL change vs heavy-only: mean +- s.e. over seeds."""
-        d = [_f(r[f"ppl_seed_{s}"]) / _f(href[f"ppl_seed_{s}"]) - 1 for s in seeds]
-        m = sum(d) / len(d)
-        se = (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else 0
+        m, se = paired_change(r, href, seeds)
         return f"{100 * m:+.1f}% +- {100 * se:.1f}%"
 
     lines = [

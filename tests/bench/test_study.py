@@ -479,3 +479,69 @@ def test_backlog_runs_each_studys_stages_once_across_two_lanes(tmp_path):
     assert count("benchmarks/scheduling.py --scale cpu --stage levels") == 2
     assert count("benchmarks/did_study.py sample --judge runs/judge/ar-judge") == 2
     assert "another lane has it" in p.stdout
+
+
+def _sched_rows(costs, k=2, entropy=5.0, saved=0.25):
+    """Schedule rows of ``tdlm schedule search`` (4 seeds): name -> per-seed gen PPL."""
+    masks = {"sandwich": "LHHHHHHL", "light-first": "LLHHHHHH", "light-middle": "HHHLLHHH",
+             "light-last": "HHHHHHLL"}
+    rows = []
+    for name, ppl in costs.items():
+        rows.append({"name": name, "mask": masks[name] if name in masks else "H" * 8,
+                     "saved_blocks": saved if name in masks else 0.0, "entropy": entropy,
+                     **{f"ppl_seed_{s}": v for s, v in enumerate(ppl)}})
+    return rows
+
+
+def test_scheduling_verdict_tells_placements_apart_and_reads_the_target(tmp_path):
+    """Placements told apart only when the 95% CI (t, 3 d.o.f.) of the paired best-vs-worst
+    difference excludes 0; 'middle most sensitive' by quality when light-middle costs the
+    most; the target's 95% upper bound computed (nothing canned)."""
+    sch = _load("scheduling")
+    peak = {"step_fraction": "0.9", "t": "0.1"}
+    evals = {"heavy": {"nelbo_per_token": 5.0, "stderr_per_token": 0.01},
+             "light": {"nelbo_per_token": 5.5, "stderr_per_token": 0.01}}
+    href = [100.0, 110.0, 90.0, 100.0]
+    clear = {"heavy-only": href, "sandwich": [101.0, 111.1, 90.9, 101.0],
+             "light-middle": [110.0, 121.0, 99.0, 110.0],            # +10% on every seed
+             "light-first": [102.0, 112.2, 91.8, 102.0]}
+    rows = _sched_rows(clear)
+    txt = "\n".join(sch.verdict_lines(rows, rows[0], [0, 1, 2, 3], peak, peak, evals))
+    assert "worst, light-middle" in txt and "told apart (95% CI excludes 0)" in txt
+    assert "light-middle costs the most in 1 of 1" in txt and "is supported by the" in txt
+    # best >= 25% schedule: sandwich at +1% on every seed: s.e. 0, upper bound +1.0%
+    assert "LHHHHHHL (sandwich" in txt and "target met" in txt and "+1.0%, is within 3%" in txt
+    noisy = {"heavy-only": href, "sandwich": [95.0, 121.0, 88.0, 104.0],
+             "light-last": [104.0, 108.0, 99.0, 96.0]}
+    rows = _sched_rows(noisy)
+    txt = "\n".join(sch.verdict_lines(rows, rows[0], [0, 1, 2, 3], peak, peak, evals))
+    assert "**not** told apart" in txt and "is not supported by the" in txt
+    assert "is beyond 3%" in txt
+
+
+def test_levels_report_places_the_light_tree_model_by_paired_ci(tmp_path, monkeypatch):
+    """Light on the leaf level vs light on the coarse level: 'better placed on the coarse
+    level' only when the 95% CI of the paired difference excludes 0."""
+    import csv
+    sch = _load("scheduling")
+    monkeypatch.setattr(sch, "OUT", tmp_path)
+    d = tmp_path / "levels" / "search"
+    d.mkdir(parents=True)
+    (d / "search.json").write_text(json.dumps({"seeds": [0, 1, 2, 3], "num": 8}))
+
+    def write(leaf_ppl):
+        rows = [("HHHHHHHH", [100.0, 110.0, 90.0, 100.0], 0.0),
+                ("LLLLHHHH", [101.0, 111.1, 90.9, 101.0], 0.33),
+                ("HHHHLLLL", leaf_ppl, 0.33)]
+        with open(d / "search.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, ["mask", "saved_blocks", "gen_ppl", "entropy"]
+                               + [f"ppl_seed_{s}" for s in range(4)])
+            w.writeheader()
+            for m, ppl, sv in rows:
+                w.writerow({"mask": m, "saved_blocks": sv, "gen_ppl": sum(ppl) / 4,
+                            "entropy": 5.0, **{f"ppl_seed_{s}": v for s, v in enumerate(ppl)}})
+        return "\n".join(sch.levels_lines())
+    txt = write([106.0, 116.6, 95.4, 106.0])            # +5% over coarse-light on every seed
+    assert "+5.0% +- 0.0% gen PPL" in txt and "better placed on the **coarse** level" in txt
+    txt = write([95.0, 121.0, 88.0, 110.0])             # noisy
+    assert "**not** told apart between the levels" in txt
