@@ -99,3 +99,15 @@ class OracleMaskedDenoiser(torch.nn.Module):
         logits = torch.full((*z.shape, self.mask_id + 1), float("-inf"), dtype=torch.float64)
         logits[..., :self.V] = marg.clamp_min(1e-300).log()
         return logits
+
+
+class ForwardOnly(torch.nn.Module):
+    """Exposes only ``forward`` of a model (a sampler's generic path: no ``features``,
+    ``output_weights`` or ``token_logits`` to run the output layer on some rows only)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *a, **k):
+        return self.inner(*a, **k)

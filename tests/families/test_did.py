@@ -18,6 +18,7 @@ from tdlm.families.deletion_insertion import dise_parts, log_rates, pack
 from tdlm.nn.dit import DiT, Packing
 from tdlm.train.parallel import checkpoint_blocks
 from tdlm.schedules import LogLinear
+from synthetic import ForwardOnly
 
 BOS, V, MAXLEN = 0, 3, 3
 STRINGS = [s for n in range(MAXLEN + 1) for s in itertools.product((1, 2), repeat=n)]
@@ -329,17 +330,6 @@ def test_fixed_length_sampler_completes_to_exact_length_and_reuses_outputs():
     assert stats["tokens_forwarded"] < stats["forward_calls"] * 6000 * 4
 
 
-class ScoreOnly(torch.nn.Module):
-    """Exposes only ``forward -> (u, logits)`` of an InsertionLM (the generic score path)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, *a, **k):
-        return self.inner(*a, **k)
-
-
 @pytest.mark.parametrize("mode", ["fixed", "variable"])
 def test_sampler_output_layer_runs_on_inserting_gaps_only(mode):
     """A real InsertionLM (random weights): the sampler forwards to the features and the
@@ -361,7 +351,7 @@ def test_sampler_output_layer_runs_on_inserting_gaps_only(mode):
     a = fam.sample(model, 6, 24, 12, torch.Generator().manual_seed(4), bos_id=0, top_p=0.9)
     head_rows = sum(rows)
     rows.clear()
-    b = fam.sample(ScoreOnly(model), 6, 24, 12, torch.Generator().manual_seed(4), bos_id=0,
+    b = fam.sample(ForwardOnly(model), 6, 24, 12, torch.Generator().manual_seed(4), bos_id=0,
                    top_p=0.9)
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b) == 6
     inserted = sum(len(x) - 1 for x in a)

@@ -10,7 +10,7 @@ from tdlm.config import RunConfig, ModelConfig, DiffusionConfig, DataConfig
 from tdlm.families import get_family
 from tdlm.families.masked import subs_log_probs
 from tdlm.sampling.gumbel import adjust_logits, gumbel_argmax
-from synthetic import MarkovSource, OracleMaskedDenoiser
+from synthetic import ForwardOnly, MarkovSource, OracleMaskedDenoiser
 
 V, L = 3, 5
 
@@ -187,17 +187,6 @@ def test_cache_reuses_prediction_only_when_nothing_changed(source):
     assert oracle2.calls >= 50               # a time-conditioned model is called every step
 
 
-class LogitsOnly(torch.nn.Module):
-    """Exposes only ``forward -> logits`` of a model (the sampler's generic path)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, *a, **k):
-        return self.inner(*a, **k)
-
-
 @pytest.mark.parametrize("time_cond", [False, True])
 def test_sampler_output_layer_runs_on_moving_positions_only(time_cond, monkeypatch):
     """A real network (random weights): the sampler forwards to the features and runs the
@@ -225,7 +214,7 @@ def test_sampler_output_layer_runs_on_moving_positions_only(time_cond, monkeypat
                    trajectory=traj)
     head_rows = sum(rows)
     rows.clear()
-    b = fam.sample(LogitsOnly(model), 6, 24, 16, torch.Generator().manual_seed(2), top_p=0.9)
+    b = fam.sample(ForwardOnly(model), 6, 24, 16, torch.Generator().manual_seed(2), top_p=0.9)
     assert torch.equal(a, b)
     moved = sum(int(((torch.tensor(p["ids"]) == fam.mask_id)
                      & (torch.tensor(c["ids"]) != fam.mask_id)).sum())
