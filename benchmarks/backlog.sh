@@ -39,6 +39,7 @@ LOCKS=$(mktemp -d "${TMPDIR:-/tmp}/backlog-locks.XXXXXX")     # this invocation'
 once() {        # once NAME FUNCTION: FUNCTION in one lane, once per invocation of this script
   ( flock -n 9 || { echo "[backlog] $1: another lane has it"; exit 0; }
     [ -e "$LOCKS/$1.done" ] && exit 0
+    FAILED=0          # this subshell's own failures only (the lane's stay the lane's)
     echo "[backlog] $1 start $(date +%T)"; "$2"; rc=$?
     echo "[backlog] $1 done $(date +%T), rc=$rc"; [ $rc -eq 0 ] && touch "$LOCKS/$1.done"
     exit $rc

@@ -305,14 +305,15 @@ def verdict_lines(sr, href, seeds, peak, gpeak, evals) -> list[str]:
     if ok:
         m, se, dh, r = ok[0]
         hit = m <= 0.03 and dh <= 0.02
-        hi = m + t * se
+        hi = m + t * se if len(seeds) > 1 else float("nan")
         out.append(f"* Target (>= 25% block FLOPs saved at <= 3% gen-PPL cost, entropy within "
                    f"2%): best schedule with >= 25% saved is {r['mask']} ({r['name'] or 'unnamed'}"
                    f", {100 * _f(r['saved_blocks']):.1f}% saved): {100 * m:+.1f}% +- "
                    f"{100 * se:.1f}% gen PPL, entropy {100 * dh:.2f}% off; target "
-                   f"{'met' if hit else 'missed'} on the mean over {len(seeds)} seeds, and the "
-                   f"95% upper bound of its cost, {100 * hi:+.1f}%, is "
-                   f"{'within' if hi <= 0.03 else 'beyond'} 3%.")
+                   f"{'met' if hit else 'missed'} on the mean over {len(seeds)} seeds"
+                   + (f", and the 95% upper bound of its cost, {100 * hi:+.1f}%, is "
+                      f"{'within' if hi <= 0.03 else 'beyond'} 3%." if len(seeds) > 1 else
+                      " (one seed: no interval)."))
     return out
 
 
@@ -333,7 +334,7 @@ def _placement_lines(sr, paired, seeds, t) -> list[str]:
         m_sw, se_sw = paired(sw) if sw else (float("nan"), 0.)
         m_b, se_b = paired(best)
         dm, dse = paired_change(worst, best, seeds)
-        apart = dm - t * dse > 0
+        apart = abs(dm) > t * dse
         worst_names.append(worst["name"])
         out.append(f"* {k} light segments ({100 * _f(best['saved_blocks']):.1f}% block FLOPs "
                    f"saved): best named placement **{best['name']}** ({100 * m_b:+.1f}% +- "

@@ -304,6 +304,7 @@ def main(argv=None) -> int:
     exit status 0 when every run folder is finished (its final evaluation exists), else 1
     (what a queue checks before a stage that needs those runs)."""
     import argparse
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description="progress of the studies' runs")
     p.add_argument("what", choices=["status", "finished"])
     p.add_argument("work", nargs="*", default=["runs/parity", "runs/parity-gpt2", "runs/judge",

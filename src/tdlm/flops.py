@@ -32,7 +32,7 @@ parameter or module names.
 """
 from __future__ import annotations
 
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import torch
 
@@ -64,11 +64,13 @@ def train_flops(model_cfg, lengths, head_out: int, n_embed: int) -> dict:
     return {k: (3 * v if k not in ("tokens", "sequences") else v) for k, v in f.items()}
 
 
-def model_forward_flops(model: torch.nn.Module, lengths) -> dict:
-    """``forward_flops`` of a built library model, as its modules report it
+def model_forward_flops(model: torch.nn.Module, lengths,
+                        shared_conditioning: Optional[bool] = None) -> dict:
+    """``forward_flops`` of one forward of a built library model, as its modules report it
     (``tdlm.nn.accounting.model_flops``: the backbone's and heads' shapes, ``model.head_out``
-    when the model computes fewer outputs than its head holds)."""
-    return model_flops(model, lengths)
+    when the model computes fewer outputs than its head holds; ``shared_conditioning`` as
+    there)."""
+    return model_flops(model, lengths, shared_conditioning)
 def flops_from_log(log, models: dict) -> dict:
     """Total FLOPs of the forward calls recorded in a ``ForwardLog``: per model name and in
     all, ``{"per_model": {name: {...}}, "blocks": ..., "full": ...}``. Every dense call of
@@ -123,19 +125,22 @@ class TrainingFlops:
         if lens is None:
             x = args[0] if args else kwargs["tokens"]
             lens = [x.shape[1]] * x.shape[0]
-        self._seen.append(lens)
+        sigma = args[1] if len(args) > 1 else kwargs.get("sigma")
+        shared = mod.shared_conditioning or sigma is None or sigma.shape[0] == 1
+        self._seen.append((lens, shared))       # one forward (the DiT's own rule for c)
 
     def discard(self) -> None:
         self._seen.clear()
 
     def step_done(self) -> float:
-        """Add the FLOPs of the forwards since the last call; returns this step's FLOPs."""
-        lens = [v for s in self._seen for v in s]
-        self._seen.clear()
-        if self.total is None or not lens:
+        """Add the FLOPs of the forwards since the last call (each counted as the forward it
+        was: its lengths, its conditioning rows); returns this step's FLOPs."""
+        seen, self._seen = self._seen, []
+        if self.total is None or not seen:
             return 0.0
-        self.tokens += sum(lens)
-        f = 3.0 * model_forward_flops(self.model, lens)["full"]
+        self.tokens += sum(sum(lens) for lens, _ in seen)
+        f = 3.0 * sum(model_forward_flops(self.model, lens, shared)["full"]
+                      for lens, shared in seen)
         self.total += f
         return f
 

@@ -453,8 +453,9 @@ def test_finished_is_true_only_when_every_run_has_its_final_evaluation(tmp_path)
 
 def test_backlog_runs_each_studys_stages_once_across_two_lanes(tmp_path):
     """benchmarks/backlog.sh with a stand-in ``python`` that logs its arguments (every run
-    reported finished): both lanes walk the training queues, each study's early stages run
-    in one lane only (the lock), and the final stages follow; exit status 0."""
+    reported finished, one queue command failing): both lanes walk the training queues, each
+    study's early stages run in one lane only (the lock and done marker), and the final
+    stages follow."""
     import shutil
     import stat
     import subprocess
@@ -463,13 +464,16 @@ def test_backlog_runs_each_studys_stages_once_across_two_lanes(tmp_path):
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     fake = bin_ / "python"
-    fake.write_text("#!/bin/sh\necho \"$*\" >> \"$LOG\"\nsleep 0.2\nexit 0\n")
+    fake.write_text("#!/bin/sh\necho \"$*\" >> \"$LOG\"\nsleep 0.2\n"
+                    "case \"$*\" in *--ablations*) exit 1;; esac\nexit 0\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     log = tmp_path / "calls.log"
     env = {"PATH": f"{bin_}:/usr/bin:/bin", "LOG": str(log), "LANES": "2"}
     p = subprocess.run(["bash", str(tmp_path / "benchmarks" / "backlog.sh")], env=env,
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stdout + p.stderr
+    # one queue command fails in both lanes: reported (exit status 1), and the stages of the
+    # studies after it still run once per lane set, not again in the second lane
+    assert p.returncode == 1 and "FAILED (1): parity ablations" in p.stdout, p.stdout + p.stderr
     calls = log.read_text().splitlines()
     count = lambda s: sum(c.startswith(s) for c in calls)      # noqa: E731
     assert count("benchmarks/judge.py run") == 2                   # both lanes' queues
@@ -545,3 +549,13 @@ def test_levels_report_places_the_light_tree_model_by_paired_ci(tmp_path, monkey
     assert "+5.0% +- 0.0% gen PPL" in txt and "better placed on the **coarse** level" in txt
     txt = write([95.0, 121.0, 88.0, 110.0])             # noisy
     assert "**not** told apart between the levels" in txt
+
+
+def test_finished_from_the_command_line(tmp_path):
+    """The command the backlog runs (argv from the command line, not a list)."""
+    import subprocess
+    (tmp_path / "a" / "final_eval").mkdir(parents=True)
+    (tmp_path / "a" / "final_eval" / "metrics.json").write_text("{}")
+    run = [sys.executable, str(BENCH / "study.py"), "finished"]
+    assert subprocess.run(run + [str(tmp_path / "a")]).returncode == 0
+    assert subprocess.run(run + [str(tmp_path / "a"), str(tmp_path / "b")]).returncode == 1

@@ -81,3 +81,32 @@ def test_packed_lengths_are_counted_not_the_padded_shape():
     fl.close()
     m(torch.randint(0, 50, (2, 5)))
     assert fl.step_done() == 0.0
+
+
+def test_each_forward_is_counted_with_its_own_conditioning_rows():
+    """A time-conditioned DiT computes one conditioning row when sigma is None or [1] and B
+    rows for sigma [B]; TrainingFlops counts each forward of a step as it ran (two forwards of
+    one step, e.g. gradient accumulation, are two forwards, not one joined batch)."""
+    from tdlm.nn.dit import DiT
+    from tdlm.config import get_preset
+    from tdlm.flops import model_forward_flops
+    cfg = get_preset("tiny").override(["backbone.d_model=32", "backbone.n_layers=1",
+                                       "backbone.n_heads=2", "backbone.cond_dim=16",
+                                       "backbone.vocab_size=50",
+                                       "backbone.time_conditioning=true"])
+    m = DiT(cfg.backbone, 51)
+    fl = TrainingFlops(m)
+    x = torch.randint(0, 50, (3, 8))
+    per_row = model_forward_flops(m, [8] * 3)["full"] - model_forward_flops(m, [8] * 3, True)["full"]
+    assert per_row > 0                                   # 2 of the 3 rows' conditioning
+    m(x, torch.rand(3))
+    assert fl.step_done() == pytest.approx(3 * model_forward_flops(m, [8] * 3)["full"])
+    m(x, None)
+    assert fl.step_done() == pytest.approx(3 * model_forward_flops(m, [8] * 3, True)["full"])
+    m(x, torch.rand(1))
+    m(x, torch.rand(3))                                  # two forwards in one step
+    both = fl.step_done()
+    assert both == pytest.approx(3 * (model_forward_flops(m, [8] * 3, True)["full"]
+                                      + model_forward_flops(m, [8] * 3)["full"]))
+    assert both != pytest.approx(3 * model_forward_flops(m, [8] * 6)["full"])
+    fl.close()

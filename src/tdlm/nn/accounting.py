@@ -102,16 +102,21 @@ def count_parameters(model: nn.Module) -> dict:
             "blocks": n["blocks"], "other": n["other"], "head_share": n["head"] / total}
 
 
-def model_flops(model: nn.Module, lengths) -> dict:
-    """Forward FLOPs of ``model`` over sequences of the given lengths: the sum of its
-    reporting modules' ``flops`` (``head_out`` from ``model.head_out`` when the model declares
-    it). Returns ``{"blocks", "embedding", "head", "other", "full", "tokens", "sequences"}``."""
+def model_flops(model: nn.Module, lengths, shared_conditioning: Optional[bool] = None) -> dict:
+    """Forward FLOPs of ``model`` over sequences of the given lengths (one forward): the sum of
+    its reporting modules' ``flops`` (``head_out`` from ``model.head_out`` when the model
+    declares it). ``shared_conditioning``: whether the forward computed one conditioning row
+    for all sequences (no time input, or one sigma for all); None = as the model's config says
+    (no time input). Returns ``{"blocks", "embedding", "head", "other", "full", "tokens",
+    "sequences"}``."""
     s = seq_stats(lengths)
     mods = reporting_modules(model)
     if not mods:
         raise ValueError("FLOPs need a model built from tdlm.nn modules (a DiT and a head)")
     head_out = getattr(model, "head_out", None)
-    if any(getattr(m, "shared_conditioning", False) for m in mods):
+    if shared_conditioning is None:
+        shared_conditioning = any(getattr(m, "shared_conditioning", False) for m in mods)
+    if shared_conditioning:
         s = s.shared_conditioning()
     out = {"blocks": 0, "embedding": 0, "head": 0, "other": 0}
     for m in mods:
