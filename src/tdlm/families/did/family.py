@@ -390,14 +390,13 @@ class DeletionInsertion(Family):
         model)."""
         if not bool(need.any()):
             return l_c, feats_c
+        sig = self.sigma_of(torch.full((1,), t, device=x.device))       # one t: shared
         if bool(need.all()) or l_c is None:
-            sig = self.sigma_of(torch.full((1,), t, device=x.device))   # one t: shared
             u, f = forward(x, pk, sig)
             return log_rates(u, pk, self.mode, seq_len - lengths, seq_len), f
         rows = need[pk.seq_id]
         sub_len = lengths[need]
         sub_pk = Packing(torch.cat([sub_len.new_zeros(1), sub_len.cumsum(0)]))
-        sig = self.sigma_of(torch.full((1,), t, device=x.device))
         u, f = forward(x[rows], sub_pk, sig)
         l_sub = log_rates(u, sub_pk, self.mode, seq_len - sub_len, seq_len)
         # the cache is rebuilt from these after the step: update it in place
