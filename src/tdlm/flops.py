@@ -126,8 +126,7 @@ class TrainingFlops:
             x = args[0] if args else kwargs["tokens"]
             lens = [x.shape[1]] * x.shape[0]
         sigma = args[1] if len(args) > 1 else kwargs.get("sigma")
-        shared = mod.shared_conditioning or sigma is None or sigma.shape[0] == 1
-        self._seen.append((lens, shared))       # one forward (the DiT's own rule for c)
+        self._seen.append((lens, mod.shares_conditioning(sigma)))     # one forward
 
     def discard(self) -> None:
         self._seen.clear()

@@ -263,5 +263,10 @@ class DiT(nn.Module):
         """True when every forward computes one conditioning row (no time input)."""
         return not self.cfg.time_conditioning
 
+    def shares_conditioning(self, sigma: Optional[torch.Tensor]) -> bool:
+        """True when ``forward(tokens, sigma)`` computes one conditioning row for all
+        sequences (no time input, sigma None, or one sigma [1]): ``forward``'s own rule."""
+        return self.shared_conditioning or sigma is None or sigma.shape[0] == 1
+
     def flops(self, s: SeqStats, head_out: Optional[int] = None) -> dict:
         return dit_flops(self.cfg, self.vocab_embed.num_embeddings, s)
