@@ -267,22 +267,8 @@ def _scored(targets: list[int], eos: int, mode: str) -> tuple[list[int], list[bo
 
 
 @torch.no_grad()
-def generative_perplexity(samples: Sequence, judge, eos: str = "first", batch_size: int = 8,
-                          sample_vocab_hash: Optional[str] = None, retokenise: Optional[bool] = None,
-                          device: str = "cpu", precision: str = "fp32") -> dict:
-    """Token-pooled gen PPL of ``samples`` under ``judge`` (module docstring).
-
-    ``samples``: records ``{"text", "ids", "prefix_len"}`` (as written by ``tdlm sample``;
-    ``prefix_len`` = clamped prefix tokens, scored as context only), plain strings, or id lists
-    (then the samples' tokenizer must be the judge's). Samples may have different lengths.
-    ``sample_vocab_hash``: :func:`vocab_ids_hash` of the samples' tokenizer (retokenise when it
-    differs from the judge's; unknown -> retokenise the text). ``judge``: a :class:`Judge` or a path.
-    Returns gen_ppl, nll_per_token, tokens, entropy (mean, std), per-sample values, settings."""
-    if eos not in EOS_MODES:
-        raise ConfigError(f"eos must be one of {', '.join(EOS_MODES)}, got {eos!r}")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    judge = load_judge(judge, device, precision)
+def _records(samples: Sequence) -> list[dict]:
+    """Samples as records: a string -> ``{"text"}``, an id sequence -> ``{"ids"}``."""
     recs = []
     for s in samples:
         if isinstance(s, str):
@@ -293,57 +279,60 @@ def generative_perplexity(samples: Sequence, judge, eos: str = "first", batch_si
             recs.append({"ids": [int(v) for v in (s.tolist() if hasattr(s, "tolist") else s)]})
     if not recs:
         raise ConfigError("no samples to score")
-    same = (sample_vocab_hash is not None and judge.vocab_hash() is not None
-            and sample_vocab_hash == judge.vocab_hash())
-    if retokenise is None:
-        retokenise = not same
-    items = []         # (context ids, targets, count mask)
-    ents, moved = [], 0
-    for i, r in enumerate(recs):
-        k = int(r.get("prefix_len", 0) or 0)
-        ids = r.get("ids")
-        if ids is not None:
-            gen_ids = list(ids)[k:]
-        if retokenise:
-            if "text" not in r:
-                raise ConfigError(f"sample {i} has ids but no text, and its tokenizer is not the "
-                                  "judge's: cannot retokenise")
-            if k and "prefix_text" in r:
-                ctx = _retokenise(r["prefix_text"], judge)
-                tgt = _retokenise(r["text"][len(r["prefix_text"]):]
-                                  if r["text"].startswith(r["prefix_text"]) else r["text"], judge)
-            else:
-                ctx, tgt = [], _retokenise(r["text"], judge)
+    return recs
+
+
+def _context_and_targets(i: int, r: dict, judge: Judge, retokenise: bool):
+    """Judge-vocabulary context (the clamped prefix) and generated targets of record ``i``, and
+    the unigram entropy of its generated ids (the sample's own tokens when it has them)."""
+    k = int(r.get("prefix_len", 0) or 0)
+    ids = r.get("ids")
+    if retokenise:
+        if "text" not in r:
+            raise ConfigError(f"sample {i} has ids but no text, and its tokenizer is not the "
+                              "judge's: cannot retokenise")
+        if k and "prefix_text" in r:
+            ctx = _retokenise(r["prefix_text"], judge)
+            tgt = _retokenise(r["text"][len(r["prefix_text"]):]
+                              if r["text"].startswith(r["prefix_text"]) else r["text"], judge)
         else:
-            if ids is None:
-                raise ConfigError(f"sample {i} has no ids")
-            ctx, tgt = list(ids)[:k], list(ids)[k:]
-        ents.append(unigram_entropy(gen_ids if ids is not None else tgt))
-        bad = [v for v in ctx + tgt if not 0 <= v < judge.vocab_size]
-        if bad:
-            raise ConfigError(f"sample {i} holds token id {bad[0]}, outside the judge's "
-                              f"vocabulary of {judge.vocab_size} (an unfilled [MASK]?)")
-        tgt, cnt, lead = _scored(tgt, judge.eos_id, eos)
-        moved += lead
-        ctx = ctx + [judge.eos_id] * lead
-        items.append((ctx, tgt, cnt))
-    # windows of at most `context` inputs over [BOS] + ctx + tgt
-    windows = []       # (sample index, inputs, targets, count mask)
+            ctx, tgt = [], _retokenise(r["text"], judge)
+    else:
+        if ids is None:
+            raise ConfigError(f"sample {i} has no ids")
+        ctx, tgt = list(ids)[:k], list(ids)[k:]
+    ent = unigram_entropy(list(ids)[k:] if ids is not None else tgt)
+    bad = [v for v in ctx + tgt if not 0 <= v < judge.vocab_size]
+    if bad:
+        raise ConfigError(f"sample {i} holds token id {bad[0]}, outside the judge's "
+                          f"vocabulary of {judge.vocab_size} (an unfilled [MASK]?)")
+    return ctx, tgt, ent
+
+
+def _windows(items: list, judge: Judge) -> list:
+    """Windows of at most ``judge.context`` inputs over ``[BOS] + ctx + tgt``, each
+    ``(item index, inputs, targets, count mask)``; windows that count no target are dropped."""
+    windows = []
+    C = judge.context
     for i, (ctx, tgt, cnt) in enumerate(items):
         if not tgt:
             continue
         seq = [judge.bos_id] + ctx + tgt
         counted = [False] * len(ctx) + cnt          # aligned with seq[1:]
-        C = judge.context
         for a in range(0, len(seq) - 1, C):
-            inp = seq[a:a + C]
             tg = seq[a + 1:a + C + 1]
-            inp = inp[:len(tg)]
+            inp = seq[a:a + C][:len(tg)]
             cm = counted[a:a + len(tg)]
             if any(cm):
                 windows.append((i, inp, tg, cm))
-    nll = [0.0] * len(items)
-    ntok = [0] * len(items)
+    return windows
+
+
+def _score(windows: list, n_items: int, judge: Judge, batch_size: int):
+    """Summed NLL (nats) and counted tokens per item: windows batched by length, padded, one
+    judge forward per batch, cross-entropy in float64 on the counted positions."""
+    nll = [0.0] * n_items
+    ntok = [0] * n_items
     order = sorted(range(len(windows)), key=lambda j: len(windows[j][1]))
     dev = judge.device
     for b in range(0, len(order), batch_size):
@@ -364,6 +353,39 @@ def generative_perplexity(samples: Sequence, judge, eos: str = "first", batch_si
         for r, (i, *_rest) in enumerate(chunk):
             nll[i] += float(ce[r])
             ntok[i] += int(c[r].sum())
+    return nll, ntok
+
+
+def generative_perplexity(samples: Sequence, judge, eos: str = "first", batch_size: int = 8,
+                          sample_vocab_hash: Optional[str] = None, retokenise: Optional[bool] = None,
+                          device: str = "cpu", precision: str = "fp32") -> dict:
+    """Token-pooled gen PPL of ``samples`` under ``judge`` (module docstring).
+
+    ``samples``: records ``{"text", "ids", "prefix_len"}`` (as written by ``tdlm sample``;
+    ``prefix_len`` = clamped prefix tokens, scored as context only), plain strings, or id lists
+    (then the samples' tokenizer must be the judge's). Samples may have different lengths.
+    ``sample_vocab_hash``: :func:`vocab_ids_hash` of the samples' tokenizer (retokenise when it
+    differs from the judge's; unknown -> retokenise the text). ``judge``: a :class:`Judge` or a path.
+    Returns gen_ppl, nll_per_token, tokens, entropy (mean, std), per-sample values, settings."""
+    if eos not in EOS_MODES:
+        raise ConfigError(f"eos must be one of {', '.join(EOS_MODES)}, got {eos!r}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    judge = load_judge(judge, device, precision)
+    recs = _records(samples)
+    same = (sample_vocab_hash is not None and judge.vocab_hash() is not None
+            and sample_vocab_hash == judge.vocab_hash())
+    if retokenise is None:
+        retokenise = not same
+    items = []         # (context ids, targets, count mask)
+    ents, moved = [], 0
+    for i, r in enumerate(recs):
+        ctx, tgt, ent = _context_and_targets(i, r, judge, retokenise)
+        ents.append(ent)
+        tgt, cnt, lead = _scored(tgt, judge.eos_id, eos)
+        moved += lead
+        items.append((ctx + [judge.eos_id] * lead, tgt, cnt))
+    nll, ntok = _score(_windows(items, judge), len(items), judge, batch_size)
     N = sum(ntok)
     per_tok = sum(nll) / N if N else float("nan")
     ent_t = torch.tensor(ents, dtype=torch.float64)

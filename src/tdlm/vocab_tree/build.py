@@ -190,6 +190,155 @@ class _Level:
 
 
 # ----------------------------------------------------------------------------- assignment
+class _Auction:
+    """State of one Jacobi auction (see :func:`auction_assign`): prices ``P`` [G], assignment
+    ``asg`` [n] (``G`` = unplaced), cluster counts ``cnt``, each placed point's standing bid
+    ``bidv`` and each cluster's lowest kept bid ``minb``; ``R`` is the price of an empty slot
+    during the current phase."""
+
+    def __init__(self, D: np.ndarray, pt_coff: np.ndarray, cap: np.ndarray,
+                 prices: np.ndarray | None, init: np.ndarray | None):
+        self.D, self.pt_coff, self.cap = D, pt_coff, cap
+        n, Km = D.shape
+        self.G = G = cap.size
+        node_first = np.unique(pt_coff)                # first cluster of each node
+        if prices is None:
+            self.P = np.zeros(G)
+        else:   # shifted so each node's cheapest cluster costs 0
+            P = prices.astype(np.float64)
+            self.P = P - np.repeat(np.minimum.reduceat(P, node_first),
+                                   np.diff(np.r_[node_first, G]))
+        self.asg = np.full(n, G, dtype=np.int64) if init is None else pt_coff + init
+        self.ar = np.arange(Km)
+        self.single = node_first.size == 1             # one node: cluster k of point i is k
+        self.cnt = np.zeros(G, dtype=np.int64)
+        self.bidv = np.zeros(n)
+        self.minb = np.full(G, np.inf)
+        self.R = self.P
+
+    def cost(self, pts: np.ndarray | None = None) -> np.ndarray:
+        """``D[i, k] + p[pt_coff[i] + k]`` (float64) for the points ``pts`` (all if None)."""
+        D = self.D if pts is None else self.D[pts]
+        coff = self.pt_coff if pts is None else self.pt_coff[pts]
+        Km = self.ar.size
+        return D + (self.P[None, :Km] if self.single
+                    else np.take(self.P, coff[:, None] + self.ar, mode="clip"))
+
+    def reprice(self) -> None:
+        """A full cluster's price is its lowest kept bid; one with room costs ``R``."""
+        self.P = np.where(self.cnt >= self.cap, self.minb, self.R)
+
+    def start_phase(self, eps: float) -> np.ndarray:
+        """Keep only the placed points that satisfy eps-CS under prices where every cluster with
+        room costs 0 (complementary slackness of the capacity constraint); freeing points can
+        open room elsewhere, so repeat until stable. Each kept point holds the bid it would place
+        now, ``p_own + (second best - own) + eps``, so ties do not stall its cluster's price.
+        Returns the free points."""
+        n, G, asg = self.asg.size, self.G, self.asg
+        rows = np.arange(n)
+        self.bidv = np.zeros(n)
+        self.minb = np.full(G, np.inf)
+        held = asg < G
+        while True:
+            self.cnt = np.bincount(asg[held], minlength=G)
+            self.P = np.where(self.cnt >= self.cap, self.P, 0.0)
+            if not held.any():
+                break
+            cost = self.cost()
+            own = np.where(held, asg - self.pt_coff, 0)
+            c_own = cost[rows, own]
+            cost[rows, own] = np.inf
+            other = cost.min(axis=1)
+            del cost
+            ok = held & (c_own <= np.minimum(other, c_own) + eps)
+            if np.array_equal(ok, held):
+                break
+            held = ok
+            asg[~held] = G
+        self.R = self.P.copy()
+        if held.any():
+            idx = np.flatnonzero(held)
+            self.bidv[idx] = self.P[asg[idx]] + np.where(np.isfinite(other[idx]),
+                                                         other[idx] - c_own[idx], 1.0) + eps
+            np.minimum.at(self.minb, asg[idx], self.bidv[idx])
+            self.reprice()
+        return np.flatnonzero(~held)
+
+    def bid_round(self, free: np.ndarray, eps: float, thr: np.ndarray) -> np.ndarray:
+        """Every free point bids ``p_j1 + (v1 - v2) + eps`` for its best cluster ``j1``; clusters
+        with room accept every bid, a full one keeps its ``cap`` highest bids among its new
+        bidders and the holders they can outbid. Returns the points left free. ``thr`` [G+1] is
+        scratch (all -inf between calls)."""
+        G, cap, asg, cnt = self.G, self.cap, self.asg, self.cnt
+        cost = self.cost(free)
+        rr = np.arange(free.size)
+        k1 = np.argmin(cost, axis=1)
+        c1 = cost[rr, k1]
+        cost[rr, k1] = np.inf
+        c2 = cost.min(axis=1)
+        g1 = self.pt_coff[free] + k1
+        bid = self.P[g1] + np.where(np.isfinite(c2), c2 - c1, 1.0) + eps
+        newc = np.bincount(g1, minlength=G)
+        over = cnt + newc > cap
+        fits = ~over[g1]
+        if fits.any():                         # clusters with room: accept every bid
+            fg = g1[fits]
+            asg[free[fits]] = fg
+            self.bidv[free[fits]] = bid[fits]
+            cnt += np.bincount(fg, minlength=G)
+            np.minimum.at(self.minb, fg, bid[fits])
+        if fits.all():
+            self.reprice()
+            return free[:0]
+        # full clusters: only holders bidding below the best new bid can lose their slot;
+        # pool them with the bidders and keep the highest bids (cap in all)
+        bg, bb, bidders = g1[~fits], bid[~fits], free[~fits]
+        np.maximum.at(thr, bg, bb)
+        hold = np.flatnonzero(self.bidv < thr[asg])
+        thr[bg] = -np.inf
+        pts = np.concatenate([hold, bidders])
+        cls = np.concatenate([asg[hold], bg])
+        bids = np.concatenate([self.bidv[hold], bb])
+        oc = np.flatnonzero(newc * over)
+        evict = np.zeros(G, dtype=np.int64)
+        evict[oc] = cnt[oc] + newc[oc] - cap[oc]
+        pts, cls, bids, keep = _drop_lowest(pts, cls, bids, evict)
+        asg[pts[keep]] = cls[keep]
+        self.bidv[pts[keep]] = bids[keep]
+        asg[pts[~keep]] = G
+        cnt[oc] = cap[oc]
+        self.minb[oc] = np.inf                      # kept pool holds each cluster's lowest bid
+        np.minimum.at(self.minb, cls[keep], bids[keep])
+        self.reprice()
+        return np.sort(pts[~keep])
+
+
+def _drop_lowest(pts: np.ndarray, cls: np.ndarray, bids: np.ndarray, evict: np.ndarray):
+    """Mark for eviction the ``evict[j]`` lowest bids of each cluster ``j`` in the pool
+    ``(pts, cls, bids)``; returns the pool (possibly reordered) and its keep mask."""
+    G = evict.size
+    if evict.max() <= 4:
+        # few evictions per cluster: take the lowest bid of each cluster e times
+        evict = evict.copy()
+        keep = np.ones(cls.size, dtype=bool)
+        for _ in range(int(evict.max())):
+            need = keep & (evict[cls] > 0)
+            low = np.full(G, np.inf)
+            np.minimum.at(low, cls[need], bids[need])
+            cand = np.flatnonzero(need & (bids == low[cls]))
+            sel = cand[np.unique(cls[cand], return_index=True)[1]]
+            keep[sel] = False
+            evict[cls[sel]] -= 1
+        return pts, cls, bids, keep
+    span = float(bids.max() - bids.min()) + 1.0
+    order = np.argsort(cls * span - bids, kind="stable")
+    pts, cls, bids = pts[order], cls[order], bids[order]
+    first = np.flatnonzero(np.r_[True, cls[1:] != cls[:-1]])
+    psize = np.diff(np.r_[first, cls.size])
+    pos = np.arange(cls.size) - np.repeat(first, psize)
+    return pts, cls, bids, pos < np.repeat(psize - evict[cls[first]], psize)
+
+
 def auction_assign(D: np.ndarray, pt_coff: np.ndarray, cap: np.ndarray, eps_schedule,
                    prices: np.ndarray | None = None, init: np.ndarray | None = None,
                    max_rounds: int = 20000):
@@ -207,118 +356,18 @@ def auction_assign(D: np.ndarray, pt_coff: np.ndarray, cap: np.ndarray, eps_sche
     the result is within ``n * eps`` of the optimum. Returns ``(local, prices)`` with
     ``local[i] = k`` (warm start for the next call: pass ``prices`` and ``init``).
     """
-    n, Km = D.shape
-    G = cap.size
-    node_first = np.unique(pt_coff)                # first cluster of each node
-    if prices is None:
-        P = np.zeros(G)
-    else:
-        P = prices.astype(np.float64)
-        P = P - np.repeat(np.minimum.reduceat(P, node_first), np.diff(np.r_[node_first, G]))
-    asg = np.full(n, G, dtype=np.int64) if init is None else pt_coff + init
-    ar = np.arange(Km)
-    single = node_first.size == 1                  # one node: cluster k of every point is k
-    rows = np.arange(n)
+    auc = _Auction(D, pt_coff, cap, prices, init)
+    thr = np.full(cap.size + 1, -np.inf)        # per round: highest new bid per full cluster
     for eps in eps_schedule:
         eps = float(eps)
-        # keep only points that satisfy eps-CS under prices where every cluster with room
-        # costs 0 (complementary slackness of the capacity constraint); freeing points can
-        # open room elsewhere, so repeat until stable. Each kept point holds the bid it would
-        # place now, p_own + (second best - own) + eps, so ties do not stall its cluster's price.
-        bidv = np.zeros(n)
-        minb = np.full(G, np.inf)          # lowest kept bid per cluster
-        held = asg < G
-        while True:
-            cnt = np.bincount(asg[held], minlength=G)
-            P = np.where(cnt >= cap, P, 0.0)
-            if not held.any():
-                break
-            cost = D + (P[None, :Km] if single else np.take(P, pt_coff[:, None] + ar, mode="clip"))
-            own = np.where(held, asg - pt_coff, 0)
-            c_own = cost[rows, own]
-            cost[rows, own] = np.inf
-            other = cost.min(axis=1)
-            del cost
-            ok = held & (c_own <= np.minimum(other, c_own) + eps)
-            if np.array_equal(ok, held):
-                break
-            held = ok
-            asg[~held] = G
-        R = P.copy()                       # price of an empty slot during this phase
-        if held.any():
-            idx = np.flatnonzero(held)
-            bidv[idx] = P[asg[idx]] + np.where(np.isfinite(other[idx]),
-                                               other[idx] - c_own[idx], 1.0) + eps
-            np.minimum.at(minb, asg[idx], bidv[idx])
-            P = np.where(cnt >= cap, minb, R)
-        thr = np.full(G + 1, -np.inf)            # per round: highest new bid per full cluster
+        free = auc.start_phase(eps)
         rounds = 0
-        free = np.flatnonzero(~held)
         while free.size:
             rounds += 1
             if rounds % max_rounds == 0:   # price war: coarsen eps instead of looping forever
                 eps *= 4.0
-            cost = D[free] + (P[None, :Km] if single else
-                              np.take(P, pt_coff[free, None] + ar, mode="clip"))   # float64
-            rr = np.arange(free.size)
-            k1 = np.argmin(cost, axis=1)
-            c1 = cost[rr, k1]
-            cost[rr, k1] = np.inf
-            c2 = cost.min(axis=1)
-            g1 = pt_coff[free] + k1
-            bid = P[g1] + np.where(np.isfinite(c2), c2 - c1, 1.0) + eps
-            newc = np.bincount(g1, minlength=G)
-            over = cnt + newc > cap
-            fits = ~over[g1]
-            if fits.any():                         # clusters with room: accept every bid
-                fg = g1[fits]
-                asg[free[fits]] = fg
-                bidv[free[fits]] = bid[fits]
-                cnt += np.bincount(fg, minlength=G)
-                np.minimum.at(minb, fg, bid[fits])
-            if fits.all():
-                P = np.where(cnt >= cap, minb, R)
-                break
-            # full clusters: only holders bidding below the best new bid can lose their slot;
-            # pool them with the bidders and keep the highest bids (cap in all)
-            bg, bb, bidders = g1[~fits], bid[~fits], free[~fits]
-            np.maximum.at(thr, bg, bb)
-            hold = np.flatnonzero(bidv < thr[asg])
-            thr[bg] = -np.inf
-            pts = np.concatenate([hold, bidders])
-            cls = np.concatenate([asg[hold], bg])
-            bids = np.concatenate([bidv[hold], bb])
-            oc = np.flatnonzero(newc * over)
-            evict = np.zeros(G, dtype=np.int64)
-            evict[oc] = cnt[oc] + newc[oc] - cap[oc]
-            if evict.max() <= 4:
-                # few evictions per cluster: take the lowest bid of each cluster e times
-                keep = np.ones(cls.size, dtype=bool)
-                for _ in range(int(evict.max())):
-                    need = keep & (evict[cls] > 0)
-                    low = np.full(G, np.inf)
-                    np.minimum.at(low, cls[need], bids[need])
-                    cand = np.flatnonzero(need & (bids == low[cls]))
-                    sel = cand[np.unique(cls[cand], return_index=True)[1]]
-                    keep[sel] = False
-                    evict[cls[sel]] -= 1
-            else:
-                span = float(bids.max() - bids.min()) + 1.0
-                order = np.argsort(cls * span - bids, kind="stable")
-                pts, cls, bids = pts[order], cls[order], bids[order]
-                first = np.flatnonzero(np.r_[True, cls[1:] != cls[:-1]])
-                psize = np.diff(np.r_[first, cls.size])
-                pos = np.arange(cls.size) - np.repeat(first, psize)
-                keep = pos < np.repeat(psize - evict[cls[first]], psize)
-            asg[pts[keep]] = cls[keep]
-            bidv[pts[keep]] = bids[keep]
-            asg[pts[~keep]] = G
-            cnt[oc] = cap[oc]
-            minb[oc] = np.inf                      # kept pool holds each cluster's lowest bid
-            np.minimum.at(minb, cls[keep], bids[keep])
-            P = np.where(cnt >= cap, minb, R)
-            free = np.sort(pts[~keep])
-    return asg - pt_coff, P
+            free = auc.bid_round(free, eps, thr)
+    return auc.asg - pt_coff, auc.P
 
 
 def repair_lower(lv: _Level, D: np.ndarray, local: np.ndarray) -> np.ndarray:

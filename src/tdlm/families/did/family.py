@@ -279,12 +279,7 @@ class DeletionInsertion(Family):
             full_now = lengths >= seq_len
             if k >= steps and bool(full_now.all()):
                 break
-            if k < steps:
-                t, s = float(ts[k]), float(ts[k + 1])
-                a_t, a_s = float(self.schedule.alpha(torch.tensor(t))), float(self.schedule.alpha(torch.tensor(s)))
-                r = 1.0 if k == steps - 1 else (a_s - a_t) / (1 - a_t)
-            else:
-                t, r = float(ts[-1]), 1.0
+            t, r = self._leap(k, steps, ts)
             need = stale if (fixed and cache and l_c is not None) else torch.ones_like(stale)
             l, feats = self._outputs(forward, x, pk, lengths, need, l_c, feats_c, t, seq_len)
             if bool(need.any()):
@@ -292,43 +287,65 @@ class DeletionInsertion(Family):
                 st["tokens_forwarded"] += int(lengths[need].sum())
                 if on_forward:
                     on_forward(k)
-            # insertion decisions: one per allowed gap, capped per sequence
-            p_ins = (r * l.double().exp()).clamp(max=1.0)
-            p_ins = torch.where(ok & ~full_now[pk.seq_id], p_ins, torch.zeros_like(p_ins))
-            uu = torch.rand(p_ins.shape, generator=generator, device=dev, dtype=torch.float64)
-            ins = uu < p_ins
-            ins = self._cap(ins, pk, seq_len - lengths, generator)
+            ins = self._draw(l, r, ok & ~full_now[pk.seq_id], pk, seq_len - lengths, generator)
             st["sampler_steps"] = k + 1
-            if not bool(ins.any()):
+            if bool(ins.any()):
+                lg = head(feats[ins]).float()                # the inserting gaps' logits only
+                if exclude_tokens:
+                    lg[:, list(exclude_tokens)] = float("-inf")
+                new_tok = gumbel_argmax(adjust_logits(lg, temperature, top_p), generator)
+                x2, ok2, start = self._interleave(x, ok, ins, new_tok)
+                added = torch.zeros(num, dtype=torch.long, device=dev).index_add_(
+                    0, pk.seq_id, ins.long())
+                if fixed and cache:     # outputs of unchanged sequences move with their rows
+                    l_c, feats_c = self._moved(l, feats, start, ~(added > 0)[pk.seq_id],
+                                               x2.numel())
+                stale = added > 0
+                x, ok, lengths, pk = x2, ok2, lengths + added, None
+            else:
                 # nothing inserted: x, its rows and (fixed length) the cached outputs stay as
                 # they are; no [T, V] copy on the steps that only draw
                 if fixed and cache:
                     l_c, feats_c = l, feats
                 stale = torch.zeros_like(stale)
-                if trajectory is not None:
-                    self._record(trajectory, k, t, r, x, lengths, num)
-                continue
-            lg = head(feats[ins]).float()                # the inserting gaps' logits only
-            if exclude_tokens:
-                lg[:, list(exclude_tokens)] = float("-inf")
-            new_tok = gumbel_argmax(adjust_logits(lg, temperature, top_p), generator)
-            x2, ok2, start = self._interleave(x, ok, ins, new_tok)
-            added = torch.zeros(num, dtype=torch.long, device=dev).index_add_(0, pk.seq_id, ins.long())
-            if fixed and cache:
-                # keep outputs of unchanged sequences for the next step (rows move with x)
-                keep_rows = ~(added > 0)[pk.seq_id]
-                l_c = torch.empty(x2.numel(), dtype=l.dtype, device=dev)
-                feats_c = feats.new_empty((x2.numel(), feats.shape[1]))
-                l_c[start[keep_rows]] = l[keep_rows]
-                feats_c[start[keep_rows]] = feats[keep_rows]
-            stale = added > 0
-            x, ok, lengths, pk = x2, ok2, lengths + added, None
             if trajectory is not None:
                 self._record(trajectory, k, t, r, x, lengths, num)
         if stats is not None:
             stats.update(st)
         cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
         return list(torch.split(x, (cu[1:] - cu[:-1]).tolist()))
+
+    def _leap(self, k: int, steps: int, ts: torch.Tensor) -> tuple[float, float]:
+        """Time ``t = ts[k]`` of step ``k`` and its insertion probability factor
+        ``r = (alpha_s - alpha_t) / (1 - alpha_t)`` (``s = ts[k+1]``; 1 at the last step and
+        at the fixed-length completion steps after it)."""
+        if k >= steps:
+            return float(ts[-1]), 1.0
+        t, s = float(ts[k]), float(ts[k + 1])
+        a_t = float(self.schedule.alpha(torch.tensor(t)))
+        a_s = float(self.schedule.alpha(torch.tensor(s)))
+        return t, 1.0 if k == steps - 1 else (a_s - a_t) / (1 - a_t)
+
+    def _draw(self, l: torch.Tensor, r: float, open_gaps: torch.Tensor, pk: Packing,
+              room: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Insertion decisions, one per gap: ``P(insert at g) = min(1, r exp(l_g))`` on the
+        open gaps, then at most ``room`` per sequence (:meth:`_cap`)."""
+        p_ins = (r * l.double().exp()).clamp(max=1.0)
+        p_ins = torch.where(open_gaps, p_ins, torch.zeros_like(p_ins))
+        uu = torch.rand(p_ins.shape, generator=generator, device=l.device, dtype=torch.float64)
+        return self._cap(uu < p_ins, pk, room, generator)
+
+    @staticmethod
+    def _moved(l: torch.Tensor, feats: torch.Tensor, start: torch.Tensor,
+               keep_rows: torch.Tensor, T2: int):
+        """The fixed-length cache after an insertion step: the rows in ``keep_rows`` (their
+        sequence inserted nothing) moved to their new rows ``start``; the others are stale
+        and get recomputed."""
+        l_c = torch.empty(T2, dtype=l.dtype, device=l.device)
+        feats_c = feats.new_empty((T2, feats.shape[1]))
+        l_c[start[keep_rows]] = l[keep_rows]
+        feats_c[start[keep_rows]] = feats[keep_rows]
+        return l_c, feats_c
 
     @staticmethod
     def _start(num: int, seq_len: int, bos_id: int, prefix, prompts, allowed, dev):
