@@ -35,6 +35,27 @@ def measure_throughput(config, steps: int = 5, warmup: int = 2, device: str = "c
     return _mt(cfg, steps=steps, warmup=warmup, device=device)
 
 
+def compare_throughput(configs, steps: int = 5, warmup: int = 2, device: str = "cpu",
+                       overrides=()) -> dict:
+    """:func:`measure_throughput` of several presets or configs (a list, or ``{name: preset or
+    RunConfig}``; ``overrides`` apply to each) timed round-robin, one step of each in turn, with
+    each one's step time (median per-round ratio), tokens and FLOPs relative to the first:
+    ``tdlm.compare_throughput(["mdlm-cpu", "did-cpu"], steps=24)["did-cpu"]["step_ratio"]``."""
+    from .config import get_preset
+    from .train.throughput import compare_throughput as _ct
+    from .errors import ConfigError
+    if not isinstance(configs, dict):
+        names = [c if isinstance(c, str) else f"config{i}" for i, c in enumerate(configs)]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"compare_throughput: a preset is named twice in {names}")
+        configs = dict(zip(names, configs))
+    cfgs = {}
+    for name, c in configs.items():
+        cfg = get_preset(c) if isinstance(c, str) else c
+        cfgs[name] = cfg.override(list(overrides)) if overrides else cfg
+    return _ct(cfgs, steps=steps, warmup=warmup, device=device)
+
+
 def load_scheduled(paths, device: str = "cpu", use_ema: bool = True):
     """A :class:`tdlm.scheduling.sampler.ScheduledSampler` over named checkpoints
     (``{"H": "runs/heavy", "L": "runs/light"}``): ``sample(num, steps, schedule="sandwich:0.25")``,

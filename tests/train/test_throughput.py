@@ -74,3 +74,59 @@ def test_reports_forwarded_tokens_and_training_flops_as_the_trainer_counts_them(
         ["train.global_batch=4", "backbone.n_layers=1"]), steps=2, warmup=0)
     assert 0 < did["forwarded_tokens_per_step"] < did["tokens_per_step"]
     assert did["train_flops_per_step"] > 0
+
+
+def test_compare_times_round_robin_and_states_ratios_to_the_first(monkeypatch):
+    """One step of each config in turn (every round), the step ratio as the median of the
+    per-round ratios: config b's step is made 0.15 s slower than a's (0.05 s) on every step,
+    so its ratio lies near (0.15 + s) / (0.05 + s) for the real step time s."""
+    from tdlm.train.throughput import compare_throughput
+    order = []
+    real = step_mod.train_step
+    a, b = small(), small().override(["train.seed=1"])
+
+    def slow_step(ctx, batch, step, *args, **k):
+        who = "b" if ctx.tc.seed == 1 else "a"
+        order.append((who, step))
+        if step >= 1:
+            time.sleep(0.2 if who == "b" else 0.05)
+        return real(ctx, batch, step, *args, **k)
+
+    monkeypatch.setattr(step_mod, "train_step", slow_step)
+    r = compare_throughput({"a": a, "b": b}, steps=3, warmup=1)
+    assert order == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3), ("b", 3)]
+    assert r["a"]["step_ratio"] == 1.0 and r["a"]["flops_ratio"] == 1.0
+    assert len(r["b"]["step_s"]) == 3
+    assert 1.8 < r["b"]["step_ratio"] < 4.0, r["b"]["step_ratio"]
+    lo, hi = r["b"]["step_ratio_range"]
+    assert lo <= r["b"]["step_ratio"] <= hi
+    assert r["b"]["flops_ratio"] == pytest.approx(1.0)      # same shapes, same batch
+
+
+def test_compare_gives_each_config_the_steps_it_has_alone():
+    """Interleaving does not disturb any config's batches or noise: DID's forwarded tokens and
+    FLOPs (random deletions) equal those of the same config measured alone, and the ratios are
+    the quotients of the per-config figures."""
+    import tdlm
+    did = get_preset("did-tiny").override(["train.global_batch=4", "backbone.n_layers=1"])
+    mdlm = small()
+    both = tdlm.compare_throughput({"mdlm": mdlm, "did": did}, steps=2, warmup=1)
+    alone = measure_throughput(did, steps=2, warmup=1)
+    assert both["did"]["forwarded_tokens_per_step"] == alone["forwarded_tokens_per_step"]
+    assert both["did"]["train_flops_per_step"] == pytest.approx(alone["train_flops_per_step"])
+    m = both["mdlm"]
+    assert both["did"]["flops_ratio"] == pytest.approx(
+        both["did"]["train_flops_per_step"] / m["train_flops_per_step"])
+    assert both["did"]["tokens_ratio"] == pytest.approx(
+        both["did"]["forwarded_tokens_per_step"] / m["forwarded_tokens_per_step"])
+    with pytest.raises(ConfigError):
+        tdlm.compare_throughput(["tiny", "tiny"], steps=1)
+
+
+def test_cli_measures_several_presets_round_robin(capsys):
+    from tdlm.cli import main
+    assert main(["info", "--preset", "tiny", "--preset", "did-tiny", "--measure", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "step x" in out and "FLOPs x" in out and "round-robin" in out
+    rows = [ln for ln in out.splitlines() if ln.startswith(("tiny ", "did-tiny"))]
+    assert len(rows) == 2 and rows[0].split()[-2:] == ["1.000", "1.000"]

@@ -13,9 +13,9 @@ def cmd_info(args) -> int:
         return 0
     if args.fields:
         return _print_fields(args.family)
-    rows = {}
+    rows, cfgs = {}, {}
     for name in args.preset or ["tiny"]:
-        cfg = get_preset(name)
+        cfg = cfgs[name] = get_preset(name)
         fam, model = meta_family(cfg)
         c = count_parameters(model)
         m = cfg.backbone
@@ -25,13 +25,15 @@ def cmd_info(args) -> int:
                       "global_batch": cfg.train.global_batch,
                       "run_tokens": cfg.train.max_steps * cfg.train.global_batch * cfg.data.seq_len}
         rows[name].update(fam.describe())
-        if args.measure:
-            from ..train.throughput import measure_throughput
-            rows[name]["throughput"] = measure_throughput(cfg, steps=args.measure)
+    if args.measure:        # round-robin: one step of each preset in turn
+        from ..train.throughput import compare_throughput
+        for name, t in compare_throughput(cfgs, steps=args.measure).items():
+            rows[name]["throughput"] = t
     if args.json:
         print(json.dumps(rows if len(rows) > 1 else next(iter(rows.values())), indent=2))
     else:
-        tp = f"{'train tok/s':>13}{'run h':>7}" if args.measure else ""
+        tp = (f"{'train tok/s':>13}{'run h':>7}{'s/step':>9}{'step x':>8}{'FLOPs x':>9}"
+              if args.measure else "")
         hdr = (f"{'preset':<14}{'family':<7}{'d':>6}{'layers':>8}{'total':>14}{'embedding':>13}"
                f"{'head':>13}{'blocks':>14}{'head %':>8}{'run tokens':>13}")
         print(hdr + tp)
@@ -40,7 +42,10 @@ def cmd_info(args) -> int:
             m = ""
             if args.measure:
                 tps = r["throughput"]["tokens_per_s"]
-                m = f"{tps:>13.0f}{r['run_tokens'] / tps / 3600:>7.2f}"
+                t = r["throughput"]
+                fx = "-" if t["flops_ratio"] is None else f"{t['flops_ratio']:.3f}"
+                m = (f"{tps:>13.0f}{r['run_tokens'] / tps / 3600:>7.2f}"
+                     f"{t['seconds_per_step']:>9.3f}{t['step_ratio']:>8.3f}{fx:>9}")
             print(f"{n:<14}{r['family']:<7}{r['d_model']:>6}{r['n_layers']:>8}{c['total']:>14,}"
                   f"{c['embedding']:>13,}{c['head']:>13,}{c['blocks']:>14,}"
                   f"{100 * c['head_share']:>7.2f}%{r['run_tokens']:>13,}" + m)
@@ -50,8 +55,10 @@ def cmd_info(args) -> int:
             t = next(iter(rows.values()))["throughput"]
             print(f"train tok/s: data tokens per second of {t['steps']} optimizer steps of the "
                   f"preset's batch after {t['warmup']} untimed ones, {t['threads']} thread(s), "
-                  f"{t['device']}, measured now (the parity study's figures: "
-                  "benchmarks/results/parity.md)")
+                  f"{t['device']}, measured now, the presets round-robin (one step of each in "
+                  "turn); step x: median over rounds of the step time / the first preset's in "
+                  "the same round; FLOPs x: training FLOPs per step / the first preset's (the "
+                  "parity study's figures: benchmarks/results/parity.md)")
     return 0
 
 
@@ -81,6 +88,7 @@ def add_parser(sub) -> None:
                    help="list every config field with its type, default and meaning")
     p.add_argument("--family", help="with --fields: only this family's section")
     p.add_argument("--measure", type=int, metavar="STEPS", default=0,
-                   help="also time STEPS training steps of each preset on the bundled data "
-                        "(tokens/s on this machine, current thread count)")
+                   help="also time STEPS training steps of each preset on the bundled data, "
+                        "the presets round-robin (tokens/s, s/step and step time and FLOPs "
+                        "relative to the first preset, on this machine, current thread count)")
     p.set_defaults(fn=cmd_info)
