@@ -193,37 +193,32 @@ def worker(name: str, steps: int, eval_every: int, sample_steps: int, n_samples:
 
 def interleaved_timing(steps: int, threads: int = 2) -> dict:
     """Training step wall-clock of the four runs measured round-robin in one process (one step
-    of each in turn), so load from other jobs on a shared machine hits all of them alike.
-    Returns the median seconds per step (first 2 rounds dropped) and the DID DP share."""
+    of each in turn, :func:`tdlm.train.throughput.compare_throughput`: the trainer's step,
+    FLOPs counted as the trainer counts them), so load from other jobs on a shared machine hits
+    all of them alike. Returns the median seconds per step (2 untimed rounds first) and the
+    DID DP's time in each timed step."""
     import statistics
-    from tdlm.train.step import train_step
+    from tdlm.config import get_preset
+    from tdlm.train.throughput import compare_throughput
     torch.set_num_threads(threads)
-    from tdlm.flops import model_forward_flops
     dp_t = time_dp()
-    state = {}
-    seen: list = []
+    dps: dict = {name: [] for name in RUNS}
 
-    for name in RUNS:
-        _, _, _, model, ctx, it = build_run(name)
-        watch_lengths(model, seen)
-        state[name] = (ctx, it, [], [], model, [])
-    for k in range(steps + 2):
-        for name, (ctx, it, times, dps, model, work) in state.items():
-            batch = next(it)
-            dp_t[0] = 0.0
-            seen.clear()
-            t0 = time.perf_counter()
-            train_step(ctx, batch, k)
-            if k >= 2:
-                times.append(time.perf_counter() - t0)
-                dps.append(dp_t[0])
-                lens = [v for s_ in seen for v in s_]
-                work.append((sum(lens), 3 * model_forward_flops(model, lens)["full"]))
-    return {name: {"median_step_s": statistics.median(v[2]), "median_dp_s": statistics.median(v[3]),
-                   "step_s": v[2], "dp_s": v[3], "steps": len(v[2]),
-                   "tokens_forwarded": statistics.mean(w[0] for w in v[5]),
-                   "train_flops": statistics.mean(w[1] for w in v[5])}
-            for name, v in state.items()}
+    def after_step(name, k, seconds):
+        if seconds is not None:
+            dps[name].append(dp_t[0])
+        dp_t[0] = 0.0
+
+    cfgs = {name: get_preset(preset).override(sets + STEP_SETS)
+            for name, (preset, sets) in RUNS.items()}
+    res = compare_throughput(cfgs, steps=steps, warmup=2, real_family=True,
+                             after_step=after_step)
+    return {name: {"median_step_s": statistics.median(r["step_s"]),
+                   "median_dp_s": statistics.median(dps[name]),
+                   "step_s": r["step_s"], "dp_s": dps[name], "steps": len(r["step_s"]),
+                   "tokens_forwarded": r["forwarded_tokens_per_step"],
+                   "train_flops": r["train_flops_per_step"]}
+            for name, r in res.items()}
 
 
 def timing_report(timing: dict, args, wall: float) -> dict:

@@ -49,8 +49,8 @@ def measure_throughput(cfg, steps: int = 5, warmup: int = 2, device: str = "cpu"
     return compare_throughput({"run": cfg}, steps, warmup, device)["run"]
 
 
-def compare_throughput(cfgs: dict, steps: int = 5, warmup: int = 2,
-                       device: str = "cpu") -> dict:
+def compare_throughput(cfgs: dict, steps: int = 5, warmup: int = 2, device: str = "cpu",
+                       real_family: bool = False, after_step=None) -> dict:
     """:func:`measure_throughput` of several configs ``{name: cfg}`` timed **round-robin**:
     every round runs one training step of each config in turn (after ``warmup`` untimed
     rounds), so load from other jobs on a shared machine hits all of them alike. Per name, the
@@ -61,7 +61,9 @@ def compare_throughput(cfgs: dict, steps: int = 5, warmup: int = 2,
         flops_ratio = train_flops_per_step[name] / train_flops_per_step[0]
         tokens_ratio = forwarded_tokens_per_step[name] / forwarded_tokens_per_step[0]
 
-    (1.0 for the first config; the FLOPs ratio None without a DiT)."""
+    (1.0 for the first config; the FLOPs ratio None without a DiT). ``real_family``: prepare
+    each family as a fresh training run does (:func:`build_step_context`); ``after_step(name,
+    round, seconds)`` is called after every step, warm-up ones with ``seconds=None``."""
     from ..data.batches import num_tokens
     from ..errors import ConfigError
     from ..flops import TrainingFlops
@@ -72,14 +74,14 @@ def compare_throughput(cfgs: dict, steps: int = 5, warmup: int = 2,
         raise ConfigError("measure needs at least one config")
     runs = {}
     for name, cfg in cfgs.items():
-        _, _, model, ctx, it = build_step_context(cfg, device)
+        _, _, model, ctx, it = build_step_context(cfg, device, real_family=real_family)
         runs[name] = {"ctx": ctx, "it": it, "model": model, "times": [], "tokens": 0}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for i in range(warmup + steps):
         if i == warmup:                 # count FLOPs of the timed steps only
             for r in runs.values():
                 r["flops"] = TrainingFlops(r["model"])
-        for r in runs.values():
+        for name, r in runs.items():
             batch = next(r["it"])
             sync()
             t0 = time.perf_counter()
@@ -90,6 +92,8 @@ def compare_throughput(cfgs: dict, steps: int = 5, warmup: int = 2,
                 r["times"].append(dt)
                 r["tokens"] += int(num_tokens(batch))
                 r["flops"].step_done()  # hook bookkeeping only: after the clock stopped
+            if after_step is not None:
+                after_step(name, i, dt if i >= warmup else None)
     out = {}
     for name, r in runs.items():
         r["flops"].close()
