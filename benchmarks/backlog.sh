@@ -13,9 +13,10 @@
 # the other lane keeps training). Every command
 # resumes or skips what is done, so after a stop the same command continues where the studies
 # were. Priority: the parity study's ablations (cpu regime), its
-# GPT-2-vocabulary regime, the converged AR judge, the scheduling study's MDLM pair and TDLM
-# pair (4000 steps; their heavy models are also the parity study's seed-0 pair at 4x the
-# budget), the DID study's runs, then the stages that need the judge.
+# GPT-2-vocabulary regime, the converged AR judge, the scheduling study's MDLM pair (4000
+# steps), the DID study's runs, the scheduling study's TDLM pair (4000 steps; the two heavy
+# models are also the parity study's seed-0 pair at 4x the budget), then the stages that
+# need the judge.
 # PARITY_SRC (default: this checkout's src) is the library the cpu-regime parity runs use: the
 # study's first runs were made at cc8ff46, so set it to a checkout of that commit to finish
 # them with the same code. The exit status is non-zero when any command failed.
@@ -55,13 +56,13 @@ queues() {      # the training queues, every lane in the same order; a study's s
   PYTHONPATH=$SRC python benchmarks/scheduling.py --scale cpu --stage run --lanes 1 \
     || fail scheduling run
   ready $JUDGE $SCHED/heavy $SCHED/light && once sched-mdlm scheduling_mdlm_stages
+  PYTHONPATH=$SRC python benchmarks/did_study.py run --lanes 1 || fail did_study run
+  # shellcheck disable=SC2086
+  ready $JUDGE $DID_RUNS && once did-stages did_stages
   PYTHONPATH=$SRC python benchmarks/scheduling.py --scale cpu --stage run-levels --lanes 1 \
     || fail scheduling run-levels
   ready $JUDGE $SCHED/heavy $SCHED/light $SCHED/tdlm-heavy $SCHED/tdlm-light \
     && once sched-levels scheduling_levels_stages
-  PYTHONPATH=$SRC python benchmarks/did_study.py run --lanes 1 || fail did_study run
-  # shellcheck disable=SC2086
-  ready $JUDGE $DID_RUNS && once did-stages did_stages
   return $FAILED
 }
 

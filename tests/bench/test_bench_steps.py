@@ -90,3 +90,24 @@ def test_did_race_trains_with_train_step(spy, tmp_path):
     ctx = spy[0][0]
     assert ctx.tc.weight_decay == 0.01 and ctx.tc.grad_clip == 1.0 and ctx.ema is None
     assert rec["steps"][0]["dp_seconds"] > 0 and rec["steps"][0]["loss"] > 0
+
+
+@pytest.mark.parametrize("row,conf", [("mdlm-cpu", {"steps": 6, "cache": False}),
+                                      ("did-cpu-fixed", {"steps": 6, "cache": True})])
+def test_sampling_benchmark_times_the_backbone_the_samplers_run(row, conf):
+    """benchmarks/sampling.py's timer sits on the DiT, which the samplers run (they call the
+    model's features and output layer apart, never its ``forward``): it counts every backbone
+    forward (an independent counter on the same DiT agrees; MDLM without the cache runs one
+    per step) and its time is a positive share of the wall-clock."""
+    from tdlm.nn.dit import DiT
+    sampling = _load("sampling")
+    fam, model, cfg, _ = sampling.build(row, None)
+    timer = sampling.ForwardTimer(model)
+    dit = next(m for m in model.modules() if isinstance(m, DiT))
+    seen = []
+    dit.register_forward_hook(lambda *a: seen.append(1))
+    m = sampling.time_one(fam, model, cfg, timer, 1, conf, seed=0)
+    assert m["forwards"] == len(seen) > 0
+    if row == "mdlm-cpu":
+        assert conf["steps"] <= m["forwards"] <= conf["steps"] + 1    # (+ noise removal)
+    assert 0 < m["forward_s"] < m["wall_s"]
