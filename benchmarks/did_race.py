@@ -102,8 +102,8 @@ def build_run(name: str):
 def watch_lengths(model, seen: list) -> None:
     """Record the sequence lengths every backbone forward of ``model`` sees into ``seen``
     (a hook on its DiT, which every family calls, whatever its head does)."""
-    from tdlm.nn.dit import DiT
-    dit = next(m for m in model.modules() if isinstance(m, DiT))
+    from tdlm.nn.dit import backbone_of
+    dit = backbone_of(model)
 
     def hook(mod, args, kwargs):
         lay = kwargs.get("packing") or kwargs.get("layout")

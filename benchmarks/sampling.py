@@ -77,9 +77,9 @@ class ForwardTimer:
     apart, not its ``forward``), or of the model itself when it has no DiT."""
 
     def __init__(self, model):
-        from tdlm.nn.dit import DiT
+        from tdlm.nn.dit import backbone_of
         self.total, self.calls, self._t = 0.0, 0, None
-        net = next((m for m in model.modules() if isinstance(m, DiT)), model)
+        net = backbone_of(model) or model
         net.register_forward_pre_hook(self._pre)
         net.register_forward_hook(self._post)
 

@@ -34,9 +34,12 @@ KEYS = ("mask", "gen_ppl", "entropy", "forward_calls", "saved_blocks", "saved_fu
 
 
 def count_forwards(model: torch.nn.Module) -> list:
-    """A one-element list that a forward pre-hook on ``model`` increments per real call."""
+    """A one-element list that a forward pre-hook on ``model``'s DiT increments per real call
+    (the sampler calls the model's features and output layer, not its ``forward``)."""
+    from tdlm.nn.dit import backbone_of
     n = [0]
-    model.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
+    (backbone_of(model) or model).register_forward_pre_hook(
+        lambda *_: n.__setitem__(0, n[0] + 1))
     return n
 
 

@@ -108,10 +108,10 @@ class TrainingFlops:
     A model without a DiT is not counted (``total`` stays None)."""
 
     def __init__(self, model: torch.nn.Module, total: float = 0.0):
-        from .nn.dit import DiT
+        from .nn.dit import backbone_of
         self.model = model
         self._seen: list = []
-        dit = next((m for m in model.modules() if isinstance(m, DiT)), None)
+        dit = backbone_of(model)
         self.total = None if dit is None else float(total)
         self.tokens = 0
         self._handle = None if dit is None else dit.register_forward_pre_hook(

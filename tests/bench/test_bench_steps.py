@@ -111,3 +111,17 @@ def test_sampling_benchmark_times_the_backbone_the_samplers_run(row, conf):
     if row == "mdlm-cpu":
         assert conf["steps"] <= m["forwards"] <= conf["steps"] + 1    # (+ noise removal)
     assert 0 < m["forward_s"] < m["wall_s"]
+
+
+def test_search_share_counts_the_forwards_a_sampler_makes():
+    """benchmarks/search_share.py's counter (on the DiT) counts each network forward of a
+    sampler that calls the model's features and output layer apart: MDLM without the cache
+    runs one per step."""
+    from tdlm.sampling.result import build_options
+    share = _load("search_share")
+    fam, model, cfg, _ = _load("sampling").build("mdlm-cpu", None)
+    n = share.count_forwards(model)
+    opts = build_options(fam.SampleOptions, cfg.family.name, steps=5, cache=False)
+    with torch.no_grad():
+        fam.sample(model, 1, 32, opts, torch.Generator().manual_seed(0))
+    assert 5 <= n[0] <= 6, n

@@ -270,3 +270,10 @@ class DiT(nn.Module):
 
     def flops(self, s: SeqStats, head_out: Optional[int] = None) -> dict:
         return dit_flops(self.cfg, self.vocab_embed.num_embeddings, s)
+
+
+def backbone_of(model: nn.Module) -> Optional["DiT"]:
+    """The model's DiT (the first one among its modules), or None: every family runs it once
+    per network forward, whether a caller uses the model's ``forward`` or its ``features`` and
+    output layer apart (the samplers), so hooks that count or time forwards sit on it."""
+    return next((m for m in model.modules() if isinstance(m, DiT)), None)
