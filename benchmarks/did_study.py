@@ -283,7 +283,8 @@ def _samples(work: Path, setting: str, seed: int, a) -> dict:
         g = f.with_suffix(".genppl.json")
         if g.exists():
             gp = json.loads(g.read_text())
-            rec.update(gen_ppl=gp["gen_ppl"], entropy=gp["entropy"] if not isinstance(
+            rec.update(gen_ppl=gp["gen_ppl"], gen_ppl_ci95=gp.get("gen_ppl_ci95"),
+                       entropy=gp["entropy"] if not isinstance(
                 gp["entropy"], dict) else gp["entropy"]["mean"], judged_tokens=gp.get("tokens"))
         out[side] = rec
     t = work / "samples" / f"timing-{setting}-s{seed}-T{a.sample_steps}.json"
@@ -298,6 +299,11 @@ def _samples(work: Path, setting: str, seed: int, a) -> dict:
     if j.exists():
         out["judge"] = json.loads(j.read_text())
     return out
+
+
+def _ci(rec: dict) -> str:
+    ci = rec.get("gen_ppl_ci95")
+    return f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else ""
 
 
 def _fmt(v, f="{:.4f}") -> str:
@@ -364,8 +370,9 @@ def markdown(res: dict) -> str:
                 L.append(f"| mean sample length (tokens) | {sp['did']['mean_length']:.1f} / "
                          f"{sp['mdlm']['mean_length']:.1f} | |")
             if "gen_ppl" in sp["did"] and "gen_ppl" in sp["mdlm"]:
-                L.append(f"| generative perplexity | {sp['did']['gen_ppl']:.1f} / "
-                         f"{sp['mdlm']['gen_ppl']:.1f} | |")
+                L.append(f"| generative perplexity (95% CI over samples) | "
+                         f"{sp['did']['gen_ppl']:.1f}{_ci(sp['did'])} / "
+                         f"{sp['mdlm']['gen_ppl']:.1f}{_ci(sp['mdlm'])} | |")
                 L.append(f"| entropy (nats) | {sp['did']['entropy']:.3f} / "
                          f"{sp['mdlm']['entropy']:.3f} | |")
             if sp.get("judge"):

@@ -77,6 +77,8 @@ RUNS = {
 LINKS: dict = {}                          # run name -> an existing finished run folder
 STEM = "scheduling"
 TITLE = "heavy 6 blocks vs light 2 blocks, tiny MDLMs"
+#: the per-t profile: t values, validation batches x sequences, trajectory samples
+GRID, AN_BATCHES, AN_BATCH, TRAJ = 20, 8, 16, 16
 PREFIX, NUM_PREFIX = 16, 48   # the bpe-512 validation split has 59 documents longer than 16 tokens
 LEVEL_RUNS: dict = {}
 #: cpu scale: every pair trained 4x the parity study's budget (the judge's: benchmarks/judge.py).
@@ -185,8 +187,9 @@ def stage_analyze(work: Path) -> None:
     if (OUT / "analyze" / "step_importance.csv").exists():
         print("[analyze] exists", flush=True)
         return
-    sh(["schedule", "analyze", *models(work), "--grid", "20", "--batches", "8",
-        "--batch-size", "16", "--trajectory-samples", "16", "--trajectory-steps", str(T),
+    sh(["schedule", "analyze", *models(work), "--grid", str(GRID), "--batches", str(AN_BATCHES),
+        "--batch-size", str(AN_BATCH), "--trajectory-samples", str(TRAJ),
+        "--trajectory-steps", str(T),
         "--out", str(OUT / "analyze")])
 
 
@@ -230,8 +233,8 @@ def stage_levels(work: Path) -> None:
     _need(work, "tdlm-heavy", "tdlm-light", "judge")
     pair = ["--model", f"H={work / 'tdlm-heavy'}", "--model", f"L={work / 'tdlm-light'}"]
     if not (OUT / "levels" / "analyze" / "step_importance.csv").exists():
-        sh(["schedule", "analyze", *pair, "--grid", "20", "--batches", "8", "--batch-size", "16",
-            "--trajectory-samples", "0", "--out", str(OUT / "levels" / "analyze")])
+        sh(["schedule", "analyze", *pair, "--grid", str(GRID), "--batches", str(AN_BATCHES),
+            "--batch-size", str(AN_BATCH), "--trajectory-samples", "0", "--out", str(OUT / "levels" / "analyze")])
     if not (OUT / "levels" / "search" / "search.csv").exists():
         sh(["schedule", "search", *pair, "--judge", str(work / "judge"), "--steps", str(T),
             "--segments", str(SEGMENTS), "--light-segments", "-1", "--masks",
@@ -586,9 +589,25 @@ def main() -> None:
                     "at a time (one thread each)")
     ap.add_argument("--steps", type=int, help="stages run/run-levels: train this many steps "
                     "instead (smoke test)")
+    ap.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/"
+                    "<the scale's folder>)")
+    ap.add_argument("--judge", help="a finished AR run to link as the judge instead of the "
+                    "scale's (smoke test)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="every stage at a few samples, one seed pair, T=16 and a 4-point "
+                         "profile (checks the pipeline end to end; needs --out)")
     a = ap.parse_args()
+    if a.smoke and a.out is None:
+        ap.error("--smoke writes its results apart: give --out")
     globals().update(LANES=a.lanes, SMOKE_STEPS=a.steps)
     use_scale(a.scale)
+    if a.out is not None:
+        globals()["OUT"] = a.out
+    if a.judge:
+        globals()["LINKS"] = {**LINKS, "judge": a.judge}
+    if a.smoke:
+        globals().update(T=16, NUM=2, SEEDS=2, NUM_PREFIX=2, GRID=4, AN_BATCHES=1, AN_BATCH=4,
+                         TRAJ=2)
     work = Path(a.work or ("runs/sched-cpu" if a.scale == "tiny" else "runs/sched-paper"))
     globals()["COMMAND"] = (f"python benchmarks/scheduling.py --scale {a.scale} --work {work}")
     work.mkdir(parents=True, exist_ok=True)

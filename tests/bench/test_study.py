@@ -559,3 +559,16 @@ def test_finished_from_the_command_line(tmp_path):
     run = [sys.executable, str(BENCH / "study.py"), "finished"]
     assert subprocess.run(run + [str(tmp_path / "a")]).returncode == 0
     assert subprocess.run(run + [str(tmp_path / "a"), str(tmp_path / "b")]).returncode == 1
+
+
+def test_did_report_gives_the_gen_ppl_intervals():
+    """The sampling rows of did_study.md carry each side's 95% gen-PPL interval (from
+    ``tdlm genppl``'s s.e. over samples) when the genppl files have one."""
+    ds = _load("did_study")
+    side = lambda ppl, ci: {"seconds_per_sample": 1.0, "steps": 64, "gen_ppl": ppl,
+                            "gen_ppl_ci95": ci, "entropy": 5.0}
+    S = {"rows": [], "equal_rel": None, "step_ratio": None, "memory": {}, "seeds": [0],
+         "sampling": {"did": side(80.0, [70.0, 91.5]), "mdlm": side(60.0, None)}}
+    md = ds.markdown({"command": "c", "settings": {"fixed": S}})
+    row = next(ln for ln in md.splitlines() if ln.startswith("| generative perplexity"))
+    assert "80.0 [70.0, 91.5] / 60.0 |" in row

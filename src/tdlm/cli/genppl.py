@@ -14,7 +14,9 @@ def cmd_genppl(args) -> int:
     if args.json:
         print(json.dumps(res, indent=2, sort_keys=True))
     else:
-        print(f"gen PPL {res['gen_ppl']:.2f}  entropy {res['entropy']:.3f}  "
+        ci = res.get("gen_ppl_ci95")
+        ci = f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
+        print(f"gen PPL {res['gen_ppl']:.2f}{ci}  entropy {res['entropy']:.3f}  "
               f"({res['num_samples']} samples, {res['tokens']} tokens scored, eos={res['eos']}, "
               f"{'retokenised' if res['retokenised'] else 'same tokenizer'})")
         print(f"judge: {res['judge']['label']}")

@@ -23,6 +23,14 @@ for every id: :func:`vocab_ids_hash`; merges may differ, the ids mean the same) 
 ids are scored as they are; otherwise the text is split on ``<|endoftext|>``, each piece is
 encoded with the judge's tokenizer and the pieces are joined with the judge's EOS id.
 
+Sampling error: the samples are independent draws, so ``r = NLL / N`` is a ratio estimator
+over samples; its standard error (delta method) over the ``m`` samples with scored tokens,
+
+    se(r) = sqrt( sum_i (NLL_i - r N_i)^2 / (m (m - 1)) ) / mean_i N_i,
+
+reduces to the usual s.e. of a mean when every sample scores as many tokens. The 95% interval
+of gen PPL is ``exp(r -+ 1.96 se)`` (``gen_ppl_ci95``).
+
 Entropy: for each sample, the unigram entropy ``H_i = -sum_v p_v log p_v`` (nats) of the token
 frequencies ``p_v`` of its generated part (all generated tokens, in the sampler's own
 tokenizer when ids are given), averaged over samples; reported beside gen PPL because a low
@@ -356,6 +364,19 @@ def _score(windows: list, n_items: int, judge: Judge, batch_size: int):
     return nll, ntok
 
 
+def pooled_nll_se(nll: Sequence[float], ntok: Sequence[int]) -> float:
+    """Standard error of the token-pooled NLL ``sum(nll) / sum(ntok)`` across samples (the
+    ratio estimator's delta-method s.e., module docstring); samples without tokens are left
+    out; NaN with fewer than 2 samples."""
+    pairs = [(a, n) for a, n in zip(nll, ntok) if n > 0]
+    m = len(pairs)
+    if m < 2:
+        return float("nan")
+    r = sum(a for a, _ in pairs) / sum(n for _, n in pairs)
+    mean_n = sum(n for _, n in pairs) / m
+    return math.sqrt(sum((a - r * n) ** 2 for a, n in pairs) / (m * (m - 1))) / mean_n
+
+
 def generative_perplexity(samples: Sequence, judge, eos: str = "first", batch_size: int = 8,
                           sample_vocab_hash: Optional[str] = None, retokenise: Optional[bool] = None,
                           device: str = "cpu", precision: str = "fp32") -> dict:
@@ -366,7 +387,8 @@ def generative_perplexity(samples: Sequence, judge, eos: str = "first", batch_si
     (then the samples' tokenizer must be the judge's). Samples may have different lengths.
     ``sample_vocab_hash``: :func:`vocab_ids_hash` of the samples' tokenizer (retokenise when it
     differs from the judge's; unknown -> retokenise the text). ``judge``: a :class:`Judge` or a path.
-    Returns gen_ppl, nll_per_token, tokens, entropy (mean, std), per-sample values, settings."""
+    Returns gen_ppl (with its 95% interval), nll_per_token (with its s.e. across samples),
+    tokens, entropy (mean, std), per-sample values, settings."""
     if eos not in EOS_MODES:
         raise ConfigError(f"eos must be one of {', '.join(EOS_MODES)}, got {eos!r}")
     if batch_size < 1:
@@ -388,9 +410,13 @@ def generative_perplexity(samples: Sequence, judge, eos: str = "first", batch_si
     nll, ntok = _score(_windows(items, judge), len(items), judge, batch_size)
     N = sum(ntok)
     per_tok = sum(nll) / N if N else float("nan")
+    se = pooled_nll_se(nll, ntok)
     ent_t = torch.tensor(ents, dtype=torch.float64)
     return {"gen_ppl": math.exp(min(per_tok, 700)) if N else float("nan"),
-            "nll_per_token": per_tok, "tokens": N, "num_samples": len(recs),
+            "gen_ppl_ci95": ([math.exp(min(per_tok + z * se, 700)) for z in (-1.96, 1.96)]
+                             if math.isfinite(se) else None),
+            "nll_per_token": per_tok, "nll_se_per_token": se,
+            "tokens": N, "num_samples": len(recs),
             "samples_without_tokens": sum(1 for v in ntok if v == 0),
             "leading_eos_moved_to_context": moved,
             "entropy": float(ent_t.mean()),
