@@ -99,21 +99,6 @@ def build_run(name: str):
     return cfg, data, fam, model, ctx, it
 
 
-def watch_lengths(model, seen: list) -> None:
-    """Record the sequence lengths every backbone forward of ``model`` sees into ``seen``
-    (a hook on its DiT, which every family calls, whatever its head does)."""
-    from tdlm.nn.dit import backbone_of
-    dit = backbone_of(model)
-
-    def hook(mod, args, kwargs):
-        lay = kwargs.get("packing") or kwargs.get("layout")
-        if lay is not None and hasattr(lay, "lengths"):
-            seen.append(lay.lengths.tolist())
-        else:
-            seen.append([args[0].shape[1]] * args[0].shape[0])
-    dit.register_forward_pre_hook(hook, with_kwargs=True)
-
-
 def time_dp() -> list:
     """Wrap ``tdlm.did.dp.insertion_targets`` (the DID family imports it at each call) so
     that its wall time adds up in the returned one-element list."""
@@ -134,35 +119,33 @@ def worker(name: str, steps: int, eval_every: int, sample_steps: int, n_samples:
            judge: str, tmp: str) -> dict:
     from tdlm.data.batches import num_tokens
     from tdlm.eval.nelbo import evaluate_nelbo
-    from tdlm.flops import model_forward_flops
+    from tdlm.flops import TrainingFlops
     from tdlm.train.step import train_step
 
     torch.set_num_threads(2)
     preset, sets = RUNS[name]
     cfg, data, fam, model, ctx, it = build_run(name)
-    # lengths actually forwarded: recorded by a pre-hook on the model
-    seen = []
-
-    watch_lengths(model, seen)
+    # what the backbone actually forwarded, counted as the trainer counts it
+    counter = TrainingFlops(model)
     dp_time = time_dp()
     rec = {"name": name, "preset": preset, "sets": sets, "steps": [], "evals": []}
     flops_total = 0.0
     for step in range(1, steps + 1):
         batch = next(it)
-        seen.clear()
         dp_time[0] = 0.0
         t0 = time.perf_counter()
         res = train_step(ctx, batch, step - 1)
         dt = time.perf_counter() - t0
-        lens = [v for s in seen for v in s]
-        f = model_forward_flops(model, lens)
-        flops_total += 3 * f["full"]
+        tokens0 = counter.tokens
+        f = counter.step_done()
+        flops_total += f
         rec["steps"].append({"step": step, "seconds": dt, "dp_seconds": dp_time[0],
-                             "tokens_forwarded": sum(lens), "data_tokens": int(num_tokens(batch)),
-                             "train_flops": 3 * f["full"], "train_block_flops": 3 * f["blocks"],
+                             "tokens_forwarded": counter.tokens - tokens0,
+                             "data_tokens": int(num_tokens(batch)), "train_flops": f,
                              "loss": res.loss})
         if step % eval_every == 0 or step == steps:
             ev = evaluate_nelbo(fam, model, data.val, batch_size=8, max_batches=16, seed=0)
+            counter.discard()             # validation forwards are not training
             seq = ev["nelbo_per_token"] * ev["tokens"] / ev["sequences"]
             row = {"step": step, "train_flops": flops_total, "nelbo_per_token": ev["nelbo_per_token"],
                    "nelbo_per_sequence": seq, "tokens": ev["tokens"], "sequences": ev["sequences"]}
@@ -171,6 +154,7 @@ def worker(name: str, steps: int, eval_every: int, sample_steps: int, n_samples:
                                                   else seq / (cfg.data.seq_len - 1))
             rec["evals"].append(row)
             print(name, row, flush=True)
+    counter.close()
     # sampling at equal steps
     model.eval()
     g = torch.Generator().manual_seed(1)

@@ -94,7 +94,8 @@ def test_compare_times_round_robin_and_states_ratios_to_the_first(monkeypatch):
 
     monkeypatch.setattr(step_mod, "train_step", slow_step)
     r = compare_throughput({"a": a, "b": b}, steps=3, warmup=1)
-    assert order == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3), ("b", 3)]
+    # every round one step of each, every other round in reverse order
+    assert order == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2), ("b", 3), ("a", 3)]
     assert r["a"]["step_ratio"] == 1.0 and r["a"]["flops_ratio"] == 1.0
     assert len(r["b"]["step_s"]) == 3
     assert 1.8 < r["b"]["step_ratio"] < 4.0, r["b"]["step_ratio"]
@@ -105,15 +106,27 @@ def test_compare_times_round_robin_and_states_ratios_to_the_first(monkeypatch):
 
 def test_compare_gives_each_config_the_steps_it_has_alone():
     """Interleaving does not disturb any config's batches or noise: DID's forwarded tokens and
-    FLOPs (random deletions) equal those of the same config measured alone, and the ratios are
-    the quotients of the per-config figures."""
+    FLOPs (random deletions) equal those of the trainer's own steps of the same config run
+    alone (built independently, FLOPs from the analytic count of the lengths its backbone
+    saw), and the ratios are the quotients of the per-config figures."""
     import tdlm
+    from tdlm.flops import model_forward_flops
+    from tdlm.nn.dit import backbone_of
+    from tdlm.train.throughput import build_step_context
     did = get_preset("did-tiny").override(["train.global_batch=4", "backbone.n_layers=1"])
     mdlm = small()
     both = tdlm.compare_throughput({"mdlm": mdlm, "did": did}, steps=2, warmup=1)
-    alone = measure_throughput(did, steps=2, warmup=1)
-    assert both["did"]["forwarded_tokens_per_step"] == alone["forwarded_tokens_per_step"]
-    assert both["did"]["train_flops_per_step"] == pytest.approx(alone["train_flops_per_step"])
+    _, _, model, ctx, it = build_step_context(did)
+    seen = []
+    backbone_of(model).register_forward_pre_hook(
+        lambda mod, a, k: seen.append(k["packing"].lengths.tolist()), with_kwargs=True)
+    step_mod.train_step(ctx, next(it), 0)                  # the warm-up step, not counted
+    seen.clear()
+    for i in (1, 2):
+        step_mod.train_step(ctx, next(it), i)
+    assert both["did"]["forwarded_tokens_per_step"] == sum(map(sum, seen)) / 2
+    assert both["did"]["train_flops_per_step"] == pytest.approx(
+        sum(3 * model_forward_flops(model, lens, True)["full"] for lens in seen) / 2)
     m = both["mdlm"]
     assert both["did"]["flops_ratio"] == pytest.approx(
         both["did"]["train_flops_per_step"] / m["train_flops_per_step"])
@@ -129,4 +142,10 @@ def test_cli_measures_several_presets_round_robin(capsys):
     out = capsys.readouterr().out
     assert "step x" in out and "FLOPs x" in out and "round-robin" in out
     rows = [ln for ln in out.splitlines() if ln.startswith(("tiny ", "did-tiny"))]
-    assert len(rows) == 2 and rows[0].split()[-2:] == ["1.000", "1.000"]
+    assert len(rows) == 2 and rows[0].split()[-3:] == ["1.000", "1.000", "1.000"]
+    step_x, tok_x, flops_x = map(float, rows[1].split()[-3:])
+    assert 0 < step_x and 0 < tok_x < 1.0 and flops_x > 0     # DID forwards fewer tokens
+    assert main(["info", "--preset", "tiny", "--measure", "1"]) == 0
+    one = capsys.readouterr().out
+    row = next(ln for ln in one.splitlines() if ln.startswith("tiny "))
+    assert row.split()[-3:] == ["-", "-", "-"]      # nothing to compare with

@@ -32,8 +32,8 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(rows if len(rows) > 1 else next(iter(rows.values())), indent=2))
     else:
-        tp = (f"{'train tok/s':>13}{'run h':>7}{'s/step':>9}{'step x':>8}{'FLOPs x':>9}"
-              if args.measure else "")
+        tp = (f"{'train tok/s':>13}{'run h':>7}{'s/step':>9}{'step x':>8}{'tok x':>7}"
+              f"{'FLOPs x':>9}" if args.measure else "")
         hdr = (f"{'preset':<14}{'family':<7}{'d':>6}{'layers':>8}{'total':>14}{'embedding':>13}"
                f"{'head':>13}{'blocks':>14}{'head %':>8}{'run tokens':>13}")
         print(hdr + tp)
@@ -43,9 +43,10 @@ def cmd_info(args) -> int:
             if args.measure:
                 tps = r["throughput"]["tokens_per_s"]
                 t = r["throughput"]
-                fx = "-" if t["flops_ratio"] is None else f"{t['flops_ratio']:.3f}"
+                x = [t["step_ratio"], t["tokens_ratio"], t["flops_ratio"]]
+                x = ["-" if v is None or len(rows) == 1 else f"{v:.3f}" for v in x]
                 m = (f"{tps:>13.0f}{r['run_tokens'] / tps / 3600:>7.2f}"
-                     f"{t['seconds_per_step']:>9.3f}{t['step_ratio']:>8.3f}{fx:>9}")
+                     f"{t['seconds_per_step']:>9.3f}{x[0]:>8}{x[1]:>7}{x[2]:>9}")
             print(f"{n:<14}{r['family']:<7}{r['d_model']:>6}{r['n_layers']:>8}{c['total']:>14,}"
                   f"{c['embedding']:>13,}{c['head']:>13,}{c['blocks']:>14,}"
                   f"{100 * c['head_share']:>7.2f}%{r['run_tokens']:>13,}" + m)
@@ -57,8 +58,10 @@ def cmd_info(args) -> int:
                   f"preset's batch after {t['warmup']} untimed ones, {t['threads']} thread(s), "
                   f"{t['device']}, measured now, the presets round-robin (one step of each in "
                   "turn); step x: median over rounds of the step time / the first preset's in "
-                  "the same round; FLOPs x: training FLOPs per step / the first preset's (the "
-                  "parity study's figures: benchmarks/results/parity.md)")
+                  "the same round; tok x, FLOPs x: tokens the backbone forwarded and training "
+                  "FLOPs per step / the first preset's -- per step, so presets with different "
+                  "batches read different data tokens (the parity study's figures: "
+                  "benchmarks/results/parity.md)")
     return 0
 
 

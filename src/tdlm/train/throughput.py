@@ -8,7 +8,9 @@ step the trainer runs -- over ``steps`` optimizer steps after ``warmup`` untimed
 
     tokens/s = (data tokens of the timed batches) / (wall-clock of the timed steps)
 
-with the thread count in effect (``torch.get_num_threads()``), which the result states. The
+with the thread count in effect (``torch.get_num_threads()``), which the result states; each
+step's clock covers the ``train_step`` call, not drawing its batch (on CUDA the device is
+synchronised before and after it). The
 same steps' model FLOPs are counted as the trainer counts them (:class:`tdlm.flops.
 TrainingFlops`: 3 x the forward FLOPs of the sequences the backbone forwarded), with the tokens
 forwarded, so a method that forwards fewer tokens than it reads (DID) shows both.
@@ -49,62 +51,93 @@ def measure_throughput(cfg, steps: int = 5, warmup: int = 2, device: str = "cpu"
     return compare_throughput({"run": cfg}, steps, warmup, device)["run"]
 
 
+class _Timed:
+    """One config's model, step context and batches, and what its timed steps measured: the
+    wall-clock of each ``train_step`` call (the batch is drawn before the clock starts; on
+    CUDA the device is synchronised before and after), its data tokens and its training FLOPs
+    (:class:`tdlm.flops.TrainingFlops`, hooked from the first timed step on)."""
+
+    def __init__(self, cfg, device: str, real_family: bool):
+        _, _, self.model, self.ctx, self.it = build_step_context(cfg, device,
+                                                                 real_family=real_family)
+        self.times: list = []
+        self.tokens = 0
+        self.flops = None
+        dev = torch.device(device)
+        self.sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+
+    def step(self, i: int, timed: bool):
+        from ..data.batches import num_tokens
+        from ..flops import TrainingFlops
+        from . import step as step_mod
+        batch = next(self.it)
+        if timed and self.flops is None:
+            self.flops = TrainingFlops(self.model)
+        self.sync()
+        t0 = time.perf_counter()
+        step_mod.train_step(self.ctx, batch, i)
+        self.sync()
+        dt = time.perf_counter() - t0
+        if not timed:
+            return None
+        self.times.append(dt)
+        self.tokens += int(num_tokens(batch))
+        self.flops.step_done()          # hook bookkeeping only: after the clock stopped
+        return dt
+
+    def result(self, steps: int, warmup: int, device: str) -> dict:
+        dt, fl = sum(self.times), self.flops
+        return {"tokens_per_s": self.tokens / dt, "seconds_per_step": dt / steps,
+                "tokens_per_step": self.tokens / steps,
+                "forwarded_tokens_per_step": fl.tokens / steps,
+                "train_flops_per_step": None if fl.total is None else fl.total / steps,
+                "step_s": self.times, "steps": steps, "warmup": warmup,
+                "threads": torch.get_num_threads(), "device": device}
+
+    def close(self) -> None:
+        if self.flops is not None:
+            self.flops.close()
+
+
 def compare_throughput(cfgs: dict, steps: int = 5, warmup: int = 2, device: str = "cpu",
                        real_family: bool = False, after_step=None) -> dict:
     """:func:`measure_throughput` of several configs ``{name: cfg}`` timed **round-robin**:
-    every round runs one training step of each config in turn (after ``warmup`` untimed
-    rounds), so load from other jobs on a shared machine hits all of them alike. Per name, the
-    keys of :func:`measure_throughput` plus ``step_s`` (each timed step) and, against the first
-    config ``0``, per round ``r``::
-
-        step_ratio = median_r (step_s[name][r] / step_s[0][r])       (range: step_ratio_range)
-        flops_ratio = train_flops_per_step[name] / train_flops_per_step[0]
-        tokens_ratio = forwarded_tokens_per_step[name] / forwarded_tokens_per_step[0]
-
-    (1.0 for the first config; the FLOPs ratio None without a DiT). ``real_family``: prepare
-    each family as a fresh training run does (:func:`build_step_context`); ``after_step(name,
-    round, seconds)`` is called after every step, warm-up ones with ``seconds=None``."""
-    from ..data.batches import num_tokens
+    every round runs one training step of each config in turn (every other round in reverse
+    order, so no config always runs first), after ``warmup`` untimed rounds, so load from
+    other jobs on a shared machine hits all of them alike. Per name, the keys of
+    :func:`measure_throughput` plus ``step_s`` (each timed step) and the ratios to the first
+    config (:func:`_ratios`). ``real_family``: prepare each family as a fresh training run
+    does (:func:`build_step_context`); ``after_step(name, i, seconds)`` is called after every
+    step ``i`` (counting warm-up rounds), with ``seconds=None`` for warm-up steps."""
     from ..errors import ConfigError
-    from ..flops import TrainingFlops
-    from .step import train_step
     if steps < 1 or warmup < 0:
         raise ConfigError(f"measure needs steps >= 1 and warmup >= 0, got {steps}, {warmup}")
     if not cfgs:
         raise ConfigError("measure needs at least one config")
     runs = {}
-    for name, cfg in cfgs.items():
-        _, _, model, ctx, it = build_step_context(cfg, device, real_family=real_family)
-        runs[name] = {"ctx": ctx, "it": it, "model": model, "times": [], "tokens": 0}
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for i in range(warmup + steps):
-        if i == warmup:                 # count FLOPs of the timed steps only
-            for r in runs.values():
-                r["flops"] = TrainingFlops(r["model"])
-        for name, r in runs.items():
-            batch = next(r["it"])
-            sync()
-            t0 = time.perf_counter()
-            train_step(r["ctx"], batch, i)
-            sync()
-            dt = time.perf_counter() - t0
-            if i >= warmup:
-                r["times"].append(dt)
-                r["tokens"] += int(num_tokens(batch))
-                r["flops"].step_done()  # hook bookkeeping only: after the clock stopped
-            if after_step is not None:
-                after_step(name, i, dt if i >= warmup else None)
-    out = {}
-    for name, r in runs.items():
-        r["flops"].close()
-        dt = sum(r["times"])
-        fl = r["flops"]
-        out[name] = {"tokens_per_s": r["tokens"] / dt, "seconds_per_step": dt / steps,
-                     "tokens_per_step": r["tokens"] / steps,
-                     "forwarded_tokens_per_step": fl.tokens / steps,
-                     "train_flops_per_step": None if fl.total is None else fl.total / steps,
-                     "step_s": r["times"], "steps": steps, "warmup": warmup,
-                     "threads": torch.get_num_threads(), "device": device}
+    try:
+        for name, cfg in cfgs.items():
+            runs[name] = _Timed(cfg, device, real_family)
+        for i in range(warmup + steps):
+            order = list(runs.items())
+            for name, r in (order[::-1] if i % 2 else order):
+                dt = r.step(i, timed=i >= warmup)
+                if after_step is not None:
+                    after_step(name, i, dt)
+    finally:
+        for r in runs.values():
+            r.close()
+    return _ratios({name: r.result(steps, warmup, device) for name, r in runs.items()})
+
+
+def _ratios(out: dict) -> dict:
+    """Adds to every row, against the first config ``0``, per timed round ``r``::
+
+        step_ratio = median_r (step_s[name][r] / step_s[0][r])       (range: step_ratio_range)
+        flops_ratio = train_flops_per_step[name] / train_flops_per_step[0]
+        tokens_ratio = forwarded_tokens_per_step[name] / forwarded_tokens_per_step[0]
+
+    (1.0 for the first config; None where the first has no FLOPs or tokens counted)."""
     first = out[next(iter(out))]
     for row in out.values():
         ratios = sorted(a / b for a, b in zip(row["step_s"], first["step_s"]))
