@@ -324,8 +324,8 @@ def _placement_lines(sr, paired, seeds, t) -> list[str]:
     """Per number of light segments: the named placements ranked by paired gen-PPL cost; the
     sandwich's rank; whether best and worst differ (95% CI of their paired difference excludes
     0); and which placement costs the most (the quality reading of 'middle steps most
-    sensitive': light-middle costing the most)."""
-    out, worst_names = [], []
+    sensitive': light-middle costing the most, told apart from the best)."""
+    out, worst = [], []          # (worst placement, told apart from the best)
     for k in (2, 3, 4):
         named = {r["name"]: r for r in sr if r["mask"].count("L") == k and r["name"] in
                  ("sandwich", "light-first", "light-middle", "light-last")}
@@ -333,27 +333,32 @@ def _placement_lines(sr, paired, seeds, t) -> list[str]:
             continue
         ranked = sorted(named.values(), key=lambda r: paired(r)[0])
         sw = named.get("sandwich")
-        best, worst = ranked[0], ranked[-1]
+        best, last = ranked[0], ranked[-1]
         m_sw, se_sw = paired(sw) if sw else (float("nan"), 0.)
         m_b, se_b = paired(best)
-        dm, dse = paired_change(worst, best, seeds)
+        dm, dse = paired_change(last, best, seeds)
         apart = abs(dm) > t * dse
-        worst_names.append(worst["name"])
+        worst.append((last["name"], apart))
         out.append(f"* {k} light segments ({100 * _f(best['saved_blocks']):.1f}% block FLOPs "
                    f"saved): best named placement **{best['name']}** ({100 * m_b:+.1f}% +- "
                    f"{100 * se_b:.1f}%); sandwich {100 * m_sw:+.1f}% +- {100 * se_sw:.1f}%, rank "
                    f"{ranked.index(sw) + 1 if sw else '-'} of {len(ranked)}; the worst, "
-                   f"{worst['name']}, costs {100 * dm:+.1f}% +- {100 * dse:.1f}% more than the "
+                   f"{last['name']}, costs {100 * dm:+.1f}% +- {100 * dse:.1f}% more than the "
                    f"best (paired): the placements are "
                    + ("told apart (95% CI excludes 0)." if apart else
                       "**not** told apart at this s.e. (95% CI includes 0)."))
-    if worst_names:
-        n_mid = worst_names.count("light-middle")
-        out.append(f"* Step sensitivity by quality: light-middle costs the most in {n_mid} of "
-                   f"{len(worst_names)} light-segment counts (worst: {', '.join(worst_names)}): "
-                   f"'middle steps most sensitive' is "
-                   f"{'supported' if n_mid > len(worst_names) / 2 else 'not supported'} by the "
-                   f"gen-PPL costs.")
+    if worst:
+        # light-middle counts as the most costly only where the worst is told apart from the
+        # best; with no count telling its placements apart the reading is undecided
+        n_mid = sum(1 for name, apart in worst if name == "light-middle" and apart)
+        n_apart = sum(1 for _, apart in worst if apart)
+        verdict = ("supported" if n_mid > len(worst) / 2 else
+                   "undecided (no placement told apart from the best)" if n_apart == 0 else
+                   "not supported")
+        out.append(f"* Step sensitivity by quality: light-middle is the most costly placement, "
+                   f"told apart from the best, in {n_mid} of {len(worst)} light-segment counts "
+                   f"(worst: {', '.join(n + ('' if a else ' (not apart)') for n, a in worst)}): "
+                   f"'middle steps most sensitive' is {verdict} by the gen-PPL costs.")
     return out
 
 
@@ -418,7 +423,7 @@ def levels_lines() -> list[str]:
         if ok:
             pk = max(ok, key=lambda r: _f(r["kl_heavy_light"]))
             out += ["", f"Per-t profile on the same noised validation input "
-                    f"(`{STEM}/levels/analyze/`): KL(heavy||light) peaks at t = {_f(pk['t']):.3f} "
+                    f"(`{OUT.name}/levels/analyze/`): KL(heavy||light) peaks at t = {_f(pk['t']):.3f} "
                     f"(progress {_f(pk['step_fraction']):.2f}; t > 0.5 is the coarse level)."]
     return out
 
@@ -565,16 +570,20 @@ def stage_report(work: Path) -> None:
                          f"{100 * _f(r['saved_blocks']):.1f}% | {ppl_line(r)} | "
                          f"{delta(r) if r is not href else '-'} |")
     lines += levels_lines()
-    lines += ["", f"Files: `benchmarks/results/{STEM}/analyze/` (step_importance.csv, "
+    # the report sits beside its folder: results/<STEM>.md (or <--out>.md)
+    shown = OUT.resolve()
+    shown = shown.relative_to(ROOT.parent) if shown.is_relative_to(ROOT.parent) else shown
+    lines += ["", f"Files: `{shown}/analyze/` (step_importance.csv, "
               "step_importance_trajectory.csv, step_importance.png), "
-              f"`benchmarks/results/{STEM}/search/` (search.csv, search.json, frontier.png).", ""]
-    lines = [x.replace("](scheduling/", f"]({STEM}/") for x in lines]
-    (RESULTS / f"{STEM}.md").write_text("\n".join(lines))
-    (RESULTS / f"{STEM}.json").write_text(json.dumps(
+              f"`{shown}/search/` (search.csv, search.json, frontier.png).", ""]
+    lines = [x.replace("](scheduling/", f"]({OUT.name}/") for x in lines]
+    report = OUT.parent / f"{OUT.name}.md"
+    report.write_text("\n".join(lines))
+    report.with_suffix(".json").write_text(json.dumps(
         {"models": evals, "analysis_peak_t": _f(peak["t"]), "search": sr, "settings": {
             "T": T, "segments": SEGMENTS, "num": NUM, "seeds": seeds, "d": D, "heavy": HEAVY,
             "light": LIGHT, "seq_len": L_SEQ, "train_steps": STEPS_TRAIN}}, indent=2))
-    print(f"wrote {RESULTS / (STEM + '.md')}")
+    print(f"wrote {report}")
 
 
 def main() -> None:

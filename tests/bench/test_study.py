@@ -512,15 +512,21 @@ def test_scheduling_verdict_tells_placements_apart_and_reads_the_target(tmp_path
     rows = _sched_rows(clear)
     txt = "\n".join(sch.verdict_lines(rows, rows[0], [0, 1, 2, 3], peak, peak, evals))
     assert "worst, light-middle" in txt and "told apart (95% CI excludes 0)" in txt
-    assert "light-middle costs the most in 1 of 1" in txt and "is supported by the" in txt
+    assert "told apart from the best, in 1 of 1" in txt and "is supported by the" in txt
     # best >= 25% schedule: sandwich at +1% on every seed: s.e. 0, upper bound +1.0%
     assert "LHHHHHHL (sandwich" in txt and "target met" in txt and "+1.0%, is within 3%" in txt
     noisy = {"heavy-only": href, "sandwich": [95.0, 121.0, 88.0, 104.0],
              "light-last": [104.0, 108.0, 99.0, 96.0]}
     rows = _sched_rows(noisy)
     txt = "\n".join(sch.verdict_lines(rows, rows[0], [0, 1, 2, 3], peak, peak, evals))
-    assert "**not** told apart" in txt and "is not supported by the" in txt
+    assert "**not** told apart" in txt and "is undecided (no placement told apart" in txt
     assert "is beyond 3%" in txt
+    # light-last clearly the worst (+10% on every seed): 'middle most sensitive' not supported
+    other = {"heavy-only": href, "sandwich": [101.0, 111.1, 90.9, 101.0],
+             "light-last": [110.0, 121.0, 99.0, 110.0]}
+    rows = _sched_rows(other)
+    txt = "\n".join(sch.verdict_lines(rows, rows[0], [0, 1, 2, 3], peak, peak, evals))
+    assert "worst: light-last)" in txt and "is not supported by the" in txt
 
 
 def test_levels_report_places_the_light_tree_model_by_paired_ci(tmp_path, monkeypatch):
