@@ -26,12 +26,13 @@ Stages (each skips what exists; runs are ``benchmarks/study.py`` queues, one thr
   with the system allocator (``train.cpu_allocator=system``), minus the resident memory after
   the model was built.
 * ``sample``: ``tdlm sample`` at equal steps (``--sample-steps``) from seed 0's final
-  checkpoints (``--samples`` sequences, one batch) and ``tdlm genppl`` under ``--judge``; the
-  wall-clock per sample is timed apart, round-robin in one process (``sample_timing``: DID's
-  batch then MDLM's, ``--timing-rounds`` times, one thread), so load from other jobs hits
-  both alike; the ratio is the median of the per-round ratios (an AR model of the same tokenizer trained on the same corpus:
-  ``benchmarks/judge.py``'s ``runs/judge/ar-judge``, trained to convergence; its own
-  validation NLL is reported beside).
+  checkpoints (``--samples`` sequences, one batch) and ``tdlm genppl`` under ``--judge`` (an
+  AR model of the same tokenizer trained on the same corpus: ``benchmarks/judge.py``'s
+  ``runs/judge/ar-judge``, 4000 steps, whose convergence judge.md reads; its own validation
+  NLL is reported beside); the wall-clock per sample is timed apart, round-robin in one
+  process (``sample_timing``: DID's batch then MDLM's, ``--timing-rounds`` times, one
+  thread), so load from other jobs hits both alike; the ratio is the median of the per-round
+  ratios.
 * ``report``: NELBO against training FLOPs per seed (plot), the equal-FLOPs differences DID -
   MDLM with a 95% CI across seeds, equal-steps finals, per-sequence NELBO (variable length:
   DID's bound includes the length), the round-robin step ratio of ``did_step_cpu.json``

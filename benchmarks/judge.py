@@ -83,7 +83,7 @@ def report(a) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "judge.json").write_text(json.dumps(res, indent=1, sort_keys=True))
     c = res["convergence"]
-    L = ["# The AR judge (ar-cpu trained to convergence)", "", f"Command: `{res['command']}`", "",
+    L = [f"# The AR judge of generative perplexity (ar-cpu, {r['steps']} steps)", "", f"Command: `{res['command']}`", "",
          f"Final validation NLL/token (whole split, ± SE across batches): "
          f"**{f['nelbo_per_token']:.4f} ± {f.get('stderr_per_token') or 0:.4f}** after "
          f"{r['steps']} steps ({r['tokens']:,} tokens).", ""]

@@ -15,7 +15,7 @@ Scales:
   MDLM (``mdlm-cpu``: d=112, 8k BPE, L=256) with 12 blocks (heavy) against the same preset with
   4 blocks (a third, as the paper's 12/4), same seed, data order and budget: 4000 steps x 16
   sequences, 4x the parity study's runs (at 1000 steps the pair differed by only 0.05 nats:
-  ``CPU_STEPS``). The judge is the AR model trained to convergence on the same corpus
+  ``CPU_STEPS``). The judge is the AR model trained 4000 steps on the same corpus
   (``benchmarks/judge.py``: ``runs/judge/ar-judge``, the same 4000 steps; its own NLL in
   ``results/judge.md``), linked. Stage ``levels`` adds scheduling across a tree model's levels:
   ``tdlm-cpu`` (17 blocks) as heavy and a 6-block copy (a third) of the same tree and data as
