@@ -77,31 +77,27 @@ def test_reports_forwarded_tokens_and_training_flops_as_the_trainer_counts_them(
 
 
 def test_compare_times_round_robin_and_states_ratios_to_the_first(monkeypatch):
-    """One step of each config in turn (every round), the step ratio as the median of the
-    per-round ratios: config b's step is made 0.15 s slower than a's (0.05 s) on every step,
-    so its ratio lies near (0.15 + s) / (0.05 + s) for the real step time s."""
+    """One step of each config in turn (every round, every other round reversed), the step
+    ratio as the median of the per-round ratios: a stand-in step sleeps 0.05 s for config a
+    and 0.2 s for b (no real training, so the load of the machine cannot move the ratio
+    much), so b's ratio is about 4."""
     from tdlm.train.throughput import compare_throughput
     order = []
-    real = step_mod.train_step
     a, b = small(), small().override(["train.seed=1"])
 
-    def slow_step(ctx, batch, step, *args, **k):
+    def fake_step(ctx, batch, step, *args, **k):
         who = "b" if ctx.tc.seed == 1 else "a"
         order.append((who, step))
-        if step >= 1:
-            time.sleep(0.2 if who == "b" else 0.05)
-        return real(ctx, batch, step, *args, **k)
+        time.sleep(0.2 if who == "b" else 0.05)
 
-    monkeypatch.setattr(step_mod, "train_step", slow_step)
+    monkeypatch.setattr(step_mod, "train_step", fake_step)
     r = compare_throughput({"a": a, "b": b}, steps=3, warmup=1)
-    # every round one step of each, every other round in reverse order
     assert order == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2), ("b", 3), ("a", 3)]
-    assert r["a"]["step_ratio"] == 1.0 and r["a"]["flops_ratio"] == 1.0
-    assert len(r["b"]["step_s"]) == 3
-    assert 1.8 < r["b"]["step_ratio"] < 4.0, r["b"]["step_ratio"]
+    assert r["a"]["step_ratio"] == 1.0 and len(r["b"]["step_s"]) == 3
+    assert 3.0 < r["b"]["step_ratio"] < 4.2, r["b"]["step_ratio"]
     lo, hi = r["b"]["step_ratio_range"]
     assert lo <= r["b"]["step_ratio"] <= hi
-    assert r["b"]["flops_ratio"] == pytest.approx(1.0)      # same shapes, same batch
+    assert r["b"]["flops_ratio"] is None           # nothing forwarded: no FLOPs to compare
 
 
 def test_compare_gives_each_config_the_steps_it_has_alone():
