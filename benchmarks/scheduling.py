@@ -104,7 +104,7 @@ SCALES = {
                            "tdlm-light": ("tdlm-cpu", ["backbone.n_layers=6", *CPU_SETS])}},
 }
 LEVEL_LINKS: dict = {}
-LANES, SMOKE_STEPS = 1, None
+LANES, SMOKE_STEPS, FORCE = 1, None, False
 #: cpu scale, TDLM pair: T split evenly over the 2 levels (root level first), so segments
 #: 0-3 are the coarse level and 4-7 the leaf level
 LEVEL_MASKS = ["LLLLHHHH", "HHHHLLLL", "LHHHHHHL", "LLHHHHHH", "HHHHHHLL", "HHHLLHHH",
@@ -200,8 +200,41 @@ def _need(work: Path, *names: str) -> None:
                          "train (linked runs must be finished first)")
 
 
+def pair_gap(work: Path, heavy: str = "heavy", light: str = "light") -> dict | None:
+    """Light - heavy validation NELBO/token from the two runs' final evaluations (the whole
+    split, the same batches and noise draws: ``tdlm.eval.nelbo.paired_difference``, its
+    standard error across batches); None when either has no per-batch evaluation."""
+    from tdlm.eval.nelbo import paired_difference
+    ev = {}
+    for name in (heavy, light):
+        f = work / name / "final_eval" / "metrics.json"
+        if not f.exists():
+            return None
+        ev[name] = json.loads(f.read_text())
+        if not ev[name].get("per_batch"):
+            return None
+    d = paired_difference(ev[light], ev[heavy])
+    return {**d, "heavy": ev[heavy]["nelbo_per_token"], "light": ev[light]["nelbo_per_token"],
+            "clear": d["stderr"] is not None and d["diff_per_token"] > 2 * d["stderr"]}
+
+
+def _gate(work: Path, heavy: str = "heavy", light: str = "light") -> None:
+    """Searching schedules needs a pair whose light model is clearly the worse one (the
+    issue: 'a heavy model and a light one ... that differ clearly in NELBO'); decided from the
+    final evaluations before any schedule is sampled, ``--force`` to search anyway."""
+    g = pair_gap(work, heavy, light)
+    if FORCE or g is None or g["clear"]:
+        return
+    raise SystemExit(
+        f"scheduling.py: {light} - {heavy} = {g['diff_per_token']:+.4f} +- {g['stderr']:.4f} "
+        f"nats/token (paired, final evaluations {g['light']:.4f} vs {g['heavy']:.4f}): the light "
+        "model is not clearly worse (> 2 s.e.), so schedules would not tell placements apart; "
+        "not searching (--force to search anyway)")
+
+
 def stage_search(work: Path) -> None:
     _need(work, "heavy", "light", "judge")
+    _gate(work)
     if (OUT / "search" / "search.csv").exists():
         print("[search] exists", flush=True)
         return
@@ -215,6 +248,7 @@ PREFIX_MASKS = ["LHHHHHHL", "LLHHHHHH", "HHHHHHLL", "HHHLLHHH"]
 
 def stage_prefix(work: Path) -> None:
     _need(work, "heavy", "light", "judge")
+    _gate(work)
     if (OUT / "prefix" / "search.csv").exists():
         print("[prefix] exists", flush=True)
         return
@@ -236,6 +270,7 @@ def stage_levels(work: Path) -> None:
         sh(["schedule", "analyze", *pair, "--grid", str(GRID), "--batches", str(AN_BATCHES),
             "--batch-size", str(AN_BATCH), "--trajectory-samples", "0", "--out", str(OUT / "levels" / "analyze")])
     if not (OUT / "levels" / "search" / "search.csv").exists():
+        _gate(work, "tdlm-heavy", "tdlm-light")
         sh(["schedule", "search", *pair, "--judge", str(work / "judge"), "--steps", str(T),
             "--segments", str(SEGMENTS), "--light-segments", "-1", "--masks",
             ",".join(LEVEL_MASKS), "--num", str(NUM), "--seeds", str(SEEDS),
@@ -276,9 +311,19 @@ def verdict_lines(sr, href, seeds, peak, gpeak, evals) -> list[str]:
         return paired_change(r, href, seeds)
     t = _t95(seeds)
     out = ["", "## Verdict (computed from the tables above)", ""]
+    pg = evals.get("paired_gap")
     gap = evals["light"]["nelbo_per_token"] - evals["heavy"]["nelbo_per_token"]
     se = [evals[n].get("stderr_per_token") for n in ("heavy", "light")]
-    if None in se:
+    weak = ("so every schedule lies close to heavy-only and the experiment has little power; "
+            "read differences against the +- s.e.")
+    if pg and pg.get("stderr") is not None:
+        d, s_ = pg["diff_per_token"], pg["stderr"]
+        out.append(f"* Heavy vs light: validation NELBO light - heavy {d:+.4f} +- {s_:.4f} "
+                   f"nats/token ({100 * d / evals['heavy']['nelbo_per_token']:+.1f}%; paired: the "
+                   f"same batches and noise, s.e. across {pg['batches']} batches): the light "
+                   "model is " + ("clearly worse." if d > 2 * s_ else
+                                 f"**not** clearly worse (within 2 s.e. or better), {weak}"))
+    elif None in se:
         out.append(f"* Heavy vs light: validation NELBO gap {gap:+.3f} nats/token (no evaluation "
                    "standard error recorded).")
     else:
@@ -287,9 +332,7 @@ def verdict_lines(sr, href, seeds, peak, gpeak, evals) -> list[str]:
         out.append(f"* Heavy vs light: validation NELBO gap {gap:+.3f} nats/token "
                    f"({100 * gap / evals['heavy']['nelbo_per_token']:+.1f}%), against 2 combined "
                    f"evaluation standard errors of {two:.3f}: the pair "
-                   + ("differs clearly." if clear else "does **not** differ clearly, so every "
-                      "schedule lies close to heavy-only and the experiment has little power; "
-                      "read differences against the +- s.e."))
+                   + ("differs clearly." if clear else f"does **not** differ clearly, {weak}"))
     mid = 0.25 <= _f(peak["step_fraction"]) <= 0.75
     out.append(f"* Step sensitivity: KL(heavy||light) on the same noised input peaks at progress "
                f"{_f(peak['step_fraction']):.2f} (t = {_f(peak['t']):.3f}), the loss gap at "
@@ -557,7 +600,8 @@ def stage_report(work: Path) -> None:
                      f"each) is a median {100 * cv[len(cv) // 2]:.1f}% (max {100 * cv[-1]:.1f}%) of "
                      f"its mean over the {len(sr)} schedules; the paired changes above remove "
                      f"most of that (same random draws).")
-    lines += verdict_lines(sr, href, seeds, peak, gpeak, evals)
+    lines += verdict_lines(sr, href, seeds, peak, gpeak,
+                           {**evals, "paired_gap": pair_gap(work)})
     if (OUT / "prefix" / "search.csv").exists():
         pr = sorted(_rows(OUT / "prefix" / "search.csv"), key=lambda r: r["mask"].count("L"))
         href = next(r for r in pr if r["mask"] == "H" * SEGMENTS)
@@ -580,7 +624,8 @@ def stage_report(work: Path) -> None:
     report = OUT.parent / f"{OUT.name}.md"
     report.write_text("\n".join(lines))
     report.with_suffix(".json").write_text(json.dumps(
-        {"models": evals, "analysis_peak_t": _f(peak["t"]), "search": sr, "settings": {
+        {"models": evals, "paired_gap": pair_gap(work), "analysis_peak_t": _f(peak["t"]),
+         "search": sr, "settings": {
             "T": T, "segments": SEGMENTS, "num": NUM, "seeds": seeds, "d": D, "heavy": HEAVY,
             "light": LIGHT, "seq_len": L_SEQ, "train_steps": STEPS_TRAIN}}, indent=2))
     print(f"wrote {report}")
@@ -602,13 +647,15 @@ def main() -> None:
                     "<the scale's folder>)")
     ap.add_argument("--judge", help="a finished AR run to link as the judge instead of the "
                     "scale's (smoke test)")
+    ap.add_argument("--force", action="store_true",
+                    help="search schedules even when the light model is not clearly worse")
     ap.add_argument("--smoke", action="store_true",
                     help="every stage at a few samples, one seed pair, T=16 and a 4-point "
                          "profile (checks the pipeline end to end; needs --out)")
     a = ap.parse_args()
     if a.smoke and a.out is None:
         ap.error("--smoke writes its results apart: give --out")
-    globals().update(LANES=a.lanes, SMOKE_STEPS=a.steps)
+    globals().update(LANES=a.lanes, SMOKE_STEPS=a.steps, FORCE=a.force or a.smoke)
     use_scale(a.scale)
     if a.out is not None:
         globals()["OUT"] = a.out

@@ -578,3 +578,38 @@ def test_did_report_gives_the_gen_ppl_intervals():
     md = ds.markdown({"command": "c", "settings": {"fixed": S}})
     row = next(ln for ln in md.splitlines() if ln.startswith("| generative perplexity"))
     assert "80.0 [70.0, 91.5] / 60.0 |" in row
+
+
+def test_scheduling_searches_only_a_pair_whose_light_model_is_clearly_worse(tmp_path):
+    """The gate before any schedule is sampled: light - heavy from the final evaluations'
+    per-batch values (paired: same batches and noise), searched only when the light model is
+    worse by more than 2 paired standard errors; the verdict line reads the same gap."""
+    sch = _load("scheduling")
+
+    def ev(run, nll):                       # 4 batches of 100 tokens
+        d = tmp_path / run / "final_eval"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps(
+            {"nelbo_per_token": sum(nll) / 400, "per_batch": {"nll": nll, "tokens": [100.0] * 4}}))
+
+    ev("heavy", [500.0, 520.0, 480.0, 510.0])
+    ev("light", [530.0, 548.0, 512.0, 541.0])          # +0.30 nats/token on every batch
+    g = sch.pair_gap(tmp_path)
+    assert g["diff_per_token"] == pytest.approx(0.3025) and g["clear"]
+    sch._gate(tmp_path)                                  # passes
+    ev("h2", [500.0, 520.0, 480.0, 510.0])
+    ev("l2", [490.0, 515.0, 470.0, 505.0])               # light better
+    assert not sch.pair_gap(tmp_path, "h2", "l2")["clear"]
+    with pytest.raises(SystemExit, match="not clearly worse"):
+        sch._gate(tmp_path, "h2", "l2")
+    sch.FORCE = True
+    try:
+        sch._gate(tmp_path, "h2", "l2")                  # --force searches anyway
+    finally:
+        sch.FORCE = False
+    evals = {"heavy": {"nelbo_per_token": 5.0}, "light": {"nelbo_per_token": 4.9},
+             "paired_gap": sch.pair_gap(tmp_path, "h2", "l2")}
+    sr = _sched_rows({"heavy-only": [100.0, 101.0], "sandwich": [100.0, 101.0]})
+    peak = {"step_fraction": "0.9", "t": "0.1"}
+    txt = "\n".join(sch.verdict_lines(sr, sr[0], [0, 1], peak, peak, evals))
+    assert "light - heavy -0.0750" in txt and "**not** clearly worse" in txt
