@@ -400,7 +400,8 @@ def plot(res: dict, path: Path) -> None:
         ax.set_ylabel("validation NELBO / token")
         ax.set_title(f"{setting} length")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
