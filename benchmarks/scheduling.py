@@ -268,7 +268,8 @@ def stage_levels(work: Path) -> None:
     pair = ["--model", f"H={work / 'tdlm-heavy'}", "--model", f"L={work / 'tdlm-light'}"]
     if not (OUT / "levels" / "analyze" / "step_importance.csv").exists():
         sh(["schedule", "analyze", *pair, "--grid", str(GRID), "--batches", str(AN_BATCHES),
-            "--batch-size", str(AN_BATCH), "--trajectory-samples", "0", "--out", str(OUT / "levels" / "analyze")])
+            "--batch-size", str(AN_BATCH), "--trajectory-samples", "0",
+            "--out", str(OUT / "levels" / "analyze")])
     if not (OUT / "levels" / "search" / "search.csv").exists():
         _gate(work, "tdlm-heavy", "tdlm-light")
         sh(["schedule", "search", *pair, "--judge", str(work / "judge"), "--steps", str(T),
@@ -321,7 +322,7 @@ def verdict_lines(sr, href, seeds, peak, gpeak, evals) -> list[str]:
         out.append(f"* Heavy vs light: validation NELBO light - heavy {d:+.4f} +- {s_:.4f} "
                    f"nats/token ({100 * d / evals['heavy']['nelbo_per_token']:+.1f}%; paired: the "
                    f"same batches and noise, s.e. across {pg['batches']} batches): the light "
-                   "model is " + ("clearly worse." if d > 2 * s_ else
+                   "model is " + ("clearly worse." if pg["clear"] else
                                  f"**not** clearly worse (within 2 s.e. or better), {weak}"))
     elif None in se:
         out.append(f"* Heavy vs light: validation NELBO gap {gap:+.3f} nats/token (no evaluation "
