@@ -10,12 +10,12 @@ step the trainer runs -- over ``steps`` optimizer steps after ``warmup`` untimed
 
 with the thread count in effect (``torch.get_num_threads()``), which the result states; each
 step's clock covers the ``train_step`` call, not drawing its batch (on CUDA the device is
-synchronised before and after it). The
-same steps' model FLOPs are counted as the trainer counts them (:class:`tdlm.flops.
-TrainingFlops`: 3 x the forward FLOPs of the sequences the backbone forwarded), with the tokens
-forwarded, so a method that forwards fewer tokens than it reads (DID) shows both.
-:func:`compare_throughput` times several configs round-robin (one step of each in turn) and
-states each one's step time, tokens and FLOPs relative to the first config.
+synchronised before and after it). The same steps' model FLOPs are counted as the trainer
+counts them (:class:`tdlm.flops.TrainingFlops`: 3 x the forward FLOPs of the sequences the
+backbone forwarded), with the tokens forwarded, so a method that forwards fewer tokens than it
+reads (DID) shows both. :func:`compare_throughput` times several configs round-robin (one step
+of each in turn, every other round reversed) and states each one's step time, tokens and
+FLOPs relative to the first config.
 """
 from __future__ import annotations
 
