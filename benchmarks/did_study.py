@@ -102,7 +102,10 @@ def equal_flops(work: Path, setting: str, seed: int, run_missing: bool = True) -
         return None
     f_d = max(d["train_flops"].items())[1]
     m_fl = m["train_flops"]
-    kept = sorted(int(p.name.split("_")[1]) for p in (m_run / "checkpoints").glob("step_*"))
+    kept = {int(p.name.split("_")[1]) for p in (m_run / "checkpoints").glob("step_*")}
+    # an archived study (study.py archive) has no weights, only the evaluations made
+    kept = sorted(kept | {int(p.parent.name.rsplit("-", 1)[1])
+                          for p in (work / "equal").glob(f"{m_stem}-s{seed}-*/metrics.json")})
     below = [s for s in kept if m_fl.get(s, float("inf")) <= f_d]
     above = [s for s in kept if m_fl.get(s, -1) >= f_d]
     if not below or not above:

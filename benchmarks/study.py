@@ -208,6 +208,36 @@ def read_run(run: Path) -> Optional[dict]:
             "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None, "config": cfg}
 
 
+#: what :func:`archive` leaves out: the weights and what a run rebuilds (tokenizers, caches)
+ARCHIVE_SKIP = ("checkpoints", "tokenizer.json", "tokenizer_meta.json")
+ARCHIVE_MAX_BYTES = 2 << 20
+
+
+def archive(work: Path, dest: Path) -> list[Path]:
+    """Copy a study folder's small outputs into ``dest`` (committed beside the results), with
+    the same layout: every file under ``work`` but the checkpoints, the tokenizers, lock
+    files and files over ``ARCHIVE_MAX_BYTES``. A finished run's folder then reads back
+    (:func:`read_run`, :func:`finished`) from ``dest`` as from ``work``, so a study's report
+    regenerates from the committed copy on a machine that lost (or never had) ``runs/``;
+    stages that need weights (sampling, new evaluations) still need ``work``. Returns the
+    files copied (those whose content changed)."""
+    copied = []
+    for f in sorted(work.rglob("*")):
+        rel = f.relative_to(work)
+        if (not f.is_file() or f.suffix == ".lock" or any(p in ARCHIVE_SKIP for p in rel.parts)
+                or f.stat().st_size > ARCHIVE_MAX_BYTES):
+            continue
+        out = dest / rel
+        if out.exists() and out.read_bytes() == f.read_bytes():
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.copyfile(f, tmp)
+        tmp.replace(out)
+        copied.append(out)
+    return copied
+
+
 def unigram_cross_entropy(train_counts, val_tokens, prior: float = 0.5) -> float:
     """``H = -(1/N) sum_i log p(x_i)`` over the validation tokens ``x_1..x_N`` under the
     training split's unigram ``p_v = (c_v + prior) / (sum_u c_u + prior V)`` (add-``prior``
@@ -302,14 +332,23 @@ def main(argv=None) -> int:
     """``python benchmarks/study.py status [WORK ...]``: the progress of every study's runs
     (default: the study folders under runs/). ``python benchmarks/study.py finished RUN ...``:
     exit status 0 when every run folder is finished (its final evaluation exists), else 1
-    (what a queue checks before a stage that needs those runs)."""
+    (what a queue checks before a stage that needs those runs). ``python benchmarks/study.py
+    archive WORK DEST``: :func:`archive`."""
     import argparse
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description="progress of the studies' runs")
-    p.add_argument("what", choices=["status", "finished"])
+    p.add_argument("what", choices=["status", "finished", "archive"])
     p.add_argument("work", nargs="*", default=["runs/parity", "runs/parity-gpt2", "runs/judge",
                                                "runs/sched-paper", "runs/did-study"])
     a = p.parse_args(argv)
+    if a.what == "archive":                 # archive WORK DEST
+        if len(a.work) != 2:
+            p.error("archive takes WORK DEST")
+        work, dest = map(Path, a.work)
+        if not work.is_dir():
+            p.error(f"{work}: no such study folder")
+        print(f"archived {len(archive(work, dest))} changed files of {work} into {dest}")
+        return 0
     if a.what == "finished":
         given = argv[1:]                       # no default folders here: runs must be named
         return 0 if given and all(finished(Path(w)) for w in given) else 1

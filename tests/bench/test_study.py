@@ -127,6 +127,14 @@ def test_did_study_interpolates_mdlm_at_dids_training_flops(tmp_path):
     r = ds.equal_flops(tmp_path, "fixed", 0, run_missing=False)
     assert r["mdlm_steps"] == [400, 500] and r["weight_hi"] == pytest.approx(0.7)
     assert r["mdlm_nelbo_at_did_flops"] == pytest.approx(0.3 * 6.5 + 0.7 * 6.4)
+    # the archived copy (small files, no weights) gives the same figure
+    st = _load("study")
+    arch = tmp_path.parent / "archived"
+    st.archive(tmp_path, arch)
+    assert not (arch / "mdlm-s0" / "checkpoints").exists()
+    assert ds.read_run(arch / "mdlm-s0")["curve_flops"] == ds.read_run(m)["curve_flops"]
+    assert ds.equal_flops(arch, "fixed", 0, run_missing=False) == r
+    assert st.archive(tmp_path, arch) == []             # nothing changed: nothing copied
     # an evaluation missing and not to be run: no figure rather than a guess
     (tmp_path / "equal" / "mdlm-s0-500" / "metrics.json").unlink()
     assert ds.equal_flops(tmp_path, "fixed", 0, run_missing=False) is None
@@ -465,7 +473,7 @@ def test_backlog_runs_each_studys_stages_once_across_two_lanes(tmp_path):
     bin_.mkdir()
     fake = bin_ / "python"
     fake.write_text("#!/bin/sh\necho \"$*\" >> \"$LOG\"\nsleep 0.2\n"
-                    "case \"$*\" in *--ablations*) exit 1;; esac\nexit 0\n")
+                    "case \"$*\" in *did_study.py\\ run*) exit 1;; esac\nexit 0\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     log = tmp_path / "calls.log"
     env = {"PATH": f"{bin_}:/usr/bin:/bin", "LOG": str(log), "LANES": "2"}
@@ -473,15 +481,20 @@ def test_backlog_runs_each_studys_stages_once_across_two_lanes(tmp_path):
                        capture_output=True, text=True, timeout=120)
     # one queue command fails in both lanes: reported (exit status 1), and the stages of the
     # studies after it still run once per lane set, not again in the second lane
-    assert p.returncode == 1 and "FAILED (1): parity ablations" in p.stdout, p.stdout + p.stderr
+    assert p.returncode == 1 and "FAILED (1): did_study run" in p.stdout, p.stdout + p.stderr
     calls = log.read_text().splitlines()
     count = lambda s: sum(c.startswith(s) for c in calls)      # noqa: E731
     assert count("benchmarks/judge.py run") == 2                   # both lanes' queues
     assert count("benchmarks/did_study.py run") == 2
+    assert count("benchmarks/parity.py") == 0                      # finished and committed
     # early stages: one lane each (the other finds the lock held) + the final pass
-    assert count("benchmarks/scheduling.py --scale cpu --stage search") == 2, calls
+    assert count("benchmarks/judge.py report") == 2, calls
     assert count("benchmarks/scheduling.py --scale cpu --stage levels") == 2
     assert count("benchmarks/did_study.py sample --judge runs/judge/ar-judge") == 2
+    # every study's small outputs archived after its stages, beside the results
+    for study in ("judge", "did-study", "sched-paper"):
+        assert count(f"benchmarks/study.py archive runs/{study} "
+                     f"benchmarks/results/runs/{study}") == 2, calls
     assert "another lane has it" in p.stdout
 
 
