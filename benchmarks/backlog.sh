@@ -11,7 +11,8 @@
 # per study, so the other lane keeps training), and again in a final pass. Every command
 # resumes or skips what is done, so after a stop the same command continues where the studies
 # were. Priority: the AR judge (4000 steps), the DID study's runs (issue 17, item 1), the
-# scheduling study's TDLM pair (4000 steps; items 2-3), then the stages that need them.
+# scheduling study's TDLM pair (4000 steps; items 3 and, with ``--pair tree``, 2), then the
+# stages that need them.
 #
 # Each study's small outputs (configs, metric logs, evaluations, samples; no weights) are
 # archived after its stages into benchmarks/results/runs/<study> (``study.py archive``), to be
@@ -75,8 +76,13 @@ did_stages() {
   return $FAILED
 }
 
-scheduling_levels_stages() {    # the TDLM pair and the judge
+scheduling_levels_stages() {    # the TDLM pair and the judge: scheduling across its levels,
+  # then (item 2) the segment search on it as a heavy/light pair; both gated on a clear gap
   python benchmarks/scheduling.py --scale cpu --stage levels || fail scheduling levels
+  for st in analyze search prefix report; do
+    python benchmarks/scheduling.py --scale cpu --pair tree --stage "$st" \
+      || { fail scheduling tree "$st"; break; }
+  done
   keep sched-paper
   return $FAILED
 }

@@ -20,7 +20,10 @@ Scales:
   ``results/judge.md``), linked. Stage ``levels`` adds scheduling across a tree model's levels:
   ``tdlm-cpu`` (17 blocks) as heavy and a 6-block copy (a third) of the same tree and data as
   light, the same budget; the searched masks include giving the light model the whole coarse
-  (root) level or the whole leaf level.
+  (root) level or the whole leaf level. ``--pair tree`` runs stages analyze, search, prefix and
+  report on that TDLM pair as an ordinary heavy/light pair (``results/scheduling_cpu_tree.md``):
+  item 2 of issue 17 on a pair whose light model is clearly worse, should the MDLM pair's not be
+  (at 4000 steps the 4-block MDLM ended better than the 12-block one).
 
 Stages (each skipped when its outputs exist; the search resumes from its ``partial.jsonl``):
 ``run`` / ``run-levels`` (the MDLM / TDLM pair as ``benchmarks/study.py`` queues: resumable,
@@ -105,6 +108,11 @@ SCALES = {
 }
 LEVEL_LINKS: dict = {}
 LANES, SMOKE_STEPS, FORCE = 1, None, False
+#: the run folders of the pair that stages analyze/search/prefix/report schedule (``--pair``):
+#: ``main``, the scale's pair (MDLMs), or (cpu scale) ``tree``, the TDLM level pair used as an
+#: ordinary heavy/light pair, results then in ``<stem>_tree``
+PAIRS = {"main": ("heavy", "light"), "tree": ("tdlm-heavy", "tdlm-light")}
+HEAVY_RUN, LIGHT_RUN = PAIRS["main"]
 #: cpu scale, TDLM pair: T split evenly over the 2 levels (root level first), so segments
 #: 0-3 are the coarse level and 4-7 the leaf level
 LEVEL_MASKS = ["LLLLHHHH", "HHHHLLLL", "LHHHHHHL", "LLHHHHHH", "HHHHHHLL", "HHHLLHHH",
@@ -115,6 +123,36 @@ def use_scale(name: str) -> None:
     """Point the module's settings at scale ``name`` (module docstring)."""
     globals().update(SCALES[name])
     globals()["OUT"] = RESULTS / STEM
+
+
+def use_pair(name: str) -> None:
+    """Schedule pair ``name`` (``PAIRS``): the level pair takes its block counts, title and a
+    results folder of its own (``<stem>_<name>``)."""
+    heavy, light = PAIRS[name]
+    if (heavy, light) == (HEAVY_RUN, LIGHT_RUN):
+        return
+    if not LEVEL_RUNS:
+        raise SystemExit(f"scheduling.py: scale has no {name} pair (--scale cpu has)")
+    blocks = {n: _blocks(*LEVEL_RUNS[n]) for n in (heavy, light)}
+    globals().update(HEAVY_RUN=heavy, LIGHT_RUN=light, HEAVY=blocks[heavy], LIGHT=blocks[light],
+                     RUNS={"heavy": LEVEL_RUNS[heavy], "light": LEVEL_RUNS[light]},
+                     OUT=RESULTS / f"{STEM}_{name}",
+                     TITLE=f"heavy {blocks[heavy]} blocks vs light {blocks[light]} blocks, "
+                           f"paper-shaped CPU {_family(LEVEL_RUNS[heavy][0])}s (d={D}, 8k BPE, "
+                           f"L={L_SEQ})")
+
+
+def _family(preset: str) -> str:
+    """The family a preset trains, as the report names it (MDLM, TDLM, ...)."""
+    from tdlm.config import get_preset
+    return get_preset(preset).family.name.upper()
+
+
+def _blocks(preset: str, sets: list) -> int:
+    """The block count a preset with ``--set`` overrides trains."""
+    from tdlm.config import get_preset
+    n = [s.split("=", 1)[1] for s in sets if s.startswith("backbone.n_layers=")]
+    return int(n[-1]) if n else get_preset(preset).backbone.n_layers
 
 
 # 3 and 4 light segments of 8 (37.5% / 50% light steps) for the named forms
@@ -161,7 +199,7 @@ def _train_runs(work: Path, runs: dict, links: dict) -> None:
 
 
 def stage_train(work: Path) -> None:
-    _train_runs(work, RUNS, LINKS)
+    _train_runs(work, {HEAVY_RUN: RUNS["heavy"], LIGHT_RUN: RUNS["light"]}, LINKS)
 
 
 def _queue(work: Path, runs: dict, lanes: int) -> None:
@@ -179,11 +217,11 @@ def stage_run_levels(work: Path) -> None:
 
 
 def models(work: Path) -> list[str]:
-    return ["--model", f"H={work / 'heavy'}", "--model", f"L={work / 'light'}"]
+    return ["--model", f"H={work / HEAVY_RUN}", "--model", f"L={work / LIGHT_RUN}"]
 
 
 def stage_analyze(work: Path) -> None:
-    _need(work, "heavy", "light")
+    _need(work, HEAVY_RUN, LIGHT_RUN)
     if (OUT / "analyze" / "step_importance.csv").exists():
         print("[analyze] exists", flush=True)
         return
@@ -233,8 +271,8 @@ def _gate(work: Path, heavy: str = "heavy", light: str = "light") -> None:
 
 
 def stage_search(work: Path) -> None:
-    _need(work, "heavy", "light", "judge")
-    _gate(work)
+    _need(work, HEAVY_RUN, LIGHT_RUN, "judge")
+    _gate(work, HEAVY_RUN, LIGHT_RUN)
     if (OUT / "search" / "search.csv").exists():
         print("[search] exists", flush=True)
         return
@@ -247,8 +285,8 @@ PREFIX_MASKS = ["LHHHHHHL", "LLHHHHHH", "HHHHHHLL", "HHHLLHHH"]
 
 
 def stage_prefix(work: Path) -> None:
-    _need(work, "heavy", "light", "judge")
-    _gate(work)
+    _need(work, HEAVY_RUN, LIGHT_RUN, "judge")
+    _gate(work, HEAVY_RUN, LIGHT_RUN)
     if (OUT / "prefix" / "search.csv").exists():
         print("[prefix] exists", flush=True)
         return
@@ -409,8 +447,8 @@ def _placement_lines(sr, paired, seeds, t) -> list[str]:
 def setup_lines() -> list[str]:
     """The report's description of the models of the active scale."""
     if RUNS["heavy"][0] != "tiny":
-        first = (f"* Heavy and light MDLM: `{RUNS['heavy'][0]}` (d={D}, time-conditioned, 8k "
-                 f"BPE, L={L_SEQ}) with {HEAVY} vs {LIGHT} blocks (a third, as the paper's 12/4),"
+        first = (f"* Heavy and light {_family(RUNS['heavy'][0])}: `{RUNS['heavy'][0]}` (d={D}, time-conditioned, 8k "
+                 f"BPE, L={L_SEQ}) with {HEAVY} vs {LIGHT} blocks ({LIGHT / HEAVY:.2f} of them; the paper's 4/12),"
                  f" {STEPS_TRAIN} steps x {BATCH} sequences each, seed 0, the same batches.")
     else:
         first = (f"* Heavy and light MDLM: the `tiny` preset (here with the bpe-512 vocabulary, "
@@ -486,16 +524,16 @@ def stage_report(work: Path) -> None:
     sr = _rows(OUT / "search" / "search.csv")
     meta = json.loads((OUT / "search" / "search.json").read_text())
     evals = {}
-    for name in ("heavy", "light", "judge"):
-        p = load(work / name)
-        fin = work / name / "final_eval" / "metrics.json"
+    for name, run in (("heavy", HEAVY_RUN), ("light", LIGHT_RUN), ("judge", "judge")):
+        p = load(work / run)
+        fin = work / run / "final_eval" / "metrics.json"
         if fin.exists():                  # the whole validation split, 4 noise draws
             ev = json.loads(fin.read_text())
         else:
             data = build_data(p.cfg.data, None, tokenizer=p.tokenizer, need_train=False)
             ev = evaluate_nelbo(p.family, p.model, data.val, batch_size=16, max_batches=16,
                                 seed=0)
-        secs = (work / name / "train_seconds.txt")
+        secs = (work / run / "train_seconds.txt")
         evals[name] = {**model_facts(p.cfg),
                        "params": sum(q.numel() for q in p.model.parameters()),
                        "nelbo_per_token": ev["nelbo_per_token"], "bound": ev["bound"],
@@ -518,7 +556,8 @@ def stage_report(work: Path) -> None:
 
     lines = [
         f"# Model scheduling at CPU scale ({TITLE})", "",
-        f"Command: `{COMMAND}` (stages train, analyze, search, prefix, levels, report). Machine: "
+        f"Command: `{COMMAND}` (stages train, analyze, search, prefix, "
+        f"{'levels, ' if HEAVY_RUN == PAIRS['main'][0] else ''}report). Machine: "
         f"{os.cpu_count()} shared CPU cores, no GPU, torch {torch.__version__}, 1 thread, python "
         f"{platform.python_version()}.", "",
         "## Setup", "",
@@ -602,7 +641,7 @@ def stage_report(work: Path) -> None:
                      f"its mean over the {len(sr)} schedules; the paired changes above remove "
                      f"most of that (same random draws).")
     lines += verdict_lines(sr, href, seeds, peak, gpeak,
-                           {**evals, "paired_gap": pair_gap(work)})
+                           {**evals, "paired_gap": pair_gap(work, HEAVY_RUN, LIGHT_RUN)})
     if (OUT / "prefix" / "search.csv").exists():
         pr = sorted(_rows(OUT / "prefix" / "search.csv"), key=lambda r: r["mask"].count("L"))
         href = next(r for r in pr if r["mask"] == "H" * SEGMENTS)
@@ -625,7 +664,7 @@ def stage_report(work: Path) -> None:
     report = OUT.parent / f"{OUT.name}.md"
     report.write_text("\n".join(lines))
     report.with_suffix(".json").write_text(json.dumps(
-        {"models": evals, "paired_gap": pair_gap(work), "analysis_peak_t": _f(peak["t"]),
+        {"models": evals, "paired_gap": pair_gap(work, HEAVY_RUN, LIGHT_RUN), "analysis_peak_t": _f(peak["t"]),
          "search": sr, "settings": {
             "T": T, "segments": SEGMENTS, "num": NUM, "seeds": seeds, "d": D, "heavy": HEAVY,
             "light": LIGHT, "seq_len": L_SEQ, "train_steps": STEPS_TRAIN}}, indent=2))
@@ -648,6 +687,9 @@ def main() -> None:
                     "<the scale's folder>)")
     ap.add_argument("--judge", help="a finished AR run to link as the judge instead of the "
                     "scale's (smoke test)")
+    ap.add_argument("--pair", choices=sorted(PAIRS), default="main",
+                    help="the pair stages analyze/search/prefix/report schedule (cpu scale: "
+                         "tree = the TDLM level pair as heavy/light, results in <stem>_tree)")
     ap.add_argument("--force", action="store_true",
                     help="search schedules even when the light model is not clearly worse")
     ap.add_argument("--smoke", action="store_true",
@@ -658,6 +700,7 @@ def main() -> None:
         ap.error("--smoke writes its results apart: give --out")
     globals().update(LANES=a.lanes, SMOKE_STEPS=a.steps, FORCE=a.force or a.smoke)
     use_scale(a.scale)
+    use_pair(a.pair)
     if a.out is not None:
         globals()["OUT"] = a.out
     if a.judge:
@@ -666,15 +709,18 @@ def main() -> None:
         globals().update(T=16, NUM=2, SEEDS=2, NUM_PREFIX=2, GRID=4, AN_BATCHES=1, AN_BATCH=4,
                          TRAJ=2)
     work = Path(a.work or ("runs/sched-cpu" if a.scale == "tiny" else "runs/sched-paper"))
-    globals()["COMMAND"] = (f"python benchmarks/scheduling.py --scale {a.scale} --work {work}")
+    globals()["COMMAND"] = (f"python benchmarks/scheduling.py --scale {a.scale} --work {work}"
+                            + (f" --pair {a.pair}" if a.pair != "main" else ""))
     work.mkdir(parents=True, exist_ok=True)
     OUT.mkdir(parents=True, exist_ok=True)
     if a.stage in ("run", "run-levels"):
         (stage_run if a.stage == "run" else stage_run_levels)(work)
         return
+    levels = [] if a.pair != "main" else [("levels", stage_levels)]    # the main report's
+    if a.stage == "levels" and not levels:
+        ap.error("--stage levels belongs to the main pair's report (no --pair)")
     for st, fn in (("train", stage_train), ("analyze", stage_analyze), ("search", stage_search),
-                   ("prefix", stage_prefix), ("levels", stage_levels),
-                   ("report", stage_report)):
+                   ("prefix", stage_prefix), *levels, ("report", stage_report)):
         if a.stage in ("all", st):
             t0 = time.time()
             fn(work)

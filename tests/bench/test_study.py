@@ -490,6 +490,7 @@ def test_backlog_runs_each_studys_stages_once_across_two_lanes(tmp_path):
     # early stages: one lane each (the other finds the lock held) + the final pass
     assert count("benchmarks/judge.py report") == 2, calls
     assert count("benchmarks/scheduling.py --scale cpu --stage levels") == 2
+    assert count("benchmarks/scheduling.py --scale cpu --pair tree --stage search") == 2
     assert count("benchmarks/did_study.py sample --judge runs/judge/ar-judge") == 2
     # every study's small outputs archived after its stages, beside the results
     for study in ("judge", "did-study", "sched-paper"):
@@ -626,3 +627,24 @@ def test_scheduling_searches_only_a_pair_whose_light_model_is_clearly_worse(tmp_
     peak = {"step_fraction": "0.9", "t": "0.1"}
     txt = "\n".join(sch.verdict_lines(sr, sr[0], [0, 1], peak, peak, evals))
     assert "light - heavy -0.0750" in txt and "**not** clearly worse" in txt
+
+
+def test_scheduling_pair_tree_schedules_the_level_pair_as_heavy_and_light(tmp_path):
+    """``--pair tree`` (cpu scale): the stages sample, gate and report the TDLM level pair's
+    runs (17 vs 6 blocks, read from the presets) into a results folder of its own."""
+    sch = _load("scheduling")
+    sch.use_scale("cpu")
+    sch.use_pair("tree")
+    assert (sch.HEAVY, sch.LIGHT) == (17, 6) and sch.OUT.name == "scheduling_cpu_tree"
+    assert "CPU TDLMs" in sch.TITLE
+    assert sch.models(tmp_path) == ["--model", f"H={tmp_path / 'tdlm-heavy'}",
+                                    "--model", f"L={tmp_path / 'tdlm-light'}"]
+    assert "TDLM" in sch.setup_lines()[0] and "17 vs 6 blocks" in sch.setup_lines()[0]
+    for run, nll in (("tdlm-heavy", [500.0, 520.0]), ("tdlm-light", [490.0, 515.0])):
+        d = tmp_path / run / "final_eval"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps(
+            {"nelbo_per_token": sum(nll) / 200, "per_batch": {"nll": nll, "tokens": [100.] * 2}}))
+    (tmp_path / "judge").mkdir()
+    with pytest.raises(SystemExit, match="tdlm-light - tdlm-heavy"):   # gated on this pair
+        sch.stage_search(tmp_path)
