@@ -52,7 +52,10 @@ def test_v1_export_loads_and_reproduces_its_outputs(fam):
     ids = pipe.generate_ids(num=2, steps=4, seed=0, seq_len=16)
     assert [list(map(int, r)) for r in ids] == EXPECTED[fam]["sample_ids"]
     nel = pipe.nelbo([TEXT], seed=0, repeats=2)
-    assert nel == EXPECTED[fam]["nelbo"]
+    # the same bound to float32 rounding: matmul kernels differ across CPUs (the fixture was
+    # written on another machine), so floats agree to ~1e-7 relative, not bit for bit
+    assert nel == {k: (pytest.approx(v, rel=1e-5) if isinstance(v, float) else v)
+                   for k, v in EXPECTED[fam]["nelbo"].items()}
 
 
 @pytest.mark.parametrize("fam", ["mdlm", "tdlm", "ar", "did"])
