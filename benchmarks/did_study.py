@@ -314,6 +314,19 @@ def _fmt(v, f="{:.4f}") -> str:
     return "" if v is None else f.format(v)
 
 
+def equal_verdict(mean: float, half) -> str:
+    """The equal-FLOPs target read from the mean relative difference DID/MDLM - 1 and its 95%
+    half-width across seeds: met when the whole interval lies at or below 0 (DID no worse at
+    95%), missed when it lies above 0; otherwise not decided by these seeds."""
+    if half is None:
+        return "one seed, not decided"
+    if mean + half <= 0:
+        return "met, the 95% CI lies below 0"
+    if mean - half > 0:
+        return f"missed, DID worse by {100 * (mean - half):.2f}% at least"
+    return "not decided: the 95% CI includes 0 (no difference shown either way)"
+
+
 def markdown(res: dict) -> str:
     L = ["# DID vs MDLM at the backbone-dominated CPU size (d=112, 12 blocks, 8k BPE, L=256)", "",
          f"Command: `{res['command']}`", "",
@@ -331,7 +344,8 @@ def markdown(res: dict) -> str:
             m, h = S["equal_rel"]
             L.append(f"**NELBO at equal training FLOPs, DID/MDLM - 1: {100 * m:+.2f}%"
                      + (f" (95% CI +/-{100 * h:.2f}%, {len(S['seeds'])} seeds)" if h else
-                        " (one seed, no interval)") + "** (target: no worse than MDLM)")
+                        " (one seed, no interval)") + f"** (target: no worse than MDLM: "
+                     f"{equal_verdict(m, h)})")
             L.append("")
         L += ["| seed | DID NELBO (± SE) | MDLM at DID's FLOPs (interp. steps) | DID/MDLM - 1 at "
               "equal FLOPs | MDLM at equal steps (± SE) | DID/MDLM - 1 at equal steps | "

@@ -648,3 +648,11 @@ def test_scheduling_pair_tree_schedules_the_level_pair_as_heavy_and_light(tmp_pa
     (tmp_path / "judge").mkdir()
     with pytest.raises(SystemExit, match="tdlm-light - tdlm-heavy"):   # gated on this pair
         sch.stage_search(tmp_path)
+
+
+def test_did_equal_flops_target_read_from_the_interval():
+    ds = _load("did_study")
+    assert ds.equal_verdict(-0.05, 0.02).startswith("met")
+    assert ds.equal_verdict(0.05, 0.02) == "missed, DID worse by 3.00% at least"
+    assert ds.equal_verdict(-0.01, 0.02).startswith("not decided")
+    assert ds.equal_verdict(-0.05, None) == "one seed, not decided"
