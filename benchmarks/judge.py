@@ -99,7 +99,8 @@ def report(a) -> dict:
                  + f"); {verdict} by the rule (under {100 * CONVERGED_REL:.0f}% either way"
                  + (f", and 1 nat under the context-free level {c['context_free']:.4f}"
                     if c["context_free"] else "") + "). A cosine schedule's decay flattens the "
-                 "last quarter by itself: read the gap to the shorter run below as well.")
+                 "last quarter by itself" + (": read the gap to the shorter run below as well."
+                                             if short else "."))
     if short:
         L += ["", f"The same model after {short['steps']} steps ({a.short}): "
               f"{short['final']['nelbo_per_token']:.4f}: the longer run is "
