@@ -343,7 +343,8 @@ def markdown(res: dict) -> str:
         if S["equal_rel"]:
             m, h = S["equal_rel"]
             L.append(f"**NELBO at equal training FLOPs, DID/MDLM - 1: {100 * m:+.2f}%"
-                     + (f" (95% CI +/-{100 * h:.2f}%, {len(S['seeds'])} seeds)" if h else
+                     + (f" (95% CI +/-{100 * h:.2f}%, "
+                        f"{sum('equal_rel' in r for r in S['rows'])} seeds)" if h else
                         " (one seed, no interval)") + f"** (target: no worse than MDLM: "
                      f"{equal_verdict(m, h)})")
             L.append("")
