@@ -447,9 +447,11 @@ def _placement_lines(sr, paired, seeds, t) -> list[str]:
 def setup_lines() -> list[str]:
     """The report's description of the models of the active scale."""
     if RUNS["heavy"][0] != "tiny":
-        first = (f"* Heavy and light {_family(RUNS['heavy'][0])}: `{RUNS['heavy'][0]}` (d={D}, time-conditioned, 8k "
-                 f"BPE, L={L_SEQ}) with {HEAVY} vs {LIGHT} blocks ({LIGHT / HEAVY:.2f} of them; the paper's 4/12),"
-                 f" {STEPS_TRAIN} steps x {BATCH} sequences each, seed 0, the same batches.")
+        preset = RUNS["heavy"][0]
+        first = (f"* Heavy and light {_family(preset)}: `{preset}` (d={D}, time-conditioned, 8k "
+                 f"BPE, L={L_SEQ}) with {HEAVY} vs {LIGHT} blocks ({LIGHT / HEAVY:.2f} of them; "
+                 f"the paper's 4/12), {STEPS_TRAIN} steps x {BATCH} sequences each, seed 0, the "
+                 "same batches.")
     else:
         first = (f"* Heavy and light MDLM: the `tiny` preset (here with the bpe-512 vocabulary, "
                  f"d={D}, 4 heads, time-conditioned) at sequence length {L_SEQ}, {HEAVY} vs "
@@ -640,8 +642,8 @@ def stage_report(work: Path) -> None:
                      f"each) is a median {100 * cv[len(cv) // 2]:.1f}% (max {100 * cv[-1]:.1f}%) of "
                      f"its mean over the {len(sr)} schedules; the paired changes above remove "
                      f"most of that (same random draws).")
-    lines += verdict_lines(sr, href, seeds, peak, gpeak,
-                           {**evals, "paired_gap": pair_gap(work, HEAVY_RUN, LIGHT_RUN)})
+    gap = pair_gap(work, HEAVY_RUN, LIGHT_RUN)
+    lines += verdict_lines(sr, href, seeds, peak, gpeak, {**evals, "paired_gap": gap})
     if (OUT / "prefix" / "search.csv").exists():
         pr = sorted(_rows(OUT / "prefix" / "search.csv"), key=lambda r: r["mask"].count("L"))
         href = next(r for r in pr if r["mask"] == "H" * SEGMENTS)
@@ -664,7 +666,7 @@ def stage_report(work: Path) -> None:
     report = OUT.parent / f"{OUT.name}.md"
     report.write_text("\n".join(lines))
     report.with_suffix(".json").write_text(json.dumps(
-        {"models": evals, "paired_gap": pair_gap(work, HEAVY_RUN, LIGHT_RUN), "analysis_peak_t": _f(peak["t"]),
+        {"models": evals, "paired_gap": gap, "analysis_peak_t": _f(peak["t"]),
          "search": sr, "settings": {
             "T": T, "segments": SEGMENTS, "num": NUM, "seeds": seeds, "d": D, "heavy": HEAVY,
             "light": LIGHT, "seq_len": L_SEQ, "train_steps": STEPS_TRAIN}}, indent=2))
