@@ -11,8 +11,8 @@
 # per study, so the other lane keeps training), and again in a final pass. Every command
 # resumes or skips what is done, so after a stop the same command continues where the studies
 # were. Priority: the AR judge (4000 steps), the DID study's runs (issue 17, item 1), the
-# scheduling study's TDLM pair (4000 steps; items 3 and, with ``--pair tree``, 2), then the
-# stages that need them.
+# scheduling study's TDLM pair (4000 steps) and its two studies (item 3, the levels; item 2,
+# ``--pair tree``), each in its own lane, then two more seeds of DID's variable-length pair.
 #
 # Each study's small outputs (configs, metric logs, evaluations, samples; no weights) are
 # archived after its stages into benchmarks/results/runs/<study> (``study.py archive``), to be
@@ -35,6 +35,8 @@ JUDGE=runs/judge/ar-judge
 SCHED=runs/sched-paper
 DID_RUNS="runs/did-study/did-s0 runs/did-study/mdlm-s0 runs/did-study/did-s1 runs/did-study/mdlm-s1
   runs/did-study/did-s2 runs/did-study/mdlm-s2 runs/did-study/did-var-s0 runs/did-study/mdlm-var-s0"
+DID_VAR_MORE="runs/did-study/did-var-s1 runs/did-study/mdlm-var-s1 runs/did-study/did-var-s2
+  runs/did-study/mdlm-var-s2"
 
 ready() { python benchmarks/study.py finished "$@"; }
 keep() { python benchmarks/study.py archive "runs/$1" "benchmarks/results/runs/$1" || fail archive "$1"; }
@@ -53,13 +55,28 @@ once() {        # once NAME FUNCTION: FUNCTION in one lane, once per invocation 
 queues() {      # the training queues, every lane in the same order
   python benchmarks/judge.py run --threads 1 || fail judge
   ready $JUDGE && once judge judge_stages
-  python benchmarks/did_study.py run --lanes 1 || fail did_study run
+  python benchmarks/did_study.py run --lanes 1 --variable-seeds 0 || fail did_study run
   # shellcheck disable=SC2086
   ready $JUDGE $DID_RUNS && once did-stages did_stages
   python benchmarks/scheduling.py --scale cpu --stage run-levels --lanes 1 \
     || fail scheduling run-levels
-  ready $JUDGE $SCHED/tdlm-heavy $SCHED/tdlm-light && once sched-levels scheduling_levels_stages
+  sched_stages
+  # the variable-length pair's other seeds one at a time: a lane left idle while the other
+  # finishes the TDLM pair trains one, then takes whichever scheduling stage is still free
+  for s in 1 2; do
+    python benchmarks/did_study.py run --lanes 1 --seeds 0 --variable-seeds $s \
+      || fail did_study run variable seed $s
+    sched_stages
+  done
+  # shellcheck disable=SC2086
+  ready $JUDGE $DID_RUNS $DID_VAR_MORE && once did-stages-var did_stages
   return $FAILED
+}
+
+sched_stages() {  # the TDLM pair's two studies, each in the first lane free once it is trained
+  ready $JUDGE $SCHED/tdlm-heavy $SCHED/tdlm-light || return 0
+  once sched-levels scheduling_levels_stages
+  once sched-tree scheduling_tree_stages
 }
 
 judge_stages() {
@@ -76,9 +93,14 @@ did_stages() {
   return $FAILED
 }
 
-scheduling_levels_stages() {    # the TDLM pair and the judge: scheduling across its levels,
-  # then (item 2) the segment search on it as a heavy/light pair; both gated on a clear gap
+scheduling_levels_stages() {    # item 3: scheduling across the TDLM pair's levels
   python benchmarks/scheduling.py --scale cpu --stage levels || fail scheduling levels
+  keep sched-paper
+  return $FAILED
+}
+
+scheduling_tree_stages() {      # item 2: the segment search on the TDLM pair as a heavy/light
+  # pair (gated on a clear gap, as the MDLM pair's)
   for st in analyze search prefix report; do
     python benchmarks/scheduling.py --scale cpu --pair tree --stage "$st" \
       || { fail scheduling tree "$st"; break; }
@@ -91,6 +113,7 @@ stages() {      # after every lane's queues: whatever the early passes left undo
   judge_stages
   did_stages
   scheduling_levels_stages
+  scheduling_tree_stages
 }
 
 pids=()

@@ -14,7 +14,7 @@ Models: the paper-shaped CPU backbone (d=112, 12 blocks, 8k BPE of the bundled c
 ``did-cpu-var`` (variable length, bundled paragraphs, ragged) against ``mdlm-cpu`` on the same
 paragraphs cropped/padded to 256. The same seed gives the same batches in the same order on
 both sides of a pair. Main pair (fixed length): ``--seeds`` (default 0 1 2); variable length:
-``--variable-seeds`` (default 0). MDLM runs keep every 100th checkpoint (``train.keep_every``).
+``--variable-seeds`` (default 0 1 2). MDLM runs keep every 100th checkpoint (``train.keep_every``).
 
 Stages (each skips what exists; runs are ``benchmarks/study.py`` queues, one thread each):
 * ``run``: train, then evaluate each run on the whole validation split (4 noise draws).
@@ -442,7 +442,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="runs/did-study")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--variable-seeds", type=int, nargs="*", default=[0])
+    p.add_argument("--variable-seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--lanes", type=int, default=2)
     p.add_argument("--steps", type=int, help="override max_steps (smoke tests only)")
     p.add_argument("--judge", default="", help="AR run folder for generative perplexity")

@@ -485,17 +485,21 @@ def test_backlog_runs_each_studys_stages_once_across_two_lanes(tmp_path):
     calls = log.read_text().splitlines()
     count = lambda s: sum(c.startswith(s) for c in calls)      # noqa: E731
     assert count("benchmarks/judge.py run") == 2                   # both lanes' queues
-    assert count("benchmarks/did_study.py run") == 2
+    # the fixed pair + variable seed 0, then variable seeds 1 and 2 one at a time, per lane
+    assert count("benchmarks/did_study.py run") == 6
+    assert count("benchmarks/did_study.py run --lanes 1 --seeds 0 --variable-seeds 2") == 2
     assert count("benchmarks/parity.py") == 0                      # finished and committed
     # early stages: one lane each (the other finds the lock held) + the final pass
     assert count("benchmarks/judge.py report") == 2, calls
     assert count("benchmarks/scheduling.py --scale cpu --stage levels") == 2
     assert count("benchmarks/scheduling.py --scale cpu --pair tree --stage search") == 2
-    assert count("benchmarks/did_study.py sample --judge runs/judge/ar-judge") == 2
-    # every study's small outputs archived after its stages, beside the results
-    for study in ("judge", "did-study", "sched-paper"):
+    # the DID stages: after the first runs, after the variable seeds, in the final pass
+    assert count("benchmarks/did_study.py sample --judge runs/judge/ar-judge") == 3
+    # every study's small outputs archived after its stages, beside the results (the
+    # scheduling study after each of its two stage sets)
+    for study, n in (("judge", 2), ("did-study", 3), ("sched-paper", 4)):
         assert count(f"benchmarks/study.py archive runs/{study} "
-                     f"benchmarks/results/runs/{study}") == 2, calls
+                     f"benchmarks/results/runs/{study}") == n, calls
     assert "another lane has it" in p.stdout
 
 
