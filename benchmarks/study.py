@@ -213,19 +213,23 @@ ARCHIVE_SKIP = ("checkpoints", "tokenizer.json", "tokenizer_meta.json")
 ARCHIVE_MAX_BYTES = 2 << 20
 
 
-def archive(work: Path, dest: Path) -> list[Path]:
+def archive(work: Path, dest: Path, too_big: Optional[list] = None) -> list[Path]:
     """Copy a study folder's small outputs into ``dest`` (committed beside the results), with
     the same layout: every file under ``work`` but the checkpoints, the tokenizers, lock
     files and files over ``ARCHIVE_MAX_BYTES``. A finished run's folder then reads back
     (:func:`read_run`, :func:`finished`) from ``dest`` as from ``work``, so a study's report
     regenerates from the committed copy on a machine that lost (or never had) ``runs/``;
     stages that need weights (sampling, new evaluations) still need ``work``. Returns the
-    files copied (those whose content changed)."""
+    files copied (those whose content changed); the files left out for their size are
+    appended to ``too_big`` (the command line names them)."""
     copied = []
     for f in sorted(work.rglob("*")):
         rel = f.relative_to(work)
-        if (not f.is_file() or f.suffix == ".lock" or any(p in ARCHIVE_SKIP for p in rel.parts)
-                or f.stat().st_size > ARCHIVE_MAX_BYTES):
+        if not f.is_file() or f.suffix == ".lock" or any(p in ARCHIVE_SKIP for p in rel.parts):
+            continue
+        if f.stat().st_size > ARCHIVE_MAX_BYTES:
+            if too_big is not None:
+                too_big.append(f)
             continue
         out = dest / rel
         if out.exists() and out.read_bytes() == f.read_bytes():
@@ -347,7 +351,11 @@ def main(argv=None) -> int:
         work, dest = map(Path, a.work)
         if not work.is_dir():
             p.error(f"{work}: no such study folder")
-        print(f"archived {len(archive(work, dest))} changed files of {work} into {dest}")
+        big: list = []
+        print(f"archived {len(archive(work, dest, big))} changed files of {work} into {dest}")
+        for f in big:
+            print(f"  left out (over {ARCHIVE_MAX_BYTES >> 20} MiB): {f} "
+                  f"({f.stat().st_size / 2**20:.1f} MiB)")
         return 0
     if a.what == "finished":
         given = argv[1:]                       # no default folders here: runs must be named

@@ -104,7 +104,7 @@ def test_parity_report_verdicts(tmp_path, tdlm_finals, word):
     assert (out / "parity.png").stat().st_size > 0
 
 
-def test_did_study_interpolates_mdlm_at_dids_training_flops(tmp_path):
+def test_did_study_interpolates_mdlm_at_dids_training_flops(tmp_path, capsys):
     ds = _load("did_study")
     cfg = _cfg("mdlm-cpu")
     names = [n for n, *_ in ds.plan([0, 1], [0])]
@@ -135,6 +135,13 @@ def test_did_study_interpolates_mdlm_at_dids_training_flops(tmp_path):
     assert ds.read_run(arch / "mdlm-s0")["curve_flops"] == ds.read_run(m)["curve_flops"]
     assert ds.equal_flops(arch, "fixed", 0, run_missing=False) == r
     assert st.archive(tmp_path, arch) == []             # nothing changed: nothing copied
+    # a file over the size limit is left out and named on the command line
+    big = tmp_path / "mdlm-s0" / "samples.jsonl"
+    big.write_bytes(b"x" * (st.ARCHIVE_MAX_BYTES + 1))
+    assert st.main(["archive", str(tmp_path), str(arch)]) == 0
+    assert "left out (over 2 MiB): " + str(big) in capsys.readouterr().out
+    assert not (arch / "mdlm-s0" / "samples.jsonl").exists()
+    big.unlink()
     # an evaluation missing and not to be run: no figure rather than a guess
     (tmp_path / "equal" / "mdlm-s0-500" / "metrics.json").unlink()
     assert ds.equal_flops(tmp_path, "fixed", 0, run_missing=False) is None
