@@ -11,8 +11,8 @@
 # per study, so the other lane keeps training), and again in a final pass. Every command
 # resumes or skips what is done, so after a stop the same command continues where the studies
 # were. Priority: the AR judge (4000 steps), the DID study's runs (issue 17, item 1), the
-# scheduling study's TDLM pair (4000 steps) and its two studies (item 3, the levels; item 2,
-# ``--pair tree``), each in its own lane, then two more seeds of DID's variable-length pair.
+# scheduling study's TDLM pair (4000 steps) and its study (``--pair tree``: items 2 and 3), the
+# lane left idle meanwhile training two more seeds of DID's variable-length pair.
 #
 # Each study's small outputs (configs, metric logs, evaluations, samples; no weights) are
 # archived after its stages into benchmarks/results/runs/<study> (``study.py archive``), to be
@@ -73,9 +73,8 @@ queues() {      # the training queues, every lane in the same order
   return $FAILED
 }
 
-sched_stages() {  # the TDLM pair's two studies, each in the first lane free once it is trained
+sched_stages() {  # the TDLM pair's study, in the first lane free once the pair is trained
   ready $JUDGE $SCHED/tdlm-heavy $SCHED/tdlm-light || return 0
-  once sched-levels scheduling_levels_stages
   once sched-tree scheduling_tree_stages
 }
 
@@ -93,14 +92,8 @@ did_stages() {
   return $FAILED
 }
 
-scheduling_levels_stages() {    # item 3: scheduling across the TDLM pair's levels
-  python benchmarks/scheduling.py --scale cpu --stage levels || fail scheduling levels
-  keep sched-paper
-  return $FAILED
-}
-
-scheduling_tree_stages() {      # item 2: the segment search on the TDLM pair as a heavy/light
-  # pair (gated on a clear gap, as the MDLM pair's)
+scheduling_tree_stages() {      # items 2-3: the segment search on the TDLM pair as a
+  # heavy/light pair (gated on a clear gap), its report with the levels section
   for st in analyze search prefix report; do
     python benchmarks/scheduling.py --scale cpu --pair tree --stage "$st" \
       || { fail scheduling tree "$st"; break; }
@@ -112,7 +105,6 @@ scheduling_tree_stages() {      # item 2: the segment search on the TDLM pair as
 stages() {      # after every lane's queues: whatever the early passes left undone
   judge_stages
   did_stages
-  scheduling_levels_stages
   scheduling_tree_stages
 }
 

@@ -17,13 +17,14 @@ Scales:
   sequences, 4x the parity study's runs (at 1000 steps the pair differed by only 0.05 nats:
   ``CPU_STEPS``). The judge is the AR model trained 4000 steps on the same corpus
   (``benchmarks/judge.py``: ``runs/judge/ar-judge``, the same 4000 steps; its own NLL in
-  ``results/judge.md``), linked. Stage ``levels`` adds scheduling across a tree model's levels:
-  ``tdlm-cpu`` (17 blocks) as heavy and a 6-block copy (a third) of the same tree and data as
-  light, the same budget; the searched masks include giving the light model the whole coarse
-  (root) level or the whole leaf level. ``--pair tree`` runs stages analyze, search, prefix and
-  report on that TDLM pair as an ordinary heavy/light pair (``results/scheduling_cpu_tree.md``):
-  item 2 of issue 17 on a pair whose light model is clearly worse, should the MDLM pair's not be
-  (at 4000 steps the 4-block MDLM ended better than the 12-block one).
+  ``results/judge.md``), linked. ``--pair tree`` runs stages analyze, search, prefix and
+  report on the TDLM pair (stage ``run-levels``: ``tdlm-cpu``, 17 blocks, as heavy and a
+  6-block copy, a third, of the same tree and data as light, the same budget) as an ordinary
+  heavy/light pair (``results/scheduling_cpu_tree.md``): item 2 of issue 17 on a pair whose
+  light model is clearly worse (at 4000 steps the 4-block MDLM ended better than the 12-block
+  one), and item 3, scheduling across the tree's levels: the search's candidates include
+  giving the light model the whole coarse (root) level or the whole leaf level
+  (``LEVEL_MASKS``), reported in a section of their own with the per-level KL profile.
 
 Stages (each skipped when its outputs exist; the search resumes from its ``partial.jsonl``):
 ``run`` / ``run-levels`` (the MDLM / TDLM pair as ``benchmarks/study.py`` queues: resumable,
@@ -31,7 +32,7 @@ claimed with a lock so several queues share them (``--lanes``), each finished by
 evaluation on the whole validation split), ``train`` (links, then tdlm train of what is still
 unfinished, resumed when stopped; linked runs must be finished), ``analyze`` (tdlm
 schedule analyze), ``search`` (tdlm schedule search), ``prefix`` (the named placements with
-prefixes of held-out documents), ``levels`` (cpu scale: the TDLM pair), ``report``
+prefixes of held-out documents), ``report``
 (benchmarks/results/<stem>.md + .json; CSVs and plots in benchmarks/results/<stem>/).
 Single-threaded on purpose (the machine is shared).
 """
@@ -106,7 +107,6 @@ SCALES = {
             "LEVEL_RUNS": {"tdlm-heavy": ("tdlm-cpu", CPU_SETS),
                            "tdlm-light": ("tdlm-cpu", ["backbone.n_layers=6", *CPU_SETS])}},
 }
-LEVEL_LINKS: dict = {}
 LANES, SMOKE_STEPS, FORCE = 1, None, False
 #: the run folders of the pair that stages analyze/search/prefix/report schedule (``--pair``):
 #: ``main``, the scale's pair (MDLMs), or (cpu scale) ``tree``, the TDLM level pair used as an
@@ -296,26 +296,6 @@ def stage_prefix(work: Path) -> None:
         "--out", str(OUT / "prefix")])
 
 
-def stage_levels(work: Path) -> None:
-    """The TDLM pair (cpu scale): train/link, the per-t profile, the level masks."""
-    if not LEVEL_RUNS and not LEVEL_LINKS:
-        print("[levels] this scale has no tree-model pair", flush=True)
-        return
-    _train_runs(work, LEVEL_RUNS, LEVEL_LINKS)
-    _need(work, "tdlm-heavy", "tdlm-light", "judge")
-    pair = ["--model", f"H={work / 'tdlm-heavy'}", "--model", f"L={work / 'tdlm-light'}"]
-    if not (OUT / "levels" / "analyze" / "step_importance.csv").exists():
-        sh(["schedule", "analyze", *pair, "--grid", str(GRID), "--batches", str(AN_BATCHES),
-            "--batch-size", str(AN_BATCH), "--trajectory-samples", "0",
-            "--out", str(OUT / "levels" / "analyze")])
-    if not (OUT / "levels" / "search" / "search.csv").exists():
-        _gate(work, "tdlm-heavy", "tdlm-light")
-        sh(["schedule", "search", *pair, "--judge", str(work / "judge"), "--steps", str(T),
-            "--segments", str(SEGMENTS), "--light-segments", "-1", "--masks",
-            ",".join(LEVEL_MASKS), "--num", str(NUM), "--seeds", str(SEEDS),
-            "--out", str(OUT / "levels" / "search")])
-
-
 def _rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -466,21 +446,24 @@ LEVEL_NAMES = {"LLLLHHHH": "light on the coarse (root) level", "HHHHLLLL": "ligh
 
 
 def levels_lines() -> list[str]:
-    """Report section of the TDLM pair (stage ``levels``), when it ran."""
-    f = OUT / "levels" / "search" / "search.csv"
-    if not f.exists():
+    """Report section of the TDLM pair (``--pair tree``; issue 17, item 3): the level masks'
+    rows of the pair's own search (the search holds every one of ``LEVEL_MASKS`` with the
+    same seeds, so nothing is sampled twice) and the per-level means of the per-t profile."""
+    f = OUT / "search" / "search.csv"
+    if (HEAVY_RUN, LIGHT_RUN) != PAIRS["tree"] or not f.exists():
         return []
     rows = {r["mask"]: r for r in _rows(f)}
-    meta = json.loads((OUT / "levels" / "search" / "search.json").read_text())
+    meta = json.loads((OUT / "search" / "search.json").read_text())
     seeds = meta["seeds"]
     href = rows["H" * SEGMENTS]
 
     def paired(r):
         return paired_change(r, href, seeds)
-    out = ["", "## Scheduling across a tree model's levels (TDLM heavy 17 blocks, light 6)", "",
+    out = ["", "## Scheduling across the tree's levels (issue 17, item 3)", "",
            f"T={T} steps split evenly over the tree's 2 levels (coarse/root level first): "
            f"segments 1-{SEGMENTS // 2} denoise the coarse level, the rest the leaf level. "
-           f"{meta['num']} samples x {len(seeds)} seeds per schedule, same draws.", "",
+           f"The rows of the search above (the same {meta['num']} samples x {len(seeds)} "
+           "seeds per schedule, the same draws).", "",
            "| mask | schedule | block FLOPs saved | gen PPL | entropy | paired change vs "
            "heavy-only |", "|---|---|---|---|---|---|"]
     for m in LEVEL_MASKS:
@@ -490,6 +473,19 @@ def levels_lines() -> list[str]:
             out.append(f"| {m} | {LEVEL_NAMES.get(m, '')} | {100 * _f(r['saved_blocks']):.1f}% | "
                        f"{_f(r['gen_ppl']):.2f} | {_f(r['entropy']):.3f} | "
                        f"{'-' if r is href else f'{100 * pm:+.1f}% +- {100 * pse:.1f}%'} |")
+    an = OUT / "analyze" / "step_importance.csv"
+    ok = [r for r in _rows(an) if r.get("noised") and int(r["noised"]) > 0] if an.exists() else []
+    kl = {}
+    for lv, inside in (("coarse", lambda t: t > 0.5), ("leaf", lambda t: t <= 0.5)):
+        v = [_f(r["kl_heavy_light"]) for r in ok if inside(_f(r["t"]))]
+        if v:
+            kl[lv] = sum(v) / len(v)
+    if len(kl) == 2:
+        hint = "coarse" if kl["coarse"] < kl["leaf"] else "leaf"
+        out += ["", f"Per-level profile (the per-t table above, same noised validation input): "
+                f"mean KL(heavy||light) {kl['coarse']:.3f} over the coarse level (t > 0.5) and "
+                f"{kl['leaf']:.3f} over the leaf level: the profile suggests the light model for "
+                f"the **{hint}** level (where it departs less from the heavy one)."]
     coarse, leaf = rows.get("LLLLHHHH"), rows.get("HHHHLLLL")
     if coarse and leaf and len(seeds) > 1:
         dm, dse = paired_change(leaf, coarse, seeds)
@@ -499,16 +495,10 @@ def levels_lines() -> list[str]:
                 f"{100 * _f(leaf['saved_blocks']):.1f}% / {100 * _f(coarse['saved_blocks']):.1f}% "
                 f"block FLOPs saved): {100 * dm:+.1f}% +- {100 * half:.1f}% gen PPL (paired, "
                 f"95% CI): the light model is "
-                + (f"better placed on the **{cheaper}** level." if abs(dm) > half else
-                   "**not** told apart between the levels at this s.e.")]
-    an = OUT / "levels" / "analyze" / "step_importance.csv"
-    if an.exists():
-        ok = [r for r in _rows(an) if r.get("noised") and int(r["noised"]) > 0]
-        if ok:
-            pk = max(ok, key=lambda r: _f(r["kl_heavy_light"]))
-            out += ["", f"Per-t profile on the same noised validation input "
-                    f"(`{OUT.name}/levels/analyze/`): KL(heavy||light) peaks at t = {_f(pk['t']):.3f} "
-                    f"(progress {_f(pk['step_fraction']):.2f}; t > 0.5 is the coarse level)."]
+                + (f"better placed on the **{cheaper}** level" if abs(dm) > half else
+                   "**not** told apart between the levels at this s.e.")
+                + ("" if abs(dm) <= half or len(kl) < 2 else
+                   f", {'as' if cheaper == hint else 'against what'} the KL profile suggests.")]
     return out
 
 
@@ -559,7 +549,7 @@ def stage_report(work: Path) -> None:
     lines = [
         f"# Model scheduling at CPU scale ({TITLE})", "",
         f"Command: `{COMMAND}` (stages train, analyze, search, prefix, "
-        f"{'levels, ' if HEAVY_RUN == PAIRS['main'][0] else ''}report). Machine: "
+        f"report). Machine: "
         f"{os.cpu_count()} shared CPU cores, no GPU, torch {torch.__version__}, 1 thread, python "
         f"{platform.python_version()}.", "",
         "## Setup", "",
@@ -679,8 +669,7 @@ def main() -> None:
     ap.add_argument("--work", help="folder for the trained runs (tiny: runs/sched-cpu, cpu: "
                     "runs/sched-paper)")
     ap.add_argument("--stage", default="all", choices=["all", "run", "run-levels", "train",
-                                                        "analyze", "search", "prefix", "levels",
-                                                        "report"])
+                                                        "analyze", "search", "prefix", "report"])
     ap.add_argument("--lanes", type=int, default=1, help="stages run/run-levels: runs trained "
                     "at a time (one thread each)")
     ap.add_argument("--steps", type=int, help="stages run/run-levels: train this many steps "
@@ -718,11 +707,8 @@ def main() -> None:
     if a.stage in ("run", "run-levels"):
         (stage_run if a.stage == "run" else stage_run_levels)(work)
         return
-    levels = [] if a.pair != "main" else [("levels", stage_levels)]    # the main report's
-    if a.stage == "levels" and not levels:
-        ap.error("--stage levels belongs to the main pair's report (no --pair)")
     for st, fn in (("train", stage_train), ("analyze", stage_analyze), ("search", stage_search),
-                   ("prefix", stage_prefix), *levels, ("report", stage_report)):
+                   ("prefix", stage_prefix), ("report", stage_report)):
         if a.stage in ("all", st):
             t0 = time.time()
             fn(work)

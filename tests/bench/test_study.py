@@ -498,13 +498,12 @@ def test_backlog_runs_each_studys_stages_once_across_two_lanes(tmp_path):
     assert count("benchmarks/parity.py") == 0                      # finished and committed
     # early stages: one lane each (the other finds the lock held) + the final pass
     assert count("benchmarks/judge.py report") == 2, calls
-    assert count("benchmarks/scheduling.py --scale cpu --stage levels") == 2
+    assert count("benchmarks/scheduling.py --scale cpu --stage levels") == 0  # in --pair tree
     assert count("benchmarks/scheduling.py --scale cpu --pair tree --stage search") == 2
     # the DID stages: after the first runs, after the variable seeds, in the final pass
     assert count("benchmarks/did_study.py sample --judge runs/judge/ar-judge") == 3
-    # every study's small outputs archived after its stages, beside the results (the
-    # scheduling study after each of its two stage sets)
-    for study, n in (("judge", 2), ("did-study", 3), ("sched-paper", 4)):
+    # every study's small outputs archived after its stages, beside the results
+    for study, n in (("judge", 2), ("did-study", 3), ("sched-paper", 2)):
         assert count(f"benchmarks/study.py archive runs/{study} "
                      f"benchmarks/results/runs/{study}") == n, calls
     assert "another lane has it" in p.stdout
@@ -555,14 +554,22 @@ def test_scheduling_verdict_tells_placements_apart_and_reads_the_target(tmp_path
 
 
 def test_levels_report_places_the_light_tree_model_by_paired_ci(tmp_path, monkeypatch):
-    """Light on the leaf level vs light on the coarse level: 'better placed on the coarse
-    level' only when the 95% CI of the paired difference excludes 0."""
+    """The TDLM pair's report (``--pair tree``): light on the leaf level vs light on the
+    coarse level, 'better placed on the coarse level' only when the 95% CI of the paired
+    difference excludes 0; the per-level KL means read from the per-t profile (t > 0.5: the
+    coarse level); the main pair's report has no such section."""
     import csv
     sch = _load("scheduling")
     monkeypatch.setattr(sch, "OUT", tmp_path)
-    d = tmp_path / "levels" / "search"
+    d = tmp_path / "search"
     d.mkdir(parents=True)
     (d / "search.json").write_text(json.dumps({"seeds": [0, 1, 2, 3], "num": 8}))
+    (tmp_path / "analyze").mkdir()
+    with open(tmp_path / "analyze" / "step_importance.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["t", "step_fraction", "noised", "kl_heavy_light"])
+        w.writeheader()
+        for t, kl in ((0.125, 0.30), (0.375, 0.50), (0.625, 0.10), (0.875, 0.20)):
+            w.writerow({"t": t, "step_fraction": 1 - t, "noised": 100, "kl_heavy_light": kl})
 
     def write(leaf_ppl):
         rows = [("HHHHHHHH", [100.0, 110.0, 90.0, 100.0], 0.0),
@@ -576,10 +583,29 @@ def test_levels_report_places_the_light_tree_model_by_paired_ci(tmp_path, monkey
                 w.writerow({"mask": m, "saved_blocks": sv, "gen_ppl": sum(ppl) / 4,
                             "entropy": 5.0, **{f"ppl_seed_{s}": v for s, v in enumerate(ppl)}})
         return "\n".join(sch.levels_lines())
+    assert write([106.0, 116.6, 95.4, 106.0]) == ""      # the main pair: no levels section
+    sch.use_scale("cpu")
+    sch.use_pair("tree")
+    monkeypatch.setattr(sch, "OUT", tmp_path)
     txt = write([106.0, 116.6, 95.4, 106.0])            # +5% over coarse-light on every seed
     assert "+5.0% +- 0.0% gen PPL" in txt and "better placed on the **coarse** level" in txt
+    # KL means: coarse (0.10 + 0.20) / 2 = 0.150, leaf (0.30 + 0.50) / 2 = 0.400
+    assert "mean KL(heavy||light) 0.150 over the coarse level" in txt and "0.400 over the leaf" in txt
+    assert "for the **coarse** level" in txt and ", as the KL profile suggests." in txt
     txt = write([95.0, 121.0, 88.0, 110.0])             # noisy
     assert "**not** told apart between the levels" in txt
+
+
+def test_the_tree_search_holds_every_level_mask():
+    """The levels section reads its rows from the TDLM pair's segment search: every level mask
+    is among that search's candidates (2 light segments of 8, the named forms at 3 and 4,
+    heavy-only, light-only)."""
+    from tdlm.scheduling.analysis import segment_schedules
+    sch = _load("scheduling")
+    sch.use_scale("cpu")
+    cands = {m for m, _ in segment_schedules(sch.T, sch.SEGMENTS, 2, extra_masks=sch.EXTRA_MASKS)}
+    assert set(sch.LEVEL_MASKS) - cands == {"L" * sch.SEGMENTS}     # light-only: added by the search
+    assert "LLLLHHHH" in cands and "HHHHLLLL" in cands
 
 
 def test_finished_from_the_command_line(tmp_path):
