@@ -76,6 +76,7 @@ queues() {      # the training queues, every lane in the same order
 sched_stages() {  # the TDLM pair's study, in the first lane free once the pair is trained
   ready $JUDGE $SCHED/tdlm-heavy $SCHED/tdlm-light || return 0
   once sched-tree scheduling_tree_stages
+  once sched-prefix scheduling_prefix_stages
 }
 
 judge_stages() {
@@ -92,12 +93,21 @@ did_stages() {
   return $FAILED
 }
 
+tree() { python benchmarks/scheduling.py --scale cpu --pair tree --stage "$1"; }
+
 scheduling_tree_stages() {      # items 2-3: the segment search on the TDLM pair as a
   # heavy/light pair (gated on a clear gap), its report with the levels section
-  for st in analyze search prefix report; do
-    python benchmarks/scheduling.py --scale cpu --pair tree --stage "$st" \
-      || { fail scheduling tree "$st"; break; }
-  done
+  { tree analyze && tree search && tree report; } || fail scheduling tree search
+  keep sched-paper
+  return $FAILED
+}
+
+scheduling_prefix_stages() {    # the same pair's prefix-conditional runs (another lane); the
+  # report again when the search is done by then
+  tree prefix || fail scheduling tree prefix
+  if [ -e benchmarks/results/scheduling_cpu_tree/search/search.csv ]; then
+    tree report || fail scheduling tree report
+  fi
   keep sched-paper
   return $FAILED
 }
@@ -105,6 +115,7 @@ scheduling_tree_stages() {      # items 2-3: the segment search on the TDLM pair
 stages() {      # after every lane's queues: whatever the early passes left undone
   judge_stages
   did_stages
+  scheduling_prefix_stages
   scheduling_tree_stages
 }
 

@@ -500,10 +500,11 @@ def test_backlog_runs_each_studys_stages_once_across_two_lanes(tmp_path):
     assert count("benchmarks/judge.py report") == 2, calls
     assert count("benchmarks/scheduling.py --scale cpu --stage levels") == 0  # in --pair tree
     assert count("benchmarks/scheduling.py --scale cpu --pair tree --stage search") == 2
+    assert count("benchmarks/scheduling.py --scale cpu --pair tree --stage prefix") == 2
     # the DID stages: after the first runs, after the variable seeds, in the final pass
     assert count("benchmarks/did_study.py sample --judge runs/judge/ar-judge") == 3
     # every study's small outputs archived after its stages, beside the results
-    for study, n in (("judge", 2), ("did-study", 3), ("sched-paper", 2)):
+    for study, n in (("judge", 2), ("did-study", 3), ("sched-paper", 4)):
         assert count(f"benchmarks/study.py archive runs/{study} "
                      f"benchmarks/results/runs/{study}") == n, calls
     assert "another lane has it" in p.stdout
