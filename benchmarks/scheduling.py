@@ -352,6 +352,15 @@ def verdict_lines(sr, href, seeds, peak, gpeak, evals) -> list[str]:
                    f"({100 * gap / evals['heavy']['nelbo_per_token']:+.1f}%), against 2 combined "
                    f"evaluation standard errors of {two:.3f}: the pair "
                    + ("differs clearly." if clear else f"does **not** differ clearly, {weak}"))
+    lo = next((r for r in sr if r["mask"] == "L" * len(href["mask"])), None)
+    if lo is not None and len(seeds) > 1:
+        m, se_ = paired(lo)
+        better = m - t * se_ > 0
+        out.append(f"* Samples: light-only against heavy-only {100 * m:+.1f}% +- "
+                   f"{100 * t * se_:.1f}% gen PPL (paired, 95% CI over {len(seeds)} seeds), "
+                   f"entropy {_f(lo['entropy']):.3f} vs {_f(href['entropy']):.3f}: the heavy "
+                   "model's samples are " + ("measurably better." if better else
+                                             "**not** measurably better at this s.e."))
     mid = 0.25 <= _f(peak["step_fraction"]) <= 0.75
     out.append(f"* Step sensitivity: KL(heavy||light) on the same noised input peaks at progress "
                f"{_f(peak['step_fraction']):.2f} (t = {_f(peak['t']):.3f}), the loss gap at "

@@ -513,11 +513,12 @@ def test_backlog_runs_each_studys_stages_once_across_two_lanes(tmp_path):
 def _sched_rows(costs, k=2, entropy=5.0, saved=0.25):
     """Schedule rows of ``tdlm schedule search`` (4 seeds): name -> per-seed gen PPL."""
     masks = {"sandwich": "LHHHHHHL", "light-first": "LLHHHHHH", "light-middle": "HHHLLHHH",
-             "light-last": "HHHHHHLL"}
+             "light-last": "HHHHHHLL", "light-only": "L" * 8}
     rows = []
     for name, ppl in costs.items():
         rows.append({"name": name, "mask": masks[name] if name in masks else "H" * 8,
-                     "saved_blocks": saved if name in masks else 0.0, "entropy": entropy,
+                     "saved_blocks": (0.67 if name == "light-only" else saved) if name in masks
+                     else 0.0, "entropy": entropy,
                      **{f"ppl_seed_{s}": v for s, v in enumerate(ppl)}})
     return rows
 
@@ -552,6 +553,16 @@ def test_scheduling_verdict_tells_placements_apart_and_reads_the_target(tmp_path
     rows = _sched_rows(other)
     txt = "\n".join(sch.verdict_lines(rows, rows[0], [0, 1, 2, 3], peak, peak, evals))
     assert "worst: light-last)" in txt and "is not supported by the" in txt
+    # the heavy model's samples measurably better only when light-only's paired cost's 95% CI
+    # lies above 0
+    assert "Samples:" not in txt                        # no light-only row: no reading
+    rows = _sched_rows({**other, "light-only": [120.0, 132.0, 108.0, 120.0]})
+    txt = "\n".join(sch.verdict_lines(rows, rows[0], [0, 1, 2, 3], peak, peak, evals))
+    assert "light-only against heavy-only +20.0% +- 0.0% gen PPL" in txt
+    assert "samples are measurably better." in txt
+    rows = _sched_rows({**other, "light-only": [130.0, 100.0, 95.0, 101.0]})
+    txt = "\n".join(sch.verdict_lines(rows, rows[0], [0, 1, 2, 3], peak, peak, evals))
+    assert "samples are **not** measurably better" in txt
 
 
 def test_levels_report_places_the_light_tree_model_by_paired_ci(tmp_path, monkeypatch):
