@@ -173,16 +173,21 @@ def _finished(run: Path) -> bool:
     return cfg.exists() and latest_step(run) >= json.loads(cfg.read_text())["train"]["max_steps"]
 
 
-def _train_runs(work: Path, runs: dict, links: dict) -> None:
+def _link(work: Path, links: dict) -> None:
+    """Link the finished runs of ``links`` (name -> run folder) into ``work``."""
     for name, target in links.items():
         link = work / name
         if not _finished(Path(target)):
-            print(f"[train] {name}: waits for {target} (not a finished run yet; the parity "
-                  "study trains it: benchmarks/parity.py run)", flush=True)
+            print(f"[train] {name}: waits for {target} (not a finished run yet; "
+                  "benchmarks/judge.py run trains the judge)", flush=True)
             continue
         if not link.exists():
             link.symlink_to(Path(target).resolve())
         print(f"[train] {name}: linked to {target}", flush=True)
+
+
+def _train_runs(work: Path, runs: dict, links: dict) -> None:
+    _link(work, links)
     for name, (preset, sets) in runs.items():
         run = work / name
         if _finished(run):
@@ -232,6 +237,9 @@ def stage_analyze(work: Path) -> None:
 
 
 def _need(work: Path, *names: str) -> None:
+    """Stop unless the runs ``names`` are in ``work``; the linked ones (the judge) are linked
+    here once finished, so a stage does not depend on stage train having run."""
+    _link(work, {n: LINKS[n] for n in names if n in LINKS and not (work / n).exists()})
     missing = [n for n in names if not (work / n).exists()]
     if missing:
         raise SystemExit(f"scheduling.py: {', '.join(missing)} not in {work} yet: run --stage "

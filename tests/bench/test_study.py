@@ -705,3 +705,21 @@ def test_did_equal_flops_target_read_from_the_interval():
     assert ds.equal_verdict(0.05, 0.02) == "missed, DID worse by 3.00% at least"
     assert ds.equal_verdict(-0.01, 0.02).startswith("not decided")
     assert ds.equal_verdict(-0.05, None) == "one seed, not decided"
+
+
+def test_scheduling_stages_link_the_judge_themselves(tmp_path, monkeypatch):
+    """A stage that needs the judge links it (when finished) without stage train having run
+    (the backlog runs analyze/search/prefix/report only); an unfinished one stops the stage."""
+    sch = _load("scheduling")
+    judge = tmp_path / "judge-run"
+    judge.mkdir()
+    (judge / "config.json").write_text(json.dumps({"train": {"max_steps": 4}}))
+    (judge / "metrics.jsonl").write_text(json.dumps({"step": 2}) + "\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setattr(sch, "LINKS", {"judge": str(judge)})
+    with pytest.raises(SystemExit, match="judge not in"):
+        sch._need(work, "judge")
+    (judge / "metrics.jsonl").write_text(json.dumps({"step": 4}) + "\n")
+    sch._need(work, "judge")
+    assert (work / "judge").resolve() == judge.resolve()
