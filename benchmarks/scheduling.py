@@ -51,7 +51,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import T95, latest_step, run_queue  # noqa: E402
+from study import T95, latest_step, read_run, run_queue  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -478,9 +478,10 @@ def levels_lines() -> list[str]:
         return paired_change(r, href, seeds)
     out = ["", "## Scheduling across the tree's levels (issue 17, item 3)", "",
            f"T={T} steps split evenly over the tree's 2 levels (coarse/root level first): "
-           f"segments 1-{SEGMENTS // 2} denoise the coarse level, the rest the leaf level. "
-           f"The rows of the search above (the same {meta['num']} samples x {len(seeds)} "
-           "seeds per schedule, the same draws).", "",
+           f"segments 1-{SEGMENTS // 2} denoise the coarse level, the rest the leaf level, so "
+           f"light-middle (segments {SEGMENTS // 2}-{SEGMENTS // 2 + 1}) spans the switch from "
+           f"one level to the other. The rows of the search above (the same {meta['num']} "
+           f"samples x {len(seeds)} seeds per schedule, the same draws).", "",
            "| mask | schedule | block FLOPs saved | gen PPL | entropy | paired change vs "
            "heavy-only |", "|---|---|---|---|---|---|"]
     for m in LEVEL_MASKS:
@@ -503,6 +504,16 @@ def levels_lines() -> list[str]:
                 f"mean KL(heavy||light) {kl['coarse']:.3f} over the coarse level (t > 0.5) and "
                 f"{kl['leaf']:.3f} over the leaf level: the profile suggests the light model for "
                 f"the **{hint}** level (where it departs less from the heavy one)."]
+    tr = OUT / "analyze" / "step_importance_trajectory.csv"
+    tr = [r for r in _rows(tr) if r.get("noised") and int(r["noised"]) > 0] if tr.exists() else []
+    if tr:
+        pk = max(tr, key=lambda r: _f(r["kl_heavy_light"]))
+        k, first_leaf = int(pk["step"]), T // 2
+        out += ["", f"On the heavy model's own trajectories KL(heavy||light) peaks at step {k} of "
+                f"{T} ({_f(pk['kl_heavy_light']):.3f})"
+                + (", the first step of the leaf level, where every position's leaf is still to "
+                   "be chosen: the middle of the run is where the two models part most." if
+                   k == first_leaf else ".")]
     coarse, leaf = rows.get("LLLLHHHH"), rows.get("HHHHLLLL")
     if coarse and leaf and len(seeds) > 1:
         dm, dse = paired_change(leaf, coarse, seeds)
@@ -543,11 +554,14 @@ def stage_report(work: Path) -> None:
             ev = evaluate_nelbo(p.family, p.model, data.val, batch_size=16, max_batches=16,
                                 seed=0)
         secs = (work / run / "train_seconds.txt")
+        logged = read_run(work / run) or {}       # queue-trained runs: the trainer's own log
         evals[name] = {**model_facts(p.cfg),
                        "params": sum(q.numel() for q in p.model.parameters()),
                        "nelbo_per_token": ev["nelbo_per_token"], "bound": ev["bound"],
                        "stderr_per_token": ev.get("stderr_per_token"),
-                       "train_seconds": float(secs.read_text()) if secs.exists() else None}
+                       "train_seconds": float(secs.read_text()) if secs.exists() else None,
+                       "train_steps": logged.get("steps"), "tokens": logged.get("tokens"),
+                       "tokens_per_s": logged.get("tokens_per_s")}
     by = {r["mask"]: r for r in sr}
     seeds = meta["seeds"]
 
@@ -583,13 +597,18 @@ def stage_report(work: Path) -> None:
         f"forward calls made (no cache hits: time-conditioned models).", "",
         "Validation figures: the whole validation split with 4 noise draws where the run has "
         "its final evaluation (linked runs, the cpu scale), else 16 batches.", "",
-        "| model | blocks | parameters | val NELBO/token (or NLL) | train time |",
+        "| model | blocks | parameters | val NELBO/token (or NLL) | training |",
         "|---|---|---|---|---|"]
     for n, e in evals.items():
+        if e["train_seconds"]:
+            trained = f"{e['train_seconds'] / 60:.1f} min"
+        elif e["tokens_per_s"]:
+            trained = (f"{e['train_steps']} steps, {e['tokens'] / 1e6:.1f}M tokens at a median "
+                       f"{e['tokens_per_s']:,.0f} tokens/s (1 thread)")
+        else:
+            trained = "-"
         lines.append(f"| {n} ({e['family']}) | {e['blocks']} | {e['params']:,} | "
-                     f"{e['nelbo_per_token']:.3f} ({e['bound']}) | "
-                     + (f"{e['train_seconds'] / 60:.1f} min |" if e["train_seconds"] else
-                        "- |"))
+                     f"{e['nelbo_per_token']:.3f} ({e['bound']}) | {trained} |")
     # KL profile
     ok = [r for r in an if r.get("noised") and int(r["noised"]) > 0]
     peak = max(ok, key=lambda r: _f(r["kl_heavy_light"]))

@@ -606,6 +606,15 @@ def test_levels_report_places_the_light_tree_model_by_paired_ci(tmp_path, monkey
     assert "for the **coarse** level" in txt and ", as the KL profile suggests." in txt
     txt = write([95.0, 121.0, 88.0, 110.0])             # noisy
     assert "**not** told apart between the levels" in txt
+    # the heavy model's trajectories: a KL peak at the first leaf-level step is named as such
+    assert "own trajectories" not in txt
+    with open(tmp_path / "analyze" / "step_importance_trajectory.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["step", "noised", "kl_heavy_light"])
+        w.writeheader()
+        for k in range(sch.T):
+            w.writerow({"step": k, "noised": 10, "kl_heavy_light": 0.5 if k == sch.T // 2 else 0.1})
+    txt = write([95.0, 121.0, 88.0, 110.0])
+    assert f"peaks at step {sch.T // 2} of {sch.T} (0.500), the first step of the leaf level" in txt
 
 
 def test_the_tree_search_holds_every_level_mask():
