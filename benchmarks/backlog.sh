@@ -97,7 +97,7 @@ tree() { python benchmarks/scheduling.py --scale cpu --pair tree --stage "$1"; }
 
 scheduling_tree_stages() {      # items 2-3: the segment search on the TDLM pair as a
   # heavy/light pair (gated on a clear gap), its report with the levels section
-  { tree analyze && tree search && tree report; } || fail scheduling tree search
+  { tree analyze && tree search && tree more && tree report; } || fail scheduling tree search
   keep sched-paper
   return $FAILED
 }

@@ -32,7 +32,8 @@ claimed with a lock so several queues share them (``--lanes``), each finished by
 evaluation on the whole validation split), ``train`` (links, then tdlm train of what is still
 unfinished, resumed when stopped; linked runs must be finished), ``analyze`` (tdlm
 schedule analyze), ``search`` (tdlm schedule search), ``prefix`` (the named placements with
-prefixes of held-out documents), ``report``
+prefixes of held-out documents), ``more`` (after the search: the schedules at
+``MORE_LIGHT`` light segments an additive model of the 2-segment costs ranks cheapest), ``report``
 (benchmarks/results/<stem>.md + .json; CSVs and plots in benchmarks/results/<stem>/).
 Single-threaded on purpose (the machine is shared).
 """
@@ -304,6 +305,58 @@ def stage_prefix(work: Path) -> None:
         "--out", str(OUT / "prefix")])
 
 
+#: stage ``more``: how many unsearched schedules at ``MORE_LIGHT`` light segments to sample, the
+#: best by the additive model fitted to the 2-segment search
+MORE_LIGHT, MORE_NUM = 4, 6
+
+
+def additive_costs(rows: list[dict], seeds, segments: int) -> list[float]:
+    """Per-segment costs ``a_i`` of the additive model ``c(mask) = sum_{i light} a_i`` fitted
+    by least squares to the paired gen-PPL changes ``c`` (vs heavy-only) of the schedules with
+    exactly 2 light segments (all C(S, 2) of them: the model is then determined)."""
+    href = next(r for r in rows if r["mask"] == "H" * segments)
+    two = [r for r in rows if r["mask"].count("L") == 2]
+    X = torch.tensor([[1.0 if ch == "L" else 0.0 for ch in r["mask"]] for r in two],
+                     dtype=torch.float64)
+    y = torch.tensor([paired_change(r, href, seeds)[0] for r in two], dtype=torch.float64)
+    return torch.linalg.lstsq(X, y[:, None]).solution[:, 0].tolist()
+
+
+def predicted_masks(rows: list[dict], seeds, segments: int, light: int, k: int) -> list[tuple]:
+    """The ``k`` masks with ``light`` light segments not yet in ``rows`` that the additive
+    model predicts cheapest: ``[(mask, predicted change)]``, cheapest first."""
+    import itertools
+    a = additive_costs(rows, seeds, segments)
+    have = {r["mask"] for r in rows}
+    cands = []
+    for chosen in itertools.combinations(range(segments), light):
+        m = "".join("L" if i in chosen else "H" for i in range(segments))
+        if m not in have:
+            cands.append((m, sum(a[i] for i in chosen)))
+    return sorted(cands, key=lambda x: x[1])[:k]
+
+
+def stage_more(work: Path) -> None:
+    """Beyond the exhaustive 2-segment search: the ``MORE_NUM`` schedules with ``MORE_LIGHT``
+    light segments the additive model of the 2-segment costs ranks best (the named forms at
+    that count are already in the search), sampled with the same seeds (same draws)."""
+    _need(work, HEAVY_RUN, LIGHT_RUN, "judge")
+    _gate(work, HEAVY_RUN, LIGHT_RUN)
+    if (OUT / "more" / "search.csv").exists():
+        print("[more] exists", flush=True)
+        return
+    if not (OUT / "search" / "search.csv").exists():
+        raise SystemExit("scheduling.py: stage more needs the search (--stage search) first")
+    rows = _rows(OUT / "search" / "search.csv")
+    seeds = json.loads((OUT / "search" / "search.json").read_text())["seeds"]
+    pick = predicted_masks(rows, seeds, SEGMENTS, MORE_LIGHT, MORE_NUM)
+    print("[more] " + ", ".join(f"{m} ({100 * c:+.1f}%)" for m, c in pick), flush=True)
+    sh(["schedule", "search", *models(work), "--judge", str(work / "judge"), "--steps", str(T),
+        "--segments", str(SEGMENTS), "--light-segments", "-1", "--masks",
+        ",".join(m for m, _ in pick), "--num", str(NUM), "--seeds", str(SEEDS),
+        "--out", str(OUT / "more")])
+
+
 def _rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -530,6 +583,40 @@ def levels_lines() -> list[str]:
     return out
 
 
+def more_lines(sr, seeds, delta, ppl_line) -> dict:
+    """Report section of stage ``more`` (when it ran): the additive model's per-segment costs,
+    and its picks at ``MORE_LIGHT`` light segments, predicted against measured. Returns
+    ``{"lines", "rows"}`` (the rows join the target's candidates)."""
+    f = OUT / "more" / "search.csv"
+    if not f.exists():
+        return {"lines": [], "rows": []}
+    href = next(r for r in sr if r["mask"] == "H" * SEGMENTS)
+    a = additive_costs(sr, seeds, SEGMENTS)
+    rows = [r for r in _rows(f) if r["mask"].count("L") == MORE_LIGHT]
+    pred = {r["mask"]: sum(a[i] for i, ch in enumerate(r["mask"]) if ch == "L") for r in rows}
+    named = [r for r in sr if r["mask"].count("L") == MORE_LIGHT]
+    out = ["", f"## {MORE_LIGHT} light segments picked by an additive model of the 2-segment costs",
+           "", "Per-segment cost a_i (least squares on the 28 paired changes above, c(mask) = sum "
+           "of a_i over its light segments): " + ", ".join(f"{100 * x:+.1f}%" for x in a)
+           + f". The {len(rows)} unsearched masks with {MORE_LIGHT} light segments it ranks "
+           f"cheapest, sampled with the same seeds (`{OUT.name}/more/`), and the named forms:", "",
+           "| mask | name | block FLOPs saved | predicted | gen PPL (pooled) | per seed | entropy | "
+           "paired change vs heavy-only |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: pred[r["mask"]]) + named:
+        p_ = sum(a[i] for i, ch in enumerate(r["mask"]) if ch == "L")
+        out.append(f"| {r['mask']} | {r['name'] or '-'} | {100 * _f(r['saved_blocks']):.1f}% | "
+                   f"{100 * p_:+.1f}% | {ppl_line(r)} | {delta(r)} |")
+    both = rows + named
+    err = [paired_change(r, href, seeds)[0] - sum(a[i] for i, ch in enumerate(r["mask"])
+                                                  if ch == "L") for r in both]
+    best = min(both, key=lambda r: paired_change(r, href, seeds)[0])
+    out += ["", f"Measured minus predicted: a mean {100 * sum(err) / len(err):+.1f} points over "
+            f"these {len(both)} schedules (the costs of light segments add up "
+            + ("super-additively" if sum(err) > 0 else "sub-additively") + "); cheapest "
+            f"measured at {MORE_LIGHT} light segments: {best['mask']} ({delta(best)})."]
+    return {"lines": out, "rows": rows}
+
+
 def model_facts(cfg) -> dict:
     """The config fields this script reads: the family and the number of blocks."""
     return {"family": cfg.family.name, "blocks": cfg.backbone.n_layers}
@@ -668,8 +755,11 @@ def stage_report(work: Path) -> None:
                      f"each) is a median {100 * cv[len(cv) // 2]:.1f}% (max {100 * cv[-1]:.1f}%) of "
                      f"its mean over the {len(sr)} schedules; the paired changes above remove "
                      f"most of that (same random draws).")
+    more = more_lines(sr, seeds, delta, ppl_line)
+    lines += more["lines"]
     gap = pair_gap(work, HEAVY_RUN, LIGHT_RUN)
-    lines += verdict_lines(sr, href, seeds, peak, gpeak, {**evals, "paired_gap": gap})
+    lines += verdict_lines(sr + more["rows"], href, seeds, peak, gpeak,
+                           {**evals, "paired_gap": gap})
     if (OUT / "prefix" / "search.csv").exists():
         pr = sorted(_rows(OUT / "prefix" / "search.csv"), key=lambda r: r["mask"].count("L"))
         href = next(r for r in pr if r["mask"] == "H" * SEGMENTS)
@@ -705,7 +795,8 @@ def main() -> None:
     ap.add_argument("--work", help="folder for the trained runs (tiny: runs/sched-cpu, cpu: "
                     "runs/sched-paper)")
     ap.add_argument("--stage", default="all", choices=["all", "run", "run-levels", "train",
-                                                        "analyze", "search", "prefix", "report"])
+                                                        "analyze", "search", "prefix", "more",
+                                                        "report"])
     ap.add_argument("--lanes", type=int, default=1, help="stages run/run-levels: runs trained "
                     "at a time (one thread each)")
     ap.add_argument("--steps", type=int, help="stages run/run-levels: train this many steps "
@@ -744,7 +835,7 @@ def main() -> None:
         (stage_run if a.stage == "run" else stage_run_levels)(work)
         return
     for st, fn in (("train", stage_train), ("analyze", stage_analyze), ("search", stage_search),
-                   ("prefix", stage_prefix), ("report", stage_report)):
+                   ("prefix", stage_prefix), ("more", stage_more), ("report", stage_report)):
         if a.stage in ("all", st):
             t0 = time.time()
             fn(work)

@@ -500,6 +500,7 @@ def test_backlog_runs_each_studys_stages_once_across_two_lanes(tmp_path):
     assert count("benchmarks/judge.py report") == 2, calls
     assert count("benchmarks/scheduling.py --scale cpu --stage levels") == 0  # in --pair tree
     assert count("benchmarks/scheduling.py --scale cpu --pair tree --stage search") == 2
+    assert count("benchmarks/scheduling.py --scale cpu --pair tree --stage more") == 2
     assert count("benchmarks/scheduling.py --scale cpu --pair tree --stage prefix") == 2
     # the DID stages: after the first runs, after the variable seeds, in the final pass
     assert count("benchmarks/did_study.py sample --judge runs/judge/ar-judge") == 3
@@ -732,3 +733,25 @@ def test_scheduling_stages_link_the_judge_themselves(tmp_path, monkeypatch):
     (judge / "metrics.jsonl").write_text(json.dumps({"step": 4}) + "\n")
     sch._need(work, "judge")
     assert (work / "judge").resolve() == judge.resolve()
+
+
+def test_additive_model_recovers_segment_costs_and_picks_the_cheapest():
+    """Gen-PPL changes that are exactly additive over light segments (c = a_i + a_j for every
+    pair): the least-squares fit returns a, and the picks at 4 light segments are the masks
+    with the 4 cheapest segments, skipping those already searched."""
+    import itertools
+    sch = _load("scheduling")
+    a = [0.00, 0.06, 0.05, 0.07, 0.09, 0.04, 0.03, 0.02]
+    seeds = [0, 1, 2, 3]
+    href = [100.0, 110.0, 90.0, 105.0]
+    rows = [{"mask": "H" * 8, **{f"ppl_seed_{s}": v for s, v in enumerate(href)}}]
+    for i, j in itertools.combinations(range(8), 2):
+        m = "".join("L" if k in (i, j) else "H" for k in range(8))
+        rows.append({"mask": m, **{f"ppl_seed_{s}": v * (1 + a[i] + a[j])
+                                   for s, v in enumerate(href)}})
+    assert sch.additive_costs(rows, seeds, 8) == pytest.approx(a, abs=1e-9)
+    pick = sch.predicted_masks(rows, seeds, 8, 4, 2)
+    assert pick[0][0] == "LHHHHLLL" and pick[0][1] == pytest.approx(0.09)     # 0, 5, 6, 7
+    assert pick[1] == ("LHLHHHLL", pytest.approx(0.10))                     # 0.04 -> 0.05
+    rows.append({"mask": "LHHHHLLL"})                                         # already searched
+    assert sch.predicted_masks(rows, seeds, 8, 4, 1)[0][0] != "LHHHHLLL"
