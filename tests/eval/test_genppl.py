@@ -107,6 +107,16 @@ def test_token_pooled_nll_and_first_eos(runs):
     assert r2["tokens"] == (15 + 1) + (8 + 1)      # non-EOS tokens + the first EOS
     r3 = generative_perplexity([b, c], j, sample_vocab_hash=h, eos="none")
     assert r3["tokens"] == 16 + 11
+    # scoring builds no autograd graph (the judge's weights require grad): the judge runs
+    # with grad mode off
+    assert any(q.requires_grad for q in m.parameters())
+    modes, logits = [], j.logits
+    j.logits = lambda *x, **k: modes.append(torch.is_grad_enabled()) or logits(*x, **k)
+    try:
+        generative_perplexity([a], j, sample_vocab_hash=h)
+    finally:
+        del j.logits
+    assert modes and not any(modes)
 
 
 @torch.no_grad()

@@ -336,9 +336,11 @@ def _windows(items: list, judge: Judge) -> list:
     return windows
 
 
+@torch.no_grad()
 def _score(windows: list, n_items: int, judge: Judge, batch_size: int):
     """Summed NLL (nats) and counted tokens per item: windows batched by length, padded, one
-    judge forward per batch, cross-entropy in float64 on the counted positions."""
+    judge forward per batch, cross-entropy in float64 on the counted positions (no autograd
+    graph: the judge only scores)."""
     nll = [0.0] * n_items
     ntok = [0] * n_items
     order = sorted(range(len(windows)), key=lambda j: len(windows[j][1]))
