@@ -666,10 +666,10 @@ def stage_report(work: Path) -> None:
 
     lines = [
         f"# Model scheduling at CPU scale ({TITLE})", "",
-        f"Command: `{COMMAND}` (stages train, analyze, search, prefix, "
-        f"report). Machine: "
-        f"{os.cpu_count()} shared CPU cores, no GPU, torch {torch.__version__}, 1 thread, python "
-        f"{platform.python_version()}.", "",
+        f"Command: `{COMMAND}` (stages train, analyze, search, prefix, more, report; the pair "
+        f"trained by stage run{'-levels' if (HEAVY_RUN, LIGHT_RUN) == PAIRS['tree'] else ''}). "
+        f"Machine: {os.cpu_count()} shared CPU cores, no GPU, torch {torch.__version__}, 1 "
+        f"thread, python {platform.python_version()}.", "",
         "## Setup", "",
         *setup_lines(),
         "* Judge: this library's AR model trained on the same data (table below), **not GPT-2 "
