@@ -592,27 +592,30 @@ def more_lines(sr, seeds, delta, ppl_line) -> dict:
         return {"lines": [], "rows": []}
     href = next(r for r in sr if r["mask"] == "H" * SEGMENTS)
     a = additive_costs(sr, seeds, SEGMENTS)
-    rows = [r for r in _rows(f) if r["mask"].count("L") == MORE_LIGHT]
-    pred = {r["mask"]: sum(a[i] for i, ch in enumerate(r["mask"]) if ch == "L") for r in rows}
+
+    def predict(mask):
+        return sum(a[i] for i, ch in enumerate(mask) if ch == "L")
+    rows = sorted((r for r in _rows(f) if r["mask"].count("L") == MORE_LIGHT),
+                  key=lambda r: predict(r["mask"]))
     named = [r for r in sr if r["mask"].count("L") == MORE_LIGHT]
+    n_two = sum(1 for r in sr if r["mask"].count("L") == 2)
     out = ["", f"## {MORE_LIGHT} light segments picked by an additive model of the 2-segment costs",
-           "", "Per-segment cost a_i (least squares on the 28 paired changes above, c(mask) = sum "
-           "of a_i over its light segments): " + ", ".join(f"{100 * x:+.1f}%" for x in a)
+           "", f"Per-segment cost a_i (least squares on the {n_two} paired changes above, c(mask) "
+           "= sum of a_i over its light segments): " + ", ".join(f"{100 * x:+.1f}%" for x in a)
            + f". The {len(rows)} unsearched masks with {MORE_LIGHT} light segments it ranks "
            f"cheapest, sampled with the same seeds (`{OUT.name}/more/`), and the named forms:", "",
            "| mask | name | block FLOPs saved | predicted | gen PPL (pooled) | per seed | entropy | "
            "paired change vs heavy-only |", "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: pred[r["mask"]]) + named:
-        p_ = sum(a[i] for i, ch in enumerate(r["mask"]) if ch == "L")
+    measured = {}
+    for r in rows + named:
+        measured[r["mask"]] = paired_change(r, href, seeds)[0]
         out.append(f"| {r['mask']} | {r['name'] or '-'} | {100 * _f(r['saved_blocks']):.1f}% | "
-                   f"{100 * p_:+.1f}% | {ppl_line(r)} | {delta(r)} |")
-    both = rows + named
-    err = [paired_change(r, href, seeds)[0] - sum(a[i] for i, ch in enumerate(r["mask"])
-                                                  if ch == "L") for r in both]
-    best = min(both, key=lambda r: paired_change(r, href, seeds)[0])
-    out += ["", f"Measured minus predicted: a mean {100 * sum(err) / len(err):+.1f} points over "
-            f"these {len(both)} schedules (the costs of light segments add up "
-            + ("super-additively" if sum(err) > 0 else "sub-additively") + "); cheapest "
+                   f"{100 * predict(r['mask']):+.1f}% | {ppl_line(r)} | {delta(r)} |")
+    err = sum(c - predict(m) for m, c in measured.items()) / len(measured)
+    best = min(rows + named, key=lambda r: measured[r["mask"]])
+    out += ["", f"Measured minus predicted: a mean {100 * err:+.1f} points over these "
+            f"{len(measured)} schedules (the costs of light segments add up "
+            + ("super-additively" if err > 0 else "sub-additively") + "); cheapest "
             f"measured at {MORE_LIGHT} light segments: {best['mask']} ({delta(best)})."]
     return {"lines": out, "rows": rows}
 

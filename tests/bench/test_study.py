@@ -755,3 +755,37 @@ def test_additive_model_recovers_segment_costs_and_picks_the_cheapest():
     assert pick[1] == ("LHLHHHLL", pytest.approx(0.10))                     # 0.04 -> 0.05
     rows.append({"mask": "LHHHHLLL"})                                         # already searched
     assert sch.predicted_masks(rows, seeds, 8, 4, 1)[0][0] != "LHHHHLLL"
+
+
+def test_more_section_compares_predicted_and_measured(tmp_path, monkeypatch):
+    """Stage more's report section: predicted (additive) against measured paired change for
+    the sampled 4-light masks; measured 2 points above the prediction -> '+2.0 points',
+    'super-additively'; the cheapest measured named."""
+    import csv
+    import itertools
+    sch = _load("scheduling")
+    monkeypatch.setattr(sch, "OUT", tmp_path)
+    a = [0.00, 0.06, 0.05, 0.07, 0.09, 0.04, 0.03, 0.02]
+    seeds, href = [0, 1], [100.0, 120.0]
+    sr = [{"mask": "H" * 8, "name": "heavy-only",
+           **{f"ppl_seed_{s}": v for s, v in enumerate(href)}}]
+    for i, j in itertools.combinations(range(8), 2):
+        m = "".join("L" if k in (i, j) else "H" for k in range(8))
+        sr.append({"mask": m, "name": "", **{f"ppl_seed_{s}": v * (1 + a[i] + a[j])
+                                             for s, v in enumerate(href)}})
+    (tmp_path / "more").mkdir()
+    with open(tmp_path / "more" / "search.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["mask", "name", "saved_blocks"] + [f"ppl_seed_{s}" for s in seeds])
+        w.writeheader()
+        for m, c in (("LHHHHLLL", 0.09 + 0.02), ("LHLHHHLL", 0.10 + 0.02)):
+            w.writerow({"mask": m, "name": "", "saved_blocks": 0.324,
+                        **{f"ppl_seed_{s}": v * (1 + c) for s, v in enumerate(href)}})
+    ref = sr[0]
+    delta = lambda r: f"{100 * sch.paired_change(r, ref, seeds)[0]:+.1f}%"  # noqa: E731
+    res = sch.more_lines(sr, seeds, delta, lambda r: "ppl")
+    txt = "\n".join(res["lines"])
+    assert [r["mask"] for r in res["rows"]] == ["LHHHHLLL", "LHLHHHLL"]
+    assert "| LHHHHLLL | - | 32.4% | +9.0% | ppl | +11.0% |" in txt
+    assert "a mean +2.0 points over these 2 schedules" in txt and "super-additively" in txt
+    assert "cheapest measured at 4 light segments: LHHHHLLL (+11.0%)" in txt
+    assert "least squares on the 28 paired changes" in txt
