@@ -103,11 +103,8 @@ scheduling_tree_stages() {      # items 2-3: the segment search on the TDLM pair
 }
 
 scheduling_prefix_stages() {    # the same pair's prefix-conditional runs (another lane); the
-  # report again when the search is done by then
-  tree prefix || fail scheduling tree prefix
-  if [ -e benchmarks/results/scheduling_cpu_tree/search/search.csv ]; then
-    tree report || fail scheduling tree report
-  fi
+  # report again (it waits, exit 0, while the search is not done)
+  { tree prefix && tree report; } || fail scheduling tree prefix
   keep sched-paper
   return $FAILED
 }

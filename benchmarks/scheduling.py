@@ -629,6 +629,11 @@ def stage_report(work: Path) -> None:
     from tdlm.api import load
     from tdlm.eval.nelbo import evaluate_nelbo
     from tdlm.data import build_data
+    missing = [st for st in ("analyze", "search") if not (OUT / st / (
+        "step_importance.csv" if st == "analyze" else "search.csv")).exists()]
+    if missing:             # not an error: the report is written once those stages have run
+        print(f"[report] waits for stage {' and '.join(missing)} ({OUT})", flush=True)
+        return
     an = _rows(OUT / "analyze" / "step_importance.csv")
     traj = _rows(OUT / "analyze" / "step_importance_trajectory.csv")
     sr = _rows(OUT / "search" / "search.csv")

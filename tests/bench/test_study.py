@@ -789,3 +789,17 @@ def test_more_section_compares_predicted_and_measured(tmp_path, monkeypatch):
     assert "a mean +2.0 points over these 2 schedules" in txt and "super-additively" in txt
     assert "cheapest measured at 4 light segments: LHHHHLLL (+11.0%)" in txt
     assert "least squares on the 28 paired changes" in txt
+
+
+def test_scheduling_report_waits_for_its_search(tmp_path, monkeypatch, capsys):
+    """Stage report before the search has run (the prefix lane finishing first): a one-line
+    note and no report file, not a traceback; with the profile only, it still waits."""
+    sch = _load("scheduling")
+    monkeypatch.setattr(sch, "OUT", tmp_path / "out")
+    sch.stage_report(tmp_path)
+    assert "waits for stage analyze and search" in capsys.readouterr().out
+    (tmp_path / "out" / "analyze").mkdir(parents=True)
+    (tmp_path / "out" / "analyze" / "step_importance.csv").write_text("t\n")
+    sch.stage_report(tmp_path)
+    assert "waits for stage search (" in capsys.readouterr().out
+    assert not (tmp_path / "out.md").exists()
