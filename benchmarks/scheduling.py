@@ -515,15 +515,14 @@ LEVEL_NAMES = {"LLLLHHHH": "light on the coarse (root) level", "HHHHLLLL": "ligh
                "HHHLLHHH": "light-middle", "HHHHHHHH": "heavy-only", "LLLLLLLL": "light-only"}
 
 
-def levels_lines() -> list[str]:
+def levels_lines(rows: dict, meta: dict, ok: list, tr: list) -> list[str]:
     """Report section of the TDLM pair (``--pair tree``; issue 17, item 3): the level masks'
-    rows of the pair's own search (the search holds every one of ``LEVEL_MASKS`` with the
-    same seeds, so nothing is sampled twice) and the per-level means of the per-t profile."""
-    f = OUT / "search" / "search.csv"
-    if (HEAVY_RUN, LIGHT_RUN) != PAIRS["tree"] or not f.exists():
+    rows of the pair's own search (``rows``: mask -> row; the search holds every one of
+    ``LEVEL_MASKS`` with the same seeds, so nothing is sampled twice; ``meta``: its
+    search.json), the per-level means of the per-t profile (``ok``: its rows with noised
+    positions) and the peak on the heavy model's trajectories (``tr``, the same)."""
+    if (HEAVY_RUN, LIGHT_RUN) != PAIRS["tree"]:
         return []
-    rows = {r["mask"]: r for r in _rows(f)}
-    meta = json.loads((OUT / "search" / "search.json").read_text())
     seeds = meta["seeds"]
     href = rows["H" * SEGMENTS]
 
@@ -544,8 +543,6 @@ def levels_lines() -> list[str]:
             out.append(f"| {m} | {LEVEL_NAMES.get(m, '')} | {100 * _f(r['saved_blocks']):.1f}% | "
                        f"{_f(r['gen_ppl']):.2f} | {_f(r['entropy']):.3f} | "
                        f"{'-' if r is href else f'{100 * pm:+.1f}% +- {100 * pse:.1f}%'} |")
-    an = OUT / "analyze" / "step_importance.csv"
-    ok = [r for r in _rows(an) if r.get("noised") and int(r["noised"]) > 0] if an.exists() else []
     kl = {}
     for lv, inside in (("coarse", lambda t: t > 0.5), ("leaf", lambda t: t <= 0.5)):
         v = [_f(r["kl_heavy_light"]) for r in ok if inside(_f(r["t"]))]
@@ -557,8 +554,6 @@ def levels_lines() -> list[str]:
                 f"mean KL(heavy||light) {kl['coarse']:.3f} over the coarse level (t > 0.5) and "
                 f"{kl['leaf']:.3f} over the leaf level: the profile suggests the light model for "
                 f"the **{hint}** level (where it departs less from the heavy one)."]
-    tr = OUT / "analyze" / "step_importance_trajectory.csv"
-    tr = [r for r in _rows(tr) if r.get("noised") and int(r["noised"]) > 0] if tr.exists() else []
     if tr:
         pk = max(tr, key=lambda r: _f(r["kl_heavy_light"]))
         k, first_leaf = int(pk["step"]), T // 2
@@ -779,7 +774,7 @@ def stage_report(work: Path) -> None:
             lines.append(f"| {r['name'] or '-'} | {r['mask']} | "
                          f"{100 * _f(r['saved_blocks']):.1f}% | {ppl_line(r)} | "
                          f"{delta(r) if r is not href else '-'} |")
-    lines += levels_lines()
+    lines += levels_lines(by, meta, ok, tr_ok)
     # the report sits beside its folder: results/<STEM>.md (or <--out>.md)
     shown = OUT.resolve()
     shown = shown.relative_to(ROOT.parent) if shown.is_relative_to(ROOT.parent) else shown

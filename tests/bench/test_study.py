@@ -566,55 +566,38 @@ def test_scheduling_verdict_tells_placements_apart_and_reads_the_target(tmp_path
     assert "samples are **not** measurably better" in txt
 
 
-def test_levels_report_places_the_light_tree_model_by_paired_ci(tmp_path, monkeypatch):
+def test_levels_report_places_the_light_tree_model_by_paired_ci():
     """The TDLM pair's report (``--pair tree``): light on the leaf level vs light on the
     coarse level, 'better placed on the coarse level' only when the 95% CI of the paired
     difference excludes 0; the per-level KL means read from the per-t profile (t > 0.5: the
-    coarse level); the main pair's report has no such section."""
-    import csv
+    coarse level); the trajectory peak named at the level switch; the main pair's report has
+    no such section."""
     sch = _load("scheduling")
-    monkeypatch.setattr(sch, "OUT", tmp_path)
-    d = tmp_path / "search"
-    d.mkdir(parents=True)
-    (d / "search.json").write_text(json.dumps({"seeds": [0, 1, 2, 3], "num": 8}))
-    (tmp_path / "analyze").mkdir()
-    with open(tmp_path / "analyze" / "step_importance.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, ["t", "step_fraction", "noised", "kl_heavy_light"])
-        w.writeheader()
-        for t, kl in ((0.125, 0.30), (0.375, 0.50), (0.625, 0.10), (0.875, 0.20)):
-            w.writerow({"t": t, "step_fraction": 1 - t, "noised": 100, "kl_heavy_light": kl})
+    meta = {"seeds": [0, 1, 2, 3], "num": 8}
+    ok = [{"t": t, "kl_heavy_light": kl}
+          for t, kl in ((0.125, 0.30), (0.375, 0.50), (0.625, 0.10), (0.875, 0.20))]
 
-    def write(leaf_ppl):
-        rows = [("HHHHHHHH", [100.0, 110.0, 90.0, 100.0], 0.0),
-                ("LLLLHHHH", [101.0, 111.1, 90.9, 101.0], 0.33),
-                ("HHHHLLLL", leaf_ppl, 0.33)]
-        with open(d / "search.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, ["mask", "saved_blocks", "gen_ppl", "entropy"]
-                               + [f"ppl_seed_{s}" for s in range(4)])
-            w.writeheader()
-            for m, ppl, sv in rows:
-                w.writerow({"mask": m, "saved_blocks": sv, "gen_ppl": sum(ppl) / 4,
-                            "entropy": 5.0, **{f"ppl_seed_{s}": v for s, v in enumerate(ppl)}})
-        return "\n".join(sch.levels_lines())
-    assert write([106.0, 116.6, 95.4, 106.0]) == ""      # the main pair: no levels section
+    def section(leaf_ppl, tr=()):
+        rows = {m: {"mask": m, "saved_blocks": sv, "gen_ppl": sum(ppl) / 4, "entropy": 5.0,
+                    **{f"ppl_seed_{s}": v for s, v in enumerate(ppl)}}
+                for m, ppl, sv in (("HHHHHHHH", [100.0, 110.0, 90.0, 100.0], 0.0),
+                                   ("LLLLHHHH", [101.0, 111.1, 90.9, 101.0], 0.33),
+                                   ("HHHHLLLL", leaf_ppl, 0.33))}
+        return "\n".join(sch.levels_lines(rows, meta, ok, list(tr)))
+    assert section([106.0, 116.6, 95.4, 106.0]) == ""    # the main pair: no levels section
     sch.use_scale("cpu")
     sch.use_pair("tree")
-    monkeypatch.setattr(sch, "OUT", tmp_path)
-    txt = write([106.0, 116.6, 95.4, 106.0])            # +5% over coarse-light on every seed
+    txt = section([106.0, 116.6, 95.4, 106.0])          # +5% over coarse-light on every seed
     assert "+5.0% +- 0.0% gen PPL" in txt and "better placed on the **coarse** level" in txt
     # KL means: coarse (0.10 + 0.20) / 2 = 0.150, leaf (0.30 + 0.50) / 2 = 0.400
     assert "mean KL(heavy||light) 0.150 over the coarse level" in txt and "0.400 over the leaf" in txt
     assert "for the **coarse** level" in txt and ", as the KL profile suggests." in txt
-    txt = write([95.0, 121.0, 88.0, 110.0])             # noisy
+    txt = section([95.0, 121.0, 88.0, 110.0])           # noisy
     assert "**not** told apart between the levels" in txt
     # the heavy model's trajectories: a KL peak at the first leaf-level step is named as such
     assert "own trajectories" not in txt
-    with open(tmp_path / "analyze" / "step_importance_trajectory.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, ["step", "noised", "kl_heavy_light"])
-        w.writeheader()
-        for k in range(sch.T):
-            w.writerow({"step": k, "noised": 10, "kl_heavy_light": 0.5 if k == sch.T // 2 else 0.1})
-    txt = write([95.0, 121.0, 88.0, 110.0])
+    tr = [{"step": k, "kl_heavy_light": 0.5 if k == sch.T // 2 else 0.1} for k in range(sch.T)]
+    txt = section([95.0, 121.0, 88.0, 110.0], tr)
     assert f"peaks at step {sch.T // 2} of {sch.T} (0.500), the first step of the leaf level" in txt
 
 
