@@ -33,8 +33,10 @@ evaluation on the whole validation split), ``train`` (links, then tdlm train of 
 unfinished, resumed when stopped; linked runs must be finished), ``analyze`` (tdlm
 schedule analyze), ``search`` (tdlm schedule search), ``prefix`` (the named placements with
 prefixes of held-out documents), ``more`` (after the search: the schedules at
-``MORE_LIGHT`` light segments an additive model of the 2-segment costs ranks cheapest), ``report``
-(benchmarks/results/<stem>.md + .json; CSVs and plots in benchmarks/results/<stem>/).
+``MORE_LIGHT`` light segments an additive model of the 2-segment costs ranks cheapest), ``rescore``
+(tdlm schedule rescore of every finished search under the linked judge, from the samples the
+searches keep in ``<search>/samples/``: a new judge needs neither the models nor new samples),
+``report`` (benchmarks/results/<stem>.md + .json; CSVs and plots in benchmarks/results/<stem>/).
 Single-threaded on purpose (the machine is shared).
 """
 from __future__ import annotations
@@ -355,6 +357,16 @@ def stage_more(work: Path) -> None:
         "--segments", str(SEGMENTS), "--light-segments", "-1", "--masks",
         ",".join(m for m, _ in pick), "--num", str(NUM), "--seeds", str(SEEDS),
         "--out", str(OUT / "more")])
+
+
+def stage_rescore(work: Path) -> None:
+    """Score the finished searches (search, prefix, more) again under the linked judge."""
+    _link(work, LINKS)
+    if not _finished(work / "judge"):
+        raise SystemExit(f"scheduling.py: the judge {work / 'judge'} has not finished")
+    for part in ("search", "prefix", "more"):
+        if (OUT / part / "search.json").exists():
+            sh(["schedule", "rescore", "--out", str(OUT / part), "--judge", str(work / "judge")])
 
 
 def _rows(path: Path) -> list[dict]:
@@ -799,7 +811,7 @@ def main() -> None:
                     "runs/sched-paper)")
     ap.add_argument("--stage", default="all", choices=["all", "run", "run-levels", "train",
                                                         "analyze", "search", "prefix", "more",
-                                                        "report"])
+                                                        "rescore", "report"])
     ap.add_argument("--lanes", type=int, default=1, help="stages run/run-levels: runs trained "
                     "at a time (one thread each)")
     ap.add_argument("--steps", type=int, help="stages run/run-levels: train this many steps "
@@ -838,8 +850,9 @@ def main() -> None:
         (stage_run if a.stage == "run" else stage_run_levels)(work)
         return
     for st, fn in (("train", stage_train), ("analyze", stage_analyze), ("search", stage_search),
-                   ("prefix", stage_prefix), ("more", stage_more), ("report", stage_report)):
-        if a.stage in ("all", st):
+                   ("prefix", stage_prefix), ("more", stage_more), ("rescore", stage_rescore),
+                   ("report", stage_report)):
+        if a.stage == st or (a.stage == "all" and st != "rescore"):
             t0 = time.time()
             fn(work)
             print(f"[{st}] {time.time() - t0:.0f} s", flush=True)

@@ -786,3 +786,30 @@ def test_scheduling_report_waits_for_its_search(tmp_path, monkeypatch, capsys):
     sch.stage_report(tmp_path)
     assert "waits for stage search (" in capsys.readouterr().out
     assert not (tmp_path / "out.md").exists()
+
+
+def test_scheduling_rescore_stage_rescores_each_finished_search(tmp_path, monkeypatch):
+    """Stage rescore: stops while the judge is unfinished; then one ``tdlm schedule rescore``
+    per finished search (search.json present), under the linked judge, none for the others."""
+    sch = _load("scheduling")
+    judge = tmp_path / "judge-run"
+    judge.mkdir()
+    (judge / "config.json").write_text(json.dumps({"train": {"max_steps": 4}}))
+    (judge / "metrics.jsonl").write_text(json.dumps({"step": 2}) + "\n")
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    for part in ("search", "more"):
+        (out / part).mkdir(parents=True)
+        (out / part / "search.json").write_text("{}")
+    (out / "prefix").mkdir()                          # started, not finished
+    calls = []
+    monkeypatch.setattr(sch, "LINKS", {"judge": str(judge)})
+    monkeypatch.setattr(sch, "OUT", out)
+    monkeypatch.setattr(sch, "sh", calls.append)
+    with pytest.raises(SystemExit, match="has not finished"):
+        sch.stage_rescore(work)
+    assert calls == []
+    (judge / "metrics.jsonl").write_text(json.dumps({"step": 4}) + "\n")
+    sch.stage_rescore(work)
+    assert calls == [["schedule", "rescore", "--out", str(out / p), "--judge", str(work / "judge")]
+                     for p in ("search", "more")]

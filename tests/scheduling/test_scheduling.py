@@ -519,6 +519,58 @@ def test_cli_schedule_search(runs, capsys):
     assert any(r["frontier"] == "True" for r in rows.values())
     assert float(rows["LHHL"]["gen_ppl"]) > 1 and float(rows["LHHL"]["entropy"]) > 0
     assert (out / "frontier.png").exists() and json.loads((out / "search.json").read_text())
+    # every schedule's samples are kept: 2 seeds x 2 samples, and they are what was scored
+    from tdlm.eval.genppl import generative_perplexity
+    approx = pytest.approx
+    for m, r in rows.items():
+        recs = [json.loads(x) for x in (out / "samples" / f"{m}.jsonl").read_text().splitlines()]
+        assert sorted(x["seed"] for x in recs) == [0, 0, 1, 1]
+        assert all(len(x["ids"]) == 32 and x["prefix_len"] == 0 for x in recs)
+        seed1 = [x for x in recs if x["seed"] == 1]
+        assert generative_perplexity(seed1, runs["A"], retokenise=False)["gen_ppl"] == approx(
+            float(r["ppl_seed_1"]), rel=1e-9)  # ids as sampled (same tokenizer)
+
+
+def test_schedule_rescore_scores_stored_samples_under_another_judge(runs, capsys):
+    """A finished search scored again: under its own judge the rows come back unchanged;
+    under a uniform judge (logits all equal: NLL = log V per token, a known answer) every gen
+    PPL is V; FLOPs columns are kept and partial.jsonl names the new judge, so the search run
+    with it resumes instead of sampling again. A search without samples: one error line."""
+    import csv
+    import shutil
+    from tdlm.eval.genppl import load_judge
+    from tdlm.scheduling.runs import rescore_to_files
+    out = runs["root"] / "search-rescore"
+    args = ["schedule", "search", "--model", f"H={runs['H']}", "--model", f"L={runs['L']}",
+            "--judge", str(runs["A"]), "--steps", "4", "--segments", "2", "--light-segments",
+            "-1", "--masks", "LH", "--num", "3", "--seeds", "2", "--out", str(out)]
+    assert main(args) == 0
+    before = {r["mask"]: r for r in csv.DictReader((out / "search.csv").open())}
+    assert main(["schedule", "rescore", "--out", str(out), "--judge", str(runs["A"])]) == 0
+    again = {r["mask"]: r for r in csv.DictReader((out / "search.csv").open())}
+    for m, r in before.items():
+        for k in ("gen_ppl", "ppl_seed_0", "ppl_seed_1", "entropy", "tokens", "saved_blocks"):
+            assert float(again[m][k]) == pytest.approx(float(r[k]), rel=1e-9), (m, k)
+    judge = load_judge(runs["A"])
+    judge.logits = lambda x, mask: torch.zeros(*x.shape, judge.vocab_size)
+    judge.label = "uniform"
+    res = rescore_to_files(out, judge)
+    assert {r["mask"] for r in res["rows"]} == set(before)
+    for r in res["rows"]:
+        assert r["gen_ppl"] == pytest.approx(judge.vocab_size, rel=1e-9)
+        assert r["ppl_seed_0"] == pytest.approx(judge.vocab_size, rel=1e-9)
+        assert r["saved_blocks"] == pytest.approx(float(before[r["mask"]]["saved_blocks"]))
+        assert r["entropy"] == pytest.approx(float(before[r["mask"]]["entropy"]))
+    meta = json.loads((out / "search.json").read_text())
+    assert meta["judge"]["label"] == "uniform" and meta["rescored_from"]["label"] != "uniform"
+    head = json.loads((out / "partial.jsonl").read_text().splitlines()[0])["settings"]
+    assert head["judge"] == "uniform"
+    bare = runs["root"] / "search-bare"
+    shutil.copytree(out, bare)
+    shutil.rmtree(bare / "samples")
+    capsys.readouterr()
+    rc = main(["schedule", "rescore", "--out", str(bare), "--judge", str(runs["A"])])
+    one_error_line(capsys, rc, "no stored samples", "search again")
 
 
 def test_cli_schedule_search_resumes_from_partial_rows(runs, capsys, monkeypatch):

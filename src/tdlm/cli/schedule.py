@@ -1,4 +1,4 @@
-"""``tdlm schedule analyze`` / ``search``: model-scheduling studies of two models (the
+"""``tdlm schedule analyze`` / ``search`` / ``rescore``: model-scheduling studies of two models (the
 library's ``tdlm.scheduling.runs`` computes and writes everything; this module parses)."""
 from __future__ import annotations
 
@@ -67,14 +67,25 @@ def cmd_search(args) -> int:
     from ..eval.genppl import load_judge
     judge = load_judge(args.judge, args.device)
 
-    def progress(i, n, r):
-        print(f"[{i}/{n}] {r['mask']:<12} saved {100 * r['saved_blocks']:5.1f}%  gen PPL "
-              f"{r['gen_ppl']:8.2f}  entropy {r['entropy']:.3f}  ({r['seconds']:.0f} s)",
-              flush=True)
-
     res = search_to_files(sampler, light, heavy, judge, args.out, args.steps, args.segments,
                           args.light_segments, args.num, seeds, args.batch, args.temperature,
-                          args.top_p, masks, prefix, args.prefix_from_val, progress)
+                          args.top_p, masks, prefix, args.prefix_from_val, _progress)
+    print(f"frontier: {', '.join(r['mask'] for r in res['frontier'])}")
+    for f in res["files"]:
+        print(f"  {f}")
+    return 0
+
+
+def _progress(i, n, r):
+    print(f"[{i}/{n}] {r['mask']:<12} saved {100 * r['saved_blocks']:5.1f}%  gen PPL "
+          f"{r['gen_ppl']:8.2f}  entropy {r['entropy']:.3f}  ({r['seconds']:.0f} s)",
+          flush=True)
+
+
+def cmd_rescore(args) -> int:
+    from ..eval.genppl import load_judge
+    from ..scheduling.runs import rescore_to_files
+    res = rescore_to_files(args.out, load_judge(args.judge, args.device), _progress)
     print(f"frontier: {', '.join(r['mask'] for r in res['frontier'])}")
     for f in res["files"]:
         print(f"  {f}")
@@ -83,7 +94,7 @@ def cmd_search(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("schedule", help="model scheduling: step-importance analysis, segment "
-                       "search")
+                       "search, re-scoring a search under another judge")
     ss = p.add_subparsers(dest="schedule_cmd", required=True)
 
     def common(q):
@@ -126,3 +137,10 @@ def add_parser(sub) -> None:
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--top-p", type=float, default=1.0)
     s.set_defaults(fn=cmd_search)
+
+    r = ss.add_parser("rescore", help="score a finished search again under another judge from "
+                      "its stored samples (no models, no sampling)")
+    r.add_argument("--out", required=True, help="the search's output folder")
+    r.add_argument("--judge", required=True, help="AR judge: tdlm ar run or HF folder")
+    r.add_argument("--device", default="cpu")
+    r.set_defaults(fn=cmd_rescore)

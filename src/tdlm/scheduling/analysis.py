@@ -285,7 +285,7 @@ def segment_search(sampler, judge, steps: int, segments: int, light_segments: Op
                    include_light_only: bool = True, batch: int = 0, progress=None,
                    extra_masks: Sequence[str] = (), prefix: Optional[torch.Tensor] = None,
                    done: Optional[dict] = None, share_prefixes: bool = True,
-                   **sample_kw) -> list[dict]:
+                   keep=None, **sample_kw) -> list[dict]:
     """Sample and score every candidate schedule (module docstring). Per row: mask, name,
     run-length schedule, light steps, saved block/full FLOPs (from counted calls), gen PPL
     and entropy pooled over all seeds, per-seed gen PPL (``ppl_seed_<s>``), their standard
@@ -298,10 +298,13 @@ def segment_search(sampler, judge, steps: int, segments: int, light_segments: Op
     segments share them: one ``PrefixMemo`` per seed and batch keeps the sampler's state at
     every segment end, and a schedule starts from the longest prefix already sampled (the
     samples and the forward calls counted are those of sampling it alone; ``seconds`` is the
-    time spent, so a later schedule may take less). ``share_prefixes=False`` turns it off."""
+    time spent, so a later schedule may take less). ``share_prefixes=False`` turns it off.
+    ``keep(mask, {seed: records})`` receives every sampled schedule's genppl records (not those
+    of ``done`` rows), so a caller can store them and score them again under another judge
+    (:func:`score_samples`)."""
     if prefix is not None and prefix.shape[0] != num:
         raise ConfigError(f"prefix has {prefix.shape[0]} rows for num={num} samples")
-    from ..eval.genppl import generative_perplexity, load_judge, vocab_ids_hash
+    from ..eval.genppl import load_judge, vocab_ids_hash
     judge = load_judge(judge)
     tok = sampler.tokenizer
     vh = vocab_ids_hash(tok.hf) if hasattr(tok, "hf") else None
@@ -322,32 +325,45 @@ def segment_search(sampler, judge, steps: int, segments: int, light_segments: Op
                 progress(ci + 1, len(cands), done[mask])
             continue
         t0 = time.perf_counter()
-        recs, per_seed = [], {}
+        by_seed = {}
         cost = {"calls": 0, "blocks": 0, "full": 0, "ref_blocks": 0, "ref_full": 0}
         for s in seeds:
-            srecs = _draw_seed(sampler, sched, steps, s, num, batch, prefix,
-                               memos if share_prefixes else None, ends, sample_kw, cost)
-            per_seed[s] = generative_perplexity(srecs, judge, sample_vocab_hash=vh)
-            recs += srecs
-        pooled = generative_perplexity(recs, judge, sample_vocab_hash=vh)
-        ppls = [per_seed[s]["gen_ppl"] for s in seeds]
+            by_seed[s] = _draw_seed(sampler, sched, steps, s, num, batch, prefix,
+                                    memos if share_prefixes else None, ends, sample_kw, cost)
         row = {"mask": mask, "name": name_of_mask(mask), "schedule": str(sched),
                "light_steps": sched.counts().get(light, 0),
                "saved_blocks": 1 - cost["blocks"] / cost["ref_blocks"],
                "saved_full": 1 - cost["full"] / cost["ref_full"],
-               "gen_ppl": pooled["gen_ppl"], "nll_per_token": pooled["nll_per_token"],
-               "entropy": pooled["entropy"], "tokens": pooled["tokens"],
-               "samples": len(recs), "forward_calls": cost["calls"],
-               "gen_ppl_seed_std": (float(torch.tensor(ppls, dtype=torch.float64).std())
-                                    if len(ppls) > 1 else 0.0),
-               "seconds": time.perf_counter() - t0}
-        for s in seeds:
-            row[f"ppl_seed_{s}"] = per_seed[s]["gen_ppl"]
-            row[f"entropy_seed_{s}"] = per_seed[s]["entropy"]
+               **score_samples(by_seed, judge, vh), "forward_calls": cost["calls"]}
+        row["seconds"] = time.perf_counter() - t0
+        if keep:
+            keep(mask, by_seed)
         rows.append(row)
         if progress:
             progress(ci + 1, len(cands), row)
     return rows
+
+
+def score_samples(by_seed: dict, judge, vocab_hash=None) -> dict:
+    """The judged columns of a search row from its samples ``{seed: [genppl records]}``:
+    pooled over all seeds (``gen_ppl`` = exp of the token-weighted mean NLL, ``nll_per_token``,
+    ``entropy``, ``tokens``, ``samples``), per seed (``ppl_seed_<s>``, ``entropy_seed_<s>``)
+    and the standard deviation of the per-seed gen PPL across seeds (``gen_ppl_seed_std``,
+    0 for one seed). ``judge``: a loaded :class:`tdlm.eval.genppl.Judge`."""
+    from ..eval.genppl import generative_perplexity
+    per_seed = {s: generative_perplexity(r, judge, sample_vocab_hash=vocab_hash)
+                for s, r in by_seed.items()}
+    recs = [x for r in by_seed.values() for x in r]
+    pooled = generative_perplexity(recs, judge, sample_vocab_hash=vocab_hash)
+    ppls = [v["gen_ppl"] for v in per_seed.values()]
+    row = {"gen_ppl": pooled["gen_ppl"], "nll_per_token": pooled["nll_per_token"],
+           "entropy": pooled["entropy"], "tokens": pooled["tokens"], "samples": len(recs),
+           "gen_ppl_seed_std": (float(torch.tensor(ppls, dtype=torch.float64).std())
+                                if len(ppls) > 1 else 0.0)}
+    for s, v in per_seed.items():
+        row[f"ppl_seed_{s}"] = v["gen_ppl"]
+        row[f"entropy_seed_{s}"] = v["entropy"]
+    return row
 
 
 def _draw_seed(sampler, sched, steps: int, s: int, num: int, batch: int, prefix, memos,

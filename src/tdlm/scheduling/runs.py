@@ -8,6 +8,9 @@ same on the heavy model's own trajectories), ``step_importance.png`` and ``analy
 segments: saved FLOPs, generative perplexity, entropy per seed) and ``frontier.png``. A
 search writes every scored schedule to ``partial.jsonl`` as it goes (first line: the settings);
 run again with the same settings, it resumes from there (other settings: it starts over).
+Every sampled schedule's samples go to ``samples/<mask>.jsonl`` (genppl records + ``seed``),
+so ``rescore_to_files`` (``tdlm schedule rescore``) scores a finished search again under
+another judge without the models or sampling again.
 """
 from __future__ import annotations
 
@@ -15,9 +18,10 @@ import json
 import time
 from pathlib import Path
 
-from ..utils.io import atomic_write_json
+from ..errors import ConfigError
+from ..utils.io import atomic_write_json, atomic_write_text
 from .analysis import (analyze_steps, analyze_trajectories, pareto_front, plot_analysis,
-                       plot_frontier, segment_search, write_csv)
+                       plot_frontier, score_samples, segment_search, write_csv)
 
 
 def analyze_to_files(sampler, light: str, heavy: str, out, grid: int = 20, batches: int = 4,
@@ -57,6 +61,7 @@ def search_to_files(sampler, light: str, heavy: str, judge, out, steps: int, seg
     """Sample + judge every light/heavy assignment of ``segments`` segments (or those with
     ``light_segments`` light ones, plus ``masks``) into ``out``; returns ``{"rows",
     "frontier", "files"}``."""
+    from ..eval.genppl import vocab_ids_hash
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"models": {n: str(p.checkpoint.path) for n, p in sampler.pipes.items()},
@@ -74,26 +79,88 @@ def search_to_files(sampler, light: str, heavy: str, judge, out, steps: int, seg
         if progress:
             progress(i, n, row)
 
+    (out / "samples").mkdir(exist_ok=True)
+
+    def keep(mask, by_seed):
+        atomic_write_text(out / "samples" / f"{mask}.jsonl", "".join(
+            json.dumps({"seed": s, **r}) + "\n" for s, recs in by_seed.items() for r in recs))
+
     rows = segment_search(sampler, judge, steps, segments, light_segments,
                           num, seeds, light, heavy, batch=batch,
                           temperature=temperature, top_p=top_p, progress=record,
-                          extra_masks=masks, prefix=prefix, done=done)
+                          extra_masks=masks, prefix=prefix, done=done, keep=keep)
+    meta = {"models": {n: str(p.checkpoint.path) for n, p in sampler.pipes.items()},
+            "light": light, "heavy": heavy, "steps": steps, "segments": segments,
+            "light_segments": light_segments, "num": num, "seeds": seeds,
+            "temperature": temperature, "top_p": top_p, "gumbel": "float64",
+            "prefix_from_val": prefix_from_val, "judge": judge.info(),
+            "sample_vocab_hash": (vocab_ids_hash(sampler.tokenizer.hf)
+                                  if hasattr(sampler.tokenizer, "hf") else None)}
+    front = _write_search(out, rows, meta, judge.label)
+    return {"rows": rows, "frontier": front,
+            "files": [out / f for f in ("search.csv", "frontier.png", "search.json")]}
+
+
+def _write_search(out: Path, rows: list, meta: dict, judge_label: str) -> list:
+    """Mark the frontier in ``rows``; write search.csv, frontier.png and search.json (``meta``
+    + rows); returns the frontier."""
     front = pareto_front(rows)
     fm = {r["mask"] for r in front}
     for r in rows:
         r["frontier"] = r["mask"] in fm
     write_csv(out / "search.csv", rows)
     plot_frontier(rows, out / "frontier.png",
-                  f"{steps} steps in {segments} segments, {num} samples x "
-                  f"{len(seeds)} seeds; judge {judge.label[:60]}")
-    atomic_write_json(out / "search.json", {
-        "models": {n: str(p.checkpoint.path) for n, p in sampler.pipes.items()},
-        "light": light, "heavy": heavy, "steps": steps, "segments": segments,
-        "light_segments": light_segments, "num": num, "seeds": seeds,
-        "temperature": temperature, "top_p": top_p, "gumbel": "float64",
-        "prefix_from_val": prefix_from_val,
-        "judge": judge.info(), "rows": rows})
-    return {"rows": rows, "frontier": front,
+                  f"{meta['steps']} steps in {meta['segments']} segments, {meta['num']} "
+                  f"samples x {len(meta['seeds'])} seeds; judge {judge_label[:60]}")
+    atomic_write_json(out / "search.json", {**meta, "rows": rows})
+    return front
+
+
+def rescore_to_files(out, judge, progress=None) -> dict:
+    """Score the finished search in ``out`` again under ``judge`` (a loaded
+    :class:`tdlm.eval.genppl.Judge`) from its stored samples (``samples/<mask>.jsonl``): the
+    judged columns of every row (:func:`tdlm.scheduling.analysis.score_samples`) are
+    replaced, the saved FLOPs, forward calls and sampling seconds kept; search.csv,
+    frontier.png, search.json (``judge`` the new one, ``rescored_from`` the old judge's info)
+    and ``partial.jsonl`` (its settings name the new judge, so a search run with it resumes
+    rather than samples again) are rewritten. Returns ``{"rows", "frontier", "files"}``."""
+    out = Path(out)
+    sj = out / "search.json"
+    if not sj.exists():
+        raise ConfigError(f"{out} holds no finished search (no search.json)")
+    meta = json.loads(sj.read_text())
+    rows = meta.pop("rows")
+    missing = [r["mask"] for r in rows if not (out / "samples" / f"{r['mask']}.jsonl").exists()]
+    if missing:
+        raise ConfigError(f"{out} has no stored samples for {', '.join(missing[:4])}"
+                          f"{' ...' if len(missing) > 4 else ''} (searched before samples were "
+                          "kept): run the search again")
+    tok_hash = meta.get("sample_vocab_hash")     # None (older searches): retokenise the text
+    new = []
+    for i, r in enumerate(rows):
+        by_seed: dict = {}
+        for line in (out / "samples" / f"{r['mask']}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            by_seed.setdefault(rec.pop("seed"), []).append(rec)
+        if sorted(by_seed) != sorted(meta["seeds"]):
+            raise ConfigError(f"{out}/samples/{r['mask']}.jsonl holds seeds {sorted(by_seed)}, "
+                              f"the search {meta['seeds']}")
+        judged = score_samples(by_seed, judge, tok_hash)
+        keep = {k: v for k, v in r.items() if k not in judged and not k.startswith(
+            ("ppl_seed_", "entropy_seed_"))}
+        new.append({**keep, **judged})
+        if progress:
+            progress(i + 1, len(rows), new[-1])
+    meta["rescored_from"] = meta["judge"]
+    meta["judge"] = judge.info()
+    front = _write_search(out, new, meta, judge.label)
+    part = out / "partial.jsonl"
+    if part.exists():
+        head = json.loads(part.read_text().splitlines()[0])["settings"]
+        head["judge"] = judge.label
+        atomic_write_text(part, "".join(json.dumps(x) + "\n" for x in [{"settings": head},
+                                                                        *new]))
+    return {"rows": new, "frontier": front,
             "files": [out / f for f in ("search.csv", "frontier.png", "search.json")]}
 
 
