@@ -13,13 +13,19 @@ run (whole validation split). Its samples' scores are ``tdlm genppl --judge runs
 (``did_study.py sample``, ``scheduling.py --scale cpu``).
 
 Convergence is read from the numbers, not assumed: the report gives the training-time
-validation NLL curve, the relative change over the last quarter of the run and the gap to the
-1000-step model (``runs/parity/ar-s0``) when that run exists. The judge counts as converged
-when the last quarter changed it by less than ``CONVERGED_REL`` either way (a rise means it is
-past its best: overfitting, reported as such) and it ends at least 1 nat under the
-context-free level. A cosine schedule's decay flattens the last quarter by itself, so the rule
-alone does not prove that more steps would not help: the gap to the 1000-step model is the
-second reading.
+validation NLL curve, the relative change over the last quarter of the run and, when the same
+model trained half as long has finished (``--short``: the archived 4000-step judge,
+``results/runs/judge-4000``; its weights were lost with a machine change, its evaluation is
+kept), the change from doubling the budget. Two rules, each under ``CONVERGED_REL`` either way
+(a rise means it is past its best: overfitting, reported as such) and the judge ending at
+least 1 nat under the context-free level: the last quarter of the run (a cosine schedule's
+decay makes the last quarter move by itself, even for a model that more steps would not
+help), and doubling (final NLL of this run against the run half as long, both evaluated on the
+whole validation split after their own full schedules). The judge counts as converged when the
+doubling rule holds, or, without the shorter run, the last-quarter rule.
+
+``results/judge.md`` at this commit is the 4000-step run's report; the 8000-step run is in
+progress (resumable: ``judge.py run`` continues it).
 """
 from __future__ import annotations
 
@@ -64,47 +70,74 @@ def convergence(curve: list, final: float, rel: float = CONVERGED_REL,
                                               or final < context_free - 1.0)}
 
 
+def doubling(final: float, steps: int, short: dict | None, rel: float = CONVERGED_REL,
+             context_free: float | None = None) -> dict | None:
+    """The doubling reading: ``short`` (``read_run`` of the same model trained at most half
+    as many steps) against this run's final NLL: relative improvement, and converged when it
+    is under ``rel`` either way and the final NLL is at least 1 nat under ``context_free``.
+    None without a shorter run (or one longer than half)."""
+    if not short or 2 * short["steps"] > steps:
+        return None
+    s = short["final"]["nelbo_per_token"]
+    gain = (s - final) / s
+    return {"short_steps": short["steps"], "short_nll": s, "final_nll": final,
+            "rel_gain": gain, "threshold": rel, "overfitting": gain <= -rel,
+            "converged": abs(gain) < rel and (context_free is None
+                                              or final < context_free - 1.0)}
+
+
 def report(a) -> dict:
     work, out = Path(a.work), Path(a.out)
     r = read_run(work / NAME)
     if r is None:
         raise SystemExit(f"judge: {work / NAME} has not finished (run `judge.py run` first)")
     f = r["final"]
+    cf = (context_free_level(work / NAME) or {}).get("nats")
+    short = read_run(Path(a.short)) if a.short else None
     res = {"command": "python benchmarks/judge.py run && python benchmarks/judge.py report",
            "run": str(work / NAME), "steps": r["steps"], "tokens": r["tokens"],
            "final": {k: f.get(k) for k in ("nelbo_per_token", "stderr_per_token", "tokens")},
            "curve": r["curve"],
-           "convergence": convergence(r["curve"], f["nelbo_per_token"], context_free=(
-               (context_free_level(work / NAME) or {}).get("nats")))}
-    short = read_run(Path(a.short)) if a.short else None
+           "convergence": convergence(r["curve"], f["nelbo_per_token"], context_free=cf),
+           "doubling": doubling(f["nelbo_per_token"], r["steps"], short, context_free=cf)}
     if short:
         res["short"] = {"run": a.short, "steps": short["steps"],
                         "nll": short["final"]["nelbo_per_token"]}
+    c, d = res["convergence"], res["doubling"]
+    res["converged"] = d["converged"] if d else c["converged"]
+    res["converged_by"] = "doubling" if d else "last quarter"
     out.mkdir(parents=True, exist_ok=True)
     (out / "judge.json").write_text(json.dumps(res, indent=1, sort_keys=True))
-    c = res["convergence"]
-    L = [f"# The AR judge of generative perplexity (ar-cpu, {r['steps']} steps)", "", f"Command: `{res['command']}`", "",
+    word = lambda ok: "**converged**" if ok else "**not converged**"  # noqa: E731
+
+    def moved(g):
+        return (f"{100 * g:.2f}% better" if g >= 0 else
+                f"{-100 * g:.2f}% worse: past its best, overfitting")
+    L = [f"# The AR judge of generative perplexity (ar-cpu, {r['steps']} steps)", "",
+         f"Command: `{res['command']}`", "",
          f"Final validation NLL/token (whole split, ± SE across batches): "
          f"**{f['nelbo_per_token']:.4f} ± {f.get('stderr_per_token') or 0:.4f}** after "
-         f"{r['steps']} steps ({r['tokens']:,} tokens).", ""]
-    verdict = "**converged**" if c["converged"] else "**not converged**"
+         f"{r['steps']} steps ({r['tokens']:,} tokens); verdict ({res['converged_by']} rule): "
+         f"{word(res['converged'])}.", ""]
+    floor = (f", and 1 nat under the context-free level {cf:.4f}" if cf else "")
     if "why" in c:
-        L.append(f"{verdict}: {c['why']}.")
+        L.append(f"Last quarter: {word(c['converged'])}: {c['why']}.")
     else:
-        moved = c["last_quarter_rel_gain"]
         L.append(f"Last quarter (step {c['quarter_step']} -> {c['last_step']}): "
-                 f"{c['quarter_nll']:.4f} -> {c['last_nll']:.4f} ("
-                 + (f"{100 * moved:.2f}% better" if moved >= 0 else
-                    f"{-100 * moved:.2f}% worse: past its best, overfitting")
-                 + f"); {verdict} by the rule (under {100 * CONVERGED_REL:.0f}% either way"
-                 + (f", and 1 nat under the context-free level {c['context_free']:.4f}"
-                    if c["context_free"] else "") + "). A cosine schedule's decay flattens the "
-                 "last quarter by itself" + (": read the gap to the shorter run below as well."
-                                             if short else "."))
-    if short:
+                 f"{c['quarter_nll']:.4f} -> {c['last_nll']:.4f} "
+                 f"({moved(c['last_quarter_rel_gain'])}); {word(c['converged'])} by this rule "
+                 f"(under {100 * CONVERGED_REL:.0f}% either way{floor}). A cosine schedule's "
+                 "decay moves the last quarter by itself.")
+    if d:
+        L += ["", f"Doubling: the same model trained {d['short_steps']} steps ({a.short}) "
+              f"ended at {d['short_nll']:.4f}; twice the steps: {d['final_nll']:.4f} "
+              f"({moved(d['rel_gain'])}); {word(d['converged'])} by this rule (under "
+              f"{100 * CONVERGED_REL:.0f}% either way{floor})."]
+    elif short:
         L += ["", f"The same model after {short['steps']} steps ({a.short}): "
               f"{short['final']['nelbo_per_token']:.4f}: the longer run is "
-              f"{short['final']['nelbo_per_token'] - f['nelbo_per_token']:.3f} nats better."]
+              f"{short['final']['nelbo_per_token'] - f['nelbo_per_token']:.3f} nats better "
+              "(more than half the steps: no doubling reading)."]
     L += ["", "| step | validation NLL/token (training-time, 16 batches) |", "|---|---|"]
     L += [f"| {s} | {v:.4f} |" for s, _, v in r["curve"]]
     (out / "judge.md").write_text("\n".join(L) + "\n")
@@ -117,8 +150,9 @@ def main(argv=None) -> int:
     p.add_argument("what", choices=["run", "report"])
     p.add_argument("--work", default="runs/judge")
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--short", default="runs/parity/ar-s0",
-                   help="the same model at the study budget, for comparison ('' for none)")
+    p.add_argument("--short", default="benchmarks/results/runs/judge-4000/ar-judge",
+                   help="the same model trained half as long, for the doubling rule ('' for "
+                        "none)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, help="override max_steps (smoke tests only)")
     a = p.parse_args(argv)

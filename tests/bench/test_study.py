@@ -214,7 +214,23 @@ def test_judge_convergence_rule_and_report(tmp_path):
     res = jd.report(jd.argparse.Namespace(work=str(tmp_path / "w"), out=str(tmp_path / "o"),
                                           short=""))
     assert res["convergence"]["converged"] and res["final"]["nelbo_per_token"] == 4.27
+    assert res["converged"] and res["doubling"] is None
     assert "**converged**" in (tmp_path / "o" / "judge.md").read_text()
+    # doubling: the same model trained half as long; it decides when present
+    half = {"steps": 2000, "final": {"nelbo_per_token": 4.30}}
+    d = jd.doubling(4.27, 4000, half, context_free=6.72)
+    assert d["rel_gain"] == pytest.approx(0.03 / 4.30) and d["converged"]
+    assert not jd.doubling(4.27, 4000, {**half, "final": {"nelbo_per_token": 4.40}})["converged"]
+    assert jd.doubling(4.27, 3000, half) is None                         # not half as long
+    assert jd.doubling(4.50, 4000, half)["overfitting"]
+    cfg["train"]["max_steps"] = 2000
+    _run(tmp_path / "s", "ar-judge", cfg, [(s, v) for s, _, v in curve[:2]],
+         {"nelbo_per_token": 4.40, "stderr_per_token": 0.01})
+    res = jd.report(jd.argparse.Namespace(work=str(tmp_path / "w"), out=str(tmp_path / "o"),
+                                          short=str(tmp_path / "s" / "ar-judge")))
+    assert res["convergence"]["converged"] and not res["converged"]       # 4.40 -> 4.27: 3%
+    md = (tmp_path / "o" / "judge.md").read_text()
+    assert "verdict (doubling rule): **not converged**" in md and "2.95% better" in md
 
 
 _FAKE_COMMANDS = """
