@@ -116,10 +116,13 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         except (OSError, ValueError, KeyError, TypeError):
             dev_name = "auto"
     rt = Runtime.from_env(dev_name)
+    ok = False
     try:
-        return _train(cfg, Path(out_dir), resume, progress, stop_after, log, rt)
+        res = _train(cfg, Path(out_dir), resume, progress, stop_after, log, rt)
+        ok = True
+        return res
     finally:
-        rt.teardown()
+        rt.teardown(barrier=ok)
 
 
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool,

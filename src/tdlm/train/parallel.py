@@ -170,10 +170,16 @@ class Runtime:
             import torch.distributed as dist
             dist.barrier()
 
-    def teardown(self) -> None:
-        """Destroy the process group if :meth:`from_env` created it."""
+    def teardown(self, barrier: bool = False) -> None:
+        """Destroy the process group if :meth:`from_env` created it. ``barrier`` (a run that
+        finished on every rank): wait for all ranks first, so no rank tears its group (and the
+        backend's threads) down while another still talks to it -- a rank leaving early could
+        abort at exit ("terminate called without an active exception"). Not after an error:
+        the other ranks may never arrive."""
         import torch.distributed as dist
         if self.owns_group and dist.is_initialized():
+            if barrier:
+                dist.barrier()
             dist.destroy_process_group()
 
     def micro_batches(self, batch, micro: int, max_tokens: int) -> list[tuple[int, dict, float]]:
