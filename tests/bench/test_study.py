@@ -829,3 +829,30 @@ def test_scheduling_rescore_stage_rescores_each_finished_search(tmp_path, monkey
     sch.stage_rescore(work)
     assert calls == [["schedule", "rescore", "--out", str(out / p), "--judge", str(work / "judge")]
                      for p in ("search", "more")]
+
+
+def test_scheduling_report_regenerates_from_the_archive(tmp_path):
+    """The committed TDLM-pair report regenerates from what the repository holds (the
+    searches' CSV/JSON and the archived runs: configs, logs, final evaluations, no weights):
+    every line equal but the two that name folders (the command's --work, the files' folder)."""
+    import shutil
+    import subprocess
+    res = REPO / "benchmarks" / "results"
+    out = tmp_path / "scheduling_cpu_tree"
+    shutil.copytree(res / "scheduling_cpu_tree", out)
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scheduling.py"), "--scale",
+                        "cpu", "--pair", "tree", "--work",
+                        str(res / "runs" / "sched-paper"), "--judge",
+                        str(res / "runs" / "judge-4000" / "ar-judge"), "--stage", "report",
+                        "--out", str(out)], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = (res / "scheduling_cpu_tree.md").read_text().splitlines()
+    got = (tmp_path / "scheduling_cpu_tree.md").read_text().splitlines()
+    assert len(got) == len(want)
+    diff = [(a, b) for a, b in zip(want, got) if a != b]
+    assert [a.split(":")[0] for a, _ in diff] == ["Command", "Files"], diff[:3]  # paths only
+    assert "--work runs/sched-paper" in diff[0][0]
+    wj = json.loads((res / "scheduling_cpu_tree.json").read_text())
+    gj = json.loads((tmp_path / "scheduling_cpu_tree.json").read_text())
+    assert gj == wj                     # parameter counts (meta models), gap, rows: all equal
