@@ -194,11 +194,39 @@ def sample_timing(pipes: dict, num: int, steps: int, rounds: int) -> dict:
             "rounds": rounds, "num": num, "steps": steps}
 
 
+def judged_by(genppl: Path) -> str | None:
+    """The checkpoint a genppl.json was scored with (its ``judge.path``); None if unreadable."""
+    try:
+        return json.loads(genppl.read_text())["judge"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def judge_checkpoint(judge: str) -> str | None:
+    """The checkpoint a finished judge run was evaluated at (its final evaluation's
+    ``checkpoint``); None while the run is unfinished (it is not scored with: a judge part-way
+    through its schedule is not the one the report names)."""
+    f = Path(judge) / "final_eval" / "metrics.json"
+    return json.loads(f.read_text()).get("checkpoint") if f.exists() else None
+
+
+def needs_scoring(genppl: Path, judge_ckpt: str | None) -> bool:
+    """Score (again) when the judge has finished and ``genppl`` is missing or was scored by
+    another checkpoint (an earlier judge: its numbers must not pass for the new one's)."""
+    if not judge_ckpt:
+        return False
+    by = judged_by(genppl)
+    return by is None or Path(by).resolve() != Path(judge_ckpt).resolve()   # any spelling
+
+
 def stage_sample(a) -> None:
     work = Path(a.work)
     out = work / "samples"
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    judge_ckpt = judge_checkpoint(a.judge) if a.judge else None
+    if a.judge and judge_ckpt is None:
+        print(f"[did_study] judge {a.judge} unfinished: samples not scored", flush=True)
     for setting in SETTINGS:
         seed = (a.seeds if setting == "fixed" else a.variable_seeds)[0]
         for side in SIDES:
@@ -213,7 +241,7 @@ def stage_sample(a) -> None:
                                 "--seed", "1", "--show", "0", "--out", str(f)], check=True,
                                env=env, stdout=subprocess.DEVNULL)
             g = f.with_suffix(".genppl.json")
-            if a.judge and not g.exists():
+            if needs_scoring(g, judge_ckpt):
                 subprocess.run([sys.executable, "-m", "tdlm.cli", "genppl", str(f), "--judge",
                                 a.judge, "--out", str(g)], check=True, env=env,
                                stdout=subprocess.DEVNULL)
@@ -225,7 +253,7 @@ def stage_sample(a) -> None:
                               a.sample_steps, a.timing_rounds)
             f.write_text(json.dumps(t, indent=1))
             print(f"[did_study] sampling {setting}: DID/MDLM {t['ratio']:.3f}", flush=True)
-    if a.judge:
+    if judge_ckpt:
         j = Path(a.judge) / "final_eval" / "metrics.json"
         if j.exists():
             (out / "judge.json").write_text(json.dumps({"judge": a.judge,

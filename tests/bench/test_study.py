@@ -856,3 +856,25 @@ def test_scheduling_report_regenerates_from_the_archive(tmp_path):
     wj = json.loads((res / "scheduling_cpu_tree.json").read_text())
     gj = json.loads((tmp_path / "scheduling_cpu_tree.json").read_text())
     assert gj == wj                     # parameter counts (meta models), gap, rows: all equal
+
+
+def test_did_samples_are_rescored_when_the_judge_changes(tmp_path):
+    """did_study sample scores a sample file when the judge has finished and the file has no
+    score or one from another checkpoint (the 4000-step judge's numbers must not stand for
+    the 8000-step one); an unfinished judge scores nothing."""
+    ds = _load("did_study")
+    judge = tmp_path / "judge"
+    (judge / "final_eval").mkdir(parents=True)
+    assert ds.judge_checkpoint(str(judge)) is None
+    (judge / "final_eval" / "metrics.json").write_text(json.dumps(
+        {"checkpoint": "runs/judge/ar-judge/checkpoints/step_0008000"}))
+    ck = ds.judge_checkpoint(str(judge))
+    assert ck.endswith("step_0008000")
+    g = tmp_path / "did-s0-T128.genppl.json"
+    assert ds.needs_scoring(g, ck) and not ds.needs_scoring(g, None)
+    g.write_text(json.dumps({"judge": {"path": "runs/judge/ar-judge/checkpoints/step_0004000"}}))
+    assert ds.needs_scoring(g, ck)
+    g.write_text(json.dumps({"judge": {"path": ck}}))
+    assert not ds.needs_scoring(g, ck)
+    g.write_text("{cut")
+    assert ds.needs_scoring(g, ck)
