@@ -288,8 +288,7 @@ def _gate(work: Path, heavy: str = "heavy", light: str = "light") -> None:
 def stage_search(work: Path) -> None:
     _need(work, HEAVY_RUN, LIGHT_RUN, "judge")
     _gate(work, HEAVY_RUN, LIGHT_RUN)
-    if (OUT / "search" / "search.csv").exists():
-        print("[search] exists", flush=True)
+    if _done(work, "search"):
         return
     sh(["schedule", "search", *models(work), "--judge", str(work / "judge"), "--steps", str(T),
         "--segments", str(SEGMENTS), "--light-segments", "2", "--masks", ",".join(EXTRA_MASKS),
@@ -302,8 +301,7 @@ PREFIX_MASKS = ["LHHHHHHL", "LLHHHHHH", "HHHHHHLL", "HHHLLHHH"]
 def stage_prefix(work: Path) -> None:
     _need(work, HEAVY_RUN, LIGHT_RUN, "judge")
     _gate(work, HEAVY_RUN, LIGHT_RUN)
-    if (OUT / "prefix" / "search.csv").exists():
-        print("[prefix] exists", flush=True)
+    if _done(work, "prefix"):
         return
     sh(["schedule", "search", *models(work), "--judge", str(work / "judge"), "--steps", str(T),
         "--segments", str(SEGMENTS), "--light-segments", "-1", "--masks", ",".join(PREFIX_MASKS),
@@ -348,8 +346,7 @@ def stage_more(work: Path) -> None:
     that count are already in the search), sampled with the same seeds (same draws)."""
     _need(work, HEAVY_RUN, LIGHT_RUN, "judge")
     _gate(work, HEAVY_RUN, LIGHT_RUN)
-    if (OUT / "more" / "search.csv").exists():
-        print("[more] exists", flush=True)
+    if _done(work, "more"):
         return
     if not (OUT / "search" / "search.csv").exists():
         raise SystemExit("scheduling.py: stage more needs the search (--stage search) first")
@@ -371,6 +368,32 @@ def stage_rescore(work: Path) -> None:
     for part in ("search", "prefix", "more"):
         if (OUT / part / "search.json").exists():
             sh(["schedule", "rescore", "--out", str(OUT / part), "--judge", str(work / "judge")])
+
+
+def _done(work: Path, part: str) -> bool:
+    """Whether stage ``part``'s search is done under the linked judge: its search.json names
+    the judge's final checkpoint (done), or another one (an earlier judge) and it kept its
+    samples (re-scored now: done), or another one without samples (to be sampled again: not
+    done; its partial.jsonl names the old judge, so the search starts over). No search yet:
+    not done."""
+    sj = OUT / part / "search.json"
+    if not sj.exists():
+        return False
+    fin = work / "judge" / "final_eval" / "metrics.json"
+    if not fin.exists():
+        raise SystemExit(f"scheduling.py: the judge {work / 'judge'} has no final evaluation")
+    ck = json.loads(fin.read_text())["checkpoint"]
+    meta = json.loads(sj.read_text())
+    by = (meta.get("judge") or {}).get("path")
+    if by and Path(by).resolve() == Path(ck).resolve():
+        print(f"[{part}] exists", flush=True)
+        return True
+    if all((OUT / part / "samples" / f"{r['mask']}.jsonl").exists() for r in meta["rows"]):
+        print(f"[{part}] scored by {by}; re-scored under {ck} from its samples", flush=True)
+        sh(["schedule", "rescore", "--out", str(OUT / part), "--judge", str(work / "judge")])
+        return True
+    print(f"[{part}] scored by {by}, not {ck}, and kept no samples: sampled again", flush=True)
+    return False
 
 
 def _rows(path: Path) -> list[dict]:

@@ -496,7 +496,7 @@ def test_backlog_runs_each_studys_stages_once_across_two_lanes(tmp_path):
     bin_.mkdir()
     fake = bin_ / "python"
     fake.write_text("#!/bin/sh\necho \"$*\" >> \"$LOG\"\nsleep 0.2\n"
-                    "case \"$*\" in *did_study.py\\ run*) exit 1;; esac\nexit 0\n")
+                    "case \"$*\" in *run-levels*) exit 1;; esac\nexit 0\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     log = tmp_path / "calls.log"
     env = {"PATH": f"{bin_}:/usr/bin:/bin", "LOG": str(log), "LANES": "2"}
@@ -504,24 +504,25 @@ def test_backlog_runs_each_studys_stages_once_across_two_lanes(tmp_path):
                        capture_output=True, text=True, timeout=120)
     # one queue command fails in both lanes: reported (exit status 1), and the stages of the
     # studies after it still run once per lane set, not again in the second lane
-    assert p.returncode == 1 and "FAILED (1): did_study run" in p.stdout, p.stdout + p.stderr
+    assert p.returncode == 1 and "FAILED (1): scheduling run-levels" in p.stdout, \
+        p.stdout + p.stderr
     calls = log.read_text().splitlines()
     count = lambda s: sum(c.startswith(s) for c in calls)      # noqa: E731
     assert count("benchmarks/judge.py run") == 2                   # both lanes' queues
-    # the fixed pair + variable seed 0, then variable seeds 1 and 2 one at a time, per lane
-    assert count("benchmarks/did_study.py run") == 6
-    assert count("benchmarks/did_study.py run --lanes 1 --seeds 0 --variable-seeds 2") == 2
+    assert count("benchmarks/scheduling.py --scale cpu --stage run-levels") == 2
+    assert count("benchmarks/did_study.py run") == 0               # archived, not retrained
     assert count("benchmarks/parity.py") == 0                      # finished and committed
     # early stages: one lane each (the other finds the lock held) + the final pass
     assert count("benchmarks/judge.py report") == 2, calls
-    assert count("benchmarks/scheduling.py --scale cpu --stage levels") == 0  # in --pair tree
     assert count("benchmarks/scheduling.py --scale cpu --pair tree --stage search") == 2
     assert count("benchmarks/scheduling.py --scale cpu --pair tree --stage more") == 2
     assert count("benchmarks/scheduling.py --scale cpu --pair tree --stage prefix") == 2
-    # the DID stages: after the first runs, after the variable seeds, in the final pass
-    assert count("benchmarks/did_study.py sample --judge runs/judge/ar-judge") == 3
+    # the DID study's kept samples scored from its archive, its report regenerated there
+    arch = "benchmarks/results/runs/did-study"
+    assert count(f"benchmarks/did_study.py sample --work {arch} --judge runs/judge/ar-judge") == 2
+    assert count(f"benchmarks/did_study.py report --work {arch}") == 2
     # every study's small outputs archived after its stages, beside the results
-    for study, n in (("judge", 2), ("did-study", 3), ("sched-paper", 4)):
+    for study, n in (("judge", 2), ("did-study", 0), ("sched-paper", 4)):
         assert count(f"benchmarks/study.py archive runs/{study} "
                      f"benchmarks/results/runs/{study}") == n, calls
     assert "another lane has it" in p.stdout
@@ -878,3 +879,36 @@ def test_did_samples_are_rescored_when_the_judge_changes(tmp_path):
     assert not ds.needs_scoring(g, ck)
     g.write_text("{cut")
     assert ds.needs_scoring(g, ck)
+
+
+def test_scheduling_search_done_only_under_the_linked_judge(tmp_path, monkeypatch, capsys):
+    """A search scored by the linked judge's final checkpoint is done; one scored by another
+    checkpoint is re-scored from its kept samples (done), or, without samples, sampled again
+    (not done); no search: not done."""
+    sch = _load("scheduling")
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "judge" / "final_eval").mkdir(parents=True)
+    new = work / "judge" / "checkpoints" / "step_0008000"
+    (work / "judge" / "final_eval" / "metrics.json").write_text(json.dumps(
+        {"checkpoint": str(new)}))
+    calls = []
+    monkeypatch.setattr(sch, "OUT", out)
+    monkeypatch.setattr(sch, "sh", calls.append)
+    assert not sch._done(work, "search")
+    (out / "search").mkdir(parents=True)
+    rows = [{"mask": "HH"}, {"mask": "LH"}]
+
+    def scored_by(path):
+        (out / "search" / "search.json").write_text(json.dumps({"judge": {"path": str(path)},
+                                                               "rows": rows}))
+    scored_by(new)
+    assert sch._done(work, "search") and calls == []
+    scored_by(work / "judge" / "checkpoints" / "step_0004000")
+    assert not sch._done(work, "search") and calls == []           # no samples: sample again
+    assert "sampled again" in capsys.readouterr().out
+    (out / "search" / "samples").mkdir()
+    for r in rows:
+        (out / "search" / "samples" / f"{r['mask']}.jsonl").write_text("{}\n")
+    assert sch._done(work, "search")
+    assert calls == [["schedule", "rescore", "--out", str(out / "search"), "--judge",
+                      str(work / "judge")]]
