@@ -35,6 +35,8 @@ SRC=$PWD/src
 FAILED=0
 fail() { echo "[backlog] FAILED ($?): $*"; FAILED=1; }
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONPATH=$SRC
+python -c "import torch, matplotlib" 2>/dev/null \
+  || { echo "[backlog] this python ($(command -v python)) lacks torch or matplotlib: activate the project's venv"; exit 2; }
 
 JUDGE=runs/judge/ar-judge
 SCHED=runs/sched-paper
@@ -71,8 +73,7 @@ sched_stages() {  # the TDLM pair's study, in the first lane free once the pair 
 }
 
 judge_stages() {
-  python benchmarks/judge.py report || fail judge report
-  keep judge
+  { python benchmarks/judge.py report && keep judge; } || fail judge report
   return $FAILED
 }
 
@@ -98,9 +99,12 @@ scheduling_prefix_stages() {    # the same pair's prefix-conditional runs (anoth
   return $FAILED
 }
 
-stages() {      # after every lane's queues: whatever the early passes left undone
+stages() {      # after every lane's queues: whatever the early passes left undone (nothing
+  # is archived or scored before the runs it needs have finished)
+  ready $JUDGE || return $FAILED
   judge_stages
   did_stages
+  ready $SCHED/tdlm-heavy $SCHED/tdlm-light || return $FAILED
   scheduling_prefix_stages
   scheduling_tree_stages
 }
