@@ -89,9 +89,8 @@ def search_to_files(sampler, light: str, heavy: str, judge, out, steps: int, seg
                           num, seeds, light, heavy, batch=batch,
                           temperature=temperature, top_p=top_p, progress=record,
                           extra_masks=masks, prefix=prefix, done=done, keep=keep)
-    meta = {"models": {n: str(p.checkpoint.path) for n, p in sampler.pipes.items()},
-            "light": light, "heavy": heavy, "steps": steps, "segments": segments,
-            "light_segments": light_segments, "num": num, "seeds": seeds,
+    meta = {"models": settings["models"], "light": light, "heavy": heavy, "steps": steps,
+            "segments": segments, "light_segments": light_segments, "num": num, "seeds": seeds,
             "temperature": temperature, "top_p": top_p, "gumbel": "float64",
             "prefix_from_val": prefix_from_val, "judge": judge.info(),
             "sample_vocab_hash": (vocab_ids_hash(sampler.tokenizer.hf)
