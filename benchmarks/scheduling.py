@@ -232,9 +232,20 @@ def models(work: Path) -> list[str]:
     return ["--model", f"H={work / HEAVY_RUN}", "--model", f"L={work / LIGHT_RUN}"]
 
 
+def _older_than_pair(path: Path, work: Path) -> bool:
+    """``path`` predates the pair's final evaluations (a pair trained again after it was
+    computed, e.g. on a new machine: retraining is not bitwise reproducible across machines):
+    its numbers are not this pair's. False when either evaluation is missing."""
+    fins = [work / r / "final_eval" / "metrics.json" for r in (HEAVY_RUN, LIGHT_RUN)]
+    if not all(f.exists() for f in fins):
+        return False
+    return path.stat().st_mtime < max(f.stat().st_mtime for f in fins)
+
+
 def stage_analyze(work: Path) -> None:
     _need(work, HEAVY_RUN, LIGHT_RUN)
-    if (OUT / "analyze" / "step_importance.csv").exists():
+    f = OUT / "analyze" / "step_importance.csv"
+    if f.exists() and not _older_than_pair(f, work):
         print("[analyze] exists", flush=True)
         return
     sh(["schedule", "analyze", *models(work), "--grid", str(GRID), "--batches", str(AN_BATCHES),
@@ -371,13 +382,19 @@ def stage_rescore(work: Path) -> None:
 
 
 def _done(work: Path, part: str) -> bool:
-    """Whether stage ``part``'s search is done under the linked judge: its search.json names
+    """Whether stage ``part``'s search is done for the pair and under the linked judge (a
+    search older than the pair's final evaluations is not: sampled again, its partial rows
+    dropped). Under the judge: its search.json names
     the judge's final checkpoint (done), or another one (an earlier judge) and it kept its
     samples (re-scored now: done), or another one without samples (to be sampled again: not
     done; its partial.jsonl names the old judge, so the search starts over). No search yet:
     not done."""
     sj = OUT / part / "search.json"
     if not sj.exists():
+        return False
+    if _older_than_pair(sj, work):
+        print(f"[{part}] older than the pair's models: sampled again", flush=True)
+        (OUT / part / "partial.jsonl").unlink(missing_ok=True)     # its rows are the old pair's
         return False
     fin = work / "judge" / "final_eval" / "metrics.json"
     if not fin.exists():

@@ -912,3 +912,20 @@ def test_scheduling_search_done_only_under_the_linked_judge(tmp_path, monkeypatc
     assert sch._done(work, "search")
     assert calls == [["schedule", "rescore", "--out", str(out / "search"), "--judge",
                       str(work / "judge")]]
+    # a pair trained again after the search (newer final evaluations): sampled again, the
+    # partial rows of the old pair dropped; older evaluations: done as before
+    import os
+    scored_by(new)
+    (out / "search" / "partial.jsonl").write_text("{}\n")
+    for r in ("tdlm-heavy", "tdlm-light"):
+        (work / r / "final_eval").mkdir(parents=True)
+        (work / r / "final_eval" / "metrics.json").write_text("{}")
+    monkeypatch.setattr(sch, "HEAVY_RUN", "tdlm-heavy")
+    monkeypatch.setattr(sch, "LIGHT_RUN", "tdlm-light")
+    t = (out / "search" / "search.json").stat().st_mtime
+    os.utime(work / "tdlm-light" / "final_eval" / "metrics.json", (t + 10, t + 10))
+    assert not sch._done(work, "search") and "older than the pair" in capsys.readouterr().out
+    assert not (out / "search" / "partial.jsonl").exists()
+    for r in ("tdlm-heavy", "tdlm-light"):
+        os.utime(work / r / "final_eval" / "metrics.json", (t - 10, t - 10))
+    assert sch._done(work, "search")
