@@ -176,8 +176,11 @@ class Runtime:
         backend's threads) down while another still talks to it -- a rank leaving early could
         abort at exit ("terminate called without an active exception"). Not after an error:
         the other ranks may never arrive."""
+        import gc
         import torch.distributed as dist
         if self.owns_group and dist.is_initialized():
+            gc.collect()    # the run's FSDP modules sit in reference cycles: free them (and
+            # their hold on the group) before the group goes, not at interpreter exit
             if barrier:
                 dist.barrier()
             dist.destroy_process_group()
