@@ -405,7 +405,8 @@ def _done(work: Path, part: str) -> bool:
     if by and Path(by).resolve() == Path(ck).resolve():
         print(f"[{part}] exists", flush=True)
         return True
-    if all((OUT / part / "samples" / f"{r['mask']}.jsonl").exists() for r in meta["rows"]):
+    from tdlm.scheduling.runs import kept_samples
+    if all(kept_samples(OUT / part, r["mask"]).exists() for r in meta["rows"]):
         print(f"[{part}] scored by {by}; re-scored under {ck} from its samples", flush=True)
         sh(["schedule", "rescore", "--out", str(OUT / part), "--judge", str(work / "judge")])
         return True

@@ -908,7 +908,7 @@ def test_scheduling_search_done_only_under_the_linked_judge(tmp_path, monkeypatc
     assert "sampled again" in capsys.readouterr().out
     (out / "search" / "samples").mkdir()
     for r in rows:
-        (out / "search" / "samples" / f"{r['mask']}.jsonl").write_text("{}\n")
+        (out / "search" / "samples" / f"{r['mask']}.jsonl.gz").write_bytes(b"")
     assert sch._done(work, "search")
     assert calls == [["schedule", "rescore", "--out", str(out / "search"), "--judge",
                       str(work / "judge")]]

@@ -523,7 +523,9 @@ def test_cli_schedule_search(runs, capsys):
     from tdlm.eval.genppl import generative_perplexity
     approx = pytest.approx
     for m, r in rows.items():
-        recs = [json.loads(x) for x in (out / "samples" / f"{m}.jsonl").read_text().splitlines()]
+        import gzip
+        raw = gzip.decompress((out / "samples" / f"{m}.jsonl.gz").read_bytes()).decode()
+        recs = [json.loads(x) for x in raw.splitlines()]
         assert sorted(x["seed"] for x in recs) == [0, 0, 1, 1]
         assert all(len(x["ids"]) == 32 and x["prefix_len"] == 0 for x in recs)
         seed1 = [x for x in recs if x["seed"] == 1]

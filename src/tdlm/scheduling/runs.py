@@ -8,18 +8,20 @@ same on the heavy model's own trajectories), ``step_importance.png`` and ``analy
 segments: saved FLOPs, generative perplexity, entropy per seed) and ``frontier.png``. A
 search writes every scored schedule to ``partial.jsonl`` as it goes (first line: the settings);
 run again with the same settings, it resumes from there (other settings: it starts over).
-Every sampled schedule's samples go to ``samples/<mask>.jsonl`` (genppl records + ``seed``),
-so ``rescore_to_files`` (``tdlm schedule rescore``) scores a finished search again under
+Every sampled schedule's samples go to ``samples/<mask>.jsonl.gz`` (genppl records + ``seed``,
+gzip: a search of 38 schedules x 128 samples of 256 tokens is ~12 MB as text), so
+``rescore_to_files`` (``tdlm schedule rescore``) scores a finished search again under
 another judge without the models or sampling again.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .analysis import (analyze_steps, analyze_trajectories, pareto_front, plot_analysis,
                        plot_frontier, score_samples, segment_search, write_csv)
 
@@ -82,8 +84,7 @@ def search_to_files(sampler, light: str, heavy: str, judge, out, steps: int, seg
     (out / "samples").mkdir(exist_ok=True)
 
     def keep(mask, by_seed):
-        atomic_write_text(out / "samples" / f"{mask}.jsonl", "".join(
-            json.dumps({"seed": s, **r}) + "\n" for s, recs in by_seed.items() for r in recs))
+        write_kept(kept_samples(out, mask), by_seed)
 
     rows = segment_search(sampler, judge, steps, segments, light_segments,
                           num, seeds, light, heavy, batch=batch,
@@ -98,6 +99,28 @@ def search_to_files(sampler, light: str, heavy: str, judge, out, steps: int, seg
     front = _write_search(out, rows, meta, judge.label)
     return {"rows": rows, "frontier": front,
             "files": [out / f for f in ("search.csv", "frontier.png", "search.json")]}
+
+
+def kept_samples(out, mask: str) -> Path:
+    """Where a search in ``out`` keeps schedule ``mask``'s samples."""
+    return Path(out) / "samples" / f"{mask}.jsonl.gz"
+
+
+def write_kept(path: Path, by_seed: dict) -> None:
+    """``{seed: [genppl records]}`` as gzipped JSON lines (each record + its ``seed``),
+    written atomically; byte-identical for the same samples (no gzip timestamp)."""
+    text = "".join(json.dumps({"seed": s, **r}) + "\n" for s, recs in by_seed.items()
+                   for r in recs)
+    atomic_write_bytes(path, gzip.compress(text.encode("utf-8"), mtime=0))
+
+
+def read_kept(path: Path) -> dict:
+    """:func:`write_kept`'s file back as ``{seed: [records]}`` (seeds in file order)."""
+    by_seed: dict = {}
+    for line in gzip.decompress(Path(path).read_bytes()).decode("utf-8").splitlines():
+        rec = json.loads(line)
+        by_seed.setdefault(rec.pop("seed"), []).append(rec)
+    return by_seed
 
 
 def _write_search(out: Path, rows: list, meta: dict, judge_label: str) -> list:
@@ -117,7 +140,7 @@ def _write_search(out: Path, rows: list, meta: dict, judge_label: str) -> list:
 
 def rescore_to_files(out, judge, progress=None) -> dict:
     """Score the finished search in ``out`` again under ``judge`` (a loaded
-    :class:`tdlm.eval.genppl.Judge`) from its stored samples (``samples/<mask>.jsonl``): the
+    :class:`tdlm.eval.genppl.Judge`) from its stored samples (:func:`kept_samples`): the
     judged columns of every row (:func:`tdlm.scheduling.analysis.score_samples`) are
     replaced, the saved FLOPs, forward calls and sampling seconds kept; search.csv,
     frontier.png, search.json (``judge`` the new one, ``rescored_from`` the old judge's info)
@@ -129,7 +152,7 @@ def rescore_to_files(out, judge, progress=None) -> dict:
         raise ConfigError(f"{out} holds no finished search (no search.json)")
     meta = json.loads(sj.read_text())
     rows = meta.pop("rows")
-    missing = [r["mask"] for r in rows if not (out / "samples" / f"{r['mask']}.jsonl").exists()]
+    missing = [r["mask"] for r in rows if not kept_samples(out, r["mask"]).exists()]
     if missing:
         raise ConfigError(f"{out} has no stored samples for {', '.join(missing[:4])}"
                           f"{' ...' if len(missing) > 4 else ''} (searched before samples were "
@@ -137,12 +160,9 @@ def rescore_to_files(out, judge, progress=None) -> dict:
     tok_hash = meta.get("sample_vocab_hash")     # None (older searches): retokenise the text
     new = []
     for i, r in enumerate(rows):
-        by_seed: dict = {}
-        for line in (out / "samples" / f"{r['mask']}.jsonl").read_text().splitlines():
-            rec = json.loads(line)
-            by_seed.setdefault(rec.pop("seed"), []).append(rec)
+        by_seed = read_kept(kept_samples(out, r["mask"]))
         if sorted(by_seed) != sorted(meta["seeds"]):
-            raise ConfigError(f"{out}/samples/{r['mask']}.jsonl holds seeds {sorted(by_seed)}, "
+            raise ConfigError(f"{kept_samples(out, r['mask'])} holds seeds {sorted(by_seed)}, "
                               f"the search {meta['seeds']}")
         judged = score_samples(by_seed, judge, tok_hash)
         keep = {k: v for k, v in r.items() if k not in judged and not k.startswith(
