@@ -372,23 +372,24 @@ def stage_more(work: Path) -> None:
 
 
 def stage_rescore(work: Path) -> None:
-    """Score the finished searches (search, prefix, more) again under the linked judge."""
+    """Bring the finished searches (search, prefix, more) under the linked judge without
+    sampling: each one scored by another judge is re-scored from its kept samples
+    (:func:`_done`); one without samples is named (its stage samples it again)."""
     _link(work, LINKS)
     if not _finished(work / "judge"):
         raise SystemExit(f"scheduling.py: the judge {work / 'judge'} has not finished")
     for part in ("search", "prefix", "more"):
         if (OUT / part / "search.json").exists():
-            sh(["schedule", "rescore", "--out", str(OUT / part), "--judge", str(work / "judge")])
+            _done(work, part)
 
 
 def _done(work: Path, part: str) -> bool:
-    """Whether stage ``part``'s search is done for the pair and under the linked judge (a
-    search older than the pair's final evaluations is not: sampled again, its partial rows
-    dropped). Under the judge: its search.json names
-    the judge's final checkpoint (done), or another one (an earlier judge) and it kept its
-    samples (re-scored now: done), or another one without samples (to be sampled again: not
-    done; its partial.jsonl names the old judge, so the search starts over). No search yet:
-    not done."""
+    """Whether stage ``part``'s search is done for the pair and under the linked judge. No
+    search yet: not done. Older than the pair's final evaluations: not done (its partial
+    rows, the old pair's, dropped). Its search.json names the judge's final checkpoint: done;
+    another checkpoint (an earlier judge) and it kept its samples: re-scored now, done;
+    another without samples: not done (its partial.jsonl names the old judge, so the search
+    starts over)."""
     sj = OUT / part / "search.json"
     if not sj.exists():
         return False

@@ -805,9 +805,10 @@ def test_scheduling_report_waits_for_its_search(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out.md").exists()
 
 
-def test_scheduling_rescore_stage_rescores_each_finished_search(tmp_path, monkeypatch):
+def test_scheduling_rescore_stage_rescores_each_finished_search(tmp_path, monkeypatch, capsys):
     """Stage rescore: stops while the judge is unfinished; then one ``tdlm schedule rescore``
-    per finished search (search.json present), under the linked judge, none for the others."""
+    per finished search scored by another judge that kept its samples, under the linked
+    judge; a search without samples is named, not re-scored."""
     sch = _load("scheduling")
     judge = tmp_path / "judge-run"
     judge.mkdir()
@@ -815,10 +816,15 @@ def test_scheduling_rescore_stage_rescores_each_finished_search(tmp_path, monkey
     (judge / "metrics.jsonl").write_text(json.dumps({"step": 2}) + "\n")
     work, out = tmp_path / "work", tmp_path / "out"
     work.mkdir()
-    for part in ("search", "more"):
-        (out / part).mkdir(parents=True)
-        (out / part / "search.json").write_text("{}")
-    (out / "prefix").mkdir()                          # started, not finished
+    (judge / "final_eval").mkdir()
+    (judge / "final_eval" / "metrics.json").write_text(json.dumps({"checkpoint": "new"}))
+    for part in ("search", "more", "prefix"):       # scored by an earlier judge
+        (out / part / "samples").mkdir(parents=True)
+        (out / part / "search.json").write_text(json.dumps(
+            {"judge": {"path": "old"}, "rows": [{"mask": "HH"}]}))
+    for part in ("search", "more"):                 # these kept their samples
+        (out / part / "samples" / "HH.jsonl.gz").write_bytes(b"")
+    (out / "other").mkdir()                           # started, not finished
     calls = []
     monkeypatch.setattr(sch, "LINKS", {"judge": str(judge)})
     monkeypatch.setattr(sch, "OUT", out)
@@ -830,6 +836,7 @@ def test_scheduling_rescore_stage_rescores_each_finished_search(tmp_path, monkey
     sch.stage_rescore(work)
     assert calls == [["schedule", "rescore", "--out", str(out / p), "--judge", str(work / "judge")]
                      for p in ("search", "more")]
+    assert "[prefix] scored by old, not new, and kept no samples" in capsys.readouterr().out
 
 
 def test_scheduling_report_regenerates_from_the_archive(tmp_path):
