@@ -253,11 +253,10 @@ def stage_sample(a) -> None:
                               a.sample_steps, a.timing_rounds)
             f.write_text(json.dumps(t, indent=1))
             print(f"[did_study] sampling {setting}: DID/MDLM {t['ratio']:.3f}", flush=True)
-    if judge_ckpt:
+    if judge_ckpt:                  # the judge's final evaluation exists (judge_checkpoint)
         j = Path(a.judge) / "final_eval" / "metrics.json"
-        if j.exists():
-            (out / "judge.json").write_text(json.dumps({"judge": a.judge,
-                                                         **json.loads(j.read_text())}, indent=1))
+        (out / "judge.json").write_text(json.dumps({"judge": a.judge,
+                                                     **json.loads(j.read_text())}, indent=1))
 
 
 # ---- report -----------------------------------------------------------------------------------

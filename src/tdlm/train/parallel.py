@@ -182,7 +182,7 @@ class Runtime:
             gc.collect()    # the run's FSDP modules sit in reference cycles: free them (and
             # their hold on the group) before the group goes, not at interpreter exit
             if barrier:
-                dist.barrier()
+                self.barrier()
             dist.destroy_process_group()
 
     def micro_batches(self, batch, micro: int, max_tokens: int) -> list[tuple[int, dict, float]]:
