@@ -219,6 +219,33 @@ def needs_scoring(genppl: Path, judge_ckpt: str | None) -> bool:
     return by is None or Path(by).resolve() != Path(judge_ckpt).resolve()   # any spelling
 
 
+EARLIER = "earlier-judges"
+
+
+def keep_earlier(genppl: Path, samples: Path) -> None:
+    """Before ``genppl`` is scored again by another judge, move the old score (and a copy of the
+    judge.json it was reported with) to ``samples/earlier-judges/<run>-<checkpoint>/``: the
+    report shows the gen PPL ratio under every judge, so a reader sees whether the verdict moves
+    with the judge's training."""
+    by = judged_by(genppl)
+    if by is None:
+        return
+    dest = samples / EARLIER / f"{Path(by).parent.parent.name}-{Path(by).name}"
+    dest.mkdir(parents=True, exist_ok=True)
+    j = samples / "judge.json"
+    if j.exists() and not (dest / "judge.json").exists() and judged_by_json(j) == by:
+        (dest / "judge.json").write_text(j.read_text())
+    genppl.replace(dest / genppl.name)
+
+
+def judged_by_json(judge_json: Path) -> str | None:
+    """The checkpoint a samples/judge.json describes (its ``checkpoint``)."""
+    try:
+        return json.loads(judge_json.read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def stage_sample(a) -> None:
     work = Path(a.work)
     out = work / "samples"
@@ -242,6 +269,7 @@ def stage_sample(a) -> None:
                                env=env, stdout=subprocess.DEVNULL)
             g = f.with_suffix(".genppl.json")
             if needs_scoring(g, judge_ckpt):
+                keep_earlier(g, out)
                 subprocess.run([sys.executable, "-m", "tdlm.cli", "genppl", str(f), "--judge",
                                 a.judge, "--out", str(g)], check=True, env=env,
                                stdout=subprocess.DEVNULL)
@@ -329,6 +357,15 @@ def _samples(work: Path, setting: str, seed: int, a) -> dict:
     j = work / "samples" / "judge.json"
     if j.exists():
         out["judge"] = json.loads(j.read_text())
+    out["earlier_judges"] = []
+    for d in sorted((work / "samples" / EARLIER).glob("*")):
+        gp = {side: d / f"{SETTINGS[setting][side][0]}-s{seed}-T{a.sample_steps}.genppl.json"
+              for side in SIDES}
+        if all(g.exists() for g in gp.values()):
+            jj = json.loads((d / "judge.json").read_text()) if (d / "judge.json").exists() else {}
+            out["earlier_judges"].append(
+                {"judge": d.name, "nll": jj.get("nelbo_per_token"),
+                 **{side: json.loads(g.read_text())["gen_ppl"] for side, g in gp.items()}})
     return out
 
 
@@ -418,12 +455,17 @@ def markdown(res: dict) -> str:
             if "gen_ppl" in sp["did"] and "gen_ppl" in sp["mdlm"]:
                 L.append(f"| generative perplexity (95% CI over samples) | "
                          f"{sp['did']['gen_ppl']:.1f}{_ci(sp['did'])} / "
-                         f"{sp['mdlm']['gen_ppl']:.1f}{_ci(sp['mdlm'])} | |")
+                         f"{sp['mdlm']['gen_ppl']:.1f}{_ci(sp['mdlm'])} = "
+                         f"{sp['did']['gen_ppl'] / sp['mdlm']['gen_ppl']:.3f} | |")
                 L.append(f"| entropy (nats) | {sp['did']['entropy']:.3f} / "
                          f"{sp['mdlm']['entropy']:.3f} | |")
             if sp.get("judge"):
                 L.append(f"| judge's own validation NLL/token | {sp['judge']['nelbo_per_token']:.3f}"
-                         f" ({sp['judge']['judge']}) | |")
+                         f" ({sp['judge']['judge']}, {Path(sp['judge']['checkpoint']).name}) | |")
+            for e in sp.get("earlier_judges", []):
+                L.append(f"| the same samples under an earlier judge ({e['judge']}, own NLL "
+                         f"{_fmt(e['nll'], '{:.3f}')}): gen PPL | {e['did']:.1f} / "
+                         f"{e['mdlm']:.1f} = {e['did'] / e['mdlm']:.3f} | |")
         L.append("")
     return "\n".join(L) + "\n"
 
@@ -468,7 +510,7 @@ def main(argv=None) -> int:
     p.add_argument("stage", choices=["run", "equal", "memory", "sample", "report", "memory-worker"])
     p.add_argument("--work", default="runs/did-study")
     p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--variable-seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--lanes", type=int, default=2)
     p.add_argument("--steps", type=int, help="override max_steps (smoke tests only)")

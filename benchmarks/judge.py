@@ -40,13 +40,14 @@ from study import context_free_level, read_run, run_queue  # noqa: E402
 STEPS = 8000
 CONVERGED_REL = 0.01
 NAME = "ar-judge"
-SETS = [f"train.max_steps={STEPS}", "train.seed=0", "train.ckpt_every=100",
-        "train.eval_every=200"]
+SETS = ["train.seed=0", "train.ckpt_every=100", "train.eval_every=200"]
 
 
 def run(a) -> None:
-    run_queue([(NAME, "ar-cpu", SETS, None)], Path(a.work), lanes=1, threads=a.threads,
-              steps=a.steps, tag="judge")
+    """Train (or continue) ``a.work/ar-judge`` for ``a.budget`` steps (its cosine schedule
+    spans them: a longer budget is a new run in another ``--work``, not a continuation)."""
+    run_queue([(NAME, "ar-cpu", [f"train.max_steps={a.budget}", *SETS], None)], Path(a.work),
+              lanes=1, threads=a.threads, steps=a.steps, tag="judge")
 
 
 def convergence(curve: list, final: float, rel: float = CONVERGED_REL,
@@ -94,7 +95,9 @@ def report(a) -> dict:
     f = r["final"]
     cf = (context_free_level(work / NAME) or {}).get("nats")
     short = read_run(Path(a.short)) if a.short else None
-    res = {"command": "python benchmarks/judge.py run && python benchmarks/judge.py report",
+    extra = (f" --budget {r['steps']} --work {a.work}" if r["steps"] != STEPS else "")
+    res = {"command": f"python benchmarks/judge.py run{extra} && python benchmarks/judge.py "
+                      f"report{extra}" + (f" --short {a.short}" if extra and a.short else ""),
            "run": str(work / NAME), "steps": r["steps"], "tokens": r["tokens"],
            "final": {k: f.get(k) for k in ("nelbo_per_token", "stderr_per_token", "tokens")},
            "curve": r["curve"],
@@ -154,6 +157,9 @@ def main(argv=None) -> int:
                    help="the same model trained half as long, for the doubling rule ('' for "
                         "none)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--budget", type=int, default=STEPS,
+                   help="training steps (the next doubling: --budget 16000 --work "
+                        "runs/judge-16000 --short <the 8000-step run>)")
     p.add_argument("--steps", type=int, help="override max_steps (smoke tests only)")
     a = p.parse_args(argv)
     run(a) if a.what == "run" else report(a)

@@ -2,6 +2,7 @@
 what is still to run, confidence intervals against hand-computed values, and verdicts."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -650,7 +651,7 @@ def test_did_report_gives_the_gen_ppl_intervals():
          "sampling": {"did": side(80.0, [70.0, 91.5]), "mdlm": side(60.0, None)}}
     md = ds.markdown({"command": "c", "settings": {"fixed": S}})
     row = next(ln for ln in md.splitlines() if ln.startswith("| generative perplexity"))
-    assert "80.0 [70.0, 91.5] / 60.0 |" in row
+    assert "80.0 [70.0, 91.5] / 60.0 = 1.333 |" in row
 
 
 def test_scheduling_searches_only_a_pair_whose_light_model_is_clearly_worse(tmp_path):
@@ -886,6 +887,37 @@ def test_did_samples_are_rescored_when_the_judge_changes(tmp_path):
     assert not ds.needs_scoring(g, ck)
     g.write_text("{cut")
     assert ds.needs_scoring(g, ck)
+
+
+def test_did_earlier_judges_scores_are_kept_and_reported(tmp_path):
+    """Scoring again under a new judge moves the old score and its judge.json to
+    samples/earlier-judges/<run>-<checkpoint>/; the report's sampling section then gives the
+    gen PPL ratio under the earlier judge beside the current one."""
+    ds = _load("did_study")
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    old = "runs/judge/ar-judge/checkpoints/step_0004000"
+    for name, ppl in (("did-s0", 120.0), ("mdlm-s0", 100.0)):
+        g = samples / f"{name}-T128.genppl.json"
+        g.write_text(json.dumps({"judge": {"path": old}, "gen_ppl": ppl}))
+        ds.keep_earlier(g, samples) if name == "did-s0" else None
+    (samples / "judge.json").write_text(json.dumps({"judge": "runs/judge/ar-judge",
+                                                   "checkpoint": old, "nelbo_per_token": 3.8}))
+    ds.keep_earlier(samples / "mdlm-s0-T128.genppl.json", samples)
+    dest = samples / "earlier-judges" / "ar-judge-step_0004000"
+    assert not (samples / "did-s0-T128.genppl.json").exists()
+    assert json.loads((dest / "did-s0-T128.genppl.json").read_text())["gen_ppl"] == 120.0
+    assert json.loads((dest / "judge.json").read_text())["nelbo_per_token"] == 3.8
+    a = argparse.Namespace(sample_steps=128, samples=32)
+    sp = ds._samples(tmp_path, "fixed", 0, a)
+    assert sp["earlier_judges"] == [{"judge": "ar-judge-step_0004000", "nll": 3.8,
+                                     "did": 120.0, "mdlm": 100.0}]
+    side = {"seconds_per_sample": 1.0, "steps": 128}
+    S = {"rows": [], "equal_rel": None, "step_ratio": None, "memory": {}, "seeds": [0],
+         "sampling": {"did": side, "mdlm": side, **sp}}
+    md = ds.markdown({"command": "c", "settings": {"fixed": S}})
+    assert "(ar-judge-step_0004000, own NLL 3.800): gen PPL | 120.0 / 100.0 = 1.200 |" in md
+    ds.keep_earlier(samples / "none.genppl.json", samples)      # no score: nothing to keep
 
 
 def test_scheduling_search_done_only_under_the_linked_judge(tmp_path, monkeypatch, capsys):
