@@ -28,7 +28,7 @@ Stages (each skips what exists; runs are ``benchmarks/study.py`` queues, one thr
 * ``sample``: ``tdlm sample`` at equal steps (``--sample-steps``) from seed 0's final
   checkpoints (``--samples`` sequences, one batch) and ``tdlm genppl`` under ``--judge`` (an
   AR model of the same tokenizer trained on the same corpus: ``benchmarks/judge.py``'s
-  ``runs/judge/ar-judge``, 4000 steps, whose convergence judge.md reads; its own validation
+  ``runs/judge/ar-judge``, 8000 steps, whose convergence judge.md reads; its own validation
   NLL is reported beside); the wall-clock per sample is timed apart, round-robin in one
   process (``sample_timing``: DID's batch then MDLM's, ``--timing-rounds`` times, one
   thread), so load from other jobs hits both alike; the ratio is the median of the per-round

@@ -16,8 +16,8 @@ Scales:
   4 blocks (a third, as the paper's 12/4), same seed, data order and budget: 4000 steps x 16
   sequences, 4x the parity study's runs (at 1000 steps the pair differed by only 0.05 nats:
   ``CPU_STEPS``). The judge is the AR model trained 4000 steps on the same corpus
-  (``benchmarks/judge.py``: ``runs/judge/ar-judge``, the same 4000 steps; its own NLL in
-  ``results/judge.md``), linked. ``--pair tree`` runs stages analyze, search, prefix and
+  (``benchmarks/judge.py``: ``runs/judge/ar-judge``, 8000 steps, archived in
+  ``results/runs/judge``; its own NLL in ``results/judge.md``), linked. ``--pair tree`` runs stages analyze, search, prefix and
   report on the TDLM pair (stage ``run-levels``: ``tdlm-cpu``, 17 blocks, as heavy and a
   6-block copy, a third, of the same tree and data as light, the same budget) as an ordinary
   heavy/light pair (``results/scheduling_cpu_tree.md``): item 2 of issue 17 on a pair whose
@@ -39,7 +39,7 @@ searches keep in ``<search>/samples/``: a new judge needs neither the models nor
 ``report`` (benchmarks/results/<stem>.md + .json; CSVs and plots in benchmarks/results/<stem>/).
 The report reads no weights (parameter counts from the configs, models built on the meta
 device), so the committed one regenerates from the archive: ``--work
-benchmarks/results/runs/sched-paper --judge benchmarks/results/runs/judge-4000/ar-judge
+benchmarks/results/runs/sched-paper --judge benchmarks/results/runs/judge/ar-judge
 --pair tree --stage report`` (equal but for the two lines naming folders; a test checks it).
 Single-threaded on purpose (the machine is shared).
 """
@@ -664,12 +664,21 @@ def more_lines(sr, seeds, delta, ppl_line) -> dict:
         measured[r["mask"]] = paired_change(r, href, seeds)[0]
         out.append(f"| {r['mask']} | {r['name'] or '-'} | {100 * _f(r['saved_blocks']):.1f}% | "
                    f"{100 * predict(r['mask']):+.1f}% | {ppl_line(r)} | {delta(r)} |")
-    err = sum(c - predict(m) for m, c in measured.items()) / len(measured)
+    # per seed s: e_s = mean over these masks of (paired change_s - predicted); its mean and
+    # a 95% t interval across seeds say whether the costs add up super-/sub-additively
+    pred = sum(predict(m) for m in measured) / len(measured)
+    e = [sum(_f(r[f"ppl_seed_{s}"]) / _f(href[f"ppl_seed_{s}"]) - 1 for r in rows + named)
+         / len(measured) - pred for s in seeds]
+    err = sum(e) / len(e)
+    hw = (_t95(seeds) * (sum((x - err) ** 2 for x in e) / (len(e) - 1) / len(e)) ** 0.5
+          if len(e) > 1 else float("inf"))
+    how = ("super-additively" if err - hw > 0 else "sub-additively" if err + hw < 0
+           else "additively within the noise")
     best = min(rows + named, key=lambda r: measured[r["mask"]])
-    out += ["", f"Measured minus predicted: a mean {100 * err:+.1f} points over these "
-            f"{len(measured)} schedules (the costs of light segments add up "
-            + ("super-additively" if err > 0 else "sub-additively") + "); cheapest "
-            f"measured at {MORE_LIGHT} light segments: {best['mask']} ({delta(best)})."]
+    out += ["", f"Measured minus predicted: a mean {100 * err:+.1f} +- {100 * hw:.1f} points "
+            f"(95% CI across seeds) over these {len(measured)} schedules (the costs of light "
+            f"segments add up {how}); cheapest measured at {MORE_LIGHT} light segments: "
+            f"{best['mask']} ({delta(best)})."]
     return {"lines": out, "rows": rows}
 
 

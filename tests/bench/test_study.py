@@ -787,9 +787,22 @@ def test_more_section_compares_predicted_and_measured(tmp_path, monkeypatch):
     txt = "\n".join(res["lines"])
     assert [r["mask"] for r in res["rows"]] == ["LHHHHLLL", "LHLHHHLL"]
     assert "| LHHHHLLL | - | 32.4% | +9.0% | ppl | +11.0% |" in txt
-    assert "a mean +2.0 points over these 2 schedules" in txt and "super-additively" in txt
+    assert "a mean +2.0 +- 0.0 points (95% CI across seeds) over these 2 schedules" in txt
+    assert "super-additively" in txt
     assert "cheapest measured at 4 light segments: LHHHHLLL (+11.0%)" in txt
     assert "least squares on the 28 paired changes" in txt
+    # seed 0 two points above the prediction, seed 1 two below: the mean is 0 and the
+    # interval spans it -> neither super- nor sub-additive
+    with open(tmp_path / "more" / "search.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["mask", "name", "saved_blocks"] + [f"ppl_seed_{s}" for s in seeds])
+        w.writeheader()
+        for m, c in (("LHHHHLLL", 0.09), ("LHLHHHLL", 0.10)):
+            w.writerow({"mask": m, "name": "", "saved_blocks": 0.324,
+                        **{f"ppl_seed_{s}": v * (1 + c + (0.02 if s == 0 else -0.02))
+                           for s, v in enumerate(href)}})
+    txt = "\n".join(sch.more_lines(sr, seeds, delta, lambda r: "ppl")["lines"])
+    assert "a mean +0.0 +- " in txt and "additively within the noise" in txt
+    assert "super-additively" not in txt and "sub-additively" not in txt
 
 
 def test_scheduling_report_waits_for_its_search(tmp_path, monkeypatch, capsys):
@@ -852,7 +865,7 @@ def test_scheduling_report_regenerates_from_the_archive(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scheduling.py"), "--scale",
                         "cpu", "--pair", "tree", "--work",
                         str(res / "runs" / "sched-paper"), "--judge",
-                        str(res / "runs" / "judge-4000" / "ar-judge"), "--stage", "report",
+                        str(res / "runs" / "judge" / "ar-judge"), "--stage", "report",
                         "--out", str(out)], capture_output=True, text=True, cwd=tmp_path,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
