@@ -33,7 +33,10 @@ evaluation on the whole validation split), ``train`` (links, then tdlm train of 
 unfinished, resumed when stopped; linked runs must be finished), ``analyze`` (tdlm
 schedule analyze), ``search`` (tdlm schedule search), ``prefix`` (the named placements with
 prefixes of held-out documents), ``more`` (after the search: the schedules at
-``MORE_LIGHT`` light segments an additive model of the 2-segment costs ranks cheapest), ``rescore``
+``MORE_LIGHT`` light segments an additive model of the 2-segment costs ranks cheapest), ``fine``
+(the target at step granularity: the fewest light steps saving >= 25% of the block FLOPs, the
+placements the additive model ranks cheapest and the named ones, ``FINE_SEEDS`` seeds in
+blocks that two lanes share; e.g. two ``--stage fine`` processes at once), ``rescore``
 (tdlm schedule rescore of every finished search under the linked judge, from the samples the
 searches keep in ``<search>/samples/``: a new judge needs neither the models nor new samples),
 ``report`` (benchmarks/results/<stem>.md + .json; CSVs and plots in benchmarks/results/<stem>/).
@@ -371,6 +374,138 @@ def stage_more(work: Path) -> None:
         "--out", str(OUT / "more")])
 
 
+#: stage ``fine`` (issue 17's scheduling target at step granularity): with ``SEGMENTS``
+#: segments the fewest light ones that save >= ``TARGET_SAVED`` of the block FLOPs may
+#: overshoot it by most of a segment (cpu scale, the TDLM pair: 3 of 8 save 24.3%, 4 save
+#: 32.4%), so the schedules are searched per step: the fewest light steps that save at least
+#: the target (:func:`fine_light_steps`), ``FINE_NUM`` placements picked by the additive model of
+#: the 2-segment costs (each segment's cost spread evenly over its steps) plus the named
+#: sandwich and light-first, sampled with ``FINE_SEEDS`` seeds (a smaller s.e. than the
+#: search's) in blocks of ``FINE_BLOCK`` (one ``tdlm schedule search`` each into
+#: ``fine/seeds-<first>``, claimed with a lock, so two lanes running this stage share them).
+TARGET_SAVED, FINE_NUM, FINE_SEEDS, FINE_BLOCK = 0.25, 3, 16, 4
+
+
+def fine_light_steps() -> int:
+    """The fewest light steps of ``T`` that save >= ``TARGET_SAVED`` of the heavy-only block
+    FLOPs: a light step saves ``(HEAVY - LIGHT) / HEAVY / T`` of them (blocks run per call)."""
+    import math
+    return math.ceil(TARGET_SAVED * T * HEAVY / (HEAVY - LIGHT) - 1e-9)
+
+
+def fine_masks(rows: list[dict], seeds, segments: int, steps: int, n_light: int,
+               k: int) -> list[dict]:
+    """Per-step masks (``steps`` letters) with ``n_light`` light steps: the ``k`` the additive
+    model of the 2-segment search ``rows`` predicts cheapest, a light step in segment ``i``
+    costing ``a_i / (steps / segments)``, among the masks made of whole light segments plus
+    the remaining steps as one block beside a light run (before its start or after its end;
+    anywhere when no segment is whole), at most one per set of whole segments (the cheapest
+    place for the rest: the picks differ by more than a step or two), then the named sandwich
+    and light-first of that many light steps (``name_of_mask``'s forms) when not picked
+    already. ``[{"mask", "predicted", "name"}]``, the picks cheapest first."""
+    import itertools
+    from tdlm.scheduling.analysis import NAMED_OF_MASK, name_of_mask
+    if steps % segments:
+        raise SystemExit(f"scheduling.py: stage fine needs T ({steps}) divisible by the "
+                         f"segments ({segments})")
+    a = additive_costs(rows, seeds, segments)
+    per = steps // segments
+    whole, extra = divmod(n_light, per)
+
+    def cost(m: str) -> float:
+        return sum(a[i // per] / per for i, ch in enumerate(m) if ch == "L")
+    cands = []
+    for chosen in itertools.combinations(range(segments), whole):
+        base = ["L" if i // per in chosen else "H" for i in range(steps)]
+        if not extra:
+            cands.append("".join(base))
+            continue
+        starts = [j for j in range(steps - extra + 1) if not whole or (
+            (j + extra < steps and base[j + extra] == "L") or (j > 0 and base[j - 1] == "L"))]
+        here = ["".join("L" if j <= i < j + extra else c for i, c in enumerate(base))
+                for j in starts if all(base[x] == "H" for x in range(j, j + extra))]
+        if here:
+            cands.append(min(here, key=lambda m: (cost(m), m)))
+    ranked = sorted(set(cands), key=lambda m: (cost(m), m))[:k]
+    out = [{"mask": m, "predicted": cost(m), "name": name_of_mask(m)} for m in ranked]
+    for name in ("sandwich", "light-first"):
+        m = NAMED_OF_MASK[name](steps, n_light)
+        if m not in ranked:
+            out.append({"mask": m, "predicted": cost(m), "name": name})
+    return out
+
+
+def _claim_lock(path: Path):
+    """An exclusive non-blocking ``flock`` on ``path`` (created): the open file, or None when
+    another process holds it. Released when the file is closed or the process ends (a killed
+    lane leaves no stale lock)."""
+    import fcntl
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
+
+
+def fine_parts() -> list[str]:
+    """The stage's search folders (relative to ``OUT``), one per block of seeds."""
+    return [f"fine/seeds-{first:02d}" for first in range(0, FINE_SEEDS, FINE_BLOCK)]
+
+
+def stage_fine(work: Path) -> None:
+    """Sample the target's per-step schedules (``TARGET_SAVED``, ``FINE_*``). The picks are
+    computed once from the search and kept in ``fine/picks.json`` (a later search does not
+    change a stage under way); every block of seeds is a search of its own, resumable,
+    skipped when done under the linked judge, and samples heavy-only (and light-only) with
+    the same seeds, so each block is paired by itself."""
+    _need(work, HEAVY_RUN, LIGHT_RUN, "judge")
+    _gate(work, HEAVY_RUN, LIGHT_RUN)
+    (OUT / "fine").mkdir(parents=True, exist_ok=True)
+    pf = OUT / "fine" / "picks.json"
+    if pf.exists():
+        picks = json.loads(pf.read_text())["picks"]
+    else:
+        if not (OUT / "search" / "search.csv").exists():
+            raise SystemExit("scheduling.py: stage fine needs the search (--stage search) first")
+        rows = _rows(OUT / "search" / "search.csv")
+        seeds = json.loads((OUT / "search" / "search.json").read_text())["seeds"]
+        n = fine_light_steps()
+        picks = fine_masks(rows, seeds, SEGMENTS, T, n, FINE_NUM)
+        pf.write_text(json.dumps({"light_steps": n, "target": TARGET_SAVED, "segments": SEGMENTS,
+                                  "costs": additive_costs(rows, seeds, SEGMENTS),
+                                  "picks": picks}, indent=1))
+    # the pair the blocks sample (its final evaluations), for the report to name
+    fins = {r: work / r / "final_eval" / "metrics.json" for r in (HEAVY_RUN, LIGHT_RUN)}
+    if all(f.exists() for f in fins.values()):
+        (OUT / "fine" / "pair.json").write_text(json.dumps(
+            {r: json.loads(f.read_text())["nelbo_per_token"] for r, f in fins.items()}))
+    print("[fine] " + ", ".join(f"{run_length(p['mask'])} ({100 * p['predicted']:+.1f}%)"
+                                for p in picks), flush=True)
+    for part in fine_parts():
+        # the lock in the work folder (runs/), not beside the committed results
+        lock = _claim_lock(work / f"{OUT.name}-{part.replace('/', '-')}.lock")
+        if lock is None:
+            print(f"[fine] {part}: another lane has it", flush=True)
+            continue
+        with lock:
+            if _done(work, part):
+                continue
+            first = int(part.rsplit("-", 1)[1])
+            sh(["schedule", "search", *models(work), "--judge", str(work / "judge"),
+                "--steps", str(T), "--segments", str(T), "--light-segments", "-1",
+                "--masks", ",".join(p["mask"] for p in picks), "--num", str(NUM),
+                "--seed", str(first), "--seeds", str(min(FINE_BLOCK, FINE_SEEDS - first)),
+                "--out", str(OUT / part)])
+
+
+def run_length(mask: str) -> str:
+    """``LLLHHL`` -> ``L3 H2 L1``: a per-step mask in a readable form."""
+    import itertools
+    return " ".join(f"{c}{len(list(g))}" for c, g in itertools.groupby(mask))
+
+
 def stage_rescore(work: Path) -> None:
     """Bring the finished searches (search, prefix, more) under the linked judge without
     sampling: each one scored by another judge is re-scored from its kept samples
@@ -378,7 +513,7 @@ def stage_rescore(work: Path) -> None:
     _link(work, LINKS)
     if not _finished(work / "judge"):
         raise SystemExit(f"scheduling.py: the judge {work / 'judge'} has not finished")
-    for part in ("search", "prefix", "more"):
+    for part in ("search", "prefix", "more", *fine_parts()):
         if (OUT / part / "search.json").exists():
             _done(work, part)
 
@@ -682,6 +817,116 @@ def more_lines(sr, seeds, delta, ppl_line) -> dict:
     return {"lines": out, "rows": rows}
 
 
+def fine_rows() -> tuple[list[dict], list]:
+    """Stage fine's blocks merged: one row per mask sampled in every finished block (``mask``,
+    ``name``, ``saved_blocks``, ``gen_ppl`` token-pooled over all seeds, ``entropy`` the mean
+    of the per-seed means (equal samples per seed), ``ppl_seed_<s>`` / ``entropy_seed_<s>``
+    for every seed), and the seeds."""
+    import math
+    parts = [OUT / p for p in fine_parts() if (OUT / p / "search.csv").exists()]
+    merged: dict = {}
+    seeds: list = []
+    for d in parts:
+        ss = json.loads((d / "search.json").read_text())["seeds"]
+        seeds += ss
+        for r in _rows(d / "search.csv"):
+            m = merged.setdefault(r["mask"], {"mask": r["mask"], "name": r["name"],
+                                              "saved_blocks": _f(r["saved_blocks"]), "nll": 0.,
+                                              "tokens": 0., "parts": 0})
+            m["nll"] += _f(r["nll_per_token"]) * _f(r["tokens"])
+            m["tokens"] += _f(r["tokens"])
+            m["parts"] += 1
+            for sd in ss:
+                m[f"ppl_seed_{sd}"] = _f(r[f"ppl_seed_{sd}"])
+                m[f"entropy_seed_{sd}"] = _f(r[f"entropy_seed_{sd}"])
+    rows = []
+    for m in merged.values():
+        if m["parts"] == len(parts):
+            m["gen_ppl"] = math.exp(m["nll"] / m["tokens"])
+            m["entropy"] = sum(m[f"entropy_seed_{sd}"] for sd in seeds) / len(seeds)
+            rows.append(m)
+    return rows, seeds
+
+
+def fine_lines(evals: dict) -> list[str]:
+    """Report section of stage fine (when a block has finished): the per-step schedules near
+    the target, paired with the blocks' own heavy-only over all their seeds, and the target's
+    reading from them (best schedule saving >= ``TARGET_SAVED``: met when its mean cost is
+    <= 3% and its entropy within 2%; whether best and worst are told apart)."""
+    pf = OUT / "fine" / "picks.json"
+    rows, seeds = fine_rows()
+    href = next((r for r in rows if set(r["mask"]) == {"H"}), None)
+    if not pf.exists() or href is None:
+        return []
+    picks = json.loads(pf.read_text())
+    pred = {p["mask"]: p["predicted"] for p in picks["picks"]}
+    t = _t95(seeds)
+    pair = OUT / "fine" / "pair.json"
+    same = ""
+    if pair.exists():
+        pj = json.loads(pair.read_text())
+        h, lt = pj.get(HEAVY_RUN), pj.get(LIGHT_RUN)
+        if h is not None and lt is not None:
+            if (abs(h - evals["heavy"]["nelbo_per_token"]) < 1e-9
+                    and abs(lt - evals["light"]["nelbo_per_token"]) < 1e-9):
+                same = " Sampled from the pair above."
+            else:
+                same = (f" Sampled from another training of the pair (same seed, config and "
+                        f"batches; NELBO heavy {h:.4f} / light {lt:.4f}, the tables above "
+                        f"{evals['heavy']['nelbo_per_token']:.4f} / "
+                        f"{evals['light']['nelbo_per_token']:.4f}), so its rows pair with its "
+                        "own heavy-only only.")
+    out = ["", f"## The target at step granularity (stage fine: {picks['light_steps']} light "
+           f"steps of {T}, {len(seeds)} seeds)", "",
+           f"{picks['light_steps']} light steps are the fewest that save >= "
+           f"{100 * picks['target']:.0f}% of the block FLOPs. Placements: the {FINE_NUM} the "
+           f"additive model above predicts cheapest (a segment's cost spread evenly over its "
+           f"{T // picks['segments']} steps; masks of whole light segments plus the rest beside a "
+           f"light run) and the named sandwich and light-first; {NUM} samples x {len(seeds)} "
+           f"seeds each ({seeds[0]}-{seeds[-1]}), heavy-only with the same seeds, in blocks of "
+           f"{FINE_BLOCK} seeds (`{OUT.name}/fine/`).{same}", "",
+           "| schedule (steps) | name | block FLOPs saved | predicted | gen PPL (pooled) | "
+           "entropy | paired change vs heavy-only (+- s.e.) | 95% CI |",
+           "|---|---|---|---|---|---|---|---|"]
+    ok = []
+    for r in sorted(rows, key=lambda r: r["saved_blocks"]):
+        if r is href:
+            out.append(f"| {run_length(r['mask'])} | heavy-only | 0.0% | - | "
+                       f"{r['gen_ppl']:.2f} | {r['entropy']:.3f} | - | - |")
+            continue
+        m, se = paired_change(r, href, seeds)
+        p = pred.get(r["mask"])
+        out.append(f"| {run_length(r['mask'])} | {r['name'] or '-'} | "
+                   f"{100 * r['saved_blocks']:.1f}% | "
+                   f"{'-' if p is None else f'{100 * p:+.1f}%'} | {r['gen_ppl']:.2f} | "
+                   f"{r['entropy']:.3f} | {100 * m:+.1f}% +- {100 * se:.1f}% | "
+                   f"[{100 * (m - t * se):+.1f}%, {100 * (m + t * se):+.1f}%] |")
+        if r["saved_blocks"] >= picks["target"] - 1e-9 and set(r["mask"]) != {"L"}:
+            ok.append((m, se, abs(r["entropy"] / href["entropy"] - 1), r))
+    if not ok:
+        return out
+    ok.sort(key=lambda x: x[0])
+    m, se, dh, best = ok[0]
+    hi = m + t * se
+    hit = m <= 0.03 and dh <= 0.02
+    out += ["", f"* Target (>= {100 * picks['target']:.0f}% block FLOPs saved at <= 3% gen-PPL "
+            f"cost, entropy within 2%) at step granularity: best {run_length(best['mask'])} "
+            f"({best['name'] or 'unnamed'}, {100 * best['saved_blocks']:.1f}% saved): "
+            f"{100 * m:+.1f}% +- {100 * se:.1f}% gen PPL over {len(seeds)} seeds, entropy "
+            f"{100 * dh:.2f}% off: target **{'met' if hit else 'missed'}** on the mean"
+            + (f" (by {100 * (m - 0.03):.1f} points)" if m > 0.03 else "")
+            + f"; the 95% upper bound of its cost, {100 * hi:+.1f}%, is "
+            f"{'within' if hi <= 0.03 else 'beyond'} 3%."]
+    if len(ok) > 1:
+        w = ok[-1][3]
+        dm, dse = paired_change(w, best, seeds)
+        out.append(f"* The placements at this saving: the costliest, {run_length(w['mask'])}, "
+                   f"costs {100 * dm:+.1f}% +- {100 * dse:.1f}% more than the best (paired): "
+                   + ("told apart (95% CI excludes 0)." if abs(dm) > t * dse else
+                      "**not** told apart at this s.e. (95% CI includes 0)."))
+    return out
+
+
 def model_facts(cfg) -> dict:
     """The config fields this script reads: the family and the number of blocks."""
     return {"family": cfg.family.name, "blocks": cfg.backbone.n_layers}
@@ -744,7 +989,8 @@ def stage_report(work: Path) -> None:
 
     lines = [
         f"# Model scheduling at CPU scale ({TITLE})", "",
-        f"Command: `{COMMAND}` (stages train, analyze, search, prefix, more, report; the pair "
+        f"Command: `{COMMAND}` (stages train, analyze, search, prefix, more, "
+        f"{'fine, ' if (OUT / 'fine' / 'picks.json').exists() else ''}report; the pair "
         f"trained by stage run{'-levels' if (HEAVY_RUN, LIGHT_RUN) == PAIRS['tree'] else ''}). "
         f"Machine: {os.cpu_count()} shared CPU cores, no GPU, torch {torch.__version__}, 1 "
         f"thread, python {platform.python_version()}.", "",
@@ -838,6 +1084,7 @@ def stage_report(work: Path) -> None:
     gap = pair_gap(work, HEAVY_RUN, LIGHT_RUN)
     lines += verdict_lines(sr + more["rows"], href, seeds, peak, gpeak,
                            {**evals, "paired_gap": gap})
+    lines += fine_lines(evals)
     if (OUT / "prefix" / "search.csv").exists():
         pr = sorted(_rows(OUT / "prefix" / "search.csv"), key=lambda r: r["mask"].count("L"))
         href = next(r for r in pr if r["mask"] == "H" * SEGMENTS)
@@ -855,7 +1102,9 @@ def stage_report(work: Path) -> None:
     shown = shown.relative_to(ROOT.parent) if shown.is_relative_to(ROOT.parent) else shown
     lines += ["", f"Files: `{shown}/analyze/` (step_importance.csv, "
               "step_importance_trajectory.csv, step_importance.png), "
-              f"`{shown}/search/` (search.csv, search.json, frontier.png).", ""]
+              f"`{shown}/search/` (search.csv, search.json, frontier.png)"
+              + (f", `{shown}/fine/` (picks.json, pair.json, seeds-*/)"
+                 if (OUT / "fine" / "picks.json").exists() else "") + ".", ""]
     lines = [x.replace("](scheduling/", f"]({OUT.name}/") for x in lines]
     report = OUT.parent / f"{OUT.name}.md"
     report.write_text("\n".join(lines))
@@ -874,7 +1123,7 @@ def main() -> None:
                     "runs/sched-paper)")
     ap.add_argument("--stage", default="all", choices=["all", "run", "run-levels", "train",
                                                         "analyze", "search", "prefix", "more",
-                                                        "rescore", "report"])
+                                                        "fine", "rescore", "report"])
     ap.add_argument("--lanes", type=int, default=1, help="stages run/run-levels: runs trained "
                     "at a time (one thread each)")
     ap.add_argument("--steps", type=int, help="stages run/run-levels: train this many steps "
@@ -903,7 +1152,7 @@ def main() -> None:
         globals()["LINKS"] = {**LINKS, "judge": a.judge}
     if a.smoke:
         globals().update(T=16, NUM=2, SEEDS=2, NUM_PREFIX=2, GRID=4, AN_BATCHES=1, AN_BATCH=4,
-                         TRAJ=2)
+                         TRAJ=2, FINE_NUM=1, FINE_SEEDS=2, FINE_BLOCK=1)
     work = Path(a.work or ("runs/sched-cpu" if a.scale == "tiny" else "runs/sched-paper"))
     globals()["COMMAND"] = (f"python benchmarks/scheduling.py --scale {a.scale} --work {work}"
                             + (f" --pair {a.pair}" if a.pair != "main" else ""))
@@ -913,7 +1162,8 @@ def main() -> None:
         (stage_run if a.stage == "run" else stage_run_levels)(work)
         return
     for st, fn in (("train", stage_train), ("analyze", stage_analyze), ("search", stage_search),
-                   ("prefix", stage_prefix), ("more", stage_more), ("rescore", stage_rescore),
+                   ("prefix", stage_prefix), ("more", stage_more), ("fine", stage_fine),
+                   ("rescore", stage_rescore),
                    ("report", stage_report)):
         if a.stage == st or (a.stage == "all" and st != "rescore"):
             t0 = time.time()

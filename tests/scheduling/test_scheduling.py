@@ -179,6 +179,28 @@ def test_one_model_schedule_is_bit_identical_to_plain_sampler(tc):
     assert torch.equal(out, plain)
 
 
+def test_light_only_explicit_schedule_saves_against_the_heavy_loaded_model():
+    """An explicit plan that uses only the light model (``"L"``, ``"L20"``) with L and H loaded
+    saves 1 - blocks_L / blocks_H of the block FLOPs (2 blocks vs 1 of the same width: 1/2),
+    as the named ``light-first:1.0`` does, not 0 (found by an independent check through the
+    public API: the reference was picked among the models used only); ``heavy=`` names the
+    reference explicitly; ``"H"`` saves nothing."""
+    heavy = pipe_of(mdlm_cfg(2), 0)
+    light = pipe_of(mdlm_cfg(1), 1)
+    s = ScheduledSampler({"H": heavy, "L": light})
+    for sched in ("L", "L20", "light-first:1.0"):
+        s.generate_ids(3, 20, schedule=sched, seed=0)
+        assert s.last_report["saved_blocks"] == pytest.approx(0.5), sched
+        assert s.last_report["reference"]["model"] == "H"
+    s.generate_ids(3, 20, schedule="H", seed=0)
+    assert s.last_report["saved_blocks"] == 0.0
+    s2 = ScheduledSampler({"A": light, "B": heavy})           # no L/H names: the costliest
+    s2.generate_ids(3, 20, schedule="A", seed=0)
+    assert s2.last_report["saved_blocks"] == pytest.approx(0.5)
+    s2.generate_ids(3, 20, schedule="A", seed=0, heavy="A")    # the caller's reference
+    assert s2.last_report["saved_blocks"] == 0.0
+
+
 def test_no_cached_prediction_crosses_a_model_switch():
     """Two copies of one time-independent model: the output equals the plain sampler's (the
     same predictions), but every segment starts with a forward pass of its own model."""

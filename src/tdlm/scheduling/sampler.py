@@ -158,7 +158,7 @@ class ScheduledSampler:
         res = self.primary.sample(num, steps, seed=seed, plan=plan,
                                   log=log if self.primary.family.reports_forwards else None, **kw)
         seconds = time.perf_counter() - t0
-        self.last_report = self.report(sched, log, seconds)
+        self.last_report = self.report(sched, log, seconds, heavy=heavy)
         return res
 
     def generate_ids(self, num: int = 1, steps: int = 128, **kw) -> torch.Tensor:
@@ -168,10 +168,15 @@ class ScheduledSampler:
     def generate(self, num: int = 1, steps: int = 128, **kw) -> list[str]:
         return [self.tokenizer.decode(ids) for ids in self.sample(num, steps, **kw).sequences()]
 
-    def report(self, sched: ModelPlan, log: ForwardLog, seconds: float) -> dict:
+    def report(self, sched: ModelPlan, log: ForwardLog, seconds: float,
+               heavy: Optional[str] = None) -> dict:
         """Calls, FLOPs (blocks, full), heavy-only reference on the same calls, savings.
-        FLOPs are None when a model is not a library DiT model, and call counts too when the
-        family's sampler does not record forward passes (it reports its own in the stats)."""
+        The reference model: the plan's heavy one (named forms), else ``heavy`` (as passed to
+        :meth:`sample`), else the loaded model with the most block FLOPs per call -- loaded,
+        not only used: ``"L"`` alone with ``L`` and ``H`` loaded saves ``1 - cost_L / cost_H``
+        of the block FLOPs, not 0. FLOPs are None when a model is not a library DiT model, and
+        call counts too when the family's sampler does not record forward passes (it reports
+        its own in the stats)."""
         models = {n: p.model for n, p in self.pipes.items()}
         counted = self.primary.family.reports_forwards
         out = {"schedule": sched.to_dict(), "forward_calls": dict(log.calls) if counted else None,
@@ -182,9 +187,10 @@ class ScheduledSampler:
         if not counted or any(cost[n] is None for n in sched.names()):
             return out
         fl = flops_from_log(log, models)
-        heavy = sched.heavy
-        if heavy is None:                     # the model with the most block FLOPs per call
-            heavy = max(sched.names(), key=lambda n: (cost[n], -self.names.index(n)))
+        heavy = sched.heavy or heavy
+        if heavy is None:                     # the loaded model with the most block FLOPs per call
+            known = [n for n in self.names if cost[n] is not None]
+            heavy = max(known, key=lambda n: (cost[n], -self.names.index(n)))
         ref = {"blocks": 0, "full": 0}
         for shapes in log.shapes.values():
             for (num, L), cnt in shapes.items():
