@@ -118,6 +118,9 @@ SCALES = {
                            "tdlm-light": ("tdlm-cpu", ["backbone.n_layers=6", *CPU_SETS])}},
 }
 LANES, SMOKE_STEPS, FORCE = 1, None, False
+#: ``--score-later``: stage fine samples without a judge (``tdlm schedule search
+#: --score-later``), keeping the samples; ``--stage rescore`` scores them once a judge is linked
+SCORE_LATER = False
 #: the run folders of the pair that stages analyze/search/prefix/report schedule (``--pair``):
 #: ``main``, the scale's pair (MDLMs), or (cpu scale) ``tree``, the TDLM level pair used as an
 #: ordinary heavy/light pair, results then in ``<stem>_tree``
@@ -454,28 +457,41 @@ def fine_parts() -> list[str]:
     return [f"fine/seeds-{first:02d}" for first in range(0, FINE_SEEDS, FINE_BLOCK)]
 
 
+def _fine_sampled() -> bool:
+    """Whether a block of stage fine has been sampled (the report names the stage then)."""
+    return any((OUT / p / "search.json").exists() for p in fine_parts())
+
+
+def fine_picks() -> list[dict]:
+    """Stage fine's schedules: read from ``fine/picks.json``, or computed from the search
+    (:func:`fine_masks`) and written there first (kept with the results, so a later search
+    does not change a stage under way)."""
+    (OUT / "fine").mkdir(parents=True, exist_ok=True)
+    pf = OUT / "fine" / "picks.json"
+    if pf.exists():
+        return json.loads(pf.read_text())["picks"]
+    if not (OUT / "search" / "search.csv").exists():
+        raise SystemExit("scheduling.py: stage fine needs the search (--stage search) first")
+    rows = _rows(OUT / "search" / "search.csv")
+    seeds = json.loads((OUT / "search" / "search.json").read_text())["seeds"]
+    n = fine_light_steps()
+    picks = fine_masks(rows, seeds, SEGMENTS, T, n, FINE_NUM)
+    pf.write_text(json.dumps({"light_steps": n, "target": TARGET_SAVED, "segments": SEGMENTS,
+                              "costs": additive_costs(rows, seeds, SEGMENTS), "picks": picks},
+                             indent=1))
+    return picks
+
+
 def stage_fine(work: Path) -> None:
     """Sample the target's per-step schedules (``TARGET_SAVED``, ``FINE_*``). The picks are
     computed once from the search and kept in ``fine/picks.json`` (a later search does not
     change a stage under way); every block of seeds is a search of its own, resumable,
     skipped when done under the linked judge, and samples heavy-only (and light-only) with
-    the same seeds, so each block is paired by itself."""
-    _need(work, HEAVY_RUN, LIGHT_RUN, "judge")
+    the same seeds, so each block is paired by itself. With ``SCORE_LATER`` no judge is needed:
+    the blocks are sampled and kept, and ``--stage rescore`` scores them."""
+    _need(work, HEAVY_RUN, LIGHT_RUN, *(() if SCORE_LATER else ("judge",)))
     _gate(work, HEAVY_RUN, LIGHT_RUN)
-    (OUT / "fine").mkdir(parents=True, exist_ok=True)
-    pf = OUT / "fine" / "picks.json"
-    if pf.exists():
-        picks = json.loads(pf.read_text())["picks"]
-    else:
-        if not (OUT / "search" / "search.csv").exists():
-            raise SystemExit("scheduling.py: stage fine needs the search (--stage search) first")
-        rows = _rows(OUT / "search" / "search.csv")
-        seeds = json.loads((OUT / "search" / "search.json").read_text())["seeds"]
-        n = fine_light_steps()
-        picks = fine_masks(rows, seeds, SEGMENTS, T, n, FINE_NUM)
-        pf.write_text(json.dumps({"light_steps": n, "target": TARGET_SAVED, "segments": SEGMENTS,
-                                  "costs": additive_costs(rows, seeds, SEGMENTS),
-                                  "picks": picks}, indent=1))
+    picks = fine_picks()
     # the pair the blocks sample (its final evaluations), for the report to name
     fins = {r: work / r / "final_eval" / "metrics.json" for r in (HEAVY_RUN, LIGHT_RUN)}
     if all(f.exists() for f in fins.values()):
@@ -493,7 +509,8 @@ def stage_fine(work: Path) -> None:
             if _done(work, part):
                 continue
             first = int(part.rsplit("-", 1)[1])
-            sh(["schedule", "search", *models(work), "--judge", str(work / "judge"),
+            scoring = ["--score-later"] if SCORE_LATER else ["--judge", str(work / "judge")]
+            sh(["schedule", "search", *models(work), *scoring,
                 "--steps", str(T), "--segments", str(T), "--light-segments", "-1",
                 "--masks", ",".join(p["mask"] for p in picks), "--num", str(NUM),
                 "--seed", str(first), "--seeds", str(min(FINE_BLOCK, FINE_SEEDS - first)),
@@ -524,7 +541,8 @@ def _done(work: Path, part: str) -> bool:
     rows, the old pair's, dropped). Its search.json names the judge's final checkpoint: done;
     another checkpoint (an earlier judge) and it kept its samples: re-scored now, done;
     another without samples: not done (its partial.jsonl names the old judge, so the search
-    starts over)."""
+    starts over). A search sampled without a judge (``--score-later``) is scored like one by
+    an earlier judge; with ``SCORE_LATER`` set, a sampled search is done, scored or not."""
     sj = OUT / part / "search.json"
     if not sj.exists():
         return False
@@ -532,18 +550,23 @@ def _done(work: Path, part: str) -> bool:
         print(f"[{part}] older than the pair's models: sampled again", flush=True)
         (OUT / part / "partial.jsonl").unlink(missing_ok=True)     # its rows are the old pair's
         return False
+    meta = json.loads(sj.read_text())
+    if SCORE_LATER:                       # sampling only: done once sampled, scored or not
+        print(f"[{part}] sampled" + ("" if meta.get("judge") else " (not scored yet)"),
+              flush=True)
+        return True
     fin = work / "judge" / "final_eval" / "metrics.json"
     if not fin.exists():
         raise SystemExit(f"scheduling.py: the judge {work / 'judge'} has no final evaluation")
     ck = json.loads(fin.read_text())["checkpoint"]
-    meta = json.loads(sj.read_text())
     by = (meta.get("judge") or {}).get("path")
     if by and Path(by).resolve() == Path(ck).resolve():
         print(f"[{part}] exists", flush=True)
         return True
     from tdlm.scheduling.runs import kept_samples
     if all(kept_samples(OUT / part, r["mask"]).exists() for r in meta["rows"]):
-        print(f"[{part}] scored by {by}; re-scored under {ck} from its samples", flush=True)
+        print(f"[{part}] " + (f"scored by {by}; re-scored" if by else "not scored yet; scored")
+              + f" under {ck} from its samples", flush=True)
         sh(["schedule", "rescore", "--out", str(OUT / part), "--judge", str(work / "judge")])
         return True
     print(f"[{part}] scored by {by}, not {ck}, and kept no samples: sampled again", flush=True)
@@ -823,7 +846,8 @@ def fine_rows() -> tuple[list[dict], list]:
     of the per-seed means (equal samples per seed), ``ppl_seed_<s>`` / ``entropy_seed_<s>``
     for every seed), and the seeds."""
     import math
-    parts = [OUT / p for p in fine_parts() if (OUT / p / "search.csv").exists()]
+    parts = [OUT / p for p in fine_parts() if (OUT / p / "search.json").exists()
+             and json.loads((OUT / p / "search.json").read_text()).get("judge")]   # scored
     merged: dict = {}
     seeds: list = []
     for d in parts:
@@ -856,6 +880,11 @@ def fine_lines(evals: dict) -> list[str]:
     pf = OUT / "fine" / "picks.json"
     rows, seeds = fine_rows()
     href = next((r for r in rows if set(r["mask"]) == {"H"}), None)
+    sampled = [p for p in fine_parts() if (OUT / p / "search.json").exists()]
+    if pf.exists() and href is None and sampled:
+        return ["", f"## The target at step granularity (stage fine)", "",
+                f"{len(sampled)} of {len(fine_parts())} blocks of seeds sampled, none scored "
+                "yet: `--stage rescore` with the judge linked scores them."]
     if not pf.exists() or href is None:
         return []
     picks = json.loads(pf.read_text())
@@ -876,6 +905,8 @@ def fine_lines(evals: dict) -> list[str]:
                         f"{evals['heavy']['nelbo_per_token']:.4f} / "
                         f"{evals['light']['nelbo_per_token']:.4f}), so its rows pair with its "
                         "own heavy-only only.")
+    judges = sorted({(json.loads((OUT / p / "search.json").read_text())["judge"] or {})
+                     .get("label", "?") for p in sampled})
     out = ["", f"## The target at step granularity (stage fine: {picks['light_steps']} light "
            f"steps of {T}, {len(seeds)} seeds)", "",
            f"{picks['light_steps']} light steps are the fewest that save >= "
@@ -884,7 +915,9 @@ def fine_lines(evals: dict) -> list[str]:
            f"{T // picks['segments']} steps; masks of whole light segments plus the rest beside a "
            f"light run) and the named sandwich and light-first; {NUM} samples x {len(seeds)} "
            f"seeds each ({seeds[0]}-{seeds[-1]}), heavy-only with the same seeds, in blocks of "
-           f"{FINE_BLOCK} seeds (`{OUT.name}/fine/`).{same}", "",
+           f"{FINE_BLOCK} seeds (`{OUT.name}/fine/`).{same} Judge: {'; '.join(judges)}"
+           + ("" if len(sampled) == len(fine_parts()) else
+              f" ({len(sampled)} of {len(fine_parts())} blocks of seeds finished)") + ".", "",
            "| schedule (steps) | name | block FLOPs saved | predicted | gen PPL (pooled) | "
            "entropy | paired change vs heavy-only (+- s.e.) | 95% CI |",
            "|---|---|---|---|---|---|---|---|"]
@@ -990,7 +1023,7 @@ def stage_report(work: Path) -> None:
     lines = [
         f"# Model scheduling at CPU scale ({TITLE})", "",
         f"Command: `{COMMAND}` (stages train, analyze, search, prefix, more, "
-        f"{'fine, ' if (OUT / 'fine' / 'picks.json').exists() else ''}report; the pair "
+        f"{'fine, ' if _fine_sampled() else ''}report; the pair "
         f"trained by stage run{'-levels' if (HEAVY_RUN, LIGHT_RUN) == PAIRS['tree'] else ''}). "
         f"Machine: {os.cpu_count()} shared CPU cores, no GPU, torch {torch.__version__}, 1 "
         f"thread, python {platform.python_version()}.", "",
@@ -1104,7 +1137,7 @@ def stage_report(work: Path) -> None:
               "step_importance_trajectory.csv, step_importance.png), "
               f"`{shown}/search/` (search.csv, search.json, frontier.png)"
               + (f", `{shown}/fine/` (picks.json, pair.json, seeds-*/)"
-                 if (OUT / "fine" / "picks.json").exists() else "") + ".", ""]
+                 if _fine_sampled() else "") + ".", ""]
     lines = [x.replace("](scheduling/", f"]({OUT.name}/") for x in lines]
     report = OUT.parent / f"{OUT.name}.md"
     report.write_text("\n".join(lines))
@@ -1135,6 +1168,9 @@ def main() -> None:
     ap.add_argument("--pair", choices=sorted(PAIRS), default="main",
                     help="the pair stages analyze/search/prefix/report schedule (cpu scale: "
                          "tree = the TDLM level pair as heavy/light, results in <stem>_tree)")
+    ap.add_argument("--score-later", action="store_true",
+                    help="stage fine: sample without a judge and keep the samples (no judge "
+                         "needed); --stage rescore scores them once one is linked")
     ap.add_argument("--force", action="store_true",
                     help="search schedules even when the light model is not clearly worse")
     ap.add_argument("--smoke", action="store_true",
@@ -1143,7 +1179,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.smoke and a.out is None:
         ap.error("--smoke writes its results apart: give --out")
-    globals().update(LANES=a.lanes, SMOKE_STEPS=a.steps, FORCE=a.force or a.smoke)
+    globals().update(LANES=a.lanes, SMOKE_STEPS=a.steps, FORCE=a.force or a.smoke,
+                     SCORE_LATER=a.score_later)
     use_scale(a.scale)
     use_pair(a.pair)
     if a.out is not None:

@@ -1094,7 +1094,8 @@ def test_fine_section_pools_seed_blocks_and_reads_the_target(tmp_path, monkeypat
     for b, seeds in enumerate(([0, 1], [2, 3])):
         d = tmp_path / "fine" / f"seeds-{2 * b:02d}"
         d.mkdir(parents=True)
-        (d / "search.json").write_text(json.dumps({"seeds": seeds}))
+        (d / "search.json").write_text(json.dumps({"seeds": seeds,
+                                                   "judge": {"label": "ar-test judge"}}))
         with open(d / "search.csv", "w", newline="") as f:
             cols = ["mask", "name", "saved_blocks", "nll_per_token", "tokens"] + [
                 f"{k}_seed_{s}" for s in seeds for k in ("ppl", "entropy")]
@@ -1127,5 +1128,45 @@ def test_fine_section_pools_seed_blocks_and_reads_the_target(tmp_path, monkeypat
     assert "the costliest, H5 L3, costs +7.8%" in txt and "told apart (95% CI excludes 0)" in txt
     assert "another training of the pair" in txt and "heavy 5.1000 / light 5.3000" in txt
     assert "(stage fine: 3 light steps of" in txt and "4 seeds" in txt
+    assert "Judge: ar-test judge." in txt
     (tmp_path / "fine" / "pair.json").write_text(json.dumps({"heavy": 5.0, "light": 5.2}))
     assert "Sampled from the pair above." in "\n".join(sch.fine_lines(evals))
+
+
+def test_stage_fine_score_later_samples_without_a_judge(tmp_path, monkeypatch):
+    """``--score-later``: stage fine needs no judge, its searches run with --score-later, a
+    sampled block counts as done; the report says the blocks wait for scoring; without the
+    flag (a judge linked) an unscored block with its samples is scored by rescore."""
+    sch = _load("scheduling")
+    out, work = tmp_path / "out", tmp_path / "work"
+    for d in ("heavy", "light"):
+        (work / d).mkdir(parents=True)
+    (out / "fine").mkdir(parents=True)
+    (out / "fine" / "picks.json").write_text(json.dumps(
+        {"light_steps": 24, "target": 0.25, "segments": 8,
+         "picks": [{"mask": "L" * 24 + "H" * 40, "predicted": 0.01, "name": "light-first"}]}))
+    calls = []
+    monkeypatch.setattr(sch, "OUT", out)
+    monkeypatch.setattr(sch, "sh", calls.append)
+    monkeypatch.setattr(sch, "LINKS", {})
+    monkeypatch.setattr(sch, "SCORE_LATER", True)
+    sch.stage_fine(work)
+    assert len(calls) == 4 and all("--score-later" in c and "--judge" not in c for c in calls)
+    for p in sch.fine_parts()[:2]:                    # two blocks sampled, not scored
+        (out / p / "samples").mkdir(parents=True)
+        (out / p / "search.json").write_text(json.dumps(
+            {"judge": None, "seeds": [0], "rows": [{"mask": "H" * 64}]}))
+        (out / p / "samples" / f"{'H' * 64}.jsonl.gz").write_bytes(b"")
+    calls.clear()
+    sch.stage_fine(work)
+    assert len(calls) == 2                            # only the two blocks not sampled
+    txt = "\n".join(sch.fine_lines({}))
+    assert "2 of 4 blocks of seeds sampled, none scored yet" in txt
+    monkeypatch.setattr(sch, "SCORE_LATER", False)
+    judge = work / "judge"
+    (judge / "final_eval").mkdir(parents=True)
+    (judge / "final_eval" / "metrics.json").write_text(json.dumps({"checkpoint": "ck"}))
+    calls.clear()
+    assert sch._done(work, sch.fine_parts()[0])
+    assert calls == [["schedule", "rescore", "--out", str(out / sch.fine_parts()[0]),
+                      "--judge", str(judge)]]

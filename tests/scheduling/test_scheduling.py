@@ -597,6 +597,39 @@ def test_schedule_rescore_scores_stored_samples_under_another_judge(runs, capsys
     one_error_line(capsys, rc, "no stored samples", "search again")
 
 
+def test_search_scored_later_equals_a_search_scored_as_it_went(runs, capsys):
+    """``--score-later``: no judge loaded, rows without gen PPL (no frontier, no plot), the
+    samples kept; ``tdlm schedule rescore --judge`` then gives every row a search with the
+    judge gives (same draws: the samples do not depend on the judge), FLOPs columns equal.
+    Neither or both of --judge / --score-later: one error line."""
+    import csv
+    base = ["schedule", "search", "--model", f"H={runs['H']}", "--model", f"L={runs['L']}",
+            "--steps", "4", "--segments", "2", "--light-segments", "-1", "--masks", "LH",
+            "--num", "3", "--seeds", "2"]
+    now, later = runs["root"] / "scored-now", runs["root"] / "scored-later"
+    assert main(base + ["--judge", str(runs["A"]), "--out", str(now)]) == 0
+    assert main(base + ["--score-later", "--out", str(later)]) == 0
+    assert "not scored (--score-later)" in capsys.readouterr().out
+    rows = list(csv.DictReader((later / "search.csv").open()))
+    assert {r["mask"] for r in rows} == {"HH", "LH", "LL"}
+    assert all("gen_ppl" not in r and r["frontier"] == "False" for r in rows)
+    assert not (later / "frontier.png").exists()
+    assert json.loads((later / "search.json").read_text())["judge"] is None
+    assert main(["schedule", "rescore", "--out", str(later), "--judge", str(runs["A"])]) == 0
+    a = {r["mask"]: r for r in csv.DictReader((now / "search.csv").open())}
+    b = {r["mask"]: r for r in csv.DictReader((later / "search.csv").open())}
+    assert set(a) == set(b)
+    for m in a:
+        for k in ("gen_ppl", "ppl_seed_0", "ppl_seed_1", "entropy", "tokens", "saved_blocks",
+                  "saved_full", "forward_calls", "frontier"):
+            assert b[m][k] == a[m][k], (m, k)
+    assert (later / "frontier.png").exists()
+    for extra in ([], ["--judge", str(runs["A"]), "--score-later"]):
+        capsys.readouterr()
+        rc = main(base + extra + ["--out", str(runs["root"] / "bad")])
+        one_error_line(capsys, rc, "--judge", "--score-later")
+
+
 def test_cli_schedule_search_resumes_from_partial_rows(runs, capsys, monkeypatch):
     """A search stopped after two schedules resumes with only the rest sampled, and gives
     the rows of an uninterrupted search; other settings start over."""

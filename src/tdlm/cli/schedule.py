@@ -64,22 +64,29 @@ def cmd_search(args) -> int:
     if args.prefix_from_val is not None:
         from ..scheduling.sampler import prefixes_from_validation
         prefix, _ = prefixes_from_validation(sampler.pipes[heavy], args.num, args.prefix_from_val)
-    from ..eval.genppl import load_judge
-    judge = load_judge(args.judge, args.device)
+    if (args.judge is None) == (not args.score_later):
+        raise ConfigError("give --judge (score as the search goes) or --score-later (keep the "
+                          "samples, score them with `tdlm schedule rescore --judge`), not both")
+    judge = None
+    if args.judge is not None:
+        from ..eval.genppl import load_judge
+        judge = load_judge(args.judge, args.device)
 
     res = search_to_files(sampler, light, heavy, judge, args.out, args.steps, args.segments,
                           args.light_segments, args.num, seeds, args.batch, args.temperature,
                           args.top_p, masks, prefix, args.prefix_from_val, _progress)
-    print(f"frontier: {', '.join(r['mask'] for r in res['frontier'])}")
+    print(f"frontier: {', '.join(r['mask'] for r in res['frontier'])}" if judge is not None
+          else f"sampled, not scored: tdlm schedule rescore --out {args.out} --judge JUDGE")
     for f in res["files"]:
         print(f"  {f}")
     return 0
 
 
 def _progress(i, n, r):
-    print(f"[{i}/{n}] {r['mask']:<12} saved {100 * r['saved_blocks']:5.1f}%  gen PPL "
-          f"{r['gen_ppl']:8.2f}  entropy {r['entropy']:.3f}  ({r['seconds']:.0f} s)",
-          flush=True)
+    judged = (f"gen PPL {r['gen_ppl']:8.2f}  entropy {r['entropy']:.3f}" if "gen_ppl" in r
+              else "not scored (--score-later)")
+    print(f"[{i}/{n}] {r['mask']:<12} saved {100 * r['saved_blocks']:5.1f}%  {judged}  "
+          f"({r['seconds']:.0f} s)", flush=True)
 
 
 def cmd_rescore(args) -> int:
@@ -120,7 +127,10 @@ def add_parser(sub) -> None:
     s = ss.add_parser("search", help="sample + judge every light/heavy assignment of S "
                       "segments; saved-FLOPs vs gen PPL frontier")
     common(s)
-    s.add_argument("--judge", required=True, help="AR judge: tdlm ar run or HF folder")
+    s.add_argument("--judge", help="AR judge: tdlm ar run or HF folder")
+    s.add_argument("--score-later", action="store_true",
+                   help="no judge: sample and keep the samples (samples/<mask>.jsonl.gz), "
+                        "saved FLOPs and seconds; `tdlm schedule rescore --judge` scores them")
     s.add_argument("--steps", type=int, default=128)
     s.add_argument("--segments", type=int, default=8)
     s.add_argument("--light-segments", type=int,

@@ -301,11 +301,15 @@ def segment_search(sampler, judge, steps: int, segments: int, light_segments: Op
     time spent, so a later schedule may take less). ``share_prefixes=False`` turns it off.
     ``keep(mask, {seed: records})`` receives every sampled schedule's genppl records (not those
     of ``done`` rows), so a caller can store them and score them again under another judge
-    (:func:`score_samples`)."""
+    (:func:`score_samples`). ``judge`` None: the rows have no judged columns (the samples go
+    to ``keep`` only, to be scored later)."""
     if prefix is not None and prefix.shape[0] != num:
         raise ConfigError(f"prefix has {prefix.shape[0]} rows for num={num} samples")
     from ..eval.genppl import load_judge, vocab_ids_hash
-    judge = load_judge(judge)
+    if judge is not None:
+        judge = load_judge(judge)
+    elif keep is None:
+        raise ConfigError("a search without a judge must keep its samples (keep=) to be scored")
     tok = sampler.tokenizer
     vh = vocab_ids_hash(tok.hf) if hasattr(tok, "hf") else None
     cands = segment_schedules(steps, segments, light_segments, light, heavy, extra_masks)
@@ -334,7 +338,8 @@ def segment_search(sampler, judge, steps: int, segments: int, light_segments: Op
                "light_steps": sched.counts().get(light, 0),
                "saved_blocks": 1 - cost["blocks"] / cost["ref_blocks"],
                "saved_full": 1 - cost["full"] / cost["ref_full"],
-               **score_samples(by_seed, judge, vh), "forward_calls": cost["calls"]}
+               **(score_samples(by_seed, judge, vh) if judge is not None else {}),
+               "forward_calls": cost["calls"]}
         row["seconds"] = time.perf_counter() - t0
         if keep:
             keep(mask, by_seed)

@@ -62,7 +62,8 @@ def search_to_files(sampler, light: str, heavy: str, judge, out, steps: int, seg
                     prefix_from_val=None, progress=None) -> dict:
     """Sample + judge every light/heavy assignment of ``segments`` segments (or those with
     ``light_segments`` light ones, plus ``masks``) into ``out``; returns ``{"rows",
-    "frontier", "files"}``."""
+    "frontier", "files"}``. ``judge`` None: sampled and kept, not scored (no gen PPL columns,
+    no frontier; search.json's ``judge`` is None) until :func:`rescore_to_files`."""
     from ..eval.genppl import vocab_ids_hash
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +72,7 @@ def search_to_files(sampler, light: str, heavy: str, judge, out, steps: int, seg
                 "light_segments": light_segments, "num": num, "seeds": list(seeds),
                 "batch": batch, "temperature": temperature, "top_p": top_p,
                 "masks": list(masks), "prefix_from_val": prefix_from_val,
-                "judge": judge.label}
+                "judge": judge.label if judge is not None else None}
     done = _resume_rows(out / "partial.jsonl", settings)
 
     def record(i, n, row):
@@ -93,12 +94,14 @@ def search_to_files(sampler, light: str, heavy: str, judge, out, steps: int, seg
     meta = {"models": settings["models"], "light": light, "heavy": heavy, "steps": steps,
             "segments": segments, "light_segments": light_segments, "num": num, "seeds": seeds,
             "temperature": temperature, "top_p": top_p, "gumbel": "float64",
-            "prefix_from_val": prefix_from_val, "judge": judge.info(),
+            "prefix_from_val": prefix_from_val,
+            "judge": judge.info() if judge is not None else None,
             "sample_vocab_hash": (vocab_ids_hash(sampler.tokenizer.hf)
                                   if hasattr(sampler.tokenizer, "hf") else None)}
-    front = _write_search(out, rows, meta, judge.label)
+    front = _write_search(out, rows, meta, judge.label if judge is not None else None)
     return {"rows": rows, "frontier": front,
-            "files": [out / f for f in ("search.csv", "frontier.png", "search.json")]}
+            "files": [out / f for f in ("search.csv", "frontier.png", "search.json")
+                      if (out / f).exists()]}
 
 
 def kept_samples(out, mask: str) -> Path:
@@ -123,17 +126,19 @@ def read_kept(path: Path) -> dict:
     return by_seed
 
 
-def _write_search(out: Path, rows: list, meta: dict, judge_label: str) -> list:
+def _write_search(out: Path, rows: list, meta: dict, judge_label) -> list:
     """Mark the frontier in ``rows``; write search.csv, frontier.png and search.json (``meta``
-    + rows); returns the frontier."""
-    front = pareto_front(rows)
+    + rows); returns the frontier. Unscored rows (``judge_label`` None): no frontier, no
+    plot."""
+    front = pareto_front(rows) if judge_label is not None else []
     fm = {r["mask"] for r in front}
     for r in rows:
         r["frontier"] = r["mask"] in fm
     write_csv(out / "search.csv", rows)
-    plot_frontier(rows, out / "frontier.png",
-                  f"{meta['steps']} steps in {meta['segments']} segments, {meta['num']} "
-                  f"samples x {len(meta['seeds'])} seeds; judge {judge_label[:60]}")
+    if judge_label is not None:
+        plot_frontier(rows, out / "frontier.png",
+                      f"{meta['steps']} steps in {meta['segments']} segments, {meta['num']} "
+                      f"samples x {len(meta['seeds'])} seeds; judge {judge_label[:60]}")
     atomic_write_json(out / "search.json", {**meta, "rows": rows})
     return front
 
