@@ -561,8 +561,17 @@ def _done(work: Path, part: str) -> bool:
     ck = json.loads(fin.read_text())["checkpoint"]
     by = (meta.get("judge") or {}).get("path")
     if by and Path(by).resolve() == Path(ck).resolve():
-        print(f"[{part}] exists", flush=True)
-        return True
+        # the same path; the same weights too where the search recorded them (a judge trained
+        # again at the same path, e.g. on a new machine, is another judge)
+        from tdlm.eval.genppl import checkpoint_weights_id
+        was = (meta.get("judge") or {}).get("weights_id")
+        mf = Path(ck) / "manifest.json"
+        now = checkpoint_weights_id(json.loads(mf.read_text())) if mf.exists() else None
+        if not was or not now or was == now:
+            print(f"[{part}] exists" + ("" if was else " (judge told by its path: the search "
+                                        "recorded no weights fingerprint)"), flush=True)
+            return True
+        by = f"{by} (other weights)"
     from tdlm.scheduling.runs import kept_samples
     if all(kept_samples(OUT / part, r["mask"]).exists() for r in meta["rows"]):
         print(f"[{part}] " + (f"scored by {by}; re-scored" if by else "not scored yet; scored")

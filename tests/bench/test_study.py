@@ -1170,3 +1170,46 @@ def test_stage_fine_score_later_samples_without_a_judge(tmp_path, monkeypatch):
     assert sch._done(work, sch.fine_parts()[0])
     assert calls == [["schedule", "rescore", "--out", str(out / sch.fine_parts()[0]),
                       "--judge", str(judge)]]
+
+
+def test_scheduling_judge_retrained_at_the_same_path_is_another_judge(tmp_path, monkeypatch,
+                                                                     capsys):
+    """A search scored by a judge whose weights fingerprint differs from the linked judge's
+    (the same path: trained again on a new machine) is re-scored from its samples; the same
+    fingerprint: done; a search that recorded none: told by path (done, and said so). The
+    fingerprint is tdlm's own (sha256 over the manifest's weight-file hashes; optimizer and
+    RNG state left out)."""
+    from tdlm.eval.genppl import checkpoint_weights_id
+    man = {"files": {"model.safetensors": "aa", "optimizer.safetensors": "bb",
+                     "rng.safetensors": "cc", "config.json": "dd"}}
+    wid = checkpoint_weights_id(man)
+    man2 = {"files": {**man["files"], "optimizer.safetensors": "zz"}}
+    assert checkpoint_weights_id(man2) == wid                      # optimizer state: same
+    assert checkpoint_weights_id({"files": {**man["files"], "model.safetensors": "ab"}}) != wid
+    assert checkpoint_weights_id({}) is None
+    sch = _load("scheduling")
+    work, out = tmp_path / "work", tmp_path / "out"
+    ck = work / "judge" / "checkpoints" / "step_0008000"
+    ck.mkdir(parents=True)
+    (ck / "manifest.json").write_text(json.dumps(man))
+    (work / "judge" / "final_eval").mkdir(parents=True)
+    (work / "judge" / "final_eval" / "metrics.json").write_text(json.dumps({"checkpoint": str(ck)}))
+    (out / "search" / "samples").mkdir(parents=True)
+    (out / "search" / "samples" / "HH.jsonl.gz").write_bytes(b"")
+    calls = []
+    monkeypatch.setattr(sch, "OUT", out)
+    monkeypatch.setattr(sch, "sh", calls.append)
+
+    def scored(weights):
+        (out / "search" / "search.json").write_text(json.dumps(
+            {"judge": {"path": str(ck), "weights_id": weights}, "rows": [{"mask": "HH"}]}))
+    scored(wid)
+    assert sch._done(work, "search") and calls == []
+    scored(None)
+    assert sch._done(work, "search") and calls == []
+    assert "told by its path" in capsys.readouterr().out
+    scored("f" * 64)                                  # the judge trained again
+    assert sch._done(work, "search")
+    assert calls == [["schedule", "rescore", "--out", str(out / "search"), "--judge",
+                      str(work / "judge")]]
+    assert "(other weights)" in capsys.readouterr().out

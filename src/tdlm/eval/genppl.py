@@ -64,6 +64,17 @@ def vocab_ids_hash(backend) -> str:
     return hashlib.sha256(json.dumps(ordered, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
+def checkpoint_weights_id(manifest: dict) -> Optional[str]:
+    """sha256 over the manifest's hashes of a checkpoint's weight files (model and EMA
+    safetensors; not optimizer or RNG state): equal exactly when the weights are."""
+    import hashlib
+    files = {k: v for k, v in (manifest or {}).get("files", {}).items()
+             if k.endswith(".safetensors") and not k.startswith(("optimizer", "rng"))}
+    if not files:
+        return None
+    return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
+
+
 class Judge:
     """A causal LM that scores token ids: ``logits(x [B, L], mask [B, L]) -> [B, L, V]``."""
     kind = "base"
@@ -75,6 +86,9 @@ class Judge:
     precision = "fp32"
     vocab_size = 0
     device = torch.device("cpu")
+    #: a fingerprint of the weights that score (None when unknown): two judges trained alike
+    #: at the same path are told apart by it, not by the path
+    weights_id: Optional[str] = None
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -88,7 +102,7 @@ class Judge:
     def info(self) -> dict:
         return {"kind": self.kind, "path": self.path, "label": self.label,
                 "context": self.context, "eos_id": self.eos_id, "bos_id": self.bos_id,
-                "vocab_hash": self.vocab_hash()}
+                "vocab_hash": self.vocab_hash(), "weights_id": self.weights_id}
 
 
 class TdlmARJudge(Judge):
@@ -112,6 +126,7 @@ class TdlmARJudge(Judge):
         self.label = (f"tdlm AR model ({m.n_layers} blocks, d={m.d_model}, step "
                       f"{pipe.checkpoint.trainer.get('step')}, data {pipe.cfg.data.source}, "
                       f"tokenizer {tok.name}); not GPT-2")
+        self.weights_id = checkpoint_weights_id(pipe.checkpoint.manifest)
 
     def encode(self, text):
         return self.pipe.tokenizer.encode(text)
