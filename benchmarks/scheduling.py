@@ -523,16 +523,32 @@ def run_length(mask: str) -> str:
     return " ".join(f"{c}{len(list(g))}" for c, g in itertools.groupby(mask))
 
 
-def stage_rescore(work: Path) -> None:
-    """Bring the finished searches (search, prefix, more) under the linked judge without
-    sampling: each one scored by another judge is re-scored from its kept samples
-    (:func:`_done`); one without samples is named (its stage samples it again)."""
+def stage_rescore(work: Path, parts=None) -> None:
+    """Bring the finished searches (search, prefix, more, fine's blocks; or ``parts``) under
+    the linked judge without sampling: each one scored by another judge (or none) is
+    re-scored from its kept samples (:func:`_done`); one without samples is named (its stage
+    samples it again). The fine blocks' judge (its checkpoint and own validation NLL) goes to
+    ``fine/judge.json`` for the report."""
     _link(work, LINKS)
     if not _finished(work / "judge"):
         raise SystemExit(f"scheduling.py: the judge {work / 'judge'} has not finished")
-    for part in ("search", "prefix", "more", *fine_parts()):
+    parts = parts or ("search", "prefix", "more", *fine_parts())
+    for part in parts:
         if (OUT / part / "search.json").exists():
             _done(work, part)
+    fin = work / "judge" / "final_eval" / "metrics.json"
+    if any(p.startswith("fine/") and (OUT / p / "search.json").exists() for p in parts) \
+            and fin.exists():
+        ev = json.loads(fin.read_text())
+        (OUT / "fine" / "judge.json").write_text(json.dumps(
+            {"judge": LINKS.get("judge", str(work / "judge")), "checkpoint": ev["checkpoint"],
+             "nelbo_per_token": ev["nelbo_per_token"], "bound": ev.get("bound")}, indent=1))
+
+
+def stage_rescore_fine(work: Path) -> None:
+    """:func:`stage_rescore` of stage fine's blocks only (``--score-later`` samples scored by
+    a judge trained after them; the other searches stay under the judge that scored them)."""
+    stage_rescore(work, fine_parts())
 
 
 def _done(work: Path, part: str) -> bool:
@@ -916,6 +932,11 @@ def fine_lines(evals: dict) -> list[str]:
                         "own heavy-only only.")
     judges = sorted({(json.loads((OUT / p / "search.json").read_text())["judge"] or {})
                      .get("label", "?") for p in sampled})
+    jf = OUT / "fine" / "judge.json"
+    if jf.exists():
+        jj = json.loads(jf.read_text())
+        judges = [f"{j} ({jj['judge']}, own validation NLL {jj['nelbo_per_token']:.4f})"
+                  for j in judges]
     out = ["", f"## The target at step granularity (stage fine: {picks['light_steps']} light "
            f"steps of {T}, {len(seeds)} seeds)", "",
            f"{picks['light_steps']} light steps are the fewest that save >= "
@@ -1165,7 +1186,8 @@ def main() -> None:
                     "runs/sched-paper)")
     ap.add_argument("--stage", default="all", choices=["all", "run", "run-levels", "train",
                                                         "analyze", "search", "prefix", "more",
-                                                        "fine", "rescore", "report"])
+                                                        "fine", "rescore", "rescore-fine",
+                                                        "report"])
     ap.add_argument("--lanes", type=int, default=1, help="stages run/run-levels: runs trained "
                     "at a time (one thread each)")
     ap.add_argument("--steps", type=int, help="stages run/run-levels: train this many steps "
@@ -1209,9 +1231,9 @@ def main() -> None:
         return
     for st, fn in (("train", stage_train), ("analyze", stage_analyze), ("search", stage_search),
                    ("prefix", stage_prefix), ("more", stage_more), ("fine", stage_fine),
-                   ("rescore", stage_rescore),
+                   ("rescore", stage_rescore), ("rescore-fine", stage_rescore_fine),
                    ("report", stage_report)):
-        if a.stage == st or (a.stage == "all" and st != "rescore"):
+        if a.stage == st or (a.stage == "all" and not st.startswith("rescore")):
             t0 = time.time()
             fn(work)
             print(f"[{st}] {time.time() - t0:.0f} s", flush=True)

@@ -483,50 +483,66 @@ def test_finished_is_true_only_when_every_run_has_its_final_evaluation(tmp_path)
     assert st.main(["finished"]) == 1
 
 
-def test_backlog_runs_each_studys_stages_once_across_two_lanes(tmp_path):
-    """benchmarks/backlog.sh with a stand-in ``python`` that logs its arguments (every run
-    reported finished, one queue command failing): both lanes walk the training queues, each
-    study's early stages run in one lane only (the lock and done marker), and the final
-    stages follow."""
+def test_backlog_trains_the_pair_samples_fine_and_scores_it_under_the_new_judge(tmp_path):
+    """benchmarks/backlog.sh with a stand-in ``python`` that logs its arguments (the pair
+    reported unfinished for its first 3 looks, then finished; the run-levels queue failing):
+    both lanes train the pair, the lane that waits starts the judge in the background at low
+    priority (once), both sample stage fine without a judge, and the final pass resumes the
+    judge on both cores, scores the fine blocks under it and regenerates the report from the
+    archive; nothing archived over the committed runs, the DID study left alone."""
     import shutil
     import stat
     import subprocess
     (tmp_path / "benchmarks").mkdir()
     shutil.copy(REPO / "benchmarks" / "backlog.sh", tmp_path / "benchmarks" / "backlog.sh")
+    (tmp_path / "runs" / "sched-paper").mkdir(parents=True)
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     fake = bin_ / "python"
-    fake.write_text("#!/bin/sh\necho \"$*\" >> \"$LOG\"\nsleep 0.2\n"
-                    "case \"$*\" in *run-levels*) exit 1;; esac\nexit 0\n")
+    fake.write_text(
+        "#!/bin/sh\necho \"$*\" >> \"$LOG\"\nsleep 0.2\n"
+        "case \"$*\" in *run-levels*) exit 1;;\n"
+        "  *'study.py finished'*) n=$(cat \"$CNT\" 2>/dev/null || echo 0); "
+        "echo $((n + 1)) > \"$CNT\"; [ \"$n\" -ge 3 ] || exit 1;; esac\nexit 0\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     log = tmp_path / "calls.log"
-    env = {"PATH": f"{bin_}:/usr/bin:/bin", "LOG": str(log), "LANES": "2"}
-    p = subprocess.run(["bash", str(tmp_path / "benchmarks" / "backlog.sh")], env=env,
-                       capture_output=True, text=True, timeout=120)
-    # one queue command fails in both lanes: reported (exit status 1), and the stages of the
-    # studies after it still run once per lane set, not again in the second lane
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "LOG": str(log), "LANES": "2", "POLL": "0.1",
+           "CNT": str(tmp_path / "count")}
+    import fcntl
+    holder = open(tmp_path / "runs" / "sched-paper" / "tdlm-heavy.lock", "a")
+    fcntl.flock(holder, fcntl.LOCK_EX)                 # the heavy run "in training"
+    try:
+        p = subprocess.run(["bash", str(tmp_path / "benchmarks" / "backlog.sh")], env=env,
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    finally:
+        holder.close()
     assert p.returncode == 1 and "FAILED (1): scheduling run-levels" in p.stdout, \
         p.stdout + p.stderr
+    assert "neither finished nor training" not in p.stdout
     calls = log.read_text().splitlines()
     count = lambda s: sum(c.startswith(s) for c in calls)      # noqa: E731
-    assert count("benchmarks/judge.py run") == 2                   # both lanes' queues
-    assert count("benchmarks/scheduling.py --scale cpu --stage run-levels") == 2
-    assert count("benchmarks/did_study.py run") == 0               # archived, not retrained
-    assert count("benchmarks/parity.py") == 0                      # finished and committed
-    # early stages: one lane each (the other finds the lock held) + the final pass
-    assert count("benchmarks/judge.py report") == 2, calls
-    assert count("benchmarks/scheduling.py --scale cpu --pair tree --stage search") == 2
-    assert count("benchmarks/scheduling.py --scale cpu --pair tree --stage more") == 2
-    assert count("benchmarks/scheduling.py --scale cpu --pair tree --stage prefix") == 2
-    # the DID study's kept samples scored from its archive, its report regenerated there
-    arch = "benchmarks/results/runs/did-study"
-    assert count(f"benchmarks/did_study.py sample --work {arch} --judge runs/judge/ar-judge") == 2
-    assert count(f"benchmarks/did_study.py report --work {arch}") == 2
-    # every study's small outputs archived after its stages, beside the results
-    for study, n in (("judge", 2), ("did-study", 0), ("sched-paper", 4)):
-        assert count(f"benchmarks/study.py archive runs/{study} "
-                     f"benchmarks/results/runs/{study}") == n, calls
-    assert "another lane has it" in p.stdout
+    assert count("benchmarks/scheduling.py --scale cpu --stage run-levels --lanes 1") == 2
+    tree = "benchmarks/scheduling.py --scale cpu --pair tree --work runs/sched-paper"
+    assert count(f"{tree} --stage fine --score-later") == 3        # 2 lanes + final pass
+    assert count("benchmarks/judge.py run --threads 1 --work runs/judge-v2") == 1, calls
+    assert count("benchmarks/judge.py run --threads 2 --work runs/judge-v2") == 1
+    assert count(f"{tree} --judge runs/judge-v2/ar-judge --stage rescore-fine") == 1
+    assert count("benchmarks/scheduling.py --scale cpu --pair tree --work "
+                 "benchmarks/results/runs/sched-paper --judge "
+                 "benchmarks/results/runs/judge/ar-judge --stage report") == 1
+    order = [c for c in calls if "judge-v2" in c or "rescore-fine" in c]
+    assert order[-1].endswith("--stage rescore-fine")               # scored after the judge
+    for never in ("benchmarks/study.py archive", "benchmarks/did_study.py",
+                  "benchmarks/judge.py report", "benchmarks/parity.py"):
+        assert count(never) == 0, never
+    # the pair neither finished nor held by a training process (its queue failed): the lanes
+    # stop waiting and say so
+    (tmp_path / "count").write_text("-1000")          # never finished
+    log.unlink()
+    p = subprocess.run(["bash", str(tmp_path / "benchmarks" / "backlog.sh")], env=env,
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 1 and p.stdout.count("neither finished nor training") == 2
+    assert not any("--stage fine" in c or "rescore" in c for c in log.read_text().splitlines())
 
 
 def _sched_rows(costs, k=2, entropy=5.0, saved=0.25):
@@ -1170,6 +1186,22 @@ def test_stage_fine_score_later_samples_without_a_judge(tmp_path, monkeypatch):
     assert sch._done(work, sch.fine_parts()[0])
     assert calls == [["schedule", "rescore", "--out", str(out / sch.fine_parts()[0]),
                       "--judge", str(judge)]]
+    # stage rescore-fine: the fine blocks only (a coarse search scored by another judge stays
+    # as it is), and the judge's own NLL beside them for the report
+    (out / "search" / "samples").mkdir(parents=True)
+    (out / "search" / "samples" / "HH.jsonl.gz").write_bytes(b"")
+    (out / "search" / "search.json").write_text(json.dumps(
+        {"judge": {"path": "old"}, "rows": [{"mask": "HH"}]}))
+    (judge / "config.json").write_text(json.dumps({"train": {"max_steps": 4}}))
+    (judge / "metrics.jsonl").write_text(json.dumps({"step": 4}) + "\n")
+    (judge / "final_eval" / "metrics.json").write_text(json.dumps(
+        {"checkpoint": "ck", "nelbo_per_token": 3.5, "bound": "exact NLL"}))
+    calls.clear()
+    sch.stage_rescore_fine(work)
+    assert [c[c.index("--out") + 1] for c in calls] == [str(out / p)
+                                                         for p in sch.fine_parts()[:2]]
+    jj = json.loads((out / "fine" / "judge.json").read_text())
+    assert jj["nelbo_per_token"] == 3.5 and jj["checkpoint"] == "ck"
 
 
 def test_scheduling_judge_retrained_at_the_same_path_is_another_judge(tmp_path, monkeypatch,
