@@ -26,7 +26,7 @@ doubling rule holds, or, without the shorter run, the last-quarter rule.
 
 ``results/judge.md`` is the 8000-step run's report (archived in ``results/runs/judge``):
 5.1% better than the 4000-step run, so **not converged** by the doubling rule; the next
-doubling is ``judge.py run --budget 16000 --work runs/judge-16000`` (about 5 h of one core,
+doubling is ``judge.py run --budget 16000 --work runs/judge-16000`` (about 7 h of one core,
 resumable) and ``judge.py report --budget 16000 --work runs/judge-16000 --short
 benchmarks/results/runs/judge/ar-judge``.
 """
