@@ -14,7 +14,8 @@ Models: the paper-shaped CPU backbone (d=112, 12 blocks, 8k BPE of the bundled c
 ``did-cpu-var`` (variable length, bundled paragraphs, ragged) against ``mdlm-cpu`` on the same
 paragraphs cropped/padded to 256. The same seed gives the same batches in the same order on
 both sides of a pair. Main pair (fixed length): ``--seeds`` (default 0 1 2); variable length:
-``--variable-seeds`` (default 0 1 2). MDLM runs keep every 100th checkpoint (``train.keep_every``).
+``--variable-seeds`` (default 0-5: seeds 3-5 were added in session 17, the 3-seed interval held
+0). MDLM runs keep every 100th checkpoint (``train.keep_every``).
 
 Stages (each skips what exists; runs are ``benchmarks/study.py`` queues, one thread each):
 * ``run``: train, then evaluate each run on the whole validation split (4 noise draws).
@@ -388,7 +389,8 @@ def equal_verdict(mean: float, half) -> str:
         return "met, the 95% CI lies below 0"
     if mean - half > 0:
         return f"missed, DID worse by {100 * (mean - half):.2f}% at least"
-    return "not decided: the 95% CI includes 0 (no difference shown either way)"
+    return (f"not decided: the 95% CI includes 0 (no difference shown either way; DID worse by "
+            f"more than {100 * (mean + half):.2f}% is excluded at 95%)")
 
 
 def markdown(res: dict) -> str:
@@ -511,7 +513,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="runs/did-study")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    p.add_argument("--variable-seeds", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--variable-seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4, 5])
     p.add_argument("--lanes", type=int, default=2)
     p.add_argument("--steps", type=int, help="override max_steps (smoke tests only)")
     p.add_argument("--judge", default="", help="AR run folder for generative perplexity")

@@ -731,6 +731,7 @@ def test_did_equal_flops_target_read_from_the_interval():
     assert ds.equal_verdict(-0.05, 0.02).startswith("met")
     assert ds.equal_verdict(0.05, 0.02) == "missed, DID worse by 3.00% at least"
     assert ds.equal_verdict(-0.01, 0.02).startswith("not decided")
+    assert "DID worse by more than 1.00% is excluded" in ds.equal_verdict(-0.01, 0.02)
     assert ds.equal_verdict(-0.05, None) == "one seed, not decided"
 
 
