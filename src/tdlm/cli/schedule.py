@@ -65,8 +65,9 @@ def cmd_search(args) -> int:
         from ..scheduling.sampler import prefixes_from_validation
         prefix, _ = prefixes_from_validation(sampler.pipes[heavy], args.num, args.prefix_from_val)
     if (args.judge is None) == (not args.score_later):
-        raise ConfigError("give --judge (score as the search goes) or --score-later (keep the "
-                          "samples, score them with `tdlm schedule rescore --judge`), not both")
+        raise ConfigError("give exactly one of --judge (score as the search goes) and "
+                          "--score-later (keep the samples, score them with `tdlm schedule "
+                          "rescore --judge`)")
     judge = None
     if args.judge is not None:
         from ..eval.genppl import load_judge
