@@ -588,7 +588,7 @@ def test_schedule_rescore_scores_stored_samples_under_another_judge(runs, capsys
     meta = json.loads((out / "search.json").read_text())
     assert meta["judge"]["label"] == "uniform" and meta["rescored_from"]["label"] != "uniform"
     head = json.loads((out / "partial.jsonl").read_text().splitlines()[0])["settings"]
-    assert head["judge"] == "uniform"
+    assert head["judge"].startswith("uniform [weights ")      # label + weights fingerprint
     bare = runs["root"] / "search-bare"
     shutil.copytree(out, bare)
     shutil.rmtree(bare / "samples")
@@ -706,3 +706,23 @@ def test_cli_schedule_search_with_prefixes(runs, capsys):
     # only the continuation is scored: at most 2 x (32 - 6) tokens
     assert all(0 < int(r["tokens"]) <= 2 * 26 for r in rows.values())
     assert json.loads((out / "search.json").read_text())["prefix_from_val"] == 6
+
+
+def test_a_stopped_search_resumes_only_under_the_same_judge_weights(tmp_path):
+    """partial.jsonl names the judge by label and weights fingerprint: a judge with the same
+    label (trained again at the same path) but other weights starts the search over; the same
+    judge resumes its rows; an unscored search (no judge) resumes as unscored."""
+    from types import SimpleNamespace
+    from tdlm.scheduling.runs import _judge_key, _resume_rows
+    a = SimpleNamespace(label="tdlm AR model (step 8000)", weights_id="a" * 64)
+    b = SimpleNamespace(label="tdlm AR model (step 8000)", weights_id="b" * 64)
+    assert _judge_key(a) != _judge_key(b) and _judge_key(None) is None
+    assert _judge_key(SimpleNamespace(label="hf", weights_id=None)) == "hf"
+    path = tmp_path / "partial.jsonl"
+    for judge in (a, None):
+        settings = {"steps": 8, "judge": _judge_key(judge)}
+        assert _resume_rows(path, settings) == {}
+        with open(path, "a") as f:
+            f.write(json.dumps({"mask": "LH", "gen_ppl": 3.0}) + "\n")
+        assert _resume_rows(path, settings) == {"LH": {"mask": "LH", "gen_ppl": 3.0}}
+    assert _resume_rows(path, {"steps": 8, "judge": _judge_key(b)}) == {}

@@ -72,7 +72,7 @@ def search_to_files(sampler, light: str, heavy: str, judge, out, steps: int, seg
                 "light_segments": light_segments, "num": num, "seeds": list(seeds),
                 "batch": batch, "temperature": temperature, "top_p": top_p,
                 "masks": list(masks), "prefix_from_val": prefix_from_val,
-                "judge": judge.label if judge is not None else None}
+                "judge": _judge_key(judge)}
     done = _resume_rows(out / "partial.jsonl", settings)
 
     def record(i, n, row):
@@ -181,11 +181,20 @@ def rescore_to_files(out, judge, progress=None) -> dict:
     part = out / "partial.jsonl"
     if part.exists():
         head = json.loads(part.read_text().splitlines()[0])["settings"]
-        head["judge"] = judge.label
+        head["judge"] = _judge_key(judge)
         atomic_write_text(part, "".join(json.dumps(x) + "\n" for x in [{"settings": head},
                                                                         *new]))
     return {"rows": new, "frontier": front,
             "files": [out / f for f in ("search.csv", "frontier.png", "search.json")]}
+
+
+def _judge_key(judge):
+    """How ``partial.jsonl`` names the judge its rows were scored by: the label and, where
+    known, the weights fingerprint (a judge trained again at the same path, same label, is
+    another judge: a stopped search does not resume under it). None: not scored."""
+    if judge is None:
+        return None
+    return judge.label + (f" [weights {judge.weights_id[:16]}]" if judge.weights_id else "")
 
 
 def _resume_rows(path: Path, settings: dict) -> dict:
