@@ -203,6 +203,26 @@ def judged_by(genppl: Path) -> str | None:
         return None
 
 
+def judged_weights(genppl: Path) -> str | None:
+    """The weights fingerprint of the judge a genppl.json was scored with (``judge.weights_id``;
+    None for scores made before judges carried one, or unreadable)."""
+    try:
+        return json.loads(genppl.read_text())["judge"].get("weights_id")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def checkpoint_weights(ckpt: str) -> str | None:
+    """The weights fingerprint of a judge checkpoint folder (from its manifest; None when the
+    folder or manifest is not there, e.g. an archived judge without weights)."""
+    from tdlm.eval.genppl import checkpoint_weights_id
+    mf = Path(ckpt) / "manifest.json"
+    try:
+        return checkpoint_weights_id(json.loads(mf.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
 def judge_checkpoint(judge: str) -> str | None:
     """The checkpoint a finished judge run was evaluated at (its final evaluation's
     ``checkpoint``); None while the run is unfinished (it is not scored with: a judge part-way
@@ -213,11 +233,16 @@ def judge_checkpoint(judge: str) -> str | None:
 
 def needs_scoring(genppl: Path, judge_ckpt: str | None) -> bool:
     """Score (again) when the judge has finished and ``genppl`` is missing or was scored by
-    another checkpoint (an earlier judge: its numbers must not pass for the new one's)."""
+    another checkpoint (an earlier judge: its numbers must not pass for the new one's), or by
+    the same path with other weights (a judge trained again there; told apart where both
+    fingerprints are known)."""
     if not judge_ckpt:
         return False
     by = judged_by(genppl)
-    return by is None or Path(by).resolve() != Path(judge_ckpt).resolve()   # any spelling
+    if by is None or Path(by).resolve() != Path(judge_ckpt).resolve():   # any spelling
+        return True
+    was, now = judged_weights(genppl), checkpoint_weights(judge_ckpt)
+    return bool(was and now and was != now)
 
 
 EARLIER = "earlier-judges"
@@ -231,7 +256,9 @@ def keep_earlier(genppl: Path, samples: Path) -> None:
     by = judged_by(genppl)
     if by is None:
         return
-    dest = samples / EARLIER / f"{Path(by).parent.parent.name}-{Path(by).name}"
+    was = judged_weights(genppl)        # a judge trained again at the same path: its own folder
+    dest = samples / EARLIER / (f"{Path(by).parent.parent.name}-{Path(by).name}"
+                                + (f"-{was[:8]}" if was else ""))
     dest.mkdir(parents=True, exist_ok=True)
     j = samples / "judge.json"
     if j.exists() and not (dest / "judge.json").exists() and judged_by_json(j) == by:

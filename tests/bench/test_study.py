@@ -917,6 +917,22 @@ def test_did_samples_are_rescored_when_the_judge_changes(tmp_path):
     assert not ds.needs_scoring(g, ck)
     g.write_text("{cut")
     assert ds.needs_scoring(g, ck)
+    # the same path, weights told apart by the fingerprint (a judge trained again there)
+    from tdlm.eval.genppl import checkpoint_weights_id
+    ckd = tmp_path / "ar-judge" / "checkpoints" / "step_0008000"
+    ckd.mkdir(parents=True)
+    (ckd / "manifest.json").write_text(json.dumps({"files": {"model.safetensors": "aa"}}))
+    wid = checkpoint_weights_id({"files": {"model.safetensors": "aa"}})
+    assert ds.checkpoint_weights(str(ckd)) == wid and ds.checkpoint_weights(ck) is None
+    g.write_text(json.dumps({"judge": {"path": str(ckd), "weights_id": wid}}))
+    assert not ds.needs_scoring(g, str(ckd))
+    g.write_text(json.dumps({"judge": {"path": str(ckd), "weights_id": "f" * 64}}))
+    assert ds.needs_scoring(g, str(ckd))
+    g.write_text(json.dumps({"judge": {"path": str(ckd)}}))       # scored before fingerprints
+    assert not ds.needs_scoring(g, str(ckd))
+    g.write_text(json.dumps({"judge": {"path": str(ckd), "weights_id": "f" * 64}}))
+    ds.keep_earlier(g, tmp_path)                                    # kept apart by weights
+    assert (tmp_path / "earlier-judges" / "ar-judge-step_0008000-ffffffff" / g.name).exists()
 
 
 def test_did_earlier_judges_scores_are_kept_and_reported(tmp_path):
