@@ -930,8 +930,8 @@ def fine_lines(evals: dict) -> list[str]:
                         f"{evals['heavy']['nelbo_per_token']:.4f} / "
                         f"{evals['light']['nelbo_per_token']:.4f}), so its rows pair with its "
                         "own heavy-only only.")
-    judges = sorted({(json.loads((OUT / p / "search.json").read_text())["judge"] or {})
-                     .get("label", "?") for p in sampled})
+    metas = [json.loads((OUT / p / "search.json").read_text()) for p in sampled]
+    judges = sorted({m["judge"].get("label", "?") for m in metas if m.get("judge")})
     jf = OUT / "fine" / "judge.json"
     if jf.exists():
         jj = json.loads(jf.read_text())
@@ -946,8 +946,8 @@ def fine_lines(evals: dict) -> list[str]:
            f"light run) and the named sandwich and light-first; {NUM} samples x {len(seeds)} "
            f"seeds each ({seeds[0]}-{seeds[-1]}), heavy-only with the same seeds, in blocks of "
            f"{FINE_BLOCK} seeds (`{OUT.name}/fine/`).{same} Judge: {'; '.join(judges)}"
-           + ("" if len(sampled) == len(fine_parts()) else
-              f" ({len(sampled)} of {len(fine_parts())} blocks of seeds finished)") + ".", "",
+           + ("" if len(seeds) == FINE_SEEDS else
+              f" ({len(seeds)} of {FINE_SEEDS} seeds sampled and scored so far)") + ".", "",
            "| schedule (steps) | name | block FLOPs saved | predicted | gen PPL (pooled) | "
            "entropy | paired change vs heavy-only (+- s.e.) | 95% CI |",
            "|---|---|---|---|---|---|---|---|"]

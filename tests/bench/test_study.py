@@ -1164,6 +1164,9 @@ def test_fine_section_pools_seed_blocks_and_reads_the_target(tmp_path, monkeypat
     assert "Judge: ar-test judge." in txt
     (tmp_path / "fine" / "pair.json").write_text(json.dumps({"heavy": 5.0, "light": 5.2}))
     assert "Sampled from the pair above." in "\n".join(sch.fine_lines(evals))
+    assert "so far" not in txt
+    monkeypatch.setattr(sch, "FINE_SEEDS", 8)         # two more blocks still to come
+    assert "(4 of 8 seeds sampled and scored so far)" in "\n".join(sch.fine_lines(evals))
 
 
 def test_stage_fine_score_later_samples_without_a_judge(tmp_path, monkeypatch):
