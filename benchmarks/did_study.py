@@ -215,12 +215,8 @@ def judged_weights(genppl: Path) -> str | None:
 def checkpoint_weights(ckpt: str) -> str | None:
     """The weights fingerprint of a judge checkpoint folder (from its manifest; None when the
     folder or manifest is not there, e.g. an archived judge without weights)."""
-    from tdlm.eval.genppl import checkpoint_weights_id
-    mf = Path(ckpt) / "manifest.json"
-    try:
-        return checkpoint_weights_id(json.loads(mf.read_text()))
-    except (OSError, ValueError):
-        return None
+    from tdlm.eval.genppl import folder_weights_id
+    return folder_weights_id(ckpt)
 
 
 def judge_checkpoint(judge: str) -> str | None:

@@ -61,7 +61,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import T95, latest_step, read_run, run_queue  # noqa: E402
+from study import T95, claim, latest_step, read_run, run_queue  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -438,20 +438,6 @@ def fine_masks(rows: list[dict], seeds, segments: int, steps: int, n_light: int,
     return out
 
 
-def _claim_lock(path: Path):
-    """An exclusive non-blocking ``flock`` on ``path`` (created): the open file, or None when
-    another process holds it. Released when the file is closed or the process ends (a killed
-    lane leaves no stale lock)."""
-    import fcntl
-    f = open(path, "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        return None
-    return f
-
-
 def fine_parts() -> list[str]:
     """The stage's search folders (relative to ``OUT``), one per block of seeds."""
     return [f"fine/seeds-{first:02d}" for first in range(0, FINE_SEEDS, FINE_BLOCK)]
@@ -500,12 +486,13 @@ def stage_fine(work: Path) -> None:
     print("[fine] " + ", ".join(f"{run_length(p['mask'])} ({100 * p['predicted']:+.1f}%)"
                                 for p in picks), flush=True)
     for part in fine_parts():
-        # the lock in the work folder (runs/), not beside the committed results
-        lock = _claim_lock(work / f"{OUT.name}-{part.replace('/', '-')}.lock")
-        if lock is None:
+        # claimed like a study's run (study.claim), in the work folder (runs/), not beside
+        # the committed results; released when closed or when this process ends
+        fd = claim(work, f"{OUT.name}-{part.replace('/', '-')}")
+        if fd is None:
             print(f"[fine] {part}: another lane has it", flush=True)
             continue
-        with lock:
+        try:
             if _done(work, part):
                 continue
             first = int(part.rsplit("-", 1)[1])
@@ -515,6 +502,8 @@ def stage_fine(work: Path) -> None:
                 "--masks", ",".join(p["mask"] for p in picks), "--num", str(NUM),
                 "--seed", str(first), "--seeds", str(min(FINE_BLOCK, FINE_SEEDS - first)),
                 "--out", str(OUT / part)])
+        finally:
+            os.close(fd)
 
 
 def run_length(mask: str) -> str:
@@ -579,10 +568,9 @@ def _done(work: Path, part: str) -> bool:
     if by and Path(by).resolve() == Path(ck).resolve():
         # the same path; the same weights too where the search recorded them (a judge trained
         # again at the same path, e.g. on a new machine, is another judge)
-        from tdlm.eval.genppl import checkpoint_weights_id
+        from tdlm.eval.genppl import folder_weights_id
         was = (meta.get("judge") or {}).get("weights_id")
-        mf = Path(ck) / "manifest.json"
-        now = checkpoint_weights_id(json.loads(mf.read_text())) if mf.exists() else None
+        now = folder_weights_id(ck)
         if not was or not now or was == now:
             print(f"[{part}] exists" + ("" if was else " (judge told by its path: the search "
                                         "recorded no weights fingerprint)"), flush=True)

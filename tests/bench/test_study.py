@@ -1083,7 +1083,7 @@ def test_stage_fine_samples_seed_blocks_that_lanes_share(tmp_path, monkeypatch):
     monkeypatch.setattr(sch, "sh", calls.append)
     monkeypatch.setattr(sch, "LINKS", {})
     (out / "fine").mkdir()
-    held = sch._claim_lock(work / "out-fine-seeds-04.lock")         # another lane's block
+    held = sch.claim(work, "out-fine-seeds-04")                      # another lane's block
     sch.stage_fine(work)
     picks = json.loads((out / "fine" / "picks.json").read_text())
     assert picks["light_steps"] == 24                                   # tiny pair: 6 vs 2 blocks
@@ -1096,7 +1096,8 @@ def test_stage_fine_samples_seed_blocks_that_lanes_share(tmp_path, monkeypatch):
         assert c[:2] == ["schedule", "search"]
         assert c[c.index("--segments") + 1] == "64" and c[c.index("--masks") + 1] == masks
         assert c[c.index("--seeds") + 1] == "4" and c[c.index("--light-segments") + 1] == "-1"
-    held.close()
+    import os
+    os.close(held)
     (out / "search" / "search.csv").unlink()          # picks come from picks.json now
     calls.clear()
     sch.stage_fine(work)

@@ -75,6 +75,16 @@ def checkpoint_weights_id(manifest: dict) -> Optional[str]:
     return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
 
 
+def folder_weights_id(ckpt) -> Optional[str]:
+    """:func:`checkpoint_weights_id` of a checkpoint folder's manifest.json; None when the
+    folder or its manifest is not there (e.g. an archived run without weights)."""
+    from pathlib import Path
+    try:
+        return checkpoint_weights_id(json.loads((Path(ckpt) / "manifest.json").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
 class Judge:
     """A causal LM that scores token ids: ``logits(x [B, L], mask [B, L]) -> [B, L, V]``."""
     kind = "base"
