@@ -502,7 +502,9 @@ def test_backlog_trains_the_pair_samples_fine_and_scores_it_under_the_new_judge(
     fake.write_text(
         "#!/bin/sh\necho \"$*\" >> \"$LOG\"\nsleep 0.2\n"
         "case \"$*\" in *run-levels*) exit 1;;\n"
-        "  *'study.py finished'*) n=$(cat \"$CNT\" 2>/dev/null || echo 0); "
+        "  *'study.py finished'*) [ -z \"$NEVER\" ] || exit 1\n"
+        # the lanes ask concurrently: the count is read and written under a lock
+        "    exec 8>\"$CNT.lock\"; flock 8; n=$(cat \"$CNT\" 2>/dev/null || echo 0); "
         "echo $((n + 1)) > \"$CNT\"; [ \"$n\" -ge 3 ] || exit 1;; esac\nexit 0\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     log = tmp_path / "calls.log"
@@ -537,9 +539,9 @@ def test_backlog_trains_the_pair_samples_fine_and_scores_it_under_the_new_judge(
         assert count(never) == 0, never
     # the pair neither finished nor held by a training process (its queue failed): the lanes
     # stop waiting and say so
-    (tmp_path / "count").write_text("-1000")          # never finished
     log.unlink()
-    p = subprocess.run(["bash", str(tmp_path / "benchmarks" / "backlog.sh")], env=env,
+    p = subprocess.run(["bash", str(tmp_path / "benchmarks" / "backlog.sh")],
+                       env={**env, "NEVER": "1"},                   # never finished
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert p.returncode == 1 and p.stdout.count("neither finished nor training") == 2
     assert not any("--stage fine" in c or "rescore" in c for c in log.read_text().splitlines())
