@@ -117,7 +117,7 @@ SCALES = {
             "LEVEL_RUNS": {"tdlm-heavy": ("tdlm-cpu", CPU_SETS),
                            "tdlm-light": ("tdlm-cpu", ["backbone.n_layers=6", *CPU_SETS])}},
 }
-LANES, SMOKE_STEPS, FORCE = 1, None, False
+LANES, THREADS, SMOKE_STEPS, FORCE = 1, 1, None, False
 #: ``--score-later``: stage fine samples without a judge (``tdlm schedule search
 #: --score-later``), keeping the samples; ``--stage rescore`` scores them once a judge is linked
 SCORE_LATER = False
@@ -221,9 +221,10 @@ def stage_train(work: Path) -> None:
 
 
 def _queue(work: Path, runs: dict, lanes: int) -> None:
-    """``runs`` as a ``benchmarks/study.py`` queue in ``work`` (one thread per run)."""
+    """``runs`` as a ``benchmarks/study.py`` queue in ``work`` (``THREADS`` threads per run:
+    two for the run left alone on a 2-core machine once its partner has finished)."""
     run_queue([(n, p, s, None) for n, (p, s) in runs.items()], work, lanes=lanes, tag="sched",
-              steps=SMOKE_STEPS)
+              steps=SMOKE_STEPS, threads=THREADS)
 
 
 def stage_run(work: Path) -> None:
@@ -1178,6 +1179,8 @@ def main() -> None:
                                                         "report"])
     ap.add_argument("--lanes", type=int, default=1, help="stages run/run-levels: runs trained "
                     "at a time (one thread each)")
+    ap.add_argument("--threads", type=int, default=1, help="stages run/run-levels: threads "
+                    "per run (a run resumed alone on the machine)")
     ap.add_argument("--steps", type=int, help="stages run/run-levels: train this many steps "
                     "instead (smoke test)")
     ap.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/"
@@ -1198,7 +1201,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.smoke and a.out is None:
         ap.error("--smoke writes its results apart: give --out")
-    globals().update(LANES=a.lanes, SMOKE_STEPS=a.steps, FORCE=a.force or a.smoke,
+    if a.threads < 1:
+        ap.error(f"--threads must be at least 1, not {a.threads}")
+    globals().update(LANES=a.lanes, THREADS=a.threads, SMOKE_STEPS=a.steps, FORCE=a.force or a.smoke,
                      SCORE_LATER=a.score_later)
     use_scale(a.scale)
     use_pair(a.pair)

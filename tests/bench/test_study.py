@@ -1268,3 +1268,17 @@ def test_scheduling_judge_retrained_at_the_same_path_is_another_judge(tmp_path, 
     assert calls == [["schedule", "rescore", "--out", str(out / "search"), "--judge",
                       str(work / "judge")]]
     assert "(other weights)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_scheduling_trains_its_pair_with_the_threads_asked(tmp_path, monkeypatch, threads):
+    """``scheduling.py --stage run-levels --threads N`` queues the TDLM pair with N threads per
+    run (run_queue's OMP/MKL_NUM_THREADS): a run resumed alone on a 2-core machine uses both."""
+    sch = _load("scheduling")
+    seen = []
+    monkeypatch.setattr(sch, "run_queue", lambda runs, work, **kw: seen.append((runs, kw)))
+    monkeypatch.setattr(sys, "argv", ["scheduling.py", "--scale", "cpu", "--stage", "run-levels",
+                                      "--work", str(tmp_path / "w"), "--threads", str(threads)])
+    sch.main()
+    [(runs, kw)] = seen
+    assert [r[0] for r in runs] == ["tdlm-heavy", "tdlm-light"] and kw["threads"] == threads
