@@ -596,11 +596,11 @@ def _f(x) -> float:
     return float(x)
 
 
-def paired_change(r: dict, ref: dict, seeds) -> tuple[float, float]:
+def paired_change(r: dict, ref: dict, seeds, key: str = "ppl_seed_") -> tuple[float, float]:
     """Paired (same seed, same draws) relative gen-PPL change of schedule row ``r`` against row
     ``ref``: mean and standard error over the seeds of ppl_r,s / ppl_ref,s - 1 (s.e. 0 for one
-    seed)."""
-    d = [_f(r[f"ppl_seed_{s}"]) / _f(ref[f"ppl_seed_{s}"]) - 1 for s in seeds]
+    seed). ``key="entropy_seed_"``: the same for the entropy."""
+    d = [_f(r[f"{key}{s}"]) / _f(ref[f"{key}{s}"]) - 1 for s in seeds]
     m = sum(d) / len(d)
     se = (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else 0.
     return m, se
@@ -886,6 +886,53 @@ def fine_rows() -> tuple[list[dict], list]:
     return rows, seeds
 
 
+def fine_entropy_lines(sampled: list[str]) -> list[str]:
+    """Stage fine's section while its blocks are sampled but none scored (``--score-later``):
+    the entropy half of the target, which needs no judge (``tdlm.scheduling.analysis.
+    entropy_columns`` of the kept samples), paired with the blocks' heavy-only per seed."""
+    from tdlm.scheduling.analysis import entropy_columns
+    from tdlm.scheduling.runs import kept_samples, read_kept
+    merged: dict = {}
+    seeds: list = []
+    for part in sampled:
+        d = OUT / part
+        ss = json.loads((d / "search.json").read_text())["seeds"]
+        seeds += ss
+        for r in _rows(d / "search.csv"):
+            ent = entropy_columns(read_kept(kept_samples(d, r["mask"])))
+            m = merged.setdefault(r["mask"], {"mask": r["mask"], "name": r["name"],
+                                              "saved_blocks": _f(r["saved_blocks"]), "parts": 0})
+            m["parts"] += 1
+            m.update({k: v for k, v in ent.items() if k.startswith("entropy_seed_")})
+    rows = [m for m in merged.values() if m["parts"] == len(sampled)
+            and all(f"entropy_seed_{sd}" in m for sd in seeds)]
+    href = next((r for r in rows if set(r["mask"]) == {"H"}), None)
+    out = ["", "## The target at step granularity (stage fine)", "",
+           f"{len(sampled)} of {len(fine_parts())} blocks of seeds sampled ({len(seeds)} seeds "
+           f"x {NUM} samples), none scored yet: `--stage rescore-fine` with a judge linked "
+           "scores them. The entropy half of the target needs no judge (unigram entropy of "
+           "each sample's own tokens, mean per seed), paired with heavy-only by seed:"]
+    if href is None:
+        return out
+    t = _t95(seeds)
+    out += ["", "| schedule (steps) | name | block FLOPs saved | entropy | paired change vs "
+            "heavy-only (+- s.e.) | 95% CI | within 2% |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["saved_blocks"]):
+        e = sum(r[f"entropy_seed_{sd}"] for sd in seeds) / len(seeds)
+        if r is href:
+            out.append(f"| {run_length(r['mask'])} | heavy-only | 0.0% | {e:.3f} | - | - | - |")
+            continue
+        m, se = paired_change(r, href, seeds, "entropy_seed_")
+        lo, hi = m - t * se, m + t * se
+        within = ("yes (95% CI inside +-2%)" if -0.02 <= lo and hi <= 0.02 else
+                  "no (95% CI outside)" if hi < -0.02 or lo > 0.02 else
+                  f"{'yes' if abs(m) <= 0.02 else 'no'} on the mean (CI crosses +-2%)")
+        out.append(f"| {run_length(r['mask'])} | {r['name'] or '-'} | "
+                   f"{100 * r['saved_blocks']:.1f}% | {e:.3f} | {100 * m:+.2f}% +- "
+                   f"{100 * se:.2f}% | [{100 * lo:+.2f}%, {100 * hi:+.2f}%] | {within} |")
+    return out
+
+
 def fine_lines(evals: dict) -> list[str]:
     """Report section of stage fine (when a block has finished): the per-step schedules near
     the target, paired with the blocks' own heavy-only over all their seeds, and the target's
@@ -896,9 +943,7 @@ def fine_lines(evals: dict) -> list[str]:
     href = next((r for r in rows if set(r["mask"]) == {"H"}), None)
     sampled = [p for p in fine_parts() if (OUT / p / "search.json").exists()]
     if pf.exists() and href is None and sampled:
-        return ["", f"## The target at step granularity (stage fine)", "",
-                f"{len(sampled)} of {len(fine_parts())} blocks of seeds sampled, none scored "
-                "yet: `--stage rescore` with the judge linked scores them."]
+        return fine_entropy_lines(sampled)
     if not pf.exists() or href is None:
         return []
     picks = json.loads(pf.read_text())

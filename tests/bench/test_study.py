@@ -1172,6 +1172,53 @@ def test_fine_section_pools_seed_blocks_and_reads_the_target(tmp_path, monkeypat
     assert "(4 of 8 seeds sampled and scored so far)" in "\n".join(sch.fine_lines(evals))
 
 
+def test_fine_section_before_scoring_reads_the_entropy_from_the_kept_samples(tmp_path,
+                                                                             monkeypatch):
+    """Blocks sampled with --score-later, none scored: the fine section gives the entropy
+    half of the target from the kept samples alone (the sample's tokens after its prefix),
+    paired with heavy-only by seed over both blocks, with the 95% t interval by hand and the
+    +-2% reading; a schedule missing from a block is left out."""
+    import math
+    from tdlm.scheduling.runs import write_kept
+    sch = _load("scheduling")
+    monkeypatch.setattr(sch, "OUT", tmp_path)
+    monkeypatch.setattr(sch, "FINE_SEEDS", 8)
+    monkeypatch.setattr(sch, "FINE_BLOCK", 2)
+    monkeypatch.setattr(sch, "NUM", 2)
+    H, A, B = "H" * 8, "LLLHHHHH", "LLLLHHHH"
+    ln = math.log
+    # heavy-only: every sample [1 2 3 4] (ln 4); A: per seed one [1 1 2 2] (ln 2) and one
+    # [1 2 3 4]; a prefix of 2 tokens [9 9] is context, not counted
+    hs = {"ids": [9, 9, 1, 2, 3, 4], "prefix_len": 2}
+    a_s = [{"ids": [1, 1, 2, 2]}, {"ids": [1, 2, 3, 4]}]
+    a_s3 = [{"ids": [1, 1, 1, 1]}, {"ids": [1, 2, 3, 4]}]        # seed 3: entropy 0 and ln 4
+    for b, seeds in enumerate(([0, 1], [2, 3])):
+        d = tmp_path / "fine" / f"seeds-{2 * b:02d}"
+        (d / "samples").mkdir(parents=True)
+        (d / "search.json").write_text(json.dumps({"seeds": seeds, "judge": None}))
+        masks = [H, A] + ([B] if b == 0 else [])
+        (d / "search.csv").write_text("mask,name,saved_blocks\n" + "".join(
+            f"{m},{'heavy-only' if m == H else ''},{0.0 if m == H else 0.375}\n" for m in masks))
+        write_kept(d / "samples" / f"{H}.jsonl.gz", {s: [hs, hs] for s in seeds})
+        write_kept(d / "samples" / f"{A}.jsonl.gz",
+                   {s: (a_s3 if s == 3 else a_s) for s in seeds})
+        if b == 0:
+            write_kept(d / "samples" / f"{B}.jsonl.gz", {s: a_s for s in seeds})
+    (tmp_path / "fine" / "picks.json").write_text(json.dumps(
+        {"light_steps": 3, "target": 0.25, "segments": 8, "picks": []}))
+    txt = "\n".join(sch.fine_lines({}))
+    assert "2 of 4 blocks of seeds sampled (4 seeds x 2 samples), none scored yet" in txt
+    assert f"| H8 | heavy-only | 0.0% | {ln(4):.3f} | - | - | - |" in txt
+    d = [(ln(2) + ln(4)) / 2 / ln(4) - 1] * 3 + [(0 + ln(4)) / 2 / ln(4) - 1]
+    m = sum(d) / 4
+    se = (sum((x - m) ** 2 for x in d) / 3 / 4) ** 0.5
+    lo, hi = m - 3.182 * se, m + 3.182 * se
+    e = ((ln(2) + ln(4)) / 2 * 3 + ln(4) / 2) / 4
+    assert (f"| L3 H5 | - | 37.5% | {e:.3f} | {100 * m:+.2f}% +- {100 * se:.2f}% | "
+            f"[{100 * lo:+.2f}%, {100 * hi:+.2f}%] | no (95% CI outside) |") in txt, txt
+    assert "L4 H4" not in txt                         # sampled in one block of the two
+
+
 def test_stage_fine_score_later_samples_without_a_judge(tmp_path, monkeypatch):
     """``--score-later``: stage fine needs no judge, its searches run with --score-later, a
     sampled block counts as done; the report says the blocks wait for scoring; without the
@@ -1191,16 +1238,18 @@ def test_stage_fine_score_later_samples_without_a_judge(tmp_path, monkeypatch):
     monkeypatch.setattr(sch, "SCORE_LATER", True)
     sch.stage_fine(work)
     assert len(calls) == 4 and all("--score-later" in c and "--judge" not in c for c in calls)
-    for p in sch.fine_parts()[:2]:                    # two blocks sampled, not scored
+    from tdlm.scheduling.runs import write_kept
+    for i, p in enumerate(sch.fine_parts()[:2]):     # two blocks sampled, not scored
         (out / p / "samples").mkdir(parents=True)
         (out / p / "search.json").write_text(json.dumps(
-            {"judge": None, "seeds": [0], "rows": [{"mask": "H" * 64}]}))
-        (out / p / "samples" / f"{'H' * 64}.jsonl.gz").write_bytes(b"")
+            {"judge": None, "seeds": [i], "rows": [{"mask": "H" * 64}]}))
+        (out / p / "search.csv").write_text(f"mask,name,saved_blocks\n{'H' * 64},,0.0\n")
+        write_kept(out / p / "samples" / f"{'H' * 64}.jsonl.gz", {i: [{"ids": [1, 2]}]})
     calls.clear()
     sch.stage_fine(work)
     assert len(calls) == 2                            # only the two blocks not sampled
     txt = "\n".join(sch.fine_lines({}))
-    assert "2 of 4 blocks of seeds sampled, none scored yet" in txt
+    assert "2 of 4 blocks of seeds sampled (2 seeds x" in txt and "none scored yet" in txt
     monkeypatch.setattr(sch, "SCORE_LATER", False)
     judge = work / "judge"
     (judge / "final_eval").mkdir(parents=True)

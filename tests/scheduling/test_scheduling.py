@@ -613,6 +613,24 @@ def test_search_scored_later_equals_a_search_scored_as_it_went(runs, capsys):
     rows = list(csv.DictReader((later / "search.csv").open()))
     assert {r["mask"] for r in rows} == {"HH", "LH", "LL"}
     assert all("gen_ppl" not in r and r["frontier"] == "False" for r in rows)
+    # the entropy needs no judge: there at once, recomputed here from the kept samples
+    import collections
+    import gzip
+    import math
+    for r in rows:
+        with gzip.open(later / "samples" / f"{r['mask']}.jsonl.gz", "rt") as f:
+            recs = [json.loads(line) for line in f]
+        per_seed = {}
+        for x in recs:
+            ids = x["ids"][x.get("prefix_len", 0):]
+            n = len(ids)
+            per_seed.setdefault(x["seed"], []).append(
+                -sum(c / n * math.log(c / n) for c in collections.Counter(ids).values()))
+        assert sorted(per_seed) == [0, 1] and all(len(v) == 3 for v in per_seed.values())
+        for sd, es in per_seed.items():
+            assert float(r[f"entropy_seed_{sd}"]) == pytest.approx(sum(es) / 3, abs=1e-12)
+        assert float(r["entropy"]) == pytest.approx(sum(sum(v) for v in per_seed.values()) / 6,
+                                                    abs=1e-12)
     assert not (later / "frontier.png").exists()
     assert json.loads((later / "search.json").read_text())["judge"] is None
     assert main(["schedule", "rescore", "--out", str(later), "--judge", str(runs["A"])]) == 0
@@ -623,6 +641,9 @@ def test_search_scored_later_equals_a_search_scored_as_it_went(runs, capsys):
         for k in ("gen_ppl", "ppl_seed_0", "ppl_seed_1", "entropy", "tokens", "saved_blocks",
                   "saved_full", "forward_calls", "frontier"):
             assert b[m][k] == a[m][k], (m, k)
+        for k in ("entropy", "entropy_seed_0", "entropy_seed_1"):   # the judge-free columns
+            assert float(next(r for r in rows if r["mask"] == m)[k]) == \
+                pytest.approx(float(a[m][k]), abs=1e-12), (m, k)
     assert (later / "frontier.png").exists()
     for extra in ([], ["--judge", str(runs["A"]), "--score-later"]):
         capsys.readouterr()

@@ -85,7 +85,7 @@ def cmd_search(args) -> int:
 
 def _progress(i, n, r):
     judged = (f"gen PPL {r['gen_ppl']:8.2f}  entropy {r['entropy']:.3f}" if "gen_ppl" in r
-              else "not scored (--score-later)")
+              else f"not scored (--score-later)  entropy {r.get('entropy', float('nan')):.3f}")
     print(f"[{i}/{n}] {r['mask']:<12} saved {100 * r['saved_blocks']:5.1f}%  {judged}  "
           f"({r['seconds']:.0f} s)", flush=True)
 

@@ -273,6 +273,16 @@ def unigram_entropy(ids: Sequence[int]) -> float:
     return -sum(c / n * math.log(c / n) for c in Counter(int(i) for i in ids).values())
 
 
+def sample_entropy(r: dict) -> Optional[float]:
+    """:func:`unigram_entropy` of a genppl record's generated ids (``ids`` past its
+    ``prefix_len`` clamped prefix tokens): the sample's own tokens, so no judge is needed.
+    None for a record without ids (its entropy is that of the judge's retokenisation)."""
+    ids = r.get("ids")
+    if ids is None:
+        return None
+    return unigram_entropy(list(ids)[int(r.get("prefix_len", 0) or 0):])
+
+
 def _retokenise(text: str, judge: Judge) -> list[int]:
     out: list[int] = []
     for i, piece in enumerate(text.split(EOT)):
@@ -334,7 +344,7 @@ def _context_and_targets(i: int, r: dict, judge: Judge, retokenise: bool):
         if ids is None:
             raise ConfigError(f"sample {i} has no ids")
         ctx, tgt = list(ids)[:k], list(ids)[k:]
-    ent = unigram_entropy(list(ids)[k:] if ids is not None else tgt)
+    ent = sample_entropy(r) if ids is not None else unigram_entropy(tgt)
     bad = [v for v in ctx + tgt if not 0 <= v < judge.vocab_size]
     if bad:
         raise ConfigError(f"sample {i} holds token id {bad[0]}, outside the judge's "

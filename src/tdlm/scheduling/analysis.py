@@ -302,7 +302,7 @@ def segment_search(sampler, judge, steps: int, segments: int, light_segments: Op
     ``keep(mask, {seed: records})`` receives every sampled schedule's genppl records (not those
     of ``done`` rows), so a caller can store them and score them again under another judge
     (:func:`score_samples`). ``judge`` None: the rows have no judged columns (the samples go
-    to ``keep`` only, to be scored later)."""
+    to ``keep`` only, to be scored later) but their entropy (:func:`entropy_columns`)."""
     if prefix is not None and prefix.shape[0] != num:
         raise ConfigError(f"prefix has {prefix.shape[0]} rows for num={num} samples")
     from ..eval.genppl import load_judge, vocab_ids_hash
@@ -338,7 +338,8 @@ def segment_search(sampler, judge, steps: int, segments: int, light_segments: Op
                "light_steps": sched.counts().get(light, 0),
                "saved_blocks": 1 - cost["blocks"] / cost["ref_blocks"],
                "saved_full": 1 - cost["full"] / cost["ref_full"],
-               **(score_samples(by_seed, judge, vh) if judge is not None else {}),
+               **(score_samples(by_seed, judge, vh) if judge is not None
+                  else entropy_columns(by_seed)),
                "forward_calls": cost["calls"]}
         row["seconds"] = time.perf_counter() - t0
         if keep:
@@ -368,6 +369,23 @@ def score_samples(by_seed: dict, judge, vocab_hash=None) -> dict:
     for s, v in per_seed.items():
         row[f"ppl_seed_{s}"] = v["gen_ppl"]
         row[f"entropy_seed_{s}"] = v["entropy"]
+    return row
+
+
+def entropy_columns(by_seed: dict) -> dict:
+    """The judge-free columns of a search row from its samples ``{seed: [genppl records]}``:
+    ``entropy`` (mean unigram entropy of the samples' generated ids, nats, over all seeds)
+    and ``entropy_seed_<s>`` (over seed ``s``'s samples) -- the values :func:`score_samples`
+    gives for samples in the judge's own vocabulary (:func:`tdlm.eval.genppl.sample_entropy`),
+    so a search sampled without a judge (``--score-later``) reports its entropy at once."""
+    from ..eval.genppl import sample_entropy
+    ents = {s: [sample_entropy(r) for r in recs] for s, recs in by_seed.items()}
+    if any(e is None for v in ents.values() for e in v) or not any(ents.values()):
+        return {}                   # records without ids: only a judge's retokenisation
+    every = [e for v in ents.values() for e in v]
+    row = {"entropy": sum(every) / len(every)}
+    for s, v in ents.items():
+        row[f"entropy_seed_{s}"] = sum(v) / len(v) if v else float("nan")
     return row
 
 

@@ -63,7 +63,8 @@ def search_to_files(sampler, light: str, heavy: str, judge, out, steps: int, seg
     """Sample + judge every light/heavy assignment of ``segments`` segments (or those with
     ``light_segments`` light ones, plus ``masks``) into ``out``; returns ``{"rows",
     "frontier", "files"}``. ``judge`` None: sampled and kept, not scored (no gen PPL columns,
-    no frontier; search.json's ``judge`` is None) until :func:`rescore_to_files`."""
+    no frontier; search.json's ``judge`` is None; the judge-free entropy columns are there)
+    until :func:`rescore_to_files`."""
     from ..eval.genppl import vocab_ids_hash
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
