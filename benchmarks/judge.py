@@ -43,6 +43,7 @@ from study import context_free_level, read_run, run_queue  # noqa: E402
 STEPS = 8000
 CONVERGED_REL = 0.01
 NAME = "ar-judge"
+DEFAULT_WORK, DEFAULT_OUT = "runs/judge", "benchmarks/results"
 SETS = ["train.seed=0", "train.ckpt_every=100", "train.eval_every=200"]
 
 
@@ -98,9 +99,12 @@ def report(a) -> dict:
     f = r["final"]
     cf = (context_free_level(work / NAME) or {}).get("nats")
     short = read_run(Path(a.short)) if a.short else None
-    extra = (f" --budget {r['steps']} --work {a.work}" if r["steps"] != STEPS else "")
+    extra = ((f" --budget {r['steps']}" if r["steps"] != STEPS else "")
+             + (f" --work {a.work}" if a.work != DEFAULT_WORK else ""))
     res = {"command": f"python benchmarks/judge.py run{extra} && python benchmarks/judge.py "
-                      f"report{extra}" + (f" --short {a.short}" if extra and a.short else ""),
+                      f"report{extra}"
+                      + (f" --out {a.out}" if a.out != DEFAULT_OUT else "")
+                      + (f" --short {a.short}" if r["steps"] != STEPS and a.short else ""),
            "run": str(work / NAME), "steps": r["steps"], "tokens": r["tokens"],
            "final": {k: f.get(k) for k in ("nelbo_per_token", "stderr_per_token", "tokens")},
            "curve": r["curve"],
@@ -154,8 +158,8 @@ def report(a) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["run", "report"])
-    p.add_argument("--work", default="runs/judge")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--work", default=DEFAULT_WORK)
+    p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--short", default="benchmarks/results/runs/judge-4000/ar-judge",
                    help="the same model trained half as long, for the doubling rule ('' for "
                         "none)")
