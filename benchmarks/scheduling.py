@@ -856,7 +856,9 @@ def more_lines(sr, seeds, delta, ppl_line) -> dict:
 
 def fine_rows() -> tuple[list[dict], list]:
     """Stage fine's blocks merged: one row per mask sampled in every finished block (``mask``,
-    ``name``, ``saved_blocks``, ``gen_ppl`` token-pooled over all seeds, ``entropy`` the mean
+    ``name``, ``saved_blocks`` (the mean over the blocks: a step whose draws unmask nothing
+    reuses the last forward, so the calls saved vary a little with the draws), ``gen_ppl``
+    token-pooled over all seeds, ``entropy`` the mean
     of the per-seed means (equal samples per seed), ``ppl_seed_<s>`` / ``entropy_seed_<s>``
     for every seed), and the seeds."""
     import math
@@ -869,8 +871,9 @@ def fine_rows() -> tuple[list[dict], list]:
         seeds += ss
         for r in _rows(d / "search.csv"):
             m = merged.setdefault(r["mask"], {"mask": r["mask"], "name": r["name"],
-                                              "saved_blocks": _f(r["saved_blocks"]), "nll": 0.,
+                                              "saved_blocks": 0., "nll": 0.,
                                               "tokens": 0., "parts": 0})
+            m["saved_blocks"] += _f(r["saved_blocks"])     # a mean over the blocks below
             m["nll"] += _f(r["nll_per_token"]) * _f(r["tokens"])
             m["tokens"] += _f(r["tokens"])
             m["parts"] += 1
@@ -880,6 +883,7 @@ def fine_rows() -> tuple[list[dict], list]:
     rows = []
     for m in merged.values():
         if m["parts"] == len(parts):
+            m["saved_blocks"] /= m["parts"]
             m["gen_ppl"] = math.exp(m["nll"] / m["tokens"])
             m["entropy"] = sum(m[f"entropy_seed_{sd}"] for sd in seeds) / len(seeds)
             rows.append(m)
@@ -901,7 +905,8 @@ def fine_entropy_lines(sampled: list[str]) -> list[str]:
         for r in _rows(d / "search.csv"):
             ent = entropy_columns(read_kept(kept_samples(d, r["mask"])))
             m = merged.setdefault(r["mask"], {"mask": r["mask"], "name": r["name"],
-                                              "saved_blocks": _f(r["saved_blocks"]), "parts": 0})
+                                              "saved_blocks": 0., "parts": 0})
+            m["saved_blocks"] += _f(r["saved_blocks"]) / len(sampled)
             m["parts"] += 1
             m.update({k: v for k, v in ent.items() if k.startswith("entropy_seed_")})
     rows = [m for m in merged.values() if m["parts"] == len(sampled)

@@ -1123,7 +1123,7 @@ def test_fine_section_pools_seed_blocks_and_reads_the_target(tmp_path, monkeypat
             w.writeheader()
             for m, ratio, saved, name in ((H, [1.0] * 4, 0.0, "heavy-only"),
                                           (A, ra, 0.2528, "light-first"), (B, rb, 0.2528, "")):
-                w.writerow({"mask": m, "name": name, "saved_blocks": saved,
+                w.writerow({"mask": m, "name": name, "saved_blocks": saved + 0.0002 * b * (m != H),
                             "nll_per_token": nll[m][0] + b * 0.1, "tokens": nll[m][1],
                             **{f"ppl_seed_{s}": href[s] * ratio[s] for s in seeds},
                             **{f"entropy_seed_{s}": 4.8 for s in seeds}})
@@ -1135,6 +1135,7 @@ def test_fine_section_pools_seed_blocks_and_reads_the_target(tmp_path, monkeypat
     rows, seeds = sch.fine_rows()
     assert seeds == [0, 1, 2, 3]
     a = next(r for r in rows if r["mask"] == A)
+    assert a["saved_blocks"] == pytest.approx(0.2529)         # the mean over the two blocks
     assert a["gen_ppl"] == pytest.approx(math.exp((4.1 * 900 + 4.2 * 900) / 1800))
     evals = {"heavy": {"nelbo_per_token": 5.0}, "light": {"nelbo_per_token": 5.2}}
     txt = "\n".join(sch.fine_lines(evals))
@@ -1182,7 +1183,8 @@ def test_fine_section_before_scoring_reads_the_entropy_from_the_kept_samples(tmp
         (d / "search.json").write_text(json.dumps({"seeds": seeds, "judge": None}))
         masks = [H, A] + ([B] if b == 0 else [])
         (d / "search.csv").write_text("mask,name,saved_blocks\n" + "".join(
-            f"{m},{'heavy-only' if m == H else ''},{0.0 if m == H else 0.375}\n" for m in masks))
+            f"{m},{'heavy-only' if m == H else ''},{0.0 if m == H else 0.38 - 0.01 * b}\n"
+            for m in masks))                        # the saved share: a mean over the blocks
         write_kept(d / "samples" / f"{H}.jsonl.gz", {s: [hs, hs] for s in seeds})
         write_kept(d / "samples" / f"{A}.jsonl.gz",
                    {s: (a_s3 if s == 3 else a_s) for s in seeds})
