@@ -890,7 +890,26 @@ def fine_rows() -> tuple[list[dict], list]:
     return rows, seeds
 
 
-def fine_entropy_lines(sampled: list[str]) -> list[str]:
+def fine_pair_note(evals: dict) -> str:
+    """Which training of the pair stage fine sampled (``fine/pair.json``, its NELBOs): the
+    one the tables above read (``evals``) or another one; '' when unknown."""
+    pair = OUT / "fine" / "pair.json"
+    if not pair.exists() or "heavy" not in evals:
+        return ""
+    pj = json.loads(pair.read_text())
+    h, lt = pj.get(HEAVY_RUN), pj.get(LIGHT_RUN)
+    if h is None or lt is None:
+        return ""
+    if (abs(h - evals["heavy"]["nelbo_per_token"]) < 1e-9
+            and abs(lt - evals["light"]["nelbo_per_token"]) < 1e-9):
+        return " Sampled from the pair above."
+    return (f" Sampled from another training of the pair (same seed, config and batches; "
+            f"NELBO heavy {h:.4f} / light {lt:.4f}, the tables above "
+            f"{evals['heavy']['nelbo_per_token']:.4f} / {evals['light']['nelbo_per_token']:.4f}),"
+            " so its rows pair with its own heavy-only only.")
+
+
+def fine_entropy_lines(sampled: list[str], evals: dict) -> list[str]:
     """Stage fine's section while its blocks are sampled but none scored (``--score-later``):
     the entropy half of the target, which needs no judge (``tdlm.scheduling.analysis.
     entropy_columns`` of the kept samples), paired with the blocks' heavy-only per seed."""
@@ -915,8 +934,9 @@ def fine_entropy_lines(sampled: list[str]) -> list[str]:
     out = ["", "## The target at step granularity (stage fine)", "",
            f"{len(sampled)} of {len(fine_parts())} blocks of seeds sampled ({len(seeds)} seeds "
            f"x {NUM} samples), none scored yet: `--stage rescore-fine` with a judge linked "
-           "scores them. The entropy half of the target needs no judge (unigram entropy of "
-           "each sample's own tokens, mean per seed), paired with heavy-only by seed:"]
+           f"scores them.{fine_pair_note(evals)} The entropy half of the target needs no judge "
+           "(unigram entropy of each sample's own tokens, mean per seed), paired with "
+           "heavy-only by seed:"]
     if href is None:
         return out
     t = _t95(seeds)
@@ -948,27 +968,13 @@ def fine_lines(evals: dict) -> list[str]:
     href = next((r for r in rows if set(r["mask"]) == {"H"}), None)
     sampled = [p for p in fine_parts() if (OUT / p / "search.json").exists()]
     if pf.exists() and href is None and sampled:
-        return fine_entropy_lines(sampled)
+        return fine_entropy_lines(sampled, evals)
     if not pf.exists() or href is None:
         return []
     picks = json.loads(pf.read_text())
     pred = {p["mask"]: p["predicted"] for p in picks["picks"]}
     t = _t95(seeds)
-    pair = OUT / "fine" / "pair.json"
-    same = ""
-    if pair.exists():
-        pj = json.loads(pair.read_text())
-        h, lt = pj.get(HEAVY_RUN), pj.get(LIGHT_RUN)
-        if h is not None and lt is not None:
-            if (abs(h - evals["heavy"]["nelbo_per_token"]) < 1e-9
-                    and abs(lt - evals["light"]["nelbo_per_token"]) < 1e-9):
-                same = " Sampled from the pair above."
-            else:
-                same = (f" Sampled from another training of the pair (same seed, config and "
-                        f"batches; NELBO heavy {h:.4f} / light {lt:.4f}, the tables above "
-                        f"{evals['heavy']['nelbo_per_token']:.4f} / "
-                        f"{evals['light']['nelbo_per_token']:.4f}), so its rows pair with its "
-                        "own heavy-only only.")
+    same = fine_pair_note(evals)
     metas = [json.loads((OUT / p / "search.json").read_text()) for p in sampled]
     judges = sorted({m["judge"].get("label", "?") for m in metas if m.get("judge")})
     jf = OUT / "fine" / "judge.json"

@@ -1192,7 +1192,10 @@ def test_fine_section_before_scoring_reads_the_entropy_from_the_kept_samples(tmp
             write_kept(d / "samples" / f"{B}.jsonl.gz", {s: a_s for s in seeds})
     (tmp_path / "fine" / "picks.json").write_text(json.dumps(
         {"light_steps": 3, "target": 0.25, "segments": 8, "picks": []}))
-    txt = "\n".join(sch.fine_lines({}))
+    (tmp_path / "fine" / "pair.json").write_text(json.dumps({"heavy": 5.1, "light": 5.3}))
+    txt = "\n".join(sch.fine_lines({"heavy": {"nelbo_per_token": 5.0},
+                                    "light": {"nelbo_per_token": 5.2}}))
+    assert "another training of the pair" in txt and "heavy 5.1000 / light 5.3000" in txt
     assert "2 of 4 blocks of seeds sampled (4 seeds x 2 samples), none scored yet" in txt
     assert f"| H8 | heavy-only | 0.0% | {ln(4):.3f} | - | - | - |" in txt
     d = [(ln(2) + ln(4)) / 2 / ln(4) - 1] * 3 + [(0 + ln(4)) / 2 / ln(4) - 1]
