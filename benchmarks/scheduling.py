@@ -858,9 +858,8 @@ def fine_rows() -> tuple[list[dict], list]:
     """Stage fine's blocks merged: one row per mask sampled in every finished block (``mask``,
     ``name``, ``saved_blocks`` (the mean over the blocks: a step whose draws unmask nothing
     reuses the last forward, so the calls saved vary a little with the draws), ``gen_ppl``
-    token-pooled over all seeds, ``entropy`` the mean
-    of the per-seed means (equal samples per seed), ``ppl_seed_<s>`` / ``entropy_seed_<s>``
-    for every seed), and the seeds."""
+    token-pooled over all seeds, ``entropy`` the mean of the per-seed means (equal samples
+    per seed), ``ppl_seed_<s>`` / ``entropy_seed_<s>`` for every seed), and the seeds."""
     import math
     parts = [OUT / p for p in fine_parts() if (OUT / p / "search.json").exists()
              and json.loads((OUT / p / "search.json").read_text()).get("judge")]   # scored
@@ -1259,8 +1258,8 @@ def main() -> None:
         ap.error("--smoke writes its results apart: give --out")
     if a.threads < 1:
         ap.error(f"--threads must be at least 1, not {a.threads}")
-    globals().update(LANES=a.lanes, THREADS=a.threads, SMOKE_STEPS=a.steps, FORCE=a.force or a.smoke,
-                     SCORE_LATER=a.score_later)
+    globals().update(LANES=a.lanes, THREADS=a.threads, SMOKE_STEPS=a.steps,
+                     FORCE=a.force or a.smoke, SCORE_LATER=a.score_later)
     use_scale(a.scale)
     use_pair(a.pair)
     if a.out is not None:
