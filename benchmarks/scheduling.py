@@ -854,38 +854,44 @@ def more_lines(sr, seeds, delta, ppl_line) -> dict:
     return {"lines": out, "rows": rows}
 
 
-def fine_rows() -> tuple[list[dict], list]:
-    """Stage fine's blocks merged: one row per mask sampled in every finished block (``mask``,
-    ``name``, ``saved_blocks`` (the mean over the blocks: a step whose draws unmask nothing
-    reuses the last forward, so the calls saved vary a little with the draws), ``gen_ppl``
-    token-pooled over all seeds, ``entropy`` the mean of the per-seed means (equal samples
-    per seed), ``ppl_seed_<s>`` / ``entropy_seed_<s>`` for every seed), and the seeds."""
-    import math
-    parts = [OUT / p for p in fine_parts() if (OUT / p / "search.json").exists()
-             and json.loads((OUT / p / "search.json").read_text()).get("judge")]   # scored
+def _fine_blocks(dirs: list, add) -> tuple[list[dict], list]:
+    """Stage fine's blocks in ``dirs`` merged by mask: one dict per mask of their search.csv
+    found in every block (``mask``, ``name``, ``saved_blocks`` the mean over the blocks: a
+    step whose draws unmask nothing reuses the last forward, so the calls saved vary a little
+    with the draws), ``add(merged, row, block_dir, block_seeds)`` accumulating the rest; and
+    the seeds of all blocks."""
     merged: dict = {}
     seeds: list = []
-    for d in parts:
+    for d in dirs:
         ss = json.loads((d / "search.json").read_text())["seeds"]
         seeds += ss
         for r in _rows(d / "search.csv"):
             m = merged.setdefault(r["mask"], {"mask": r["mask"], "name": r["name"],
-                                              "saved_blocks": 0., "nll": 0.,
-                                              "tokens": 0., "parts": 0})
-            m["saved_blocks"] += _f(r["saved_blocks"])     # a mean over the blocks below
-            m["nll"] += _f(r["nll_per_token"]) * _f(r["tokens"])
-            m["tokens"] += _f(r["tokens"])
+                                              "saved_blocks": 0., "parts": 0})
+            m["saved_blocks"] += _f(r["saved_blocks"]) / len(dirs)
             m["parts"] += 1
-            for sd in ss:
-                m[f"ppl_seed_{sd}"] = _f(r[f"ppl_seed_{sd}"])
-                m[f"entropy_seed_{sd}"] = _f(r[f"entropy_seed_{sd}"])
-    rows = []
-    for m in merged.values():
-        if m["parts"] == len(parts):
-            m["saved_blocks"] /= m["parts"]
-            m["gen_ppl"] = math.exp(m["nll"] / m["tokens"])
-            m["entropy"] = sum(m[f"entropy_seed_{sd}"] for sd in seeds) / len(seeds)
-            rows.append(m)
+            add(m, r, d, ss)
+    return [m for m in merged.values() if m["parts"] == len(dirs)], seeds
+
+
+def fine_rows() -> tuple[list[dict], list]:
+    """Stage fine's scored blocks merged (:func:`_fine_blocks`): per mask also ``gen_ppl``
+    token-pooled over all seeds, ``entropy`` the mean of the per-seed means (equal samples per
+    seed), ``ppl_seed_<s>`` / ``entropy_seed_<s>`` for every seed; and the seeds."""
+    import math
+    parts = [OUT / p for p in fine_parts() if (OUT / p / "search.json").exists()
+             and json.loads((OUT / p / "search.json").read_text()).get("judge")]   # scored
+
+    def add(m, r, d, ss):
+        m["nll"] = m.get("nll", 0.) + _f(r["nll_per_token"]) * _f(r["tokens"])
+        m["tokens"] = m.get("tokens", 0.) + _f(r["tokens"])
+        for sd in ss:
+            m[f"ppl_seed_{sd}"] = _f(r[f"ppl_seed_{sd}"])
+            m[f"entropy_seed_{sd}"] = _f(r[f"entropy_seed_{sd}"])
+    rows, seeds = _fine_blocks(parts, add)
+    for m in rows:
+        m["gen_ppl"] = math.exp(m["nll"] / m["tokens"])
+        m["entropy"] = sum(m[f"entropy_seed_{sd}"] for sd in seeds) / len(seeds)
     return rows, seeds
 
 
@@ -914,21 +920,12 @@ def fine_entropy_lines(sampled: list[str], evals: dict) -> list[str]:
     entropy_columns`` of the kept samples), paired with the blocks' heavy-only per seed."""
     from tdlm.scheduling.analysis import entropy_columns
     from tdlm.scheduling.runs import kept_samples, read_kept
-    merged: dict = {}
-    seeds: list = []
-    for part in sampled:
-        d = OUT / part
-        ss = json.loads((d / "search.json").read_text())["seeds"]
-        seeds += ss
-        for r in _rows(d / "search.csv"):
-            ent = entropy_columns(read_kept(kept_samples(d, r["mask"])))
-            m = merged.setdefault(r["mask"], {"mask": r["mask"], "name": r["name"],
-                                              "saved_blocks": 0., "parts": 0})
-            m["saved_blocks"] += _f(r["saved_blocks"]) / len(sampled)
-            m["parts"] += 1
-            m.update({k: v for k, v in ent.items() if k.startswith("entropy_seed_")})
-    rows = [m for m in merged.values() if m["parts"] == len(sampled)
-            and all(f"entropy_seed_{sd}" in m for sd in seeds)]
+
+    def add(m, r, d, ss):
+        ent = entropy_columns(read_kept(kept_samples(d, r["mask"])))
+        m.update({k: v for k, v in ent.items() if k.startswith("entropy_seed_")})
+    rows, seeds = _fine_blocks([OUT / p for p in sampled], add)
+    rows = [m for m in rows if all(f"entropy_seed_{sd}" in m for sd in seeds)]
     href = next((r for r in rows if set(r["mask"]) == {"H"}), None)
     out = ["", "## The target at step granularity (stage fine)", "",
            f"{len(sampled)} of {len(fine_parts())} blocks of seeds sampled ({len(seeds)} seeds "
