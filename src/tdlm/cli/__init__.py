@@ -7,6 +7,7 @@
     tdlm sample CKPT --num N --steps T
     tdlm sample --model H=runs/heavy --model L=runs/light --schedule sandwich:0.25
     tdlm genppl SAMPLES.jsonl --judge runs/ar      generative perplexity + entropy
+    tdlm ngram --preset ar-cpu --order 4 --out runs/kn4   Kneser-Ney n-gram judge (closed form)
     tdlm info --preset mdlm-small [--preset ...] [--json]
     tdlm fit --preset mdlm-small --seq-len 1024 --batch 8 --memory 24 40 80   peak memory, micro-batch
     tdlm export RUN_OR_CKPT --out DIR    shareable folder (tdlm.load / tdlm.from_pretrained)
@@ -24,7 +25,8 @@ from ..errors import TdlmError
 from . import convert as _convert_cmd  # noqa: F401
 from . import eval as _eval_cmd, export as _export_cmd, info as _info_cmd  # noqa: F401
 from . import fit as _fit_cmd  # noqa: F401
-from . import genppl as _genppl_cmd, schedule as _schedule_cmd  # noqa: F401
+from . import genppl as _genppl_cmd, ngram as _ngram_cmd  # noqa: F401
+from . import schedule as _schedule_cmd  # noqa: F401
 from . import run as _run_cmd, sample as _sample_cmd, train as _train_cmd  # noqa: F401
 
 
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="tdlm", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     for m in (_run_cmd, _train_cmd, _eval_cmd, _sample_cmd, _export_cmd, _convert_cmd, _info_cmd,
-              _fit_cmd, _genppl_cmd, _schedule_cmd):
+              _fit_cmd, _genppl_cmd, _ngram_cmd, _schedule_cmd):
         m.add_parser(sub)
     from .bench import add_bench_parser
     from .tree import add_tree_parser

@@ -109,6 +109,12 @@ class Judge:
     def logits(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def target_nll(self, x: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
+        """``-log p(y_j | x_<=j)`` [B, L] (float64) where the judge computes it without the
+        full-vocabulary logits (an n-gram judge), else None: :func:`_score` then takes the
+        cross-entropy of :meth:`logits`."""
+        return None
+
     def info(self) -> dict:
         return {"kind": self.kind, "path": self.path, "label": self.label,
                 "context": self.context, "eos_id": self.eos_id, "bos_id": self.bos_id,
@@ -203,9 +209,50 @@ class HFJudge(Judge):
         return self.model(input_ids=x, attention_mask=mask.long()).logits.float()
 
 
+class NgramJudge(Judge):
+    """A :class:`tdlm.eval.ngram.KneserNey` model saved with its tokenizer
+    (:func:`tdlm.eval.ngram.build_ngram_judge`, ``tdlm ngram``), as a judge: ``logits`` are the
+    model's log-probabilities (already normalised); ``target_nll`` scores the targets alone."""
+    kind = "ngram"
+
+    def __init__(self, path: str, device: str = "cpu", precision: str = "fp32"):
+        from ..data.tokenizer import Tokenizer
+        from .ngram import KneserNey
+        self.lm = KneserNey.load(path)
+        self.path = str(path)
+        self.tok = Tokenizer.load(str(path))
+        self.eos_id, self.bos_id = self.tok.eos_id, self.tok.bos_id
+        self.vocab_size = self.lm.V
+        self.context = 1024
+        self.precision = "fp32"
+        self.weights_id = self.lm.info.get("weights_id")
+        i = self.lm.info
+        self.label = (f"Kneser-Ney {self.lm.order}-gram (interpolated, modified; "
+                      f"{i.get('train_tokens', i.get('stream_tokens', 0)):,} training tokens of "
+                      f"{i.get('source', '?')}, "
+                      f"tokenizer {self.tok.name}); not GPT-2")
+
+    def encode(self, text):
+        return self.tok.encode(text)
+
+    def vocab_hash(self):
+        return vocab_ids_hash(self.tok.hf)
+
+    def target_nll(self, x, y):
+        B, L = x.shape
+        hist = self.lm.histories(x.cpu(), self.bos_id).reshape(B * L, self.lm.order - 1)
+        return -torch.log(self.lm.prob(hist, y.cpu().reshape(-1))).reshape(B, L)
+
+    def logits(self, x, mask):
+        B, L = x.shape
+        hist = self.lm.histories(x.cpu(), self.bos_id).reshape(B * L, self.lm.order - 1)
+        return torch.log(self.lm.distribution(hist)).reshape(B, L, self.lm.V)
+
+
 def load_judge(path, device: str = "cpu", precision: str = "fp32") -> Judge:
-    """A judge from a path: a tdlm run/checkpoint folder (family ar) or a local Hugging Face
-    model folder (``config.json`` with a ``model_type``)."""
+    """A judge from a path: a tdlm run/checkpoint folder (family ar), an n-gram judge folder
+    (``tdlm ngram``: :class:`tdlm.eval.ngram.NgramJudge`) or a local Hugging Face model folder
+    (``config.json`` with a ``model_type``)."""
     if isinstance(path, Judge):
         return path
     if precision not in ("fp32", "bf16"):
@@ -214,6 +261,9 @@ def load_judge(path, device: str = "cpu", precision: str = "fp32") -> Judge:
     if not p.exists():
         raise ConfigError(f"judge not found: {p} (a tdlm AR run/checkpoint folder or a local "
                           "Hugging Face model folder; nothing is downloaded)")
+    from .ngram import is_ngram_folder
+    if is_ngram_folder(p):
+        return NgramJudge(str(p), device, precision)
     is_tdlm = (p / "manifest.json").exists() or (p / "checkpoints").is_dir() or \
         (p / "latest").is_file()
     if is_tdlm:
@@ -392,8 +442,10 @@ def _score(windows: list, n_items: int, judge: Judge, batch_size: int):
             y[r, :len(tg)] = torch.tensor(tg)
             m[r, :len(inp)] = True
             c[r, :len(cm)] = torch.tensor(cm)
-        logits = judge.logits(x.to(dev), m.to(dev)).double()
-        ce = F.cross_entropy(logits.transpose(1, 2), y.to(dev), reduction="none")
+        ce = judge.target_nll(x.to(dev), y.to(dev))
+        if ce is None:
+            logits = judge.logits(x.to(dev), m.to(dev)).double()
+            ce = F.cross_entropy(logits.transpose(1, 2), y.to(dev), reduction="none")
         ce = torch.where(c.to(dev), ce, torch.zeros_like(ce)).sum(-1).cpu()
         for r, (i, *_rest) in enumerate(chunk):
             nll[i] += float(ce[r])
