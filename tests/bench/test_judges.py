@@ -1,0 +1,70 @@
+"""benchmarks/judges.py (gen PPL of the committed samples under the Kneser-Ney judge): the
+paired change and its Student-t interval by hand, the rank correlation against numpy, the
+target verdict both ways, and the committed report matching its JSON."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from paths import REPO
+from test_study import _load
+
+
+def test_paired_change_by_hand():
+    j = _load("judges")
+    ref = {0: (100.0,), 1: (200.0,), 2: (50.0,)}
+    a = {0: (110.0,), 1: (200.0,), 2: (60.0,)}           # +10%, 0%, +20%
+    r = j.paired(a, ref)
+    assert r["mean"] == pytest.approx(0.1)
+    se = math.sqrt(((0.0) ** 2 + 0.1 ** 2 + 0.1 ** 2) / 2 / 3)
+    assert r["se"] == pytest.approx(se)
+    assert r["ci95"] == pytest.approx([0.1 - 4.303 * se, 0.1 + 4.303 * se], rel=1e-3)
+
+
+def test_spearman_matches_ranked_pearson():
+    j = _load("judges")
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=30)
+    b = a + rng.normal(size=30)
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    assert j.spearman(list(a), list(b)) == pytest.approx(np.corrcoef(ra, rb)[0, 1])
+    assert j.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def row(saved, gen, ent=(-0.001, 0.001)):
+    return {"schedule": "L1 H1", "saved_blocks": saved,
+            "gen_change": {"mean": sum(gen) / 2, "ci95": list(gen)},
+            "entropy_change": {"mean": sum(ent) / 2, "ci95": list(ent)}}
+
+
+def test_fine_verdict_met_missed_and_gap():
+    j = _load("judges")
+    assert j.fine_verdict([row(0.252, (-0.01, 0.025))]).startswith("**met**")
+    # the upper end counts, not the mean; entropy outside 2% fails too
+    v = j.fine_verdict([row(0.252, (0.0, 0.04)), row(0.30, (0.05, 0.09))])
+    assert v.startswith("**missed**") and "gap 1.00 pts" in v
+    assert j.fine_verdict([row(0.26, (0.0, 0.02), (0.01, 0.03))]).startswith("**missed**")
+    assert "no schedule" in j.fine_verdict([row(0.2, (0.0, 0.01))])
+
+
+def test_committed_report_matches_its_json():
+    res = REPO / "benchmarks" / "results" / "judges.json"
+    if not res.exists():
+        pytest.skip("no committed judges.json")
+    j = _load("judges")
+    r = json.loads(res.read_text())
+    assert (REPO / "benchmarks" / "results" / "judges.md").read_text() == j.markdown(r)
+    f = r["fine"]
+    assert f["verdict"] == j.fine_verdict(f["rows"])
+    # each change is the paired mean of the per-seed values it is reported with
+    H = next(x for x in f["rows"] if set(x["mask"]) == {"H"})
+    for x in f["rows"]:
+        d = [x["per_seed"][s]["gen_ppl"] / H["per_seed"][s]["gen_ppl"] - 1 for s in H["per_seed"]]
+        assert x["gen_change"]["mean"] == pytest.approx(sum(d) / len(d))
+    # the n-gram orders improve with n and the chosen judge is the best on validation
+    nll = {int(n): m["nelbo_per_token"] for n, m in r["ngram"].items()}
+    assert r["judge_order"] == min(nll, key=nll.get)
+    assert all(nll[n + 1] < nll[n] for n in range(1, max(nll)))
