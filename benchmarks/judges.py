@@ -45,11 +45,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ORDERS = (1, 2, 3, 4)
 TREE = RESULTS / "scheduling_cpu_tree"
 DID = RESULTS / "runs" / "did-study" / "samples"
-#: the AR transformer judges of the same data whose own NLL is committed (judge.py report)
-AR_JUDGES = {"AR judge, 8000 steps (judge.md; scored the coarse search and DID)":
-             RESULTS / "runs" / "judge" / "ar-judge",
-             "AR judge, 4000 steps": RESULTS / "runs" / "judge-4000" / "ar-judge",
-             "AR judge, 2000 steps (judge-2000.md)": RESULTS / "runs" / "judge-2000" / "ar-judge"}
+#: the AR transformer judges of the same data whose own NLL is committed (judge.py report):
+#: steps -> (label, archived run)
+AR_JUDGES = {8000: ("AR judge, 8000 steps (judge.md; scored the coarse search and DID)",
+                    RESULTS / "runs" / "judge" / "ar-judge"),
+             4000: ("AR judge, 4000 steps", RESULTS / "runs" / "judge-4000" / "ar-judge"),
+             2000: ("AR judge, 2000 steps (judge-2000/judge.md; scored stage fine)",
+                    RESULTS / "runs" / "judge-2000" / "ar-judge")}
 GEN_TOL, ENT_TOL, SAVED_MIN = 0.03, 0.02, 0.25
 
 
@@ -229,11 +231,32 @@ def _pair_nelbo(folder: Path) -> list:
 
 
 def ar_judges() -> dict:
+    """{steps: own validation NLL} of the archived AR judges."""
     out = {}
-    for name, run in AR_JUDGES.items():
+    for steps, (_, run) in sorted(AR_JUDGES.items()):
         f = run / "final_eval" / "metrics.json"
         if f.exists():
-            out[name] = json.loads(f.read_text())["nelbo_per_token"]
+            out[steps] = json.loads(f.read_text())["nelbo_per_token"]
+    return out
+
+
+def ladder(nll: dict) -> dict | None:
+    """The AR judges' doubling ladder (each its own cosine schedule): the NLL gained per
+    doubling of the steps and, for three doublings L(n), L(2n), L(4n), the asymptote of a power
+    law ``L(m) = L_inf + A m^-alpha`` through them: the gains shrink by ``r = 2^-alpha`` per
+    doubling, so ``L_inf = L(4n) - d r / (1 - r)`` with ``d = L(2n) - L(4n)``; none when the
+    gains do not shrink (r >= 1: no convergence in sight from these points)."""
+    st = sorted(nll)
+    if len(st) < 2:
+        return None
+    gains = [{"from": a, "to": b, "nats": nll[a] - nll[b], "rel": (nll[a] - nll[b]) / nll[a]}
+             for a, b in zip(st, st[1:]) if b == 2 * a]
+    out = {"gains": gains}
+    if len(gains) >= 2:
+        d1, d2 = gains[-2]["nats"], gains[-1]["nats"]
+        r = d2 / d1 if d1 > 0 else float("inf")
+        out["r"] = r
+        out["asymptote"] = (nll[st[-1]] - d2 * r / (1 - r)) if 0 < r < 1 else None
     return out
 
 
@@ -256,8 +279,20 @@ def markdown(res: dict) -> str:
     for n, m in res["ngram"].items():
         L.append(f"| Kneser-Ney {n}-gram{' (the judge below)' if int(n) == best else ''} | "
                  f"{m['nelbo_per_token']:.4f} |")
-    for name, v in res["ar_judges"].items():
-        L.append(f"| {name} | {v:.4f} |")
+    for steps, v in sorted(res["ar_judges"].items(), key=lambda kv: -int(kv[0])):
+        L.append(f"| {AR_JUDGES[int(steps)][0]} | {v:.4f} |")
+    lad = res.get("ar_ladder")
+    if lad and lad["gains"]:
+        L += ["", "AR judge doublings (each its own cosine schedule): " + "; ".join(
+            f"{g['from']} -> {g['to']} steps {g['nats']:.4f} nats ({100 * g['rel']:.2f}%)"
+            for g in lad["gains"]) + "."]
+        if "r" in lad:
+            L[-1] += (f" The gain per doubling shrinks by r = {lad['r']:.2f}: a power law "
+                      f"through the three points levels off at {lad['asymptote']:.3f} nats "
+                      f"({lad['asymptote'] - res['ar_judges'][max(res['ar_judges'], key=int)]:+.3f} from "
+                      "the longest judge)." if lad.get("asymptote") is not None else
+                      f" The gain per doubling does not shrink (r = {lad['r']:.2f}): no "
+                      "convergence in sight from these budgets.")
     f = res.get("fine")
     if f:
         L += ["", "## Scheduling, stage fine (TDLM pair, T=64, 25 light steps of 64, 16 seeds x "
@@ -353,6 +388,7 @@ def main(argv=None) -> int:
                                                  "discounts", "fit_seconds")}
                      for n, m in ng.items()},
            "judge_order": best, "judge": judge.info(), "ar_judges": ar_judges()}
+    res["ar_ladder"] = ladder(res["ar_judges"])
     if (TREE / "fine").is_dir():
         res["fine"] = score_fine(judge)
         res["fine"]["verdict"] = fine_verdict(res["fine"]["rows"])

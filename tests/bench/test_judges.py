@@ -68,3 +68,16 @@ def test_committed_report_matches_its_json():
     nll = {int(n): m["nelbo_per_token"] for n, m in r["ngram"].items()}
     assert r["judge_order"] == min(nll, key=nll.get)
     assert all(nll[n + 1] < nll[n] for n in range(1, max(nll)))
+
+
+def test_doubling_ladder_and_power_law_asymptote():
+    j = _load("judges")
+    # L(m) = 3 + 8 m^-0.5: gains shrink by r = 2^-0.5 per doubling, asymptote 3
+    nll = {m: 3 + 8 * m ** -0.5 for m in (2000, 4000, 8000)}
+    lad = j.ladder(nll)
+    assert [g["from"] for g in lad["gains"]] == [2000, 4000]
+    assert lad["r"] == pytest.approx(2 ** -0.5)
+    assert lad["asymptote"] == pytest.approx(3.0)
+    # gains that grow: no asymptote
+    assert j.ladder({2000: 4.0, 4000: 3.9, 8000: 3.7})["asymptote"] is None
+    assert j.ladder({8000: 3.6}) is None

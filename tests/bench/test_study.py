@@ -487,12 +487,13 @@ def test_finished_is_true_only_when_every_run_has_its_final_evaluation(tmp_path)
     assert st.main(["finished"]) == 1
 
 
-def test_backlog_trains_the_judge_then_scores_the_fine_blocks_under_it(tmp_path):
-    """benchmarks/backlog.sh with a stand-in ``python`` that logs its arguments: the judge
-    trained again on both cores (THREADS), then -- once it has finished -- its report and
-    archive, stage rescore-fine under it and the report regenerated from the archive, in that
-    order; nothing archived over the committed runs, no model trained or sampled, the DID
-    study left alone. The judge unfinished: nothing scored, a non-zero exit."""
+def test_backlog_trains_the_judge_scores_the_fine_blocks_then_adds_did_seeds(tmp_path):
+    """benchmarks/backlog.sh with a stand-in ``python`` that logs its arguments: the 2000-step
+    judge trained on both cores (THREADS), then -- once it has finished -- its report and
+    archive, stage rescore-fine under it, the report regenerated from the archive and the
+    n-gram judges' table, in that order; then the DID variable-length seeds 6 and 7 (run,
+    equal, archive, report over seeds 0-7). The judge stage is skipped once its report is
+    committed; the judge unfinished: nothing scored, a non-zero exit; STAGES picks stages."""
     import shutil
     import stat
     import subprocess
@@ -517,18 +518,29 @@ def test_backlog_trains_the_judge_then_scores_the_fine_blocks_under_it(tmp_path)
     p, calls = run()
     assert p.returncode == 0 and "failed=0" in p.stdout, p.stdout + p.stderr
     tree = "benchmarks/scheduling.py --scale cpu --pair tree"
+    did = ["benchmarks/did_study.py run --seeds --variable-seeds 6 7 --lanes 2",
+           "benchmarks/did_study.py equal --seeds --variable-seeds 6 7",
+           "benchmarks/study.py archive runs/did-study benchmarks/results/runs/did-study",
+           "benchmarks/did_study.py report --work benchmarks/results/runs/did-study "
+           "--variable-seeds 0 1 2 3 4 5 6 7"]
     assert calls == [
-        "benchmarks/judge.py run --threads 2 --work runs/judge-v2",
-        "benchmarks/study.py finished runs/judge-v2/ar-judge",
-        "benchmarks/judge.py report --work runs/judge-v2 --out benchmarks/results/judge-v2",
-        "benchmarks/study.py archive runs/judge-v2 benchmarks/results/runs/judge-v2",
-        f"{tree} --work runs/sched-paper --judge runs/judge-v2/ar-judge --stage rescore-fine",
+        "benchmarks/judge.py run --threads 2 --budget 2000 --work runs/judge-2000",
+        "benchmarks/study.py finished runs/judge-2000/ar-judge",
+        "benchmarks/judge.py report --work runs/judge-2000 --budget 2000 --short  "
+        "--out benchmarks/results/judge-2000",
+        "benchmarks/study.py archive runs/judge-2000 benchmarks/results/runs/judge-2000",
+        f"{tree} --work runs/sched-paper --judge runs/judge-2000/ar-judge --stage rescore-fine",
         f"{tree} --work benchmarks/results/runs/sched-paper --judge "
-        "benchmarks/results/runs/judge/ar-judge --stage report"], calls
-    p, calls = run(THREADS="1", FINISHED="")
-    assert p.returncode == 1 and "judge-v2 is not finished: nothing scored" in p.stdout
-    assert calls == ["benchmarks/judge.py run --threads 1 --work runs/judge-v2",
-                     "benchmarks/study.py finished runs/judge-v2/ar-judge"]
+        "benchmarks/results/runs/judge/ar-judge --stage report",
+        "benchmarks/judges.py", *did], calls
+    p, calls = run(THREADS="1", FINISHED="", STAGES="judge")
+    assert p.returncode == 1 and "judge-2000 is not finished: nothing scored" in p.stdout
+    assert calls == ["benchmarks/judge.py run --threads 1 --budget 2000 --work runs/judge-2000",
+                     "benchmarks/study.py finished runs/judge-2000/ar-judge"]
+    (tmp_path / "benchmarks" / "results" / "judge-2000").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "judge-2000" / "judge.json").write_text("{}")
+    p, calls = run()
+    assert p.returncode == 0 and calls == did, calls
 
 
 def _sched_rows(costs, k=2, entropy=5.0, saved=0.25):
