@@ -18,7 +18,10 @@
 #          committed -- then its report and archive, stage rescore-fine (issue 17's fine
 #          blocks, sampled without a judge in session 18, samples committed) under it, the
 #          scheduling report regenerated from the archive, and benchmarks/judges.py (the
-#          n-gram judges' table, which lists the AR judges' own NLL) again.
+#          n-gram judges' table, which lists the AR judges' own NLL) again. Session 19 trained
+#          it (own NLL 4.158, no better than the Kneser-Ney 4-gram's 4.147: judges.md) and
+#          committed its report, so this stage is skipped; its rescore-fine was stopped (one
+#          thread scores ~6 min per schedule and block there: ~2 h for the fine blocks).
 #   did    two more variable-length DID/MDLM seed pairs (6, 7; 2 lanes) for the equal-FLOPs
 #          NELBO that 6 seeds left undecided (-0.99% +- 1.43%), their equal-FLOPs evaluations,
 #          the archive, and the report from it over seeds 0-7 (then make 0-7 did_study.py's

@@ -76,7 +76,8 @@ class KneserNey:
     """Interpolated modified Kneser-Ney of ``order`` over ``vocab_size`` ids (module
     docstring). Per level k (1..order): ``keys[k]`` sorted k-gram keys with a positive level
     count, ``counts[k]`` those counts, ``hist[k]`` the sorted history keys with their CSR
-    ``start[k]`` into ``keys[k]``, ``S[k]`` and ``gamma[k]``, ``disc[k]`` ``[0, D_1, D_2, D_3+]``."""
+    ``start[k]`` into ``keys[k]``, ``S[k]`` and ``gamma[k]``, ``disc[k]``
+    ``[0, D_1, D_2, D_3+]``."""
 
     def __init__(self, order: int, vocab_size: int, tensors: dict, info: Optional[dict] = None):
         self.order, self.V = int(order), int(vocab_size)
@@ -148,7 +149,9 @@ class KneserNey:
 
     def _find(self, sorted_keys: torch.Tensor, q: torch.Tensor):
         idx = torch.searchsorted(sorted_keys, q).clamp(max=max(len(sorted_keys) - 1, 0))
-        found = (sorted_keys[idx] == q) if len(sorted_keys) else torch.zeros_like(q, dtype=torch.bool)
+        if not len(sorted_keys):
+            return idx, torch.zeros_like(q, dtype=torch.bool)
+        found = sorted_keys[idx] == q
         return idx, found
 
     def distribution(self, hist: torch.Tensor) -> torch.Tensor:
@@ -200,7 +203,8 @@ class KneserNey:
         pad = x.new_full((x.shape[0], self.order - 2), bos)
         return torch.cat([pad, x], 1).unfold(1, self.order - 1, 1)
 
-    def stream_nll(self, stream: Sequence[int], bos: int, chunk: int = 1 << 16) -> tuple[float, int]:
+    def stream_nll(self, stream: Sequence[int], bos: int,
+                   chunk: int = 1 << 16) -> tuple[float, int]:
         """Mean NLL (nats/token) of ``stream[1:]`` given what precedes it (one sequence,
         BOS-padded before its first token), and the number of tokens scored."""
         s = torch.as_tensor(np.asarray(stream, dtype=np.int64))
