@@ -24,7 +24,6 @@ Writes ``judges.json`` and ``judges.md``; the judges themselves (250 MB for orde
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
@@ -38,7 +37,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scheduling import run_length  # noqa: E402
 from study import T95  # noqa: E402
+from tdlm.scheduling.runs import read_kept  # noqa: E402
 
 torch.set_num_threads(1)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -68,14 +69,6 @@ def fit(work: Path) -> dict:
     return out
 
 
-def _kept(path: Path) -> dict:
-    by_seed: dict = {}
-    for line in gzip.decompress(path.read_bytes()).decode("utf-8").splitlines():
-        r = json.loads(line)
-        by_seed.setdefault(r.pop("seed"), []).append(r)
-    return by_seed
-
-
 def per_seed(by_seed: dict, judge, vocab_hash) -> dict:
     """{seed: (gen PPL, entropy)} of one schedule's samples."""
     from tdlm.eval.genppl import generative_perplexity
@@ -96,11 +89,6 @@ def paired(a: dict, ref: dict, i: int = 0) -> dict:
     return {"mean": m, "se": se, "ci95": [m - t * se, m + t * se], "seeds": n}
 
 
-def run_length(mask: str) -> str:
-    import itertools
-    return " ".join(f"{c}{len(list(g))}" for c, g in itertools.groupby(mask))
-
-
 def score_fine(judge) -> dict:
     blocks = sorted(p for p in (TREE / "fine").glob("seeds-*") if (p / "search.json").exists())
     rows: dict = {}
@@ -110,7 +98,7 @@ def score_fine(judge) -> dict:
             m = rows.setdefault(r["mask"], {"mask": r["mask"], "name": r.get("name", ""),
                                             "saved": [], "seeds": {}})
             m["saved"].append(float(r["saved_blocks"]))
-            m["seeds"].update(per_seed(_kept(b / "samples" / f"{r['mask']}.jsonl.gz"), judge,
+            m["seeds"].update(per_seed(read_kept(b / "samples" / f"{r['mask']}.jsonl.gz"), judge,
                                        meta.get("sample_vocab_hash")))
     heavy = rows["H" * len(next(iter(rows)))]
     out = []
@@ -148,7 +136,7 @@ def score_search(judge) -> dict:
     seeds = meta["seeds"]
     rows = []
     for r in meta["rows"]:
-        ps = per_seed(_kept(d / "samples" / f"{r['mask']}.jsonl.gz"), judge,
+        ps = per_seed(read_kept(d / "samples" / f"{r['mask']}.jsonl.gz"), judge,
                       meta.get("sample_vocab_hash"))
         ar = {s: (float(r[f"ppl_seed_{s}"]),) for s in seeds}
         rows.append({"mask": r["mask"], "name": r.get("name", ""), "saved_blocks":
