@@ -238,15 +238,15 @@ class NgramJudge(Judge):
     def vocab_hash(self):
         return vocab_ids_hash(self.tok.hf)
 
+    def _histories(self, x):
+        """Each position's BOS-padded n-1 token history, flattened: [B * L, n-1]."""
+        return self.lm.histories(x.cpu(), self.bos_id).reshape(x.numel(), self.lm.order - 1)
+
     def target_nll(self, x, y):
-        B, L = x.shape
-        hist = self.lm.histories(x.cpu(), self.bos_id).reshape(B * L, self.lm.order - 1)
-        return -torch.log(self.lm.prob(hist, y.cpu().reshape(-1))).reshape(B, L)
+        return -torch.log(self.lm.prob(self._histories(x), y.cpu().reshape(-1))).reshape(x.shape)
 
     def logits(self, x, mask):
-        B, L = x.shape
-        hist = self.lm.histories(x.cpu(), self.bos_id).reshape(B * L, self.lm.order - 1)
-        return torch.log(self.lm.distribution(hist)).reshape(B, L, self.lm.V)
+        return torch.log(self.lm.distribution(self._histories(x))).reshape(*x.shape, self.lm.V)
 
 
 def load_judge(path, device: str = "cpu", precision: str = "fp32") -> Judge:

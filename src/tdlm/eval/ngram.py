@@ -72,6 +72,11 @@ def discounts(counts: np.ndarray) -> np.ndarray:
     return np.asarray(d, dtype=np.float64)
 
 
+def _discounted(c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``max(c - D(c), 0)`` of level counts ``c`` under discounts ``d = [0, D_1, D_2, D_3+]``."""
+    return (c - d[c.clamp(max=3)]).clamp(min=0)
+
+
 class KneserNey:
     """Interpolated modified Kneser-Ney of ``order`` over ``vocab_size`` ids (module
     docstring). Per level k (1..order): ``keys[k]`` sorted k-gram keys with a positive level
@@ -130,7 +135,7 @@ class KneserNey:
         keys, c = self.t["keys1"], self.t["counts1"]
         S, g, d = float(self.t["S1"][0]), float(self.t["gamma1"][0]), self.t["disc1"]
         p = g * p
-        p[keys] += (c - d[c.clamp(max=3)]).clamp(min=0) / S
+        p[keys] += _discounted(c, d) / S
         return p
 
     def _check(self, hist) -> torch.Tensor:
@@ -172,10 +177,8 @@ class KneserNey:
             pos = torch.repeat_interleave(rows, lens)
             first = torch.repeat_interleave(st - torch.cumsum(lens, 0) + lens, lens)
             ent = first + torch.arange(int(lens.sum()))
-            c = self.t[f"counts{k}"][ent]
-            d = self.t[f"disc{k}"]
-            val = (c - d[c.clamp(max=3)]).clamp(min=0) / torch.repeat_interleave(
-                self.t[f"S{k}"][h], lens)
+            val = _discounted(self.t[f"counts{k}"][ent], self.t[f"disc{k}"]) / \
+                torch.repeat_interleave(self.t[f"S{k}"][h], lens)
             p.index_put_((pos, self.t[f"keys{k}"][ent] % self.V), val, accumulate=True)
         return p
 
@@ -189,8 +192,7 @@ class KneserNey:
             hk, found = self._find(self.t[f"hist{k}"], hkey)
             ki, kf = self._find(self.t[f"keys{k}"], hkey * self.V + w)
             c = torch.where(kf, self.t[f"counts{k}"][ki], torch.zeros_like(w))
-            d = self.t[f"disc{k}"]
-            own = (c - d[c.clamp(max=3)]).clamp(min=0) / self.t[f"S{k}"][hk]
+            own = _discounted(c, self.t[f"disc{k}"]) / self.t[f"S{k}"][hk]
             p = torch.where(found, own + self.t[f"gamma{k}"][hk] * p, p)
         return p
 
