@@ -188,3 +188,34 @@ def test_cli_ngram_errors(judge_dir, tmp_path, capsys):
     one_error_line(capsys, main(["ngram", "--preset", "ar-tiny", "--order", "9", "--out",
                                  str(tmp_path / "j"), *tiny_ngram_args(corpus, tmp_path / "k")]),
                    "64-bit")
+
+
+def test_search_columns_score_each_sample_once_and_match_per_seed_scoring(judge_dir):
+    """``score_samples`` scores the pooled samples once and reads every seed's gen PPL and
+    entropy off the per-sample values: each must equal scoring that seed's samples alone."""
+    from tdlm.scheduling.analysis import score_samples
+    j = load_judge(judge_dir)
+    g = torch.Generator().manual_seed(1)
+    by_seed = {s: [{"ids": [int(t) for t in torch.randint(1, j.vocab_size, (n,), generator=g)],
+                    "text": "", "prefix_len": 0} for n in lens]
+               for s, lens in ((0, (12, 30)), (3, (7,)), (5, (25, 9, 16)))}
+    calls = []
+    orig = j.target_nll
+    j.target_nll = lambda x, y: calls.append(x.shape) or orig(x, y)
+    row = score_samples(by_seed, j, j.vocab_hash())
+    n_calls, j.target_nll = len(calls), orig
+    assert n_calls and row["samples"] == 6
+    ppls = []
+    for s, recs in by_seed.items():
+        alone = generative_perplexity(recs, j, sample_vocab_hash=j.vocab_hash())
+        assert row[f"ppl_seed_{s}"] == pytest.approx(alone["gen_ppl"], rel=1e-12)
+        assert row[f"entropy_seed_{s}"] == pytest.approx(alone["entropy"], rel=1e-12)
+        ppls.append(alone["gen_ppl"])
+    calls.clear()
+    j.target_nll = lambda x, y: calls.append(x.shape) or orig(x, y)
+    every = generative_perplexity([r for v in by_seed.values() for r in v], j,
+                                  sample_vocab_hash=j.vocab_hash())
+    j.target_nll = orig
+    assert len(calls) == n_calls          # the judge ran as often as for one pooled scoring
+    assert row["gen_ppl"] == pytest.approx(every["gen_ppl"], rel=1e-12)
+    assert row["gen_ppl_seed_std"] == pytest.approx(float(np.std(ppls, ddof=1)), rel=1e-12)

@@ -357,10 +357,19 @@ def score_samples(by_seed: dict, judge, vocab_hash=None) -> dict:
     and the standard deviation of the per-seed gen PPL across seeds (``gen_ppl_seed_std``,
     0 for one seed). ``judge``: a loaded :class:`tdlm.eval.genppl.Judge`."""
     from ..eval.genppl import generative_perplexity
-    per_seed = {s: generative_perplexity(r, judge, sample_vocab_hash=vocab_hash)
-                for s, r in by_seed.items()}
     recs = [x for r in by_seed.values() for x in r]
     pooled = generative_perplexity(recs, judge, sample_vocab_hash=vocab_hash)
+    # every sample is scored once: a seed's gen PPL is exp(sum of its samples' NLL / sum of
+    # their tokens) and its entropy the mean of theirs, read off the pooled per-sample values
+    per_seed, at = {}, 0
+    for s, r in by_seed.items():
+        part = pooled["per_sample"][at:at + len(r)]
+        at += len(r)
+        n = sum(v["tokens"] for v in part)
+        nll = sum(v["nll"] for v in part)
+        per_seed[s] = {"gen_ppl": math.exp(min(nll / n, 700)) if n else float("nan"),
+                       "entropy": (sum(v["entropy"] for v in part) / len(part)
+                                   if part else float("nan"))}
     ppls = [v["gen_ppl"] for v in per_seed.values()]
     row = {"gen_ppl": pooled["gen_ppl"], "nll_per_token": pooled["nll_per_token"],
            "entropy": pooled["entropy"], "tokens": pooled["tokens"], "samples": len(recs),
