@@ -13,13 +13,17 @@ its own validation NLL), no model or sampling needed:
   paired changes under this judge against those under the AR judge that scored the search
   (rank correlation: do the judges order the schedules alike?);
 * DID vs MDLM (``runs/did-study/samples``, seed 0, 128 steps, fixed and variable length): gen
-  PPL ratio under this judge against the AR judge's committed one.
+  PPL ratio under this judge against the AR judge's committed one, pooled and
+  position-matched (``tdlm.eval.genppl.position_matched``: DID's variable-length samples are
+  about half as long as MDLM's, and a judge with a long context scores late tokens better),
+  also under the AR judges named with ``--ar-judge`` (trained runs on disk).
 
     python benchmarks/judges.py                  # ~2 min: fit (16 s per order), score, report
-    python benchmarks/judges.py --work runs/judges --out benchmarks/results
+    python benchmarks/judges.py --work runs/judges --out benchmarks/results \
+        --ar-judge runs/judge-2000/ar-judge
 
-Writes ``judges.json`` and ``judges.md``; the judges themselves (250 MB for order 4) stay in
-``--work``.
+Writes ``judges.json``, ``judges.md`` and ``judges_did_positions.png``; the judges themselves
+(250 MB for order 4) stay in ``--work``.
 """
 from __future__ import annotations
 
@@ -156,35 +160,103 @@ def score_search(judge) -> dict:
             "rows": out, "spearman": rho}
 
 
-def score_did(judge) -> dict:
-    from tdlm.eval.genppl import genppl_file
-    res = {}
+def did_sides(judge) -> dict:
+    """{setting: {side: generative_perplexity(..., per_token=True)}} of the DID study's seed-0
+    samples under ``judge`` (ids scored as they are where the samples' tokenizer has the
+    judge's vocabulary, else the text retokenised)."""
     from did_study import SETTINGS, SIDES
+    from tdlm.eval.genppl import generative_perplexity, read_samples
+    out = {}
     for setting, runs in SETTINGS.items():
         sides = {}
         for side in SIDES:
             f = DID / f"{runs[side][0]}-s0-T128.jsonl"
-            if not f.exists():
-                continue
-            with tempfile.TemporaryDirectory() as td:
-                r, _ = genppl_file(f, judge, out=td)
-            old = f.with_suffix(".genppl.json")
-            ar = json.loads(old.read_text()) if old.exists() else {}
-            sides[side] = {"gen_ppl": r["gen_ppl"], "ci95": r["gen_ppl_ci95"],
-                           "retokenised": r["retokenised"],
-                           "nll": r["nll_per_token"], "nll_se": r["nll_se_per_token"],
-                           "entropy": r["entropy"], "samples": r["num_samples"],
-                           "ar_gen_ppl": ar.get("gen_ppl")}
-        if len(sides) == 2:
-            d, m = (sides[x] for x in SIDES)
-            se = math.hypot(d["nll_se"], m["nll_se"])
-            diff = d["nll"] - m["nll"]
-            sides["ratio"] = d["gen_ppl"] / m["gen_ppl"]
-            sides["ratio_ci95"] = [math.exp(diff - 1.96 * se), math.exp(diff + 1.96 * se)]
-            if d["ar_gen_ppl"] and m["ar_gen_ppl"]:
-                sides["ar_ratio"] = d["ar_gen_ppl"] / m["ar_gen_ppl"]
-        res[setting] = sides
+            if f.exists():
+                recs, meta = read_samples(f)
+                vh = (meta.get("tokenizer") or {}).get("vocab_ids_hash")
+                sides[side] = generative_perplexity(recs, judge, sample_vocab_hash=vh,
+                                                    per_token=True)
+        out[setting] = sides
+    return out
+
+
+def compare_did(sides: dict) -> dict:
+    """DID/MDLM gen PPL of one setting's scored sides: pooled (interval from the two s.e.s)
+    and position-matched (:func:`tdlm.eval.genppl.position_matched`: MDLM's NLL at the
+    positions DID's tokens occupy, bootstrap interval) and the NLL per position in bins of
+    32 judge tokens."""
+    from did_study import SIDES
+    from tdlm.eval.genppl import position_matched
+    out = {}
+    if any(side not in sides for side in SIDES):
+        return out
+    for side in SIDES:
+        r = sides[side]
+        toks = [q["token_nll"] for q in r["per_sample"]]
+        bins = []
+        for a in range(0, max(map(len, toks)), 32):
+            v = [x for t in toks for x in t[a:a + 32]]
+            bins.append({"from": a, "tokens": len(v), "nll": sum(v) / len(v)})
+        out[side] = {"gen_ppl": r["gen_ppl"], "ci95": r["gen_ppl_ci95"],
+                     "retokenised": r["retokenised"], "nll": r["nll_per_token"],
+                     "nll_se": r["nll_se_per_token"], "entropy": r["entropy"],
+                     "samples": r["num_samples"], "tokens": r["tokens"],
+                     "mean_length": r["tokens"] / r["num_samples"], "positions": bins}
+    d, m = (out[x] for x in SIDES)
+    se = math.hypot(d["nll_se"], m["nll_se"])
+    diff = d["nll"] - m["nll"]
+    out["ratio"] = d["gen_ppl"] / m["gen_ppl"]
+    out["ratio_ci95"] = [math.exp(diff - 1.96 * se), math.exp(diff + 1.96 * se)]
+    pm = position_matched(*([q["token_nll"] for q in sides[x]["per_sample"]] for x in SIDES))
+    out["matched"] = {k: pm[k] for k in ("matched_ratio", "matched_ratio_ci95", "covered",
+                                         "rounds", "seed")}
+    return out
+
+
+def score_did(judge, label: str = "") -> dict:
+    """DID vs MDLM (seed 0, 128 steps) under ``judge``, each setting through
+    :func:`compare_did`, with the AR judge's committed pooled ratio beside."""
+    from did_study import SETTINGS, SIDES
+    res = {"judge": label or judge.label}
+    for setting, sides in did_sides(judge).items():
+        c = compare_did(sides)
+        if "ratio" not in c:
+            continue
+        ar = {}
+        for side in SIDES:
+            g = DID / f"{SETTINGS[setting][side][0]}-s0-T128.genppl.json"
+            ar[side] = json.loads(g.read_text()).get("gen_ppl") if g.exists() else None
+        if all(ar.values()):
+            c["ar_ratio"] = ar["did"] / ar["mdlm"]
+        res[setting] = c
     return res
+
+
+def plot_did_positions(did: list, path: Path) -> None:
+    """NLL per position bin of DID's and MDLM's samples, one row of panels per judge, one
+    panel per setting: where a judge's context helps, the shorter DID samples are scored at
+    positions with less of it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(did), 2, figsize=(10, 3.2 * len(did)), squeeze=False)
+    for row, res in zip(axes, did):
+        for ax, setting in zip(row, ("fixed", "variable")):
+            v = res.get(setting)
+            if not v or "ratio" not in v:
+                continue
+            for side, color in (("did", "C0"), ("mdlm", "C3")):
+                b = v[side]["positions"]
+                ax.plot([x["from"] + 16 for x in b], [x["nll"] for x in b], "-", color=color,
+                        marker=".", label=f"{side.upper()} (mean length "
+                                          f"{v[side]['mean_length']:.0f})")
+            ax.set_title(f"{res['judge']}: {setting} length", fontsize=9)
+            ax.set_xlabel("position of the scored token (32-token bins)")
+            ax.set_ylabel("mean judge NLL (nats)")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def two_trainings(res: dict) -> dict:
@@ -328,19 +400,44 @@ def markdown(res: dict) -> str:
                      f"{v['heavy_gen_ppl']:.1f} | {v['light_gen_ppl']:.1f} | {_pct(v['change'])} |")
     d = res.get("did")
     if d:
-        from did_study import SIDES
-        L += ["", "## DID vs MDLM (seed 0, 32 samples, 128 steps; did_study.md)", "",
-              "| setting | DID gen PPL [95% CI] | MDLM gen PPL [95% CI] | DID/MDLM [95% CI] | "
-              "DID/MDLM under the AR judge (8000 steps) |", "|---|---|---|---|---|"]
-        for setting, v in d.items():
-            if "ratio" not in v:
+        L += did_lines([d, *res.get("did_ar", [])], res.get("did_ar_nll", {}))
+    return "\n".join(L) + "\n"
+
+
+def did_lines(did: list, own_nll: dict) -> list[str]:
+    """Report section: DID vs MDLM under each judge of ``did`` (the n-gram first), pooled and
+    position-matched, with the AR judge's committed pooled ratio."""
+    from did_study import SIDES
+    L = ["", "## DID vs MDLM (seed 0, 32 samples, 128 steps; did_study.md)", "",
+         "Token-pooled gen PPL favours longer samples under a judge whose NLL falls with the "
+         "context before a token; DID's variable-length samples are about half as long as "
+         "MDLM's. The position-matched ratio compares DID's NLL with MDLM's *at the positions "
+         "DID's tokens occupy* (`tdlm.eval.genppl.position_matched`; 95% percentile bootstrap "
+         "over the samples of each side, 2000 rounds, seed 0); NLL by position: "
+         "[judges_did_positions.png](judges_did_positions.png).", "",
+         "| judge (own validation NLL) | setting | DID gen PPL [95% CI] | MDLM gen PPL [95% CI] "
+         "| mean length DID / MDLM (judge tokens) | DID/MDLM pooled [95% CI] | DID/MDLM "
+         "position-matched [95% CI] | DID/MDLM under the AR judge (8000 steps), pooled |",
+         "|---|---|---|---|---|---|---|---|"]
+    for res in did:
+        nll = own_nll.get(res["judge"])
+        name = res["judge"] + (f" ({nll:.4f})" if nll is not None else "")
+        for setting in ("fixed", "variable"):
+            v = res.get(setting)
+            if not v or "ratio" not in v:
                 continue
             a, b = (v[x] for x in SIDES)
-            L.append(f"| {setting} | {a['gen_ppl']:.1f} [{a['ci95'][0]:.1f}, {a['ci95'][1]:.1f}] | "
-                     f"{b['gen_ppl']:.1f} [{b['ci95'][0]:.1f}, {b['ci95'][1]:.1f}] | "
-                     f"{v['ratio']:.3f} [{v['ratio_ci95'][0]:.3f}, {v['ratio_ci95'][1]:.3f}] | "
-                     f"{v.get('ar_ratio', float('nan')):.3f} |")
-    return "\n".join(L) + "\n"
+            mt = v.get("matched")
+            ci = lambda c: f"[{c[0]:.3f}, {c[1]:.3f}]"           # noqa: E731
+            L.append(f"| {name} | {setting} | {a['gen_ppl']:.1f} [{a['ci95'][0]:.1f}, "
+                     f"{a['ci95'][1]:.1f}] | {b['gen_ppl']:.1f} [{b['ci95'][0]:.1f}, "
+                     f"{b['ci95'][1]:.1f}] | {a.get('mean_length', float('nan')):.1f} / "
+                     f"{b.get('mean_length', float('nan')):.1f} | {v['ratio']:.3f} "
+                     f"{ci(v['ratio_ci95'])} | "
+                     + (f"{mt['matched_ratio']:.3f} {ci(mt['matched_ratio_ci95'])}" if mt
+                        else "-")
+                     + f" | {v.get('ar_ratio', float('nan')):.3f} |")
+    return L
 
 
 def fine_verdict(rows: list) -> str:
@@ -364,6 +461,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="runs/judges")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--ar-judge", action="append", default=[],
+                   help="also score the DID study's samples under this AR judge (a finished "
+                        "tdlm AR run; repeat for several): pooled and position-matched")
     a = p.parse_args(argv)
     t0 = time.time()
     work = Path(a.work)
@@ -372,7 +472,8 @@ def main(argv=None) -> int:
     from tdlm.eval.genppl import load_judge
     judge = load_judge(work / f"kn{best}")
     res = {"command": "python benchmarks/judges.py" + (f" --work {a.work}"
-                                                       if a.work != "runs/judges" else ""),
+                                                       if a.work != "runs/judges" else "")
+           + "".join(f" --ar-judge {x}" for x in a.ar_judge),
            "ngram": {str(n): {k: m[k] for k in ("nelbo_per_token", "tokens", "types",
                                                  "discounts", "fit_seconds")}
                      for n, m in ng.items()},
@@ -388,12 +489,23 @@ def main(argv=None) -> int:
     if "fine" in res and "search" in res:
         res["two_trainings"] = two_trainings(res)
     if DID.is_dir():
-        res["did"] = score_did(judge)
+        res["did"] = score_did(judge, f"Kneser-Ney {best}-gram")
+        res["did_ar"], res["did_ar_nll"] = [], {}
+        for path in a.ar_judge:
+            aj = load_judge(path)
+            lab = f"AR judge {path}"
+            res["did_ar"].append(score_did(aj, lab))
+            ev = Path(path) / "final_eval" / "metrics.json"
+            if ev.exists():
+                res["did_ar_nll"][lab] = json.loads(ev.read_text())["nelbo_per_token"]
+        res["did_ar_nll"][res["did"]["judge"]] = ng[best]["nelbo_per_token"]
     res["seconds"] = time.time() - t0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "judges.json").write_text(json.dumps(res, indent=1))
     (out / "judges.md").write_text(markdown(res))
+    if "did" in res:
+        plot_did_positions([res["did"], *res["did_ar"]], out / "judges_did_positions.png")
     print(markdown(res))
     return 0
 

@@ -125,15 +125,67 @@ def test_windows_longer_than_the_judge_context(runs):
     g = torch.Generator().manual_seed(1)
     ids = [int(v) for v in torch.randint(1, j.vocab_size, (80,), generator=g)]
     h = vocab_ids_hash(j.pipe.tokenizer.hf)
-    res = generative_perplexity([ids, ids[:10]], j, sample_vocab_hash=h, batch_size=2)
+    # batches of 2 windows sorted by length: sample 0's last window (16 targets) is scored
+    # beside sample 1's only one, before sample 0's first two
+    res = generative_perplexity([ids, ids[:10]], j, sample_vocab_hash=h, batch_size=2,
+                                per_token=True)
     assert res["tokens"] == 90
     seq = [j.bos_id] + ids
-    nll = 0.0
+    per_tok = []
     for a in range(0, 80, 32):           # windows of 32 inputs, each scoring its next tokens
         inp = torch.tensor([seq[a:a + 32]])[:, :len(seq[a + 1:a + 33])]
         tgt = torch.tensor(seq[a + 1:a + 33])
-        nll += float(F.cross_entropy(j.pipe.model(inp).double()[0], tgt, reduction="sum"))
-    assert res["per_sample"][0]["nll"] == pytest.approx(nll, rel=1e-6)
+        per_tok += F.cross_entropy(j.pipe.model(inp).double()[0], tgt, reduction="none").tolist()
+    ps = res["per_sample"]
+    assert ps[0]["nll"] == pytest.approx(sum(per_tok), rel=1e-6)
+    # per token, in the sample's order, across windows and batches
+    assert len(ps[0]["token_nll"]) == 80 and len(ps[1]["token_nll"]) == 10
+    assert ps[0]["token_nll"] == pytest.approx(per_tok, rel=1e-5, abs=1e-5)
+    assert ps[1]["token_nll"] == pytest.approx(per_tok[:10], rel=1e-5, abs=1e-5)
+    assert sum(ps[1]["token_nll"]) == pytest.approx(ps[1]["nll"], rel=1e-12)
+    assert "token_nll" not in generative_perplexity([ids], j, sample_vocab_hash=h)[
+        "per_sample"][0]
+
+
+def brute_position_matched(a, b):
+    """Transcription of position_matched's point estimates with loops over positions."""
+    pooled = lambda sets: sum(map(sum, sets)) / sum(map(len, sets))       # noqa: E731
+    num = den = wsum = 0.0
+    for j in range(max(map(len, a))):
+        at_a = [x[j] for x in a if len(x) > j]
+        at_b = [x[j] for x in b if len(x) > j]
+        if at_a and at_b:
+            num += sum(at_a)
+            den += len(at_a) * sum(at_b) / len(at_b)
+            wsum += len(at_a)
+    return math.exp(pooled(a) - pooled(b)), math.exp(num / wsum - den / wsum), \
+        wsum / sum(map(len, a))
+
+
+def test_position_matched_removes_the_length_confound():
+    from tdlm.eval.genppl import position_matched
+    rng = np.random.default_rng(0)
+    prof = lambda j: 6.0 + 4.0 / (1 + j)          # noqa: E731  NLL falls with context
+    # the same per-position NLLs on both sides; a's samples are short, b's long
+    a = [[prof(j) for j in range(n)] for n in rng.integers(3, 20, 12)]
+    b = [[prof(j) for j in range(n)] for n in rng.integers(30, 60, 9)]
+    r = position_matched(a, b, rounds=200)
+    assert r["ratio"] > 1.1                        # pooled: short samples look worse
+    assert r["matched_ratio"] == pytest.approx(1.0, abs=1e-12)
+    assert r["matched_ratio_ci95"] == pytest.approx([1.0, 1.0], abs=1e-12)
+    assert r["covered"] == 1.0
+    # random NLLs, b shorter than some of a: against the loop transcription
+    a = [list(rng.normal(7, 1, n)) for n in rng.integers(1, 25, 10)]
+    b = [list(rng.normal(6, 1, n)) for n in rng.integers(1, 15, 7)]
+    r = position_matched(a, b, rounds=300, seed=3)
+    want = brute_position_matched(a, b)
+    assert (r["ratio"], r["matched_ratio"], r["covered"]) == pytest.approx(want, rel=1e-12)
+    assert r["covered"] < 1
+    for k in ("ratio", "matched_ratio"):
+        lo, hi = r[k + "_ci95"]
+        assert lo < r[k] < hi
+    with pytest.raises(ConfigError):
+        position_matched([[]], b)
 
 
 def test_retokenises_text_when_tokenizers_differ(runs, hf_judge_dir):

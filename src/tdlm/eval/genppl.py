@@ -422,12 +422,15 @@ def _windows(items: list, judge: Judge) -> list:
 
 
 @torch.no_grad()
-def _score(windows: list, n_items: int, judge: Judge, batch_size: int):
+def _score(windows: list, n_items: int, judge: Judge, batch_size: int,
+           per_token: bool = False):
     """Summed NLL (nats) and counted tokens per item: windows batched by length, padded, one
     judge forward per batch, cross-entropy in the logits' dtype (float32 for a network)
-    summed in float64 over the counted positions (no autograd graph: the judge only scores)."""
+    summed in float64 over the counted positions (no autograd graph: the judge only scores).
+    ``per_token``: also each item's counted tokens' NLLs in order (a third list)."""
     nll = [0.0] * n_items
     ntok = [0] * n_items
+    parts: list = [[] for _ in range(n_items)]      # (window index, NLLs of its counted targets)
     order = sorted(range(len(windows)), key=lambda j: len(windows[j][1]))
     dev = judge.device
     for b in range(0, len(order), batch_size):
@@ -449,10 +452,15 @@ def _score(windows: list, n_items: int, judge: Judge, batch_size: int):
             # AR judge's scoring time), float64 for an n-gram's log-probabilities
             logits = judge.logits(x.to(dev), m.to(dev))
             ce = F.cross_entropy(logits.transpose(1, 2), y.to(dev), reduction="none")
-        ce = torch.where(c.to(dev), ce.double(), 0.0).sum(-1).cpu()
+        ce = torch.where(c.to(dev), ce.double(), 0.0).cpu()
+        tot = ce.sum(-1)
         for r, (i, *_rest) in enumerate(chunk):
-            nll[i] += float(ce[r])
+            nll[i] += float(tot[r])
             ntok[i] += int(c[r].sum())
+            if per_token:
+                parts[i].append((order[b + r], ce[r][c[r]].tolist()))
+    if per_token:
+        return nll, ntok, [[v for _, vals in sorted(p) for v in vals] for p in parts]
     return nll, ntok
 
 
@@ -471,7 +479,8 @@ def pooled_nll_se(nll: Sequence[float], ntok: Sequence[int]) -> float:
 
 def generative_perplexity(samples: Sequence, judge, eos: str = "first", batch_size: int = 8,
                           sample_vocab_hash: Optional[str] = None, retokenise: Optional[bool] = None,
-                          device: str = "cpu", precision: str = "fp32") -> dict:
+                          device: str = "cpu", precision: str = "fp32",
+                          per_token: bool = False) -> dict:
     """Token-pooled gen PPL of ``samples`` under ``judge`` (module docstring).
 
     ``samples``: records ``{"text", "ids", "prefix_len"}`` (as written by ``tdlm sample``;
@@ -480,7 +489,9 @@ def generative_perplexity(samples: Sequence, judge, eos: str = "first", batch_si
     ``sample_vocab_hash``: :func:`vocab_ids_hash` of the samples' tokenizer (retokenise when it
     differs from the judge's; unknown -> retokenise the text). ``judge``: a :class:`Judge` or a path.
     Returns gen_ppl (with its 95% interval), nll_per_token (with its s.e. across samples),
-    tokens, entropy (mean, std), per-sample values, settings."""
+    tokens, entropy (mean, std), per-sample values, settings. ``per_token``: every per-sample
+    entry also holds ``token_nll``, the NLLs of its scored tokens in order (position ``j`` =
+    ``j``-th scored token of ``g_i``), for :func:`position_matched`."""
     if eos not in EOS_MODES:
         raise ConfigError(f"eos must be one of {', '.join(EOS_MODES)}, got {eos!r}")
     if batch_size < 1:
@@ -499,7 +510,8 @@ def generative_perplexity(samples: Sequence, judge, eos: str = "first", batch_si
         tgt, cnt, lead = _scored(tgt, judge.eos_id, eos)
         moved += lead
         items.append((ctx + [judge.eos_id] * lead, tgt, cnt))
-    nll, ntok = _score(_windows(items, judge), len(items), judge, batch_size)
+    scored = _score(_windows(items, judge), len(items), judge, batch_size, per_token)
+    nll, ntok = scored[:2]
     N = sum(ntok)
     per_tok = sum(nll) / N if N else float("nan")
     se = pooled_nll_se(nll, ntok)
@@ -515,8 +527,64 @@ def generative_perplexity(samples: Sequence, judge, eos: str = "first", batch_si
             "entropy_std": float(ent_t.std()) if len(ents) > 1 else 0.0,
             "eos": eos, "retokenised": bool(retokenise), "judge": judge.info(),
             "precision": judge.precision,
-            "per_sample": [{"nll": a, "tokens": t, "entropy": e}
-                           for a, t, e in zip(nll, ntok, ents)]}
+            "per_sample": [{"nll": a, "tokens": t, "entropy": e,
+                            **({"token_nll": scored[2][k]} if per_token else {})}
+                           for k, (a, t, e) in enumerate(zip(nll, ntok, ents))]}
+
+
+def position_matched(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]],
+                     rounds: int = 2000, seed: int = 0) -> dict:
+    """Gen PPL of sample set ``a`` against set ``b`` with the length confound removed.
+
+    ``a``, ``b``: per sample, the judge NLLs of its scored tokens in order
+    (``generative_perplexity(..., per_token=True)``). A judge with a long context predicts a
+    token better the more context precedes it, so token-pooled gen PPL favours the set with
+    longer samples. With ``n_a(j)`` samples of ``a`` scoring a token at position ``j`` and
+    ``m_b(j)`` the mean NLL of ``b``'s tokens at ``j``, ``b``'s NLL at ``a``'s positions is
+
+        r_b|a = sum_j n_a(j) m_b(j) / sum_j n_a(j)      (over the positions j that both reach),
+
+    and the position-matched ratio is ``exp(r_a - r_b|a)`` with ``r_a`` the pooled NLL of
+    ``a`` on the same positions (1: equal at equal positions). Also the plain pooled ratio
+    ``exp(r_a - r_b)``. 95% intervals: percentile bootstrap, ``rounds`` resamplings of the
+    samples of each set independently (``seed``). ``covered``: share of ``a``'s tokens at
+    positions ``b`` reaches."""
+    def arrays(sets):
+        L = max((len(x) for x in sets), default=0)
+        v = torch.zeros(len(sets), L, dtype=torch.float64)
+        m = torch.zeros(len(sets), L, dtype=torch.bool)
+        for i, x in enumerate(sets):
+            v[i, :len(x)] = torch.tensor(list(x), dtype=torch.float64)
+            m[i, :len(x)] = True
+        return v, m
+
+    va, ma = arrays(a)
+    vb, mb = arrays(b)
+    if not ma.any() or not mb.any():
+        raise ConfigError("position_matched needs scored tokens on both sides")
+    L = min(va.shape[1], vb.shape[1])
+
+    def stats(ia, ib):
+        sa, na = (va[ia] * ma[ia]).sum(0), ma[ia].sum(0).double()
+        sb, nb = (vb[ib] * mb[ib]).sum(0), mb[ib].sum(0).double()
+        plain = sa.sum() / na.sum() - sb.sum() / nb.sum()
+        both = (na[:L] > 0) & (nb[:L] > 0)
+        w = torch.where(both, na[:L], 0.0)
+        mb_j = torch.where(both, sb[:L] / nb[:L].clamp(min=1), 0.0)
+        matched = sa[:L][both].sum() / w.sum() - (w * mb_j).sum() / w.sum()
+        return float(plain), float(matched), float(w.sum() / na.sum())
+
+    plain, matched, covered = stats(torch.arange(len(a)), torch.arange(len(b)))
+    g = torch.Generator().manual_seed(seed)
+    boot = torch.tensor([stats(torch.randint(0, len(a), (len(a),), generator=g),
+                               torch.randint(0, len(b), (len(b),), generator=g))[:2]
+                         for _ in range(rounds)], dtype=torch.float64)
+    q = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
+    return {"ratio": math.exp(plain), "ratio_ci95": [math.exp(float(x)) for x in q[:, 0]],
+            "matched_ratio": math.exp(matched),
+            "matched_ratio_ci95": [math.exp(float(x)) for x in q[:, 1]],
+            "covered": covered, "rounds": rounds, "seed": seed,
+            "samples": [len(a), len(b)]}
 
 
 def genppl_file(samples_path, judge, out: Optional[str] = None, eos: str = "first",
