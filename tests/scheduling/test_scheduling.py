@@ -576,7 +576,9 @@ def test_schedule_rescore_scores_stored_samples_under_another_judge(runs, capsys
         for k in ("gen_ppl", "ppl_seed_0", "ppl_seed_1", "entropy", "tokens", "saved_blocks"):
             assert float(again[m][k]) == pytest.approx(float(r[k]), rel=1e-9), (m, k)
     judge = load_judge(runs["A"])
-    judge.logits = lambda x, mask: torch.zeros(*x.shape, judge.vocab_size)
+    # float64 logits: the cross-entropy runs in the logits' dtype, so log V comes out exact
+    judge.logits = lambda x, mask: torch.zeros(*x.shape, judge.vocab_size,
+                                               dtype=torch.float64)
     judge.label = "uniform"
     res = rescore_to_files(out, judge)
     assert {r["mask"] for r in res["rows"]} == set(before)
