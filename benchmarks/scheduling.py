@@ -525,7 +525,7 @@ def stage_rescore(work: Path, parts=None) -> None:
     parts = parts or ("search", "prefix", "more", *fine_parts())
     for part in parts:
         if (OUT / part / "search.json").exists():
-            _done(work, part)
+            _done(work, part, rescore_only=True)
     fin = work / "judge" / "final_eval" / "metrics.json"
     if any(p.startswith("fine/") and (OUT / p / "search.json").exists() for p in parts) \
             and fin.exists():
@@ -541,10 +541,13 @@ def stage_rescore_fine(work: Path) -> None:
     stage_rescore(work, fine_parts())
 
 
-def _done(work: Path, part: str) -> bool:
+def _done(work: Path, part: str, rescore_only: bool = False) -> bool:
     """Whether stage ``part``'s search is done for the pair and under the linked judge. No
     search yet: not done. Older than the pair's final evaluations: not done (its partial
-    rows, the old pair's, dropped). Its search.json names the judge's final checkpoint: done;
+    rows, the old pair's, dropped), unless ``rescore_only`` (stage rescore: scoring the kept
+    samples under another judge needs neither the models nor the training that sampled them,
+    and file times say nothing on a fresh clone: nothing is dropped). Its search.json names
+    the judge's final checkpoint: done;
     another checkpoint (an earlier judge) and it kept its samples: re-scored now, done;
     another without samples: not done (its partial.jsonl names the old judge, so the search
     starts over). A search sampled without a judge (``--score-later``) is scored like one by
@@ -552,7 +555,7 @@ def _done(work: Path, part: str) -> bool:
     sj = OUT / part / "search.json"
     if not sj.exists():
         return False
-    if _older_than_pair(sj, work):
+    if not rescore_only and _older_than_pair(sj, work):
         print(f"[{part}] older than the pair's models: sampled again", flush=True)
         (OUT / part / "partial.jsonl").unlink(missing_ok=True)     # its rows are the old pair's
         return False

@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -866,6 +867,39 @@ def test_scheduling_rescore_stage_rescores_each_finished_search(tmp_path, monkey
     assert calls == [["schedule", "rescore", "--out", str(out / p), "--judge", str(work / "judge")]
                      for p in ("search", "more")]
     assert "[prefix] scored by old, not new, and kept no samples" in capsys.readouterr().out
+
+
+def test_scheduling_rescore_keeps_searches_older_than_the_pair(tmp_path, monkeypatch):
+    """Stage rescore scores kept samples under another judge: a search.json older than the
+    pair's final evaluations (a fresh clone, a copied work folder) is still re-scored and its
+    partial.jsonl is kept; a search stage proper would drop it and sample again."""
+    sch = _load("scheduling")
+    judge = tmp_path / "judge-run"
+    (judge / "final_eval").mkdir(parents=True)
+    (judge / "config.json").write_text(json.dumps({"train": {"max_steps": 4}}))
+    (judge / "metrics.jsonl").write_text(json.dumps({"step": 4}) + "\n")
+    (judge / "final_eval" / "metrics.json").write_text(json.dumps({"checkpoint": "new"}))
+    work, out = tmp_path / "work", tmp_path / "out"
+    part = out / "search"
+    (part / "samples").mkdir(parents=True)
+    (part / "samples" / "HH.jsonl.gz").write_bytes(b"")
+    (part / "search.json").write_text(json.dumps({"judge": {"path": "old"}, "rows": [{"mask": "HH"}]}))
+    (part / "partial.jsonl").write_text(json.dumps({"mask": "HH"}) + "\n")
+    old = part.joinpath("search.json").stat().st_mtime - 100
+    os.utime(part / "search.json", (old, old))
+    for r in (sch.HEAVY_RUN, sch.LIGHT_RUN):           # the pair evaluated after the search
+        (work / r / "final_eval").mkdir(parents=True)
+        (work / r / "final_eval" / "metrics.json").write_text("{}")
+    assert sch._older_than_pair(part / "search.json", work)
+    calls = []
+    monkeypatch.setattr(sch, "LINKS", {"judge": str(judge)})
+    monkeypatch.setattr(sch, "OUT", out)
+    monkeypatch.setattr(sch, "sh", calls.append)
+    sch.stage_rescore(work, ("search",))
+    assert calls == [["schedule", "rescore", "--out", str(part), "--judge", str(work / "judge")]]
+    assert (part / "partial.jsonl").exists()
+    assert not sch._done(work, "search")                   # the search stage proper: dropped
+    assert not (part / "partial.jsonl").exists()
 
 
 def test_scheduling_report_regenerates_from_the_archive(tmp_path):
