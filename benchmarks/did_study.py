@@ -14,8 +14,9 @@ Models: the paper-shaped CPU backbone (d=112, 12 blocks, 8k BPE of the bundled c
 ``did-cpu-var`` (variable length, bundled paragraphs, ragged) against ``mdlm-cpu`` on the same
 paragraphs cropped/padded to 256. The same seed gives the same batches in the same order on
 both sides of a pair. Main pair (fixed length): ``--seeds`` (default 0 1 2); variable length:
-``--variable-seeds`` (default 0-5: seeds 3-5 were added in session 17, the 3-seed interval held
-0). MDLM runs keep every 100th checkpoint (``train.keep_every``).
+``--variable-seeds`` (default 0-7: seeds 3-5 were added in session 17 and 6-7 in sessions
+19-20, each time because the interval still held 0: a sequential look, so an interval edge
+near 0 is weaker evidence than it reads). MDLM runs keep every 100th checkpoint (``train.keep_every``).
 
 Stages (each skips what exists; runs are ``benchmarks/study.py`` queues, one thread each):
 * ``run``: train, then evaluate each run on the whole validation split (4 noise draws).
@@ -536,7 +537,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="runs/did-study")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    p.add_argument("--variable-seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4, 5])
+    p.add_argument("--variable-seeds", type=int, nargs="*", default=list(range(8)))
     p.add_argument("--lanes", type=int, default=2)
     p.add_argument("--steps", type=int, help="override max_steps (smoke tests only)")
     p.add_argument("--judge", default="", help="AR run folder for generative perplexity")
