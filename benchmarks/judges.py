@@ -43,6 +43,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scheduling import run_length  # noqa: E402
 from study import T95  # noqa: E402
+from tdlm.eval.genppl import Judge  # noqa: E402
 from tdlm.scheduling.runs import read_kept  # noqa: E402
 
 torch.set_num_threads(1)
@@ -158,6 +159,47 @@ def score_search(judge) -> dict:
                    [r["ar_change"]["mean"] for r in others])
     return {"judge_of_search": (meta.get("judge") or {}).get("label"), "seeds": seeds,
             "rows": out, "spearman": rho}
+
+
+class ShortContext(Judge):
+    """``judge`` seeing only the ``k`` tokens before each scored token (its own context
+    otherwise unchanged): ``logits[:, j] = judge.logits(x[:, j-k:j+1])[:, -1]`` for ``j >= k``
+    and the first ``k + 1`` positions from one forward of ``x[:, :k+1]`` (their prefixes are
+    already that short). With ``k = n - 1`` the AR judge conditions on what an n-gram judge
+    does, so a gap between the two judges that remains is in how they model short contexts,
+    one that closes comes from the longer context (windows start mid-text, as the packed rows
+    the judge trained on do)."""
+
+    def __init__(self, judge, k: int, chunk: int = 512):
+        if k < 1:
+            raise ValueError(f"context k must be >= 1, got {k}")
+        self.judge, self.k, self.chunk = judge, k, chunk
+        for a in ("kind", "path", "context", "eos_id", "bos_id", "precision", "vocab_size",
+                  "device", "weights_id"):
+            setattr(self, a, getattr(judge, a, getattr(Judge, a)))
+        self.label = f"{judge.label or judge.path}, {k}-token context"
+
+    def encode(self, text: str) -> list[int]:
+        return self.judge.encode(text)
+
+    def vocab_hash(self):
+        return self.judge.vocab_hash()
+
+    def info(self) -> dict:
+        return {**self.judge.info(), "label": self.label, "short_context": self.k}
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        w = self.k + 1
+        head = self.judge.logits(x[:, :w], mask[:, :w])
+        if x.shape[1] <= w:
+            return head
+        B = x.shape[0]
+        xs = x.unfold(1, w, 1)[:, 1:].reshape(-1, w)          # windows ending at j = w..L-1
+        ms = mask.unfold(1, w, 1)[:, 1:].reshape(-1, w)
+        tail = torch.cat([self.judge.logits(xs[i:i + self.chunk], ms[i:i + self.chunk])[:, -1]
+                          for i in range(0, xs.shape[0], self.chunk)])
+        return torch.cat([head, tail.view(B, -1, tail.shape[-1])], dim=1)
 
 
 def did_sides(judge) -> dict:
@@ -464,6 +506,9 @@ def main(argv=None) -> int:
     p.add_argument("--ar-judge", action="append", default=[],
                    help="also score the DID study's samples under this AR judge (a finished "
                         "tdlm AR run; repeat for several): pooled and position-matched")
+    p.add_argument("--short-context", type=int, action="append", default=[],
+                   help="also under each --ar-judge seeing only this many tokens before each "
+                        "scored token (3: the 4-gram's context); repeat for several")
     a = p.parse_args(argv)
     t0 = time.time()
     work = Path(a.work)
@@ -473,7 +518,8 @@ def main(argv=None) -> int:
     judge = load_judge(work / f"kn{best}")
     res = {"command": "python benchmarks/judges.py" + (f" --work {a.work}"
                                                        if a.work != "runs/judges" else "")
-           + "".join(f" --ar-judge {x}" for x in a.ar_judge),
+           + "".join(f" --ar-judge {x}" for x in a.ar_judge)
+           + "".join(f" --short-context {k}" for k in a.short_context),
            "ngram": {str(n): {k: m[k] for k in ("nelbo_per_token", "tokens", "types",
                                                  "discounts", "fit_seconds")}
                      for n, m in ng.items()},
@@ -495,6 +541,8 @@ def main(argv=None) -> int:
             aj = load_judge(path)
             lab = f"AR judge {path}"
             res["did_ar"].append(score_did(aj, lab))
+            for k in a.short_context:
+                res["did_ar"].append(score_did(ShortContext(aj, k), f"{lab}, {k}-token context"))
             ev = Path(path) / "final_eval" / "metrics.json"
             if ev.exists():
                 res["did_ar_nll"][lab] = json.loads(ev.read_text())["nelbo_per_token"]

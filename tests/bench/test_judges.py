@@ -81,3 +81,44 @@ def test_doubling_ladder_and_power_law_asymptote():
     # gains that grow: no asymptote
     assert j.ladder({2000: 4.0, 4000: 3.9, 8000: 3.7})["asymptote"] is None
     assert j.ladder({8000: 3.6}) is None
+
+
+def test_short_context_judge_equals_a_loop_over_truncated_prefixes():
+    """judges.ShortContext(judge, k): the logits at position j are the judge's on the k tokens
+    before j (and j itself) alone, fed as a sequence of their own (positions restart), checked
+    against a loop over the truncated prefixes; with k >= L - 1 it is the judge itself, and with
+    a shorter k it differs from it (the fake judge reads its whole context, position-weighted)."""
+    import torch
+    from tdlm.eval.genppl import Judge
+    j = _load("judges")
+    V = 11
+    E = torch.randn(V, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    class Fake(Judge):
+        label, path, vocab_size, eos_id = "fake", "fake", V, 7
+
+        def vocab_hash(self):
+            return "h"
+
+        def logits(self, x, mask):
+            pos = torch.arange(1, x.shape[1] + 1, dtype=torch.float64)[None, :, None]
+            return torch.cumsum(pos * E[x] * mask[..., None], dim=1)
+
+    judge = Fake()
+    x = torch.randint(0, V, (3, 17), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[2, 12:] = False                                      # a padded row
+    for k in (1, 3, 16):
+        sc = j.ShortContext(judge, k, chunk=5)                # several chunks
+        got = sc.logits(x, mask)
+        want = torch.stack([judge.logits(x[:, max(0, t - k):t + 1],
+                                         mask[:, max(0, t - k):t + 1])[:, -1]
+                            for t in range(x.shape[1])], dim=1)
+        assert torch.equal(got, want)
+        full = judge.logits(x, mask)
+        assert torch.equal(got, full) == (k >= x.shape[1] - 1)
+    sc = j.ShortContext(judge, 3)
+    assert (sc.vocab_size, sc.eos_id, sc.vocab_hash()) == (V, 7, "h") and "3-token" in sc.label
+    assert sc.target_nll(x, x) is None and sc.info()["short_context"] == 3
+    with pytest.raises(ValueError):
+        j.ShortContext(judge, 0)
