@@ -1270,7 +1270,10 @@ def main() -> None:
         globals().update(T=16, NUM=2, SEEDS=2, NUM_PREFIX=2, GRID=4, AN_BATCHES=1, AN_BATCH=4,
                          TRAJ=2, FINE_NUM=1, FINE_SEEDS=2, FINE_BLOCK=1)
     work = Path(a.work or ("runs/sched-cpu" if a.scale == "tiny" else "runs/sched-paper"))
-    globals()["COMMAND"] = (f"python benchmarks/scheduling.py --scale {a.scale} --work {work}"
+    # a report regenerated from the archive names the work folder the results were run in
+    shown = (Path("runs") / work.name if work.resolve().is_relative_to(RESULTS / "runs")
+             else work)
+    globals()["COMMAND"] = (f"python benchmarks/scheduling.py --scale {a.scale} --work {shown}"
                             + (f" --pair {a.pair}" if a.pair != "main" else ""))
     work.mkdir(parents=True, exist_ok=True)
     OUT.mkdir(parents=True, exist_ok=True)
