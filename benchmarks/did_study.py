@@ -36,9 +36,14 @@ Stages (each skips what exists; runs are ``benchmarks/study.py`` queues, one thr
   thread), so load from other jobs hits both alike; the ratio is the median of the per-round
   ratios.
 * ``report``: NELBO against training FLOPs per seed (plot), the equal-FLOPs differences DID -
-  MDLM with a 95% CI across seeds, equal-steps finals, per-sequence NELBO (variable length:
-  DID's bound includes the length), the round-robin step ratio of ``did_step_cpu.json``
-  (``did_race.py --scale cpu --timing-only``), memory, sampling and generative perplexity.
+  MDLM with a 95% CI across seeds, equal-steps finals. The verdict compares NELBO *per
+  sequence* (each side's bound on -log p of the same validation item): at fixed length both
+  score the same 255 tokens per row, so it equals the per-token ratio; at variable length
+  MDLM's crop_pad items score BOS + document + EOS and DID's varlen items the document only
+  (its length is part of the insertion process), so per-token figures divide by different
+  counts and are shown beside, not used for the verdict (``equal_lines``). Then the
+  round-robin step ratio of ``did_step_cpu.json`` (``did_race.py --scale cpu
+  --timing-only``), memory, sampling and generative perplexity.
 """
 from __future__ import annotations
 
@@ -83,6 +88,11 @@ def plan(seeds, var_seeds) -> list[tuple]:
 
 
 # ---- equal FLOPs ------------------------------------------------------------------------------
+def per_sequence(ev: dict) -> float:
+    """NELBO per validation sequence (nats): the bound on -log p of the whole item."""
+    return ev["nelbo_per_token"] * ev["tokens"] / ev["sequences"]
+
+
 def _eval_ckpt(ckpt: Path, out: Path, run_missing: bool) -> dict | None:
     if not (out / "metrics.json").exists():
         if not run_missing:
@@ -121,9 +131,11 @@ def equal_flops(work: Path, setting: str, seed: int, run_missing: bool = True) -
         return None
     w = 0.0 if lo == hi else (f_d - m_fl[lo]) / (m_fl[hi] - m_fl[lo])
     v = (1 - w) * ev[lo]["nelbo_per_token"] + w * ev[hi]["nelbo_per_token"]
+    vs = (1 - w) * per_sequence(ev[lo]) + w * per_sequence(ev[hi])
     se = max(ev[lo].get("stderr_per_token") or 0, ev[hi].get("stderr_per_token") or 0)
     return {"did_flops": f_d, "mdlm_steps": [lo, hi], "mdlm_flops": [m_fl[lo], m_fl[hi]],
-            "weight_hi": w, "mdlm_nelbo_at_did_flops": v, "mdlm_se": se}
+            "weight_hi": w, "mdlm_nelbo_at_did_flops": v, "mdlm_se": se,
+            "mdlm_per_seq_at_did_flops": vs}
 
 
 def stage_equal(a) -> None:
@@ -331,22 +343,31 @@ def collect(a) -> dict:
             fd, fm = d["final"], m["final"]
             row = {"seed": s, "did": fd["nelbo_per_token"], "mdlm": fm["nelbo_per_token"],
                    "did_se": fd.get("stderr_per_token"), "mdlm_se": fm.get("stderr_per_token"),
-                   "did_per_seq": fd["nelbo_per_token"] * fd["tokens"] / fd["sequences"],
-                   "mdlm_per_seq": fm["nelbo_per_token"] * fm["tokens"] / fm["sequences"],
+                   "did_per_seq": per_sequence(fd), "mdlm_per_seq": per_sequence(fm),
+                   "did_tokens": fd["tokens"], "mdlm_tokens": fm["tokens"],
+                   "sequences": fd["sequences"],
                    "did_tokens_per_s": d["tokens_per_s"], "mdlm_tokens_per_s": m["tokens_per_s"],
                    "curves": {"did": d["curve_flops"], "mdlm": m["curve_flops"]},
                    "equal": eq}
+            if fd["sequences"] != fm["sequences"]:
+                raise SystemExit(f"[did_study] {setting} seed {s}: DID evaluated "
+                                 f"{fd['sequences']} sequences, MDLM {fm['sequences']}")
             if eq:
                 row["equal_rel"] = row["did"] / eq["mdlm_nelbo_at_did_flops"] - 1
+                row["equal_seq_rel"] = row["did_per_seq"] / eq["mdlm_per_seq_at_did_flops"] - 1
             row["steps_rel"] = row["did"] / row["mdlm"] - 1
+            row["steps_seq_rel"] = row["did_per_seq"] / row["mdlm_per_seq"] - 1
             rows.append(row)
         eqr = [r["equal_rel"] for r in rows if "equal_rel" in r]
+        eqs = [r["equal_seq_rel"] for r in rows if "equal_seq_rel" in r]
         st = step.get(setting, {})
         samp = _samples(work, setting, (seeds or [0])[0], a)
         res["settings"][setting] = {
             "seeds": [r["seed"] for r in rows], "rows": rows,
             "equal_rel": ci95(eqr) if eqr else None,
             "steps_rel": ci95([r["steps_rel"] for r in rows]) if rows else None,
+            "equal_seq_rel": ci95(eqs) if eqs else None,
+            "steps_seq_rel": ci95([r["steps_seq_rel"] for r in rows]) if rows else None,
             "step_ratio": st.get("ratio"), "flops_ratio": st.get("flops_ratio"),
             "tokens_ratio": st.get("tokens_ratio"), "dp_share": st.get("dp_share"),
             "memory": {x: mem.get(f"{setting}/{x}") for x in SIDES}, "sampling": samp}
@@ -417,6 +438,54 @@ def equal_verdict(mean: float, half) -> str:
             f"more than {100 * (mean + half):.2f}% is excluded at 95%)")
 
 
+def _rel_ci(mh, n: int) -> str:
+    m, h = mh
+    if h is None:
+        return f"{100 * m:+.2f}% (one seed, no interval)"
+    return f"{100 * m:+.2f}% +/- {100 * h:.2f}% (95% CI [{100 * (m - h):+.2f}%, {100 * (m + h):+.2f}%], {n} seeds)"
+
+
+def equal_lines(S: dict) -> list[str]:
+    """The equal-FLOPs verdict, read from NELBO *per sequence*: both sides bound -log p of the
+    same validation items, whereas NELBO per token divides by what each side counts. With
+    fixed length both count the same tokens (the two ratios are equal); with variable length
+    MDLM's crop_pad items hold BOS + document + EOS, all scored, and DID's varlen items the
+    document after an unscored BOS, so a per-token ratio would compare different
+    denominators."""
+    rows = [r for r in S["rows"] if "equal_seq_rel" in r]
+    n = len(rows)
+    m, h = S["equal_seq_rel"]
+    same = all(r.get("did_tokens") == r.get("mdlm_tokens") for r in rows)
+    out = [f"**NELBO per sequence at equal training FLOPs, DID/MDLM - 1: "
+           f"{_rel_ci(S['equal_seq_rel'], n)}** (target: no worse than MDLM: "
+           f"{equal_verdict(m, h)}); at equal steps {_rel_ci(S['steps_seq_rel'], len(S['rows']))}.",
+           ""]
+    if same:
+        out += [f"Both sides score {rows[0]['did_tokens']} tokens over "
+                f"{rows[0]['sequences']} validation sequences, so per token it is the same "
+                f"ratio.", ""]
+        return out
+    r0 = rows[0]
+    dd, dm, nseq = r0["did_tokens"], r0["mdlm_tokens"], r0["sequences"]
+    cropped = 2 * nseq - (dm - dd)
+    adj = [r["did_per_seq"] / (r["equal"]["mdlm_per_seq_at_did_flops"] - cropped / nseq
+                               * r["equal"]["mdlm_nelbo_at_did_flops"]) - 1 for r in rows]
+    shift = sum(adj) / n - m
+    out += [f"Per token each side divides by what it scores: DID {dd} document tokens over "
+            f"{nseq} sequences, MDLM {dm} ({100 * (dm / dd - 1):+.2f}%: BOS + document + EOS "
+            f"per item; DID's varlen item has an unscored BOS and no EOS, its length being "
+            f"part of the insertion process). So the per-token ratio, "
+            f"{_rel_ci(S['equal_rel'], n)} at equal FLOPs and "
+            f"{_rel_ci(S['steps_rel'], len(S['rows']))} at equal steps, sets DID's nats over "
+            f"fewer tokens against MDLM's over more; it is not the verdict. "
+            f"Per sequence differs from like-for-like in one way: the {cropped} documents "
+            f"longer than the window are cropped to 256 tokens of BOS + document + EOS on "
+            f"MDLM's side and 255 document tokens on DID's (one token more for MDLM); one token "
+            f"at MDLM's mean per-token NELBO off each of those would move the per-sequence "
+            f"ratio by {100 * shift:+.2f} points.", ""]
+    return out
+
+
 def markdown(res: dict) -> str:
     L = ["# DID vs MDLM at the backbone-dominated CPU size (d=112, 12 blocks, 8k BPE, L=256)", "",
          f"Command: `{res['command']}`", "",
@@ -430,17 +499,12 @@ def markdown(res: dict) -> str:
             L += ["No finished pair yet (`python benchmarks/did_study.py run`): the NELBO rows, "
                   "equal-FLOPs comparison, sampling and judge appear when runs finish; the "
                   "measurements below need no training.", ""]
-        if S["equal_rel"]:
-            m, h = S["equal_rel"]
-            L.append(f"**NELBO at equal training FLOPs, DID/MDLM - 1: {100 * m:+.2f}%"
-                     + (f" (95% CI +/-{100 * h:.2f}%, "
-                        f"{sum('equal_rel' in r for r in S['rows'])} seeds)" if h else
-                        " (one seed, no interval)") + f"** (target: no worse than MDLM: "
-                     f"{equal_verdict(m, h)})")
-            L.append("")
-        L += ["| seed | DID NELBO (± SE) | MDLM at DID's FLOPs (interp. steps) | DID/MDLM - 1 at "
+        if S.get("equal_seq_rel"):
+            L += equal_lines(S)
+        L += ["| seed | DID NELBO/token (± SE) | MDLM at DID's FLOPs (interp. steps) | DID/MDLM - 1 at "
               "equal FLOPs | MDLM at equal steps (± SE) | DID/MDLM - 1 at equal steps | "
-              "per sequence DID / MDLM |", "|---|---|---|---|---|---|---|"] if S["rows"] else []
+              "per sequence DID / MDLM at equal steps (nats) | per sequence DID/MDLM - 1 at "
+              "equal FLOPs |", "|---|---|---|---|---|---|---|---|"] if S["rows"] else []
         for r in S["rows"]:
             eq = r["equal"] or {}
             L.append(f"| {r['seed']} | {r['did']:.4f} ± {_fmt(r['did_se'], '{:.3f}')} | "
@@ -448,7 +512,8 @@ def markdown(res: dict) -> str:
                      f"({'-'.join(str(x) for x in eq.get('mdlm_steps', []))}) | "
                      f"{_fmt(r.get('equal_rel'), '{:+.2%}')} | {r['mdlm']:.4f} ± "
                      f"{_fmt(r['mdlm_se'], '{:.3f}')} | {r['steps_rel']:+.2%} | "
-                     f"{r['did_per_seq']:.1f} / {r['mdlm_per_seq']:.1f} |")
+                     f"{r['did_per_seq']:.1f} / {r['mdlm_per_seq']:.1f} | "
+                     f"{_fmt(r.get('equal_seq_rel'), '{:+.2%}')} |")
         L += ["", "| measure | DID/MDLM | target |", "|---|---|---|"]
         if S["step_ratio"]:
             t = TARGETS["step"][setting]
@@ -469,15 +534,16 @@ def markdown(res: dict) -> str:
             tm = sp.get("timing")
             ratio = tm["ratio"] if tm else (sp["did"]["seconds_per_sample"]
                                             / sp["mdlm"]["seconds_per_sample"])
-            how = (f"round-robin, median of {tm['rounds']} rounds of {tm['num']} (per-round "
+            how = (f"round-robin, {tm['rounds']} rounds of {tm['num']}: median s/sample of each "
+                   f"side, and the ratio as the median of the per-round ratios (range "
                    f"{tm['ratio_range'][0]:.3f}-{tm['ratio_range'][1]:.3f})" if tm else
                    "one batch each, timed apart")
             L.append(f"| sampling s/sample at {sp['did']['steps']} steps ({how}) | "
                      f"{sp['did']['seconds_per_sample']:.2f} / {sp['mdlm']['seconds_per_sample']:.2f}"
-                     f" = {ratio:.3f} | <= {t} ({'met' if ratio <= t else 'missed'}) |")
+                     f"; ratio {ratio:.3f} | <= {t} ({'met' if ratio <= t else 'missed'}) |")
             if "mean_length" in sp["did"]:
-                L.append(f"| mean sample length (tokens) | {sp['did']['mean_length']:.1f} / "
-                         f"{sp['mdlm']['mean_length']:.1f} | |")
+                L.append(f"| mean sample length of the timed samples (tokens) | "
+                         f"{sp['did']['mean_length']:.1f} / {sp['mdlm']['mean_length']:.1f} | |")
             if "gen_ppl" in sp["did"] and "gen_ppl" in sp["mdlm"]:
                 L.append(f"| generative perplexity (95% CI over samples) | "
                          f"{sp['did']['gen_ppl']:.1f}{_ci(sp['did'])} / "

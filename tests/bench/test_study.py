@@ -123,12 +123,14 @@ def test_did_study_interpolates_mdlm_at_dids_training_flops(tmp_path, capsys):
         (m / "checkpoints" / f"step_{s:07d}").mkdir()
         e = tmp_path / "equal" / f"mdlm-s0-{s}"
         e.mkdir(parents=True)
-        (e / "metrics.json").write_text(json.dumps({"nelbo_per_token": v, "stderr_per_token": 0.1}))
+        (e / "metrics.json").write_text(json.dumps({"nelbo_per_token": v, "stderr_per_token": 0.1,
+                                                    "tokens": 1000, "sequences": 8}))
     assert ds.read_run(m)["curve_flops"] == [(400, 400 * F, 6.6), (500, 500 * F, 6.5),
                                              (1000, 1000 * F, 6.0)]
     r = ds.equal_flops(tmp_path, "fixed", 0, run_missing=False)
     assert r["mdlm_steps"] == [400, 500] and r["weight_hi"] == pytest.approx(0.7)
     assert r["mdlm_nelbo_at_did_flops"] == pytest.approx(0.3 * 6.5 + 0.7 * 6.4)
+    assert r["mdlm_per_seq_at_did_flops"] == pytest.approx((0.3 * 6.5 + 0.7 * 6.4) * 1000 / 8)
     # the archived copy (small files, no weights) gives the same figure
     st = _load("study")
     arch = tmp_path.parent / "archived"
@@ -147,6 +149,46 @@ def test_did_study_interpolates_mdlm_at_dids_training_flops(tmp_path, capsys):
     # an evaluation missing and not to be run: no figure rather than a guess
     (tmp_path / "equal" / "mdlm-s0-500" / "metrics.json").unlink()
     assert ds.equal_flops(tmp_path, "fixed", 0, run_missing=False) is None
+
+
+def test_did_study_verdict_is_per_sequence_when_the_sides_count_different_tokens():
+    """Variable length: MDLM scores BOS + document + EOS, DID the document only, so the verdict
+    compares NELBO per sequence (the bound on the whole item); the per-token ratio is shown
+    as not the verdict, and the crop estimate is worked out by hand. Fixed length: the same
+    tokens on both sides, one ratio."""
+    ds = _load("did_study")
+    st = _load("study")
+    nseq, dd, dm = 10, 900, 918                # 8 short documents (+2 each), 2 cropped (+1)
+    rows = []
+    for seed, (d_tok, m_tok_at) in enumerate([(7.0, 6.9), (7.2, 7.0), (6.8, 6.85)]):
+        d_seq, m_seq = d_tok * dd / nseq, m_tok_at * dm / nseq
+        rows.append({"seed": seed, "did_tokens": dd, "mdlm_tokens": dm, "sequences": nseq,
+                     "did_per_seq": d_seq, "mdlm_per_seq": m_seq * 1.01,
+                     "equal": {"mdlm_per_seq_at_did_flops": m_seq,
+                               "mdlm_nelbo_at_did_flops": m_tok_at},
+                     "equal_rel": d_tok / m_tok_at - 1, "equal_seq_rel": d_seq / m_seq - 1,
+                     "steps_rel": 0.0, "steps_seq_rel": d_seq / (m_seq * 1.01) - 1})
+    per_seq = [7.0 * 900 / (6.9 * 918) - 1, 7.2 * 900 / (7.0 * 918) - 1,
+               6.8 * 900 / (6.85 * 918) - 1]
+    S = {"rows": rows, "equal_seq_rel": st.ci95([r["equal_seq_rel"] for r in rows]),
+         "steps_seq_rel": st.ci95([r["steps_seq_rel"] for r in rows]),
+         "equal_rel": st.ci95([r["equal_rel"] for r in rows]), "steps_rel": (0.0, 0.0)}
+    m = sum(per_seq) / 3
+    sd = math.sqrt(sum((v - m) ** 2 for v in per_seq) / 2)
+    h = 4.303 * sd / math.sqrt(3)
+    text = "\n".join(ds.equal_lines(S))
+    assert f"DID/MDLM - 1: {100 * m:+.2f}% +/- {100 * h:.2f}%" in text
+    assert f"[{100 * (m - h):+.2f}%, {100 * (m + h):+.2f}%], 3 seeds" in text
+    assert "MDLM 918 (+2.00%" in text and "it is not the verdict" in text
+    # 2 cropped documents: one token at MDLM's per-token NELBO off 2 of 10 sequences
+    adj = [7.0 * 900 / (6.9 * 918 - 2 * 6.9) - 1, 7.2 * 900 / (7.0 * 918 - 2 * 7.0) - 1,
+           6.8 * 900 / (6.85 * 918 - 2 * 6.85) - 1]
+    assert "the 2 documents longer than the window" in text
+    assert f"by {100 * (sum(adj) / 3 - m):+.2f} points" in text
+    for r in rows:                                             # fixed: the same tokens
+        r["mdlm_tokens"] = dd
+    assert "Both sides score 900 tokens over 10 validation sequences" in \
+        "\n".join(ds.equal_lines(S))
 
 
 def test_unigram_cross_entropy_matches_a_loop_by_hand():
