@@ -163,10 +163,10 @@ def score_search(judge) -> dict:
 
 class ShortContext(Judge):
     """``judge`` seeing only the ``k`` tokens before each scored token (its own context
-    otherwise unchanged): ``logits[:, j] = judge.logits(x[:, j-k:j+1])[:, -1]`` for ``j >= k``
-    and the first ``k + 1`` positions from one forward of ``x[:, :k+1]`` (their prefixes are
-    already that short). With ``k = n - 1`` the AR judge conditions on what an n-gram judge
-    does, so a gap between the two judges that remains is in how they model short contexts,
+    otherwise unchanged). ``logits[:, j]`` scores token ``j + 1``, so it is
+    ``judge.logits(x[:, j-k+1:j+1])[:, -1]`` (k tokens) for ``j >= k`` and, for the first
+    ``k`` positions, one forward of ``x[:, :k]`` (their prefixes are at most k tokens). With
+    ``k = n - 1`` the AR judge conditions on what an n-gram judge does, so a gap between the two judges that remains is in how they model short contexts,
     one that closes comes from the longer context (windows start mid-text, as the packed rows
     the judge trained on do)."""
 
@@ -190,12 +190,12 @@ class ShortContext(Judge):
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        w = self.k + 1
+        w = self.k
         head = self.judge.logits(x[:, :w], mask[:, :w])
         if x.shape[1] <= w:
             return head
         B = x.shape[0]
-        xs = x.unfold(1, w, 1)[:, 1:].reshape(-1, w)          # windows ending at j = w..L-1
+        xs = x.unfold(1, w, 1)[:, 1:].reshape(-1, w)          # windows ending at j = k..L-1
         ms = mask.unfold(1, w, 1)[:, 1:].reshape(-1, w)
         tail = torch.cat([self.judge.logits(xs[i:i + self.chunk], ms[i:i + self.chunk])[:, -1]
                           for i in range(0, xs.shape[0], self.chunk)])

@@ -84,10 +84,12 @@ def test_doubling_ladder_and_power_law_asymptote():
 
 
 def test_short_context_judge_equals_a_loop_over_truncated_prefixes():
-    """judges.ShortContext(judge, k): the logits at position j are the judge's on the k tokens
-    before j (and j itself) alone, fed as a sequence of their own (positions restart), checked
-    against a loop over the truncated prefixes; with k >= L - 1 it is the judge itself, and with
-    a shorter k it differs from it (the fake judge reads its whole context, position-weighted)."""
+    """judges.ShortContext(judge, k): the logits that score token t are the judge's on the k
+    tokens before t alone (x[t-k:t], fewer at the start), fed as a sequence of their own
+    (positions restart), checked against a loop over the truncated prefixes; a judge that
+    answers how many tokens it was shown sees min(t, k); with k >= L - 1 it is the judge
+    itself, and with a shorter k it differs from it (the fake judge reads its whole context,
+    position-weighted)."""
     import torch
     from tdlm.eval.genppl import Judge
     j = _load("judges")
@@ -111,12 +113,21 @@ def test_short_context_judge_equals_a_loop_over_truncated_prefixes():
     for k in (1, 3, 16):
         sc = j.ShortContext(judge, k, chunk=5)                # several chunks
         got = sc.logits(x, mask)
-        want = torch.stack([judge.logits(x[:, max(0, t - k):t + 1],
-                                         mask[:, max(0, t - k):t + 1])[:, -1]
-                            for t in range(x.shape[1])], dim=1)
+        # logits[:, t - 1] score token t, t = 1..L (the last one scores nothing)
+        want = torch.stack([judge.logits(x[:, max(0, t - k):t], mask[:, max(0, t - k):t])[:, -1]
+                            for t in range(1, x.shape[1] + 1)], dim=1)
         assert torch.equal(got, want)
         full = judge.logits(x, mask)
-        assert torch.equal(got, full) == (k >= x.shape[1] - 1)
+        assert torch.equal(got, full) == (k >= x.shape[1])
+
+    class Count(Fake):                                        # logit 0 = tokens shown
+        def logits(self, x, mask):
+            n = torch.arange(1, x.shape[1] + 1, dtype=torch.float64)
+            return n[None, :, None].expand(x.shape[0], -1, V).clone()
+
+    for k in (1, 3):
+        seen = j.ShortContext(Count(), k, chunk=4).logits(x, mask)[0, :, 0]
+        assert seen.tolist() == [min(t, k) for t in range(1, x.shape[1] + 1)]
     sc = j.ShortContext(judge, 3)
     assert (sc.vocab_size, sc.eos_id, sc.vocab_hash()) == (V, 7, "h") and "3-token" in sc.label
     assert sc.target_nll(x, x) is None and sc.info()["short_context"] == 3

@@ -186,6 +186,14 @@ def test_position_matched_removes_the_length_confound():
         assert lo < r[k] < hi
     with pytest.raises(ConfigError):
         position_matched([[]], b)
+    # mostly empty samples: resamplings that draw no token on a side have no ratio and are
+    # left out, not turned into a NaN interval; the full sets give the loop's figures
+    a, b = [[1.0, 2.0], [], [], [], []], [[1.5], [2.5, 3.0]]
+    r = position_matched(a, b, rounds=400)
+    assert 0 < r["rounds_used"] < 400
+    assert all(math.isfinite(x) for k in ("ratio_ci95", "matched_ratio_ci95") for x in r[k])
+    assert (r["ratio"], r["matched_ratio"], r["covered"]) == pytest.approx(
+        brute_position_matched(a, b), rel=1e-12)
 
 
 def test_retokenises_text_when_tokenizers_differ(runs, hf_judge_dir):

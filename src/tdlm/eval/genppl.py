@@ -547,8 +547,8 @@ def position_matched(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]],
     and the position-matched ratio is ``exp(r_a - r_b|a)`` with ``r_a`` the pooled NLL of
     ``a`` on the same positions (1: equal at equal positions). Also the plain pooled ratio
     ``exp(r_a - r_b)``. 95% intervals: percentile bootstrap, ``rounds`` resamplings of the
-    samples of each set independently (``seed``). ``covered``: share of ``a``'s tokens at
-    positions ``b`` reaches."""
+    samples of each set independently (``seed``); a resampling that draws no scored token on a
+    side has no ratio and is left out (``rounds_used`` counts the rest). ``covered``: share of ``a``'s tokens at positions ``b`` reaches."""
     def arrays(sets):
         L = max((len(x) for x in sets), default=0)
         v = torch.zeros(len(sets), L, dtype=torch.float64)
@@ -579,11 +579,15 @@ def position_matched(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]],
     boot = torch.tensor([stats(torch.randint(0, len(a), (len(a),), generator=g),
                                torch.randint(0, len(b), (len(b),), generator=g))[:2]
                          for _ in range(rounds)], dtype=torch.float64)
+    boot = boot[torch.isfinite(boot).all(1)]              # degenerate resamplings: no ratio
+    if boot.shape[0] == 0:
+        raise ConfigError("position_matched: every bootstrap resampling was degenerate")
     q = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
     return {"ratio": math.exp(plain), "ratio_ci95": [math.exp(float(x)) for x in q[:, 0]],
             "matched_ratio": math.exp(matched),
             "matched_ratio_ci95": [math.exp(float(x)) for x in q[:, 1]],
-            "covered": covered, "rounds": rounds, "seed": seed,
+            "covered": covered, "rounds": rounds, "rounds_used": int(boot.shape[0]),
+            "seed": seed,
             "samples": [len(a), len(b)]}
 
 
