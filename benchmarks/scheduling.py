@@ -53,6 +53,7 @@ import csv
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -657,8 +658,8 @@ def verdict_lines(sr, href, seeds, peak, gpeak, evals) -> list[str]:
                                              "**not** measurably better at this s.e."))
     mid = 0.25 <= _f(peak["step_fraction"]) <= 0.75
     out.append(f"* Step sensitivity: KL(heavy||light) on the same noised input peaks at progress "
-               f"{_f(peak['step_fraction']):.2f} (t = {_f(peak['t']):.3f}), the loss gap at "
-               f"progress {_f(gpeak['step_fraction']):.2f}; the paper's 'middle steps most "
+               f"{_f(peak['step_fraction']):.3f} (t = {_f(peak['t']):.3f}), the loss gap at "
+               f"progress {_f(gpeak['step_fraction']):.3f}; the paper's 'middle steps most "
                f"sensitive' is {'supported' if mid else 'not supported'} by the KL profile here" +
                (" (KL grows towards the last steps, where few positions remain noised and the "
                 "predictions are sharp)." if _f(peak["step_fraction"]) > 0.75 else "."))
@@ -708,9 +709,11 @@ def _placement_lines(sr, paired, seeds, t) -> list[str]:
                    f"saved): best named placement **{best['name']}** ({100 * m_b:+.1f}% +- "
                    f"{100 * se_b:.1f}%); sandwich {100 * m_sw:+.1f}% +- {100 * se_sw:.1f}%, rank "
                    f"{ranked.index(sw) + 1 if sw else '-'} of {len(ranked)}; the worst, "
-                   f"{last['name']}, costs {100 * dm:+.1f}% +- {100 * dse:.1f}% more than the "
-                   f"best (paired): the placements are "
-                   + ("told apart (95% CI excludes 0)." if apart else
+                   f"{last['name']}, costs {100 * dm:+.1f}% +- {100 * dse:.1f}% (s.e.; 95% CI "
+                   f"[{100 * (dm - t * dse):+.1f}%, {100 * (dm + t * dse):+.1f}%]) more than "
+                   f"the best (paired): the placements are "
+                   + ("told apart (95% CI excludes 0; best and worst picked on the same "
+                      "seeds, so optimistic)." if apart else
                       "**not** told apart at this s.e. (95% CI includes 0)."))
     if worst:
         # light-middle counts as the most costly only where the worst is told apart from the
@@ -783,7 +786,7 @@ def levels_lines(rows: dict, meta: dict, ok: list, tr: list) -> list[str]:
             kl[lv] = sum(v) / len(v)
     if len(kl) == 2:
         hint = "coarse" if kl["coarse"] < kl["leaf"] else "leaf"
-        out += ["", f"Per-level profile (the per-t table above, same noised validation input): "
+        out += ["", f"Per-level profile (the whole per-t grid above, same noised validation input): "
                 f"mean KL(heavy||light) {kl['coarse']:.3f} over the coarse level (t > 0.5) and "
                 f"{kl['leaf']:.3f} over the leaf level: the profile suggests the light model for "
                 f"the **{hint}** level (where it departs less from the heavy one)."]
@@ -860,8 +863,9 @@ def more_lines(sr, seeds, delta, ppl_line) -> dict:
 def _fine_blocks(dirs: list, add) -> tuple[list[dict], list]:
     """Stage fine's blocks in ``dirs`` merged by mask: one dict per mask of their search.csv
     found in every block (``mask``, ``name``, ``saved_blocks`` the mean over the blocks: a
-    step whose draws unmask nothing reuses the last forward, so the calls saved vary a little
-    with the draws), ``add(merged, row, block_dir, block_seeds)`` accumulating the rest; and
+    block whose draws leave positions masked after the last step makes one more call, the
+    noise removal, with the last step's model, so the share saved varies a little with the
+    draws), ``add(merged, row, block_dir, block_seeds)`` accumulating the rest; and
     the seeds of all blocks."""
     merged: dict = {}
     seeds: list = []
@@ -1028,8 +1032,11 @@ def fine_lines(evals: dict) -> list[str]:
         w = ok[-1][3]
         dm, dse = paired_change(w, best, seeds)
         out.append(f"* The placements at this saving: the costliest, {run_length(w['mask'])}, "
-                   f"costs {100 * dm:+.1f}% +- {100 * dse:.1f}% more than the best (paired): "
-                   + ("told apart (95% CI excludes 0)." if abs(dm) > t * dse else
+                   f"costs {100 * dm:+.1f}% +- {100 * dse:.1f}% (s.e.; 95% CI "
+                   f"[{100 * (dm - t * dse):+.1f}%, {100 * (dm + t * dse):+.1f}%]) more than "
+                   f"the best (paired): "
+                   + ("told apart (95% CI excludes 0; best and worst picked on the same "
+                      "seeds, so optimistic)." if abs(dm) > t * dse else
                       "**not** told apart at this s.e. (95% CI includes 0)."))
     return out
 
@@ -1112,7 +1119,10 @@ def stage_report(work: Path) -> None:
         f"* Segments: T cut into {SEGMENTS} segments of {T // SEGMENTS} steps; all "
         f"C({SEGMENTS},2) = 28 assignments of 2 light segments, plus the named forms at 3 and 4 "
         f"light segments, plus heavy-only and light-only. Saved FLOPs are counted from the "
-        f"forward calls made (no cache hits: time-conditioned models).", "",
+        f"forward calls made (no cache hits: time-conditioned models; a batch that still "
+        f"holds masked positions after the last step makes one more call, the noise removal, "
+        f"with the last step's model, so a saving can differ from n_L/T x the block ratio in "
+        f"the third digit).", "",
         "Validation figures: the whole validation split with 4 noise draws where the run has "
         "its final evaluation (linked runs, the cpu scale), else 16 batches.", "",
         "| model | blocks | parameters | val NELBO/token (or NLL) | training |",
@@ -1133,6 +1143,9 @@ def stage_report(work: Path) -> None:
     gpeak = max(ok, key=lambda r: _f(r["gap"]))
     lines += ["", "## Where the light model differs (same noised validation input)", "",
               "![profile](scheduling/analyze/step_importance.png)", "",
+              f"Every other point of the {len(ok)}-point grid (all of them in the plot and in "
+              f"`analyze/step_importance.csv`; the peaks and per-level means below use all).",
+              "",
               "| progress 1-t | t | loss heavy | loss light | gap (+- 2 s.e.) | KL(H||L) | KL(L||H) |",
               "|---|---|---|---|---|---|---|"]
     for r in ok[::-1][::2]:
@@ -1143,7 +1156,7 @@ def stage_report(work: Path) -> None:
     tr_ok = [r for r in traj if r.get("noised") and int(r["noised"]) > 0]
     tpeak = max(tr_ok, key=lambda r: _f(r["kl_heavy_light"])) if tr_ok else None
     lines += ["", f"Largest KL(heavy||light) on validation input at t = {_f(peak['t']):.3f} "
-              f"(progress {_f(peak['step_fraction']):.2f}); largest loss gap at t = "
+              f"(progress {_f(peak['step_fraction']):.3f}); largest loss gap at t = "
               f"{_f(gpeak['t']):.3f}." + (f" On the heavy model's own trajectories the KL peaks "
                                            f"at step {tpeak['step']} of {T}." if tpeak else "")]
     # named comparison
@@ -1183,7 +1196,7 @@ def stage_report(work: Path) -> None:
             cv.append((sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 / m)
         cv.sort()
         lines.append(f"Seed spread: the standard deviation of the per-seed gen PPL ({NUM} samples "
-                     f"each) is a median {100 * cv[len(cv) // 2]:.1f}% (max {100 * cv[-1]:.1f}%) of "
+                     f"each) is a median {100 * statistics.median(cv):.1f}% (max {100 * cv[-1]:.1f}%) of "
                      f"its mean over the {len(sr)} schedules; the paired changes above remove "
                      f"most of that (same random draws).")
     more = more_lines(sr, seeds, delta, ppl_line)

@@ -613,7 +613,7 @@ def test_scheduling_verdict_tells_placements_apart_and_reads_the_target(tmp_path
              "light-first": [102.0, 112.2, 91.8, 102.0]}
     rows = _sched_rows(clear)
     txt = "\n".join(sch.verdict_lines(rows, rows[0], [0, 1, 2, 3], peak, peak, evals))
-    assert "worst, light-middle" in txt and "told apart (95% CI excludes 0)" in txt
+    assert "worst, light-middle" in txt and "told apart (95% CI excludes 0;" in txt
     assert "told apart from the best, in 1 of 1" in txt and "is supported by the" in txt
     # best >= 25% schedule: sandwich at +1% on every seed: s.e. 0, upper bound +1.0%
     assert "LHHHHHHL (sandwich" in txt and "target met" in txt and "+1.0%, is within 3%" in txt
@@ -1235,7 +1235,7 @@ def test_fine_section_pools_seed_blocks_and_reads_the_target(tmp_path, monkeypat
     assert f"| L3 H5 | light-first | 25.3% | +1.5% | {a['gen_ppl']:.2f} | 4.800 | " \
            f"+2.0% +- {100 * se:.1f}% | [{100 * (m - 3.182 * se):+.1f}%, {100 * hi:+.1f}%] |" in txt
     assert "target **met** on the mean" in txt and f"{100 * hi:+.1f}%, is beyond 3%" in txt
-    assert "the costliest, H5 L3, costs +7.8%" in txt and "told apart (95% CI excludes 0)" in txt
+    assert "the costliest, H5 L3, costs +7.8%" in txt and "told apart (95% CI excludes 0;" in txt
     assert "another training of the pair" in txt and "heavy 5.1000 / light 5.3000" in txt
     assert "(stage fine: 3 light steps of" in txt and "4 seeds" in txt
     assert "Judge: ar-test judge." in txt
