@@ -576,7 +576,8 @@ def plot(res: dict, path: Path) -> None:
                     ax.plot([x[1] / 1e12 for x in c], [x[2] for x in c], color=col, lw=1,
                             ls=["-", "--", ":"][r["seed"] % 3], label=f"{side} s{r['seed']}")
         ax.set_xlabel("training FLOPs (TFLOP)")
-        ax.set_ylabel("validation NELBO / token")
+        ax.set_ylabel("validation NELBO / token" + ("" if setting == "fixed" else
+                                                      " (each side's own token count)"))
         ax.set_title(f"{setting} length")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
