@@ -56,8 +56,8 @@ DID = RESULTS / "runs" / "did-study" / "samples"
 AR_JUDGES = {8000: ("AR judge, 8000 steps (judge.md; scored the coarse search and DID)",
                     RESULTS / "runs" / "judge" / "ar-judge"),
              4000: ("AR judge, 4000 steps", RESULTS / "runs" / "judge-4000" / "ar-judge"),
-             2000: ("AR judge, 2000 steps (judge-2000/judge.md; session 19, no better than the "
-                    "4-gram)",
+             2000: ("AR judge, 2000 steps (judge-2000/judge.md; no better than the 4-gram; "
+                    "scored stage fine and the DID rows below when it is their --ar-judge)",
                     RESULTS / "runs" / "judge-2000" / "ar-judge")}
 GEN_TOL, ENT_TOL, SAVED_MIN = 0.03, 0.02, 0.25
 
