@@ -356,7 +356,7 @@ def predicted_masks(rows: list[dict], seeds, segments: int, light: int, k: int) 
         m = "".join("L" if i in chosen else "H" for i in range(segments))
         if m not in have:
             cands.append((m, sum(a[i] for i in chosen)))
-    return sorted(cands, key=lambda x: x[1])[:k]
+    return sorted(cands, key=lambda x: (round(x[1], 12), x[0]))[:k]   # ties: by mask
 
 
 def stage_more(work: Path) -> None:
@@ -419,6 +419,9 @@ def fine_masks(rows: list[dict], seeds, segments: int, steps: int, n_light: int,
 
     def cost(m: str) -> float:
         return sum(a[i // per] / per for i, ch in enumerate(m) if ch == "L")
+
+    def key(m: str) -> tuple:        # equal costs (to rounding in the fit and sums) by mask
+        return round(cost(m), 12), m
     cands = []
     for chosen in itertools.combinations(range(segments), whole):
         base = ["L" if i // per in chosen else "H" for i in range(steps)]
@@ -430,8 +433,8 @@ def fine_masks(rows: list[dict], seeds, segments: int, steps: int, n_light: int,
         here = ["".join("L" if j <= i < j + extra else c for i, c in enumerate(base))
                 for j in starts if all(base[x] == "H" for x in range(j, j + extra))]
         if here:
-            cands.append(min(here, key=lambda m: (cost(m), m)))
-    ranked = sorted(set(cands), key=lambda m: (cost(m), m))[:k]
+            cands.append(min(here, key=key))
+    ranked = sorted(set(cands), key=key)[:k]
     out = [{"mask": m, "predicted": cost(m), "name": name_of_mask(m)} for m in ranked]
     for name in ("sandwich", "light-first"):
         m = NAMED_OF_MASK[name](steps, n_light)

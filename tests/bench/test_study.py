@@ -236,6 +236,15 @@ def test_parity_report_gives_the_context_free_level_from_the_runs_caches(tmp_pat
     assert data["per_seed"][1]["mdlm_below_cf"] == pytest.approx(want - 6.6)
     md = (out / "parity.md").read_text()
     assert "Against the context-free level" in md and f"{want:.4f}" in md
+    # the evaluated NELBO of a context-free prediction: t = t_min + (1 - t_min) u, a masked
+    # position (prob. 1 - alpha_t = (1 - eps) t) weighted 1 / t: (1 - eps) H, eps H short
+    # whatever t_min (not (eps + t_min) H)
+    eps = m["family"]["eps"]
+    assert cf["nelbo_short_by"] == pytest.approx(eps * want, rel=1e-9)
+    for t_min in (0.0, 1e-3, 0.2):
+        assert par.context_free_shortfall(2.0, {"eps": 0.01, "eval_t_min": t_min}) == \
+            pytest.approx(0.02, rel=1e-9)
+    assert f"{eps * want:.4f} nats under it" in md
 
 
 def test_judge_convergence_rule_and_report(tmp_path):
