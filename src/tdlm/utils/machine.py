@@ -6,10 +6,32 @@ import platform
 from typing import Optional
 
 
+def source_commit() -> Optional[str]:
+    """The git commit of the checkout this package is imported from, ``+dirty`` appended when
+    tracked files differ from it; None outside a git checkout (an installed wheel) or without
+    git. Ties a benchmark's results to the code that produced them."""
+    import subprocess
+    from pathlib import Path
+    here = Path(__file__).resolve()
+    root = here.parents[3]
+    if here.parents[1] != root / "src" / "tdlm":     # not this repository's layout
+        return None
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def machine_info(threads: Optional[int] = None) -> dict:
     """What a benchmark ran on: platform, python, torch, CPU model, core count, total memory,
-    torch threads, GPU name when CUDA is available, and the load average at the call (the
-    machines these benchmarks run on are often shared)."""
+    torch threads, GPU name when CUDA is available, the source commit (``source_commit``) and
+    the load average at the call (the machines these benchmarks run on are often shared)."""
     import torch
     d = {"platform": platform.platform(), "python": platform.python_version(),
          "torch": torch.__version__, "cpu_count": os.cpu_count(),
@@ -27,6 +49,7 @@ def machine_info(threads: Optional[int] = None) -> dict:
             pass
     if d["cuda"]:
         d["gpu"] = torch.cuda.get_device_name(0)
+    d["commit"] = source_commit()
     try:
         d["load_average_at_start"] = os.getloadavg()
     except OSError:
