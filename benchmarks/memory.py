@@ -228,7 +228,9 @@ def write_results(rows: list, mach: dict, command: str, out: Path) -> None:
                  " — expected at this scale, where the 16 B/param static memory dominates; "
                  "the act. ratio shows the trend toward larger B") + ".")
     L.append("- Not run here: the CUDA regimes (`torch.cuda.max_memory_allocated`, bf16 autocast "
-             "`bf16`/`bf16_ckpt`); the code path is present and selected automatically on a GPU.")
+             "`bf16`/`bf16_ckpt`) were not measured (no GPU); the code path is present and selected "
+             "automatically on a GPU, and their peaks are simulated with fake tensors in "
+             "[memory_paper.md](memory_paper.md).")
     (out / "memory.md").write_text("\n".join(L) + "\n")
     print("\n".join(L))
 

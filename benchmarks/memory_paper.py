@@ -8,12 +8,12 @@ in mixed precision. No GPU is used here: every number is ``tdlm.train.memory.est
 (``tdlm fit``): the library's own optimizer step (model, family loss, backward, clipping, fused
 AdamW) run on fake tensors with CUDA's bf16 autocast lists, flash attention and fused dropout,
 counting allocated bytes as ``torch.cuda.max_memory_allocated`` would (blocks rounded to 512
-bytes). GPT-2 vocabulary (50,257), presets small (mdlm-small / tdlm-small, 169.6M / 170.3M
+bytes). GPT-2 vocabulary (50,257), presets small (mdlm-small / tdlm-small, 169.6M / 169.8M
 parameters) and base (mdlm-base / tdlm-base), both at L = 1024 and 512, with and without
 activation checkpointing; EMA off for every model (an EMA adds 4 bytes per parameter to both);
 dense batches with every position counted (TDLM's head is counted on all positions, its worst
-case). Variants: MDLM with the reference SUBS loss (full fp32 [B, L, V] logits and
-log-probabilities), MDLM with the chunked head (``family.head_impl=chunked``, 1024 positions per
+case). Variants: MDLM with the reference SUBS loss (the output layer's bf16 [B, L, V]
+logits under autocast, cast to fp32 for the log-probabilities), MDLM with the chunked head (``family.head_impl=chunked``, 1024 positions per
 chunk), TDLM.
 
 Per cell: the peak at micro-batches ``--batch`` (default 1, 2, 4, ..., 64; the peak is affine
