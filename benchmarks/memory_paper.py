@@ -110,11 +110,15 @@ def public(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
-def write(rows: list, comps: list, command: str, out: Path, batches: list) -> None:
+def write(rows: list, comps: list, command: str, out: Path, batches: list,
+          machine: dict | None = None) -> None:
+    """Results JSON, markdown and plot; ``machine``: where the estimates ran (a re-render keeps
+    the JSON's own record), else this process's ``machine_info``."""
     from tdlm.utils import machine_info
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory_paper.json").write_text(json.dumps(
-        {"command": command, "machine": machine_info(), "margin": MARGIN, "cards_gib": CARDS,
+        {"command": command, "machine": machine or machine_info(), "margin": MARGIN,
+         "cards_gib": CARDS,
          "rows": [public(r) for r in rows], "comparisons": comps}, indent=2, default=str))
     L = ["# Peak training memory in the paper's regime (CUDA, bf16 autocast; simulated)", "",
          f"Command: `{command}`", "",
@@ -266,7 +270,7 @@ def main() -> None:
     if a.render:
         d = json.loads(Path(a.render).read_text())
         rows, comps = load(Path(a.render), batches)
-        write(rows, comps, d["command"], Path(a.out), batches)
+        write(rows, comps, d["command"], Path(a.out), batches, machine=d.get("machine"))
         return
     log = lambda m: print(m, file=sys.stderr, flush=True)
     rows, comps = load(Path(a.out) / "memory_paper.json", batches) if a.resume else ([], [])
