@@ -16,7 +16,8 @@ paragraphs cropped/padded to 256. The same seed gives the same batches in the sa
 both sides of a pair. Main pair (fixed length): ``--seeds`` (default 0 1 2); variable length:
 ``--variable-seeds`` (default 0-7: seeds 3-5 were added in session 17 and 6-7 in sessions
 19-20, each time because the interval still held 0: a sequential look, so an interval edge
-near 0 is weaker evidence than it reads). MDLM runs keep every 100th checkpoint (``train.keep_every``).
+near 0 is weaker evidence than it reads). MDLM runs keep every 100th checkpoint
+(``train.keep_every``).
 
 Stages (each skips what exists; runs are ``benchmarks/study.py`` queues, one thread each):
 * ``run``: train, then evaluate each run on the whole validation split (4 noise draws).
@@ -442,7 +443,8 @@ def _rel_ci(mh, n: int) -> str:
     m, h = mh
     if h is None:
         return f"{100 * m:+.2f}% (one seed, no interval)"
-    return f"{100 * m:+.2f}% +/- {100 * h:.2f}% (95% CI [{100 * (m - h):+.2f}%, {100 * (m + h):+.2f}%], {n} seeds)"
+    return (f"{100 * m:+.2f}% +/- {100 * h:.2f}% (95% CI [{100 * (m - h):+.2f}%, "
+            f"{100 * (m + h):+.2f}%], {n} seeds)")
 
 
 def equal_lines(S: dict) -> list[str]:

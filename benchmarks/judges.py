@@ -166,8 +166,9 @@ class ShortContext(Judge):
     otherwise unchanged). ``logits[:, j]`` scores token ``j + 1``, so it is
     ``judge.logits(x[:, j-k+1:j+1])[:, -1]`` (k tokens) for ``j >= k`` and, for the first
     ``k`` positions, one forward of ``x[:, :k]`` (their prefixes are at most k tokens). With
-    ``k = n - 1`` the AR judge conditions on what an n-gram judge does, so a gap between the two judges that remains is in how they model short contexts,
-    one that closes comes from the longer context (windows start mid-text, as the packed rows
+    ``k = n - 1`` the AR judge conditions on what an n-gram judge does, so a gap between the
+    two judges that remains is in how they model short contexts, one that closes comes from
+    the longer context (windows start mid-text, as the packed rows
     the judge trained on do)."""
 
     def __init__(self, judge, k: int, chunk: int = 512):

@@ -13,8 +13,8 @@ parameters) and base (mdlm-base / tdlm-base), both at L = 1024 and 512, with and
 activation checkpointing; EMA off for every model (an EMA adds 4 bytes per parameter to both);
 dense batches with every position counted (TDLM's head is counted on all positions, its worst
 case). Variants: MDLM with the reference SUBS loss (the output layer's bf16 [B, L, V]
-logits under autocast, cast to fp32 for the log-probabilities), MDLM with the chunked head (``family.head_impl=chunked``, 1024 positions per
-chunk), TDLM.
+logits under autocast, cast to fp32 for the log-probabilities), MDLM with the chunked head
+(``family.head_impl=chunked``, 1024 positions per chunk), TDLM.
 
 Per cell: the peak at micro-batches ``--batch`` (default 1, 2, 4, ..., 64; the peak is affine
 in B past the smallest ones) and the largest micro-batch whose peak fits 24 / 40 / 80 GiB less a
