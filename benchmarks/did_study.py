@@ -519,7 +519,8 @@ def markdown(res: dict) -> str:
         L += ["", "| measure | DID/MDLM | target |", "|---|---|---|"]
         if S["step_ratio"]:
             t = TARGETS["step"][setting]
-            L.append(f"| training step wall-clock (round-robin, did_step_cpu.md) | "
+            L.append(f"| training step wall-clock (round-robin, did_step_cpu.md; ratio of mean "
+                     f"step times) | "
                      f"{S['step_ratio']:.3f} | <= {t} ({'met' if S['step_ratio'] <= t else 'missed'}) |")
             L.append(f"| tokens forwarded / FLOPs per step | {S['tokens_ratio']:.3f} / "
                      f"{S['flops_ratio']:.3f} | |")

@@ -191,6 +191,25 @@ def test_did_study_verdict_is_per_sequence_when_the_sides_count_different_tokens
         "\n".join(ds.equal_lines(S))
 
 
+def test_did_step_ratio_is_the_ratio_of_mean_step_times():
+    """did_race.summary_rows: the headline DID/MDLM step ratio is total DID time over total
+    MDLM time on the same rounds (a right-skewed DID step time is not flattered by a median);
+    the ratio of medians and the true median of the per-round ratios are reported beside."""
+    dr = _load("did_race")
+    d = [1.0, 1.0, 1.0, 5.0]                         # one long batch: skewed
+    m = [4.0, 4.0, 4.0, 4.0]
+    side = lambda s: {"step_s": s, "median_step_s": sorted(s)[1] / 2 + sorted(s)[2] / 2,  # noqa: E731
+                      "dp_s": [0.1] * 4, "tokens_forwarded": 10.0, "train_flops": 100.0}
+    timing = {f"{k}/{x}": side(d if x == "did" else m) for k in ("fixed", "variable")
+              for x in ("did", "mdlm")}
+    r = dr.summary_rows(timing)["variable"]
+    assert r["ratio"] == pytest.approx(8.0 / 16.0)                     # not 1/4
+    assert r["ratio_of_medians"] == pytest.approx(0.25)
+    assert r["ratio_per_round_median"] == pytest.approx(0.25)          # (0.25 + 0.25) / 2
+    assert r["ratio_per_round_range"] == [0.25, 1.25]
+    assert r["dp_share"] == pytest.approx(0.4 / 8.0)
+
+
 def test_unigram_cross_entropy_matches_a_loop_by_hand():
     st = _load("study")
     counts, val = [3, 0, 1], [0, 2, 1, 0]
