@@ -356,7 +356,7 @@ def predicted_masks(rows: list[dict], seeds, segments: int, light: int, k: int) 
         m = "".join("L" if i in chosen else "H" for i in range(segments))
         if m not in have:
             cands.append((m, sum(a[i] for i in chosen)))
-    return sorted(cands, key=lambda x: (round(x[1], 12), x[0]))[:k]   # ties: by mask
+    return sorted(cands, key=lambda x: _by_cost(x[1], x[0]))[:k]
 
 
 def stage_more(work: Path) -> None:
@@ -420,8 +420,8 @@ def fine_masks(rows: list[dict], seeds, segments: int, steps: int, n_light: int,
     def cost(m: str) -> float:
         return sum(a[i // per] / per for i, ch in enumerate(m) if ch == "L")
 
-    def key(m: str) -> tuple:        # equal costs (to rounding in the fit and sums) by mask
-        return round(cost(m), 12), m
+    def key(m: str) -> tuple:
+        return _by_cost(cost(m), m)
     cands = []
     for chosen in itertools.combinations(range(segments), whole):
         base = ["L" if i // per in chosen else "H" for i in range(steps)]
@@ -712,12 +712,7 @@ def _placement_lines(sr, paired, seeds, t) -> list[str]:
                    f"saved): best named placement **{best['name']}** ({100 * m_b:+.1f}% +- "
                    f"{100 * se_b:.1f}%); sandwich {100 * m_sw:+.1f}% +- {100 * se_sw:.1f}%, rank "
                    f"{ranked.index(sw) + 1 if sw else '-'} of {len(ranked)}; the worst, "
-                   f"{last['name']}, costs {100 * dm:+.1f}% +- {100 * dse:.1f}% (s.e.; 95% CI "
-                   f"[{100 * (dm - t * dse):+.1f}%, {100 * (dm + t * dse):+.1f}%]) more than "
-                   f"the best (paired): the placements are "
-                   + ("told apart (95% CI excludes 0; best and worst picked on the same "
-                      "seeds, so optimistic)." if apart else
-                      "**not** told apart at this s.e. (95% CI includes 0)."))
+                   f"{last['name']}, " + _vs_best(dm, dse, t, "the placements are "))
     if worst:
         # light-middle counts as the most costly only where the worst is told apart from the
         # best; with no count telling its placements apart the reading is undecided
@@ -1035,13 +1030,25 @@ def fine_lines(evals: dict) -> list[str]:
         w = ok[-1][3]
         dm, dse = paired_change(w, best, seeds)
         out.append(f"* The placements at this saving: the costliest, {run_length(w['mask'])}, "
-                   f"costs {100 * dm:+.1f}% +- {100 * dse:.1f}% (s.e.; 95% CI "
-                   f"[{100 * (dm - t * dse):+.1f}%, {100 * (dm + t * dse):+.1f}%]) more than "
-                   f"the best (paired): "
-                   + ("told apart (95% CI excludes 0; best and worst picked on the same "
-                      "seeds, so optimistic)." if abs(dm) > t * dse else
-                      "**not** told apart at this s.e. (95% CI includes 0)."))
+                   + _vs_best(dm, dse, t))
     return out
+
+
+def _vs_best(dm: float, dse: float, t: float, lead: str = "") -> str:
+    """A placement's paired cost over the best one (mean ``dm``, s.e. ``dse``, Student ``t``)
+    and whether the 95% CI tells them apart (optimistic: both picked on the same seeds)."""
+    return (f"costs {100 * dm:+.1f}% +- {100 * dse:.1f}% (s.e.; 95% CI "
+            f"[{100 * (dm - t * dse):+.1f}%, {100 * (dm + t * dse):+.1f}%]) more than the best "
+            f"(paired): {lead}"
+            + ("told apart (95% CI excludes 0; best and worst picked on the same seeds, so "
+               "optimistic)." if abs(dm) > t * dse else
+               "**not** told apart at this s.e. (95% CI includes 0)."))
+
+
+def _by_cost(cost: float, mask: str) -> tuple:
+    """Sort key of a predicted cost: equal costs (to float noise of the fit and the sums) in
+    mask order, so the picks do not depend on rounding."""
+    return round(cost, 12), mask
 
 
 def model_facts(cfg) -> dict:
