@@ -25,11 +25,16 @@ Stages (each skips what exists; runs are ``benchmarks/study.py`` queues, one thr
   FLOPs of what the backbone forwarded). For each seed, MDLM's two kept checkpoints that
   bracket DID's final training FLOPs F_D are evaluated the same way, and MDLM's NELBO at F_D is
   interpolated linearly in FLOPs between them: the equal-compute comparison.
-* ``memory``: peak resident memory of 3 training steps per setting, each in a fresh process
-  with the system allocator (``train.cpu_allocator=system``), minus the resident memory after
-  the model was built.
+* ``memory``: peak resident memory of ``MEMORY_STEPS`` (10) training steps per setting on
+  the run's 10 largest batches (``largest_batches``; the first 3 batches, measured until
+  session 22, held half the tokens of the variable-length run's largest), each in a fresh
+  process with the system allocator (``train.cpu_allocator=system``), minus the resident
+  memory after the model was built.
 * ``sample``: ``tdlm sample`` at equal steps (``--sample-steps``) from seed 0's final
-  checkpoints (``--samples`` sequences, one batch) and ``tdlm genppl`` under ``--judge`` (an
+  checkpoints (``--samples`` sequences, one batch; both fixed-length sides start from their
+  BOS: DID inserts into [BOS], and the ``keep_first`` MDLM samples from [BOS] + masks, the
+  BOS it was trained with at position 0 -- until session 22 its position 0 was masked and
+  drawn from a prediction never trained there) and ``tdlm genppl`` under ``--judge`` (an
   AR model of the same tokenizer trained on the same corpus: ``benchmarks/judge.py``'s
   ``runs/judge/ar-judge``, 8000 steps, whose convergence judge.md reads; its own validation
   NLL is reported beside); the wall-clock per sample is timed apart, round-robin in one
@@ -72,6 +77,7 @@ SETTINGS = {
                                                    "train.keep_every=100"])},
 }
 SIDES = ("did", "mdlm")
+MEMORY_STEPS = 10   # steps (on the run's largest batches) of the memory measurement
 TARGETS = {"step": {"fixed": 0.55, "variable": 0.35}, "sample": {"fixed": 0.6, "variable": 0.3}}
 
 
@@ -148,9 +154,22 @@ def stage_equal(a) -> None:
 
 
 # ---- memory -----------------------------------------------------------------------------------
+def largest_batches(batches, total: int, k: int) -> list[int]:
+    """Indices of the ``k`` largest of the first ``total`` batches of ``batches`` (by the
+    positions the model is given, ``input_ids.numel()``: padding included, ragged batches by
+    their packed length), in the order they come; ties go to the earlier batch."""
+    sizes = [next(batches)["input_ids"].numel() for _ in range(total)]
+    return sorted(sorted(range(total), key=lambda i: (-sizes[i], i))[:k])
+
+
 def memory_worker(setting: str, side: str, steps: int) -> None:
+    """Peak RSS increment of ``steps`` training steps on the run's ``steps`` largest batches
+    (a run's peak is set by its largest batches: length-bucketed ragged batches range from
+    about 800 to 4096 tokens; for fixed-size batches these are the first ones, DID's deleted
+    count still varying with each step's t)."""
     import torch
     from tdlm.config import get_preset
+    from tdlm.data import BatchIterator
     from tdlm.train.step import train_step
     from tdlm.train.throughput import build_step_context
     torch.set_num_threads(1)
@@ -158,12 +177,18 @@ def memory_worker(setting: str, side: str, steps: int) -> None:
     cfg = get_preset(preset).override([s for s in sets if "keep_every" not in s]
                                       + ["train.cpu_allocator=system"])
     data, _, _, ctx, it = build_step_context(cfg, "cpu")
+    bucket = cfg.data.bucket_factor if getattr(data.train, "ragged", False) else 0
+    pick = largest_batches(BatchIterator(data.train, cfg.train.global_batch, cfg.train.seed,
+                                         bucket_factor=bucket), cfg.train.max_steps, steps)
+    batches = [b for i, b in zip(range(pick[-1] + 1), it) if i in set(pick)]
+    sizes = [b["input_ids"].numel() for b in batches]
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for i in range(steps):
-        train_step(ctx, next(it), i)
+    for i, b in enumerate(batches):
+        train_step(ctx, b, i)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"peak_rss_mib": peak / 1024, "after_build_mib": base / 1024,
-                      "step_increment_mib": (peak - base) / 1024}))
+                      "step_increment_mib": (peak - base) / 1024, "steps": steps,
+                      "batches": pick, "batch_positions": sizes}))
 
 
 def stage_memory(a) -> None:
@@ -328,8 +353,10 @@ def stage_sample(a) -> None:
 # ---- report -----------------------------------------------------------------------------------
 def collect(a) -> dict:
     work = Path(a.work)
+    jj = work / "samples" / "judge.json"
+    judge = json.loads(jj.read_text())["judge"] if jj.exists() else "runs/judge/ar-judge"
     res = {"settings": {}, "command": "python benchmarks/did_study.py run && ... equal && ... "
-           "memory && ... sample --judge runs/judge/ar-judge && ... report"}
+           f"memory && ... sample --judge {judge} && ... report"}
     mem = json.loads((work / "memory.json").read_text()) if (work / "memory.json").exists() else {}
     step = RESULTS / "did_step_cpu.json"
     step = json.loads(step.read_text())["summary"] if step.exists() else {}
@@ -349,6 +376,8 @@ def collect(a) -> dict:
                    "sequences": fd["sequences"],
                    "did_tokens_per_s": d["tokens_per_s"], "mdlm_tokens_per_s": m["tokens_per_s"],
                    "curves": {"did": d["curve_flops"], "mdlm": m["curve_flops"]},
+                   "run_flops_ratio": (max(d["train_flops"].items())[1]
+                                       / max(m["train_flops"].items())[1]),
                    "equal": eq}
             if fd["sequences"] != fm["sequences"]:
                 raise SystemExit(f"[did_study] {setting} seed {s}: DID evaluated "
@@ -373,6 +402,27 @@ def collect(a) -> dict:
             "tokens_ratio": st.get("tokens_ratio"), "dp_share": st.get("dp_share"),
             "memory": {x: mem.get(f"{setting}/{x}") for x in SIDES}, "sampling": samp}
     return res
+
+
+def length_matched_entropy(work: Path, setting: str, seed: int, steps: int) -> dict:
+    """Where the two sides' samples differ in mean length (variable length: DID's end, MDLM's
+    fill the window), the mean per-sample unigram entropy of positions 1..k of every sample
+    (position 0: the BOS), k = the shorter side's mean length - 1: a unigram entropy grows with
+    the number of tokens it is taken over, so the full-sample figures mix length into it.
+    ``{}`` when the samples are missing or the means are within 5%."""
+    from tdlm.eval.genppl import unigram_entropy
+    ids = {}
+    for side in SIDES:
+        f = work / "samples" / f"{SETTINGS[setting][side][0]}-s{seed}-T{steps}.jsonl"
+        if not f.exists():
+            return {}
+        ids[side] = [json.loads(x)["ids"] for x in f.read_text().splitlines() if x.strip()]
+    mean = {x: sum(map(len, v)) / len(v) for x, v in ids.items()}
+    if max(mean.values()) <= 1.05 * min(mean.values()):
+        return {}
+    k = int(min(mean.values())) - 1
+    return {"entropy_first_k": {"k": k, **{x: sum(unigram_entropy(r[1:k + 1]) for r in v) / len(v)
+                                           for x, v in ids.items()}}}
 
 
 def _samples(work: Path, setting: str, seed: int, a) -> dict:
@@ -401,6 +451,10 @@ def _samples(work: Path, setting: str, seed: int, a) -> dict:
             out[side].update(seconds_per_sample=tm[side]["seconds_per_sample"],
                              mean_length=tm[side]["mean_length"])
         out["timing"] = {k: tm[k] for k in ("ratio", "ratio_range", "rounds", "num")}
+        if all("mean_length" in out.get(x, {}) for x in SIDES):
+            per_tok = {x: out[x]["seconds_per_sample"] / out[x]["mean_length"] for x in SIDES}
+            out["timing"]["per_token_ratio"] = per_tok["did"] / per_tok["mdlm"]
+    out.update(length_matched_entropy(work, setting, seed, a.sample_steps))
     j = work / "samples" / "judge.json"
     if j.exists():
         out["judge"] = json.loads(j.read_text())
@@ -522,12 +576,19 @@ def markdown(res: dict) -> str:
             L.append(f"| training step wall-clock (round-robin, did_step_cpu.md; ratio of mean "
                      f"step times) | "
                      f"{S['step_ratio']:.3f} | <= {t} ({'met' if S['step_ratio'] <= t else 'missed'}) |")
-            L.append(f"| tokens forwarded / FLOPs per step | {S['tokens_ratio']:.3f} / "
+            runs = [r["run_flops_ratio"] for r in S["rows"] if "run_flops_ratio" in r]
+            whole = (f" (the timed steps; over the whole 1000-step runs: FLOPs "
+                     f"{min(runs):.3f}-{max(runs):.3f})" if runs and
+                     abs(sum(runs) / len(runs) - S["flops_ratio"]) > 0.005 else "")
+            L.append(f"| tokens forwarded / FLOPs per step{whole} | {S['tokens_ratio']:.3f} / "
                      f"{S['flops_ratio']:.3f} | |")
             L.append(f"| DP share of DID's step | {100 * S['dp_share']:.1f}% | |")
         mem = S["memory"]
         if mem.get("did") and mem.get("mdlm"):
-            L.append(f"| peak RSS increment of 3 training steps over the built model (MiB; "
+            how = (f"{mem['did']['steps']} training steps on the run's {mem['did']['steps']} "
+                   "largest batches" if "batches" in mem["did"] else
+                   "3 training steps (the run's first 3 batches)")
+            L.append(f"| peak RSS increment of {how} over the built model (MiB; "
                      f"system allocator, fresh process each) | {mem['did']['step_increment_mib']:.0f}"
                      f" / {mem['mdlm']['step_increment_mib']:.0f} = "
                      f"{mem['did']['step_increment_mib'] / mem['mdlm']['step_increment_mib']:.3f} | |")
@@ -547,6 +608,9 @@ def markdown(res: dict) -> str:
             if "mean_length" in sp["did"]:
                 L.append(f"| mean sample length of the timed samples (tokens) | "
                          f"{sp['did']['mean_length']:.1f} / {sp['mdlm']['mean_length']:.1f} | |")
+            if tm and "per_token_ratio" in tm and abs(tm["per_token_ratio"] - ratio) > 0.02:
+                L.append(f"| sampling time per token (the target is per sample) | "
+                         f"{tm['per_token_ratio']:.3f} | |")
             if "gen_ppl" in sp["did"] and "gen_ppl" in sp["mdlm"]:
                 L.append(f"| generative perplexity (95% CI over samples) | "
                          f"{sp['did']['gen_ppl']:.1f}{_ci(sp['did'])} / "
@@ -554,6 +618,10 @@ def markdown(res: dict) -> str:
                          f"{sp['did']['gen_ppl'] / sp['mdlm']['gen_ppl']:.3f} | |")
                 L.append(f"| entropy (nats) | {sp['did']['entropy']:.3f} / "
                          f"{sp['mdlm']['entropy']:.3f} | |")
+            if sp.get("entropy_first_k"):
+                e = sp["entropy_first_k"]
+                L.append(f"| entropy of positions 1-{e['k']} of every sample (length-matched; "
+                         f"nats) | {e['did']:.3f} / {e['mdlm']:.3f} | |")
             if sp.get("judge"):
                 L.append(f"| judge's own validation NLL/token | {sp['judge']['nelbo_per_token']:.3f}"
                          f" ({sp['judge']['judge']}, {Path(sp['judge']['checkpoint']).name}) | |")
@@ -629,7 +697,7 @@ def main(argv=None) -> int:
     elif a.stage == "memory":
         stage_memory(a)
     elif a.stage == "memory-worker":
-        memory_worker(a.setting, a.side, 3)
+        memory_worker(a.setting, a.side, MEMORY_STEPS)
     elif a.stage == "sample":
         stage_sample(a)
     else:

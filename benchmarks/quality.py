@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -177,7 +178,8 @@ def collect(a) -> list:
             "steps": tr["max_steps"], "global_batch": tr["global_batch"],
             "seq_len": cfg["data"]["seq_len"], "seed": tr["seed"],
             "train_tokens": tr["max_steps"] * tr["global_batch"] * cfg["data"]["seq_len"],
-            "val_curve": val, "train_tokens_per_s_median": tps[len(tps) // 2] if tps else None,
+            "val_curve": val,
+            "train_tokens_per_s_median": statistics.median(tps) if tps else None,
             "train_wall_s": train_wall, "eval": ev,
             "nelbo_per_token": ev["nelbo_per_token"], "ppl_bound": ev["ppl_bound"],
             "bits_per_token": ev["bits_per_token"], "eval_tokens": ev["tokens"],

@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args(argv)
     ckpts = dict(x.split("=", 1) for x in a.checkpoint)
+    from tdlm.utils import machine_info
+    machine = machine_info()        # before the builds: its load average is the one at the start
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for vocab in a.vocab:
@@ -65,9 +67,8 @@ def main(argv=None) -> int:
                 print(f"[tree_build] {vocab}/{source}: build {r['build_seconds']:.1f} s "
                       f"(data {r['data_seconds']:.1f} s)", flush=True)
                 rows.append(r)
-    from tdlm.utils import machine_info
     res = {"command": "python benchmarks/tree_build.py " + " ".join(argv or sys.argv[1:]),
-           "threads": a.threads, "machine": machine_info(), "rows": rows,
+           "threads": a.threads, "machine": machine, "rows": rows,
            "load_avg_at_end": os.getloadavg()[0]}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

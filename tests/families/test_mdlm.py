@@ -245,3 +245,41 @@ def test_gumbel_float64_matches_distribution_and_nucleus():
     assert torch.isinf(lp[2:]).all() and torch.allclose(lp[:2].exp(), torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))
     lp_t = adjust_logits(p.clamp_min(1e-12).log(), temperature=0.5)
     assert torch.allclose(lp_t.exp(), p ** 2 / (p ** 2).sum(), atol=1e-9)
+
+
+def test_keep_first_model_samples_from_bos_then_masks():
+    """A ``keep_first`` model never saw position 0 masked in training (it is always the BOS,
+    not counted), so it samples from [BOS] + [MASK]^(L-1): position 0 is the given BOS in
+    every sample and every recorded state, never a prediction; without a BOS it is a one-line
+    error. A model trained without keep_first ignores bos_id (same samples as without)."""
+    from tdlm.errors import ConfigError
+    from tdlm.sampling.result import build_options
+
+    def build(keep_first):
+        torch.manual_seed(0)
+        cfg = RunConfig.from_dict({"backbone": {"vocab_size": 50, "d_model": 32, "n_layers": 2,
+                                                "n_heads": 4, "cond_dim": 16, "max_seq_len": 24},
+                                   "family": {"name": "mdlm", "keep_first": keep_first},
+                                   "data": {"seq_len": 24, "layout": "packed_bos"}})
+        fam = get_family(cfg)
+        model = fam.build_model().eval()
+        with torch.no_grad():
+            for p_ in model.parameters():
+                p_.add_(torch.randn_like(p_) * 0.3)
+        return fam, model
+
+    def draw(fam, model, **kw):
+        opts = build_options(fam.SampleOptions, "mdlm", steps=8, trajectory=True, **kw)
+        return fam.sample(model, 6, 24, opts, torch.Generator().manual_seed(1))
+
+    fam, model = build(True)
+    res = draw(fam, model, bos_id=7)
+    assert (res.ids[:, 0] == 7).all()
+    assert all((torch.tensor(s["ids"])[:, 0] == 7).all() for s in res.trajectory)
+    assert (res.ids[:, 1:] != fam.mask_id).all()
+    with pytest.raises(ConfigError, match="keep_first") as ei:
+        draw(fam, model)
+    assert "\n" not in str(ei.value)
+    fam0, model0 = build(False)
+    assert torch.equal(draw(fam0, model0, bos_id=7).ids, draw(fam0, model0).ids)
+    assert not (draw(fam0, model0).ids[:, 0] == 7).all()

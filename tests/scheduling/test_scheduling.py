@@ -695,7 +695,8 @@ def test_cli_schedule_search_resumes_from_partial_rows(runs, capsys, monkeypatch
 
 @pytest.mark.parametrize("family", ["mdlm", "tdlm"])
 def test_trajectory_and_same_input_analysis_in_memory(family):
-    from tdlm.scheduling.analysis import _log_probs_on_noised, analyze_trajectories
+    from tdlm.scheduling.analysis import (_log_probs_on_noised, analyze_steps,
+                                          analyze_trajectories)
     if family == "mdlm":
         h, l = pipe_of(mdlm_cfg(2, tc=True), 0), pipe_of(mdlm_cfg(1, tc=True), 1)
         V = 11
@@ -714,6 +715,10 @@ def test_trajectory_and_same_input_analysis_in_memory(family):
     lp, tgt = run(h.model)
     assert n > 0 and lp.shape[0] == n == tgt.shape[0]
     assert torch.isfinite(lp.gather(-1, tgt[:, None])).all()   # the target is a valid class
+    other = tdlm_pipe(1, 1) if family == "mdlm" else pipe_of(mdlm_cfg(1, tc=True), 1)
+    for fn in (analyze_trajectories, analyze_steps):    # the light model reads heavy's z
+        with pytest.raises(ConfigError, match="cannot be mixed: family"):
+            fn(h, other)
 
 
 def test_cli_schedule_search_with_prefixes(runs, capsys):

@@ -6,7 +6,8 @@ once, z ~ q(z_t | x), and the *same* z goes to both models. Over the noised posi
 (MDLM: masked; TDLM: positions whose node moved to its parent at level h(t)):
 
     loss_m(t)   = mean_{i in M} -log p_m(x_i | z)        (TDLM: the child on x's path)
-    gap(t)      = loss_light(t) - loss_heavy(t)            (+ its standard error over positions)
+    gap(t)      = loss_light(t) - loss_heavy(t)            (+ its standard error over positions,
+                  as if independent: positions of one sequence share z, so it is a lower bound)
     KL_HL(t)    = mean_{i in M} KL(p_heavy(. | z)_i || p_light(. | z)_i)
     KL_LH(t)    = mean_{i in M} KL(p_light(. | z)_i || p_heavy(. | z)_i)
 
@@ -35,6 +36,7 @@ import torch
 
 from ..errors import ConfigError
 from ..sampling.result import StepPlan
+from .sampler import check_compatible
 from .schedule import ModelPlan, split_even
 
 
@@ -61,6 +63,7 @@ def analyze_steps(heavy, light, grid: int = 20, batches: int = 4, batch_size: in
     from ..data import BatchIterator, build_data
     if grid < 1 or batches < 1 or batch_size < 1:
         raise ConfigError("grid, batches and batch size must be >= 1")
+    check_compatible({"heavy": heavy, "light": light})   # the light model reads heavy's z
     data = build_data(heavy.cfg.data, None, tokenizer=heavy.tokenizer, need_train=False)
     val = data.val
     n_b = min(batches, math.ceil(len(val) / batch_size))
@@ -145,6 +148,7 @@ class _Probe(torch.nn.Module):
 @torch.no_grad()
 def analyze_trajectories(heavy, light, num: int = 8, steps: int = 64, seed: int = 0) -> list[dict]:
     """Per sampling step of the heavy model: KL both ways and top-1 agreement on its own z_t."""
+    check_compatible({"heavy": heavy, "light": light})
     records: list = []
     probe = _Probe(heavy, heavy.model, light.model, records)
     ts: list = []

@@ -43,3 +43,4 @@ class MDLMSampleOptions(SampleOptions):
     cache: bool = True               # reuse the prediction while nothing moved (no time input)
     noise_removal: bool = True       # fill the masks left at the end with the argmax
     trajectory: bool = False         # record every step's state (SampleResult.trajectory)
+    bos_id: Optional[int] = None     # keep_first models: the BOS held at position 0 (from the tokenizer)

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...config import RunConfig
+from ...errors import ConfigError
 from ...nn.chunked_ce import linear_cross_entropy
 from ...nn.dit import DiT, FinalLayer
 from ...sampling.gumbel import adjust_logits
@@ -242,12 +243,15 @@ class MaskedDiffusion(Family):
     @torch.no_grad()
     def run_sampler(self, model, num, seq_len, steps, generator, temperature=1.0, top_p=1.0,
                t_min: float = SAMPLE_T_MIN, cache: bool = True, noise_removal: bool = True,
-               prefix: Optional[torch.Tensor] = None,
+               prefix: Optional[torch.Tensor] = None, bos_id: Optional[int] = None,
                models: Optional[dict] = None, plan: Optional[list] = None,
                time_conditioned: Optional[dict] = None, log: Optional[ForwardLog] = None,
                on_forward: Optional[Callable] = None,
                trajectory: Optional[list] = None, memo=None) -> torch.Tensor:
         """Ancestral sampling from all-[MASK]. ``prefix`` [num, k] clamps the first k tokens.
+        A ``keep_first`` model (trained with position 0 always its BOS, never masked) samples
+        from [BOS] + [MASK]^(L-1): ``bos_id`` (the pipeline gives the tokenizer's) is held at
+        position 0 unless ``prefix`` sets it; its prediction there was never trained.
 
         Model scheduling: ``models`` (name -> module) and ``plan`` (a name per step; the final
         noise-removal pass uses the last step's model) choose the predicting model per step;
@@ -259,6 +263,11 @@ class MaskedDiffusion(Family):
         ``memo`` (a ``PrefixMemo``): runs with a common plan prefix share it (segment search)."""
         device = model_device(model)
         z = torch.full((num, seq_len), self.mask_id, dtype=torch.long, device=device)
+        if self.cfg.family.keep_first and (prefix is None or prefix.shape[1] == 0):
+            if bos_id is None:
+                raise ConfigError("this MDLM model was trained with family.keep_first (position "
+                                  "0 always BOS): sampling needs bos_id (its tokenizer has none)")
+            z[:, 0] = int(bos_id)
         if prefix is not None:
             z[:, :prefix.shape[1]] = prefix.to(device)
         models, plan, reuse = resolve_plan(model, steps, models, plan, time_conditioned, cache,
