@@ -436,6 +436,15 @@ def _samples(work: Path, setting: str, seed: int, a) -> dict:
         m = json.loads(meta.read_text())
         rec = {"seconds_per_sample": m["seconds"] / m.get("num", a.samples),
                "num": m.get("num", a.samples), "steps": a.sample_steps}
+        ck = Path(m.get("checkpoint") or "")
+        if len(ck.parts) > 2 and ck.parts[:3] != ("runs", work.name, name):
+            # sampled from another training of this run's config (kept in results/runs/)
+            ev = RESULTS / "runs" / ck.parts[1] / ck.parts[2] / "final_eval" / "metrics.json"
+            rec["sampled_from"] = {"run": str(Path(*ck.parts[:3])), "nelbo": json.loads(
+                ev.read_text())["nelbo_per_token"] if ev.exists() else None}
+        eff = work / "samples" / f"{name}-masked-position-0" / "bos_effect.json"
+        if eff.exists():
+            rec["bos_effect"] = json.loads(eff.read_text())
         g = f.with_suffix(".genppl.json")
         if g.exists():
             gp = json.loads(g.read_text())
@@ -618,6 +627,20 @@ def markdown(res: dict) -> str:
                          f"{sp['did']['gen_ppl'] / sp['mdlm']['gen_ppl']:.3f} | |")
                 L.append(f"| entropy (nats) | {sp['did']['entropy']:.3f} / "
                          f"{sp['mdlm']['entropy']:.3f} | |")
+            for side in SIDES:
+                sf, be = sp[side].get("sampled_from"), sp[side].get("bos_effect")
+                if sf:
+                    L.append(f"| {side.upper()}'s samples are from {sf['run']}, another training "
+                             f"of seed 0's config (the code changed since; its NELBO/token "
+                             f"{_fmt(sf['nelbo'], '{:.4f}')}, the table's "
+                             f"{_fmt(S['rows'][0][side] if S['rows'] else None, '{:.4f}')}) | | |")
+                if be:
+                    b, o = be["bos"], be["masked-position-0"]
+                    L.append(f"| {side.upper()} from [BOS] + masks (as trained, since session 22) "
+                             f"vs from all masks (position 0 drawn from an untrained "
+                             f"prediction, as before), same model and seed: gen PPL | "
+                             f"{b['gen_ppl']:.1f} / {o['gen_ppl']:.1f} = "
+                             f"{b['gen_ppl'] / o['gen_ppl']:.3f} | |")
             if sp.get("entropy_first_k"):
                 e = sp["entropy_first_k"]
                 L.append(f"| entropy of positions 1-{e['k']} of every sample (length-matched; "

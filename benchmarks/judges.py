@@ -447,6 +447,16 @@ def markdown(res: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def study_judge() -> str:
+    """The judge that scored the DID study's committed samples (``samples/judge.json``): its
+    run folder and checkpoint."""
+    try:
+        j = json.loads((DID / "judge.json").read_text())
+        return f"{j['judge']}, {Path(j['checkpoint']).name}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "the AR judge"
+
+
 def did_lines(did: list, own_nll: dict) -> list[str]:
     """Report section: DID vs MDLM under each judge of ``did`` (the n-gram first), pooled and
     position-matched, with the AR judge's committed pooled ratio."""
@@ -460,7 +470,8 @@ def did_lines(did: list, own_nll: dict) -> list[str]:
          "[judges_did_positions.png](judges_did_positions.png).", "",
          "| judge (own validation NLL) | setting | DID gen PPL [95% CI] | MDLM gen PPL [95% CI] "
          "| mean length DID / MDLM (judge tokens) | DID/MDLM pooled [95% CI] | DID/MDLM "
-         "position-matched [95% CI] | DID/MDLM under the AR judge (8000 steps), pooled |",
+         "position-matched [95% CI] | DID/MDLM under did_study.md's judge "
+         f"({study_judge()}), pooled |",
          "|---|---|---|---|---|---|---|---|"]
     for res in did:
         nll = own_nll.get(res["judge"])
