@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from .config.sections import BOS_LED_LAYOUTS
 from .errors import ConfigError
 from .outputs import sample_records, write_samples
 from .store.checkpoint import run_dir_of
@@ -57,7 +58,8 @@ def generate_to_files(paths: dict, num: int, steps: int, seed: int = 0,
     sched = sampler.resolve(schedule or next(iter(paths)), steps, light, heavy, split)
     kw, info = {}, None
     if prompt is not None:
-        kw["prefix"] = encode_prompt(tok, prompt, num)
+        kw["prefix"] = encode_prompt(tok, prompt, num,
+                                     bos=cfg.data.layout in BOS_LED_LAYOUTS)
     if prefix_from_val is not None:
         if seq_len is not None and seq_len != cfg.data.seq_len:
             raise ConfigError("--prefix-from-val samples at the model's seq_len; drop --seq-len")

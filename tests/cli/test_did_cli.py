@@ -61,6 +61,12 @@ def test_train_eval_sample(mode, layout, tmp_path, capsys):
     lens = [[len(x) for x in rec["ids"]] for rec in traj]
     assert all(all(b >= a for a, b in zip(p, q)) for p, q in zip(lens, lens[1:]))   # text only grows
     assert (tmp_path / "s.length_histogram.json").exists()
+    # validation prefixes come as BOS-led rows: DID keeps their BOS, it does not add another
+    out2 = tmp_path / "v.jsonl"
+    assert main(["sample", str(run), "--num", "1", "--steps", "4", "--prefix-from-val", "3",
+                 "--out", str(out2)]) == 0
+    for s in (json.loads(l) for l in out2.read_text().splitlines()):
+        assert s["ids"][0] == pipe.tokenizer.bos_id != s["ids"][1]
     # the Python API
     ids = pipe.generate_ids(2, 4, seed=1)
     assert len(ids) == 2 and all(int(x[0]) == pipe.tokenizer.bos_id for x in ids)
@@ -97,3 +103,24 @@ def test_mdlm_keep_first_conditions_on_bos_like_did():
     assert torch.equal(z[:, 0], x[:, 0])                   # BOS never masked
     assert (z[:, 1:] == fam.mask_id).any()                  # the rest is noised
     assert torch.equal(terms.n_tokens, torch.full((64,), 7.0))
+
+
+def test_keep_first_mdlm_samples_start_with_its_bos(tmp_path, capsys):
+    """The DID comparison's MDLM (packed [BOS] rows, position 0 never masked: keep_first)
+    samples rows that start with BOS, with or without a prompt (a prompt goes after the BOS,
+    as text follows it in every training row)."""
+    corpus = write_corpus(tmp_path / "corpus")
+    run = tmp_path / "run"
+    sets = tiny_sets(corpus, tmp_path / "cache", 'data.layout="packed_bos"',
+                     "family.keep_first=true")
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--no-progress", *sets]) == 0
+    pipe = load(str(run))
+    bos, prompt = pipe.tokenizer.bos_id, pipe.tokenizer.encode("the cat")
+    for extra in ([], ["--prompt", "the cat"]):
+        out = tmp_path / f"s{len(extra)}.jsonl"
+        assert main(["sample", str(run), "--num", "3", "--steps", "6", "--out", str(out),
+                     *extra]) == 0
+        for s in (json.loads(l) for l in out.read_text().splitlines()):
+            assert s["ids"][0] == bos
+            if extra:
+                assert s["ids"][1:1 + len(prompt)] == prompt

@@ -19,6 +19,8 @@ from .base import EPS_MIN, check, choice, opt, positive
 
 SCHEDULES = ("loglinear", "linear", "cosine")
 LAYOUTS = ("packed", "crop_pad", "packed_bos", "varlen")
+#: layouts whose every row starts with a BOS at position 0 (a sampled row should too)
+BOS_LED_LAYOUTS = ("crop_pad", "packed_bos", "varlen")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")

@@ -37,9 +37,11 @@ def parse_steps_split(text: str, cfg, family, steps: int) -> list[int]:
     return split
 
 
-def encode_prompt(tokenizer, prompt: str, num: int) -> torch.Tensor:
-    """The prompt's token ids repeated for ``num`` samples: a [num, k] prefix."""
+def encode_prompt(tokenizer, prompt: str, num: int, bos: bool = False) -> torch.Tensor:
+    """The prompt's token ids repeated for ``num`` samples: a [num, k] prefix; ``bos``: with
+    the tokenizer's BOS in front (a model trained on a BOS-led layout, whose rows all start
+    with it, as ``prefixes_from_validation`` gives them)."""
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ConfigError("--prompt encodes to no tokens")
-    return torch.tensor([ids] * num)
+    return torch.tensor([([tokenizer.bos_id] if bos else []) + ids] * num)

@@ -21,6 +21,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
+from ..config.sections import BOS_LED_LAYOUTS
 from ..errors import ConfigError
 from ..flops import flops_from_log, model_forward_flops
 from ..sampling.loop import ForwardLog, PrefixMemo
@@ -233,7 +234,7 @@ def prefixes_from_validation(pipe, num: int, k: int, skip: int = 0) -> tuple[tor
     if k < 1:
         raise ConfigError(f"prefix length must be >= 1, got {k}")
     cfg = pipe.cfg
-    bos = cfg.data.layout in ("crop_pad", "packed_bos", "varlen")
+    bos = cfg.data.layout in BOS_LED_LAYOUTS
     if k + int(bos) >= cfg.data.seq_len:
         raise ConfigError(f"prefix of {k} tokens leaves nothing to generate at seq_len "
                           f"{cfg.data.seq_len}")

@@ -357,7 +357,9 @@ class DeletionInsertion(Family):
         prompts = [list(p) for p in prompts] if prompts is not None else [[] for _ in range(num)]
         if len(prompts) != num:
             raise ConfigError(f"{len(prompts)} prompts given for num={num} samples")
-        init = [[bos_id] + p for p in prompts]
+        # a prompt given as a BOS-led row (``prefixes_from_validation``, a BOS-led --prompt)
+        # already holds the BOS: varlen texts never contain it, so it is not added twice
+        init = [p if p[:1] == [bos_id] else [bos_id] + p for p in prompts]
         if any(len(s) > seq_len for s in init):
             raise ConfigError(f"a prompt is longer than seq_len={seq_len} (BOS included)")
         if allowed is None:
