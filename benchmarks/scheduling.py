@@ -1226,6 +1226,16 @@ def stage_report(work: Path) -> None:
             lines.append(f"| {r['name'] or '-'} | {r['mask']} | "
                          f"{100 * _f(r['saved_blocks']):.1f}% | {ppl_line(r)} | "
                          f"{delta(r) if r is not href else '-'} |")
+        pm = json.loads((OUT / "prefix" / "search.json").read_text()) \
+            if (OUT / "prefix" / "search.json").exists() else {}
+        if (pm.get("prefix_convention") or 1) < 2:
+            lines += ["", "**Sampled before session 22's prefix fix** (`search.json` records no "
+                      "`prefix_convention`): a TDLM sampler then showed the clamped prefix as "
+                      "leaves at the coarse level too, an input no training row holds (at level "
+                      "h a training row shows nodes of height h or h+1), so on a TDLM pair these "
+                      "rows are biased, the absolute gen PPLs and possibly the differences "
+                      "between schedules; `--stage prefix` in a fresh work folder re-samples "
+                      "them (the pair's weights are needed)."]
     lines += levels_lines(by, meta, ok, tr_ok)
     # the report sits beside its folder: results/<STEM>.md (or <--out>.md)
     shown = OUT.resolve()

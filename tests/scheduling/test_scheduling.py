@@ -754,3 +754,33 @@ def test_a_stopped_search_resumes_only_under_the_same_judge_weights(tmp_path):
             f.write(json.dumps({"mask": "LH", "gen_ppl": 3.0}) + "\n")
         assert _resume_rows(path, settings) == {"LH": {"mask": "LH", "gen_ppl": 3.0}}
     assert _resume_rows(path, {"steps": 8, "judge": _judge_key(b)}) == {}
+
+
+def test_tdlm_prefix_is_shown_at_the_level_being_denoised():
+    """A clamped TDLM prefix is shown to the model at level h as its height-h ancestors (a
+    training row at level h never holds a node below height h), becomes leaves only in the
+    output, and the prefix stays clamped."""
+    pipe = tdlm_pipe(2, 0)
+    fam, height, anc = pipe.family, pipe.family.height, pipe.family.anc
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, z, sigma, level):
+            seen.append((level.clone(), z[:, :3].clone()))
+            return self.inner(z, sigma, level)
+
+        def child(self, node, r):
+            return self.inner.child(node, r)
+
+    prefix = torch.tensor([[1, 4, 5]] * 4)
+    out = fam.sample(Recorder(pipe.model), 4, 8, 6, torch.Generator().manual_seed(0),
+                     prefix=prefix)
+    assert torch.equal(out[:, :3], prefix)
+    assert {int(lv[0]) for lv, _ in seen} == {0, 1}
+    for lv, shown in seen:
+        h = int(lv[0])
+        assert torch.equal(shown, anc[h][prefix]) and (height[shown] == h).all()

@@ -37,6 +37,12 @@ def parse_steps_split(text: str, cfg, family, steps: int) -> list[int]:
     return split
 
 
+#: how clamped prefixes are given to the models; recorded with prefix-conditional results.
+#: 1: as given (until session 22); 2: [BOS] in front of prompts on BOS-led layouts, and TDLM
+#: shows the prefix at level h as its height-h ancestors (it had shown leaves at every level)
+PREFIX_CONVENTION = 2
+
+
 def encode_prompt(tokenizer, prompt: str, num: int, bos: bool = False) -> torch.Tensor:
     """The prompt's token ids repeated for ``num`` samples: a [num, k] prefix; ``bos``: with
     the tokenizer's BOS in front (a model trained on a BOS-led layout, whose rows all start

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..sampling.options import PREFIX_CONVENTION
 from ..utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .analysis import (analyze_steps, analyze_trajectories, pareto_front, plot_analysis,
                        plot_frontier, score_samples, segment_search, write_csv)
@@ -96,6 +97,7 @@ def search_to_files(sampler, light: str, heavy: str, judge, out, steps: int, seg
             "segments": segments, "light_segments": light_segments, "num": num, "seeds": seeds,
             "temperature": temperature, "top_p": top_p, "gumbel": "float64",
             "prefix_from_val": prefix_from_val,
+            "prefix_convention": PREFIX_CONVENTION if prefix_from_val else None,
             "judge": judge.info() if judge is not None else None,
             "sample_vocab_hash": (vocab_ids_hash(sampler.tokenizer.hf)
                                   if hasattr(sampler.tokenizer, "hf") else None)}

@@ -395,7 +395,8 @@ class TreeDiffusion(Family):
                t_min: float = SAMPLE_T_MIN, noise_removal: bool = True,
                trajectory: Optional[list] = None, memo=None) -> torch.Tensor:
         """Coarse-to-fine ancestral sampling from all-root; returns token ids [num, seq_len].
-        ``prefix`` clamps the first tokens (leaves never move). ``models``/``plan``/
+        ``prefix`` clamps the first tokens (leaves never move; at level h the model is shown
+        their height-h ancestors, as training shows revealed positions). ``models``/``plan``/
         ``time_conditioned``/``log``: model scheduling and call counting as in MDLM's sampler
         (shared ``AncestralLoop``); a level change always makes a new prediction. The finest
         window ends at ``t_min``; with ``noise_removal`` the positions still at height 1 then
@@ -405,13 +406,20 @@ class TreeDiffusion(Family):
         prefixes, as in MDLM's sampler."""
         device = model_device(model)
         z = torch.full((num, seq_len), self.root, dtype=torch.long, device=device)
-        if prefix is not None:
-            z[:, :prefix.shape[1]] = prefix.to(device)
+        k = 0 if prefix is None else prefix.shape[1]
+        if k:
+            z[:, :k] = prefix.to(device)
+            # what the model is shown of the prefix at level h: its height-h ancestors, as a
+            # training row at level h shows every revealed position (never a leaf above h)
+            shown = self.anc.to(device)[:, prefix.to(device)]          # [H, num, k]
         height = self.height.to(device)
         models, plan, reuse = resolve_plan(model, steps, models, plan, time_conditioned, cache,
                                            self.cfg.backbone.time_conditioning)
 
         def predict(m, zz, st):
+            if k:
+                zz = zz.clone()
+                zz[:, :k] = shown[st.phase]
             hv = torch.full((num,), st.phase, device=device)
             sigma = self.time_input(hv, torch.full((num,), st.t, device=device,
                                                    dtype=torch.float64))
