@@ -77,6 +77,16 @@ def manual_nll(model, bos, ids, counted):
     return float(ce[torch.tensor(counted)].sum())
 
 
+@torch.no_grad()
+def manual_nll_from(model, ids, counted):
+    """As manual_nll for a sequence that already opens with the judge's BOS: no BOS added;
+    ``counted`` is aligned with ids[1:]."""
+    seq = torch.tensor([ids])
+    logits = model(seq[:, :-1]).double()
+    ce = F.cross_entropy(logits[0], seq[0, 1:], reduction="none")
+    return float(ce[torch.tensor(counted)].sum())
+
+
 def test_token_pooled_nll_and_first_eos(runs):
     j = load_judge(runs["ar"])
     m, eos = j.pipe.model, j.eos_id
@@ -92,7 +102,7 @@ def test_token_pooled_nll_and_first_eos(runs):
     assert res["leading_eos_moved_to_context"] == 2
     nll = (manual_nll(m, j.bos_id, a, [True] * 20)
            + manual_nll(m, j.bos_id, b, [True] * 7 + [False] * 9)
-           + manual_nll(m, j.bos_id, c, [False] * 2 + [True] * 6 + [False] * 3))
+           + manual_nll_from(m, c, [False] + [True] * 6 + [False] * 3))  # c opens with BOS
     assert res["nll_per_token"] == pytest.approx(nll / 33, rel=1e-6)
     assert res["gen_ppl"] == pytest.approx(math.exp(nll / 33), rel=1e-6)
     ps = res["per_sample"]
@@ -106,7 +116,10 @@ def test_token_pooled_nll_and_first_eos(runs):
     r2 = generative_perplexity([b, c], j, sample_vocab_hash=h, eos="mdlm")
     assert r2["tokens"] == (15 + 1) + (8 + 1)      # non-EOS tokens + the first EOS
     r3 = generative_perplexity([b, c], j, sample_vocab_hash=h, eos="none")
-    assert r3["tokens"] == 16 + 11
+    assert r3["tokens"] == 16 + 9                  # c's leading EOS are context in every mode
+    assert r2["leading_eos_moved_to_context"] == r3["leading_eos_moved_to_context"] == 2
+    nll_c = manual_nll_from(m, c, [False] + [True] * 9)   # the first EOS after the text counts
+    assert r2["per_sample"][1]["nll"] == pytest.approx(nll_c, rel=1e-6)
     # scoring builds no autograd graph (the judge's weights require grad): the judge runs
     # with grad mode off
     assert any(q.requires_grad for q in m.parameters())

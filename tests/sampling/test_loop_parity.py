@@ -62,6 +62,20 @@ def old_tdlm_sample(fam, model, num, seq_len, steps, generator, temperature=1.0,
     if prefix is not None:
         z[:, :prefix.shape[1]] = prefix
     height = fam.height
+    parent = torch.as_tensor(fam.tree.parent, dtype=torch.long)
+
+    def shown(zz, lv):
+        # since session 22 the model sees the prefix at level lv as its height-lv ancestors
+        # (a training row at level lv holds no leaf above it): lv steps up the parent pointers
+        if prefix is None:
+            return zz
+        zz = zz.clone()
+        a = prefix.clone()
+        for _ in range(lv):
+            a = parent[a]
+        zz[:, :prefix.shape[1]] = a
+        return zz
+
     n = fam.steps_per_level(steps, steps_split)
     reuse_ok = cache and not fam.cfg.model.time_conditioning
     k_global = 0
@@ -74,7 +88,7 @@ def old_tdlm_sample(fam, model, num, seq_len, steps, generator, temperature=1.0,
             noised = height[z] == lv + 1
             if logp is None:
                 sigma = fam.time_input(hv, torch.full((num,), float(us[j]), dtype=torch.float64))
-                logits = model(z, sigma, hv)
+                logits = model(shown(z, lv), sigma, hv)
                 if on_forward:
                     on_forward(k_global)
                 logp = adjust_logits(logits.double(), temperature, top_p)

@@ -11,10 +11,12 @@ prefix, if any), the judge sees ``[BOS] + c_i + g_i`` and scores the tokens of `
     NLL = sum_i sum_{j in S_i} -log p_judge(g_ij | BOS, c_i, g_i,<j),   N = sum_i |S_i|,
     gen PPL = exp(NLL / N)   (token-pooled over all samples, not a mean of per-sample PPLs).
 
-``S_i`` (``eos="first"``, the default): positions up to and including the first EOS of
-``g_i``; EOS tokens at the very start of ``g_i`` (a sample that opens on a document boundary)
-are moved into the context first. ``eos="mdlm"``: every non-EOS token plus the first EOS (the
-MDLM reference code's mask); ``eos="none"``: every token. Sequences longer than the judge's
+EOS tokens at the very start of ``g_i`` (a sample that opens on a document boundary, or on
+the BOS its sampler starts from: BOS = EOS here) are moved into the context first, and the
+judge's own BOS is left out when the context already starts with it (one BOS, as in the
+judge's training rows). Then ``S_i`` (``eos="first"``, the default): positions up to and
+including the first EOS; ``eos="mdlm"``: every non-EOS token plus the first EOS (the MDLM
+reference code's mask); ``eos="none"``: every token. Sequences longer than the judge's
 context are scored in consecutive windows of ``context`` inputs (each window restarts its
 context; every target is scored exactly once).
 
@@ -344,19 +346,21 @@ def _retokenise(text: str, judge: Judge) -> list[int]:
 
 
 def _scored(targets: list[int], eos: int, mode: str) -> tuple[list[int], list[bool], int]:
-    """(targets kept, count mask, leading EOS tokens moved to the context)."""
-    if mode == "none":
-        return targets, [True] * len(targets), 0
+    """(targets kept, count mask, leading EOS tokens moved to the context). Leading EOS
+    tokens (a sample that opens on a document boundary, or on the BOS its sampler starts
+    from: BOS = EOS in these tokenizers) are context in every mode, not generated text."""
     lead = 0
+    while lead < len(targets) and targets[lead] == eos:
+        lead += 1
+    t = targets[lead:]
+    if mode == "none":
+        return t, [True] * len(t), lead
     if mode == "first":
-        while lead < len(targets) and targets[lead] == eos:
-            lead += 1
-        t = targets[lead:]
         if eos in t:
             t = t[:t.index(eos) + 1]
         return t, [True] * len(t), lead
-    first = targets.index(eos) if eos in targets else -1
-    return targets, [(v != eos) or (j == first) for j, v in enumerate(targets)], 0
+    first = t.index(eos) if eos in t else -1
+    return t, [(v != eos) or (j == first) for j, v in enumerate(t)], lead
 
 
 @torch.no_grad()
@@ -410,8 +414,11 @@ def _windows(items: list, judge: Judge) -> list:
     for i, (ctx, tgt, cnt) in enumerate(items):
         if not tgt:
             continue
-        seq = [judge.bos_id] + ctx + tgt
-        counted = [False] * len(ctx) + cnt          # aligned with seq[1:]
+        # the judge's BOS opens the sequence unless the context already does (a sample that
+        # starts from its BOS: one BOS, as the judge's training rows have it)
+        lead = [] if ctx[:1] == [judge.bos_id] else [judge.bos_id]
+        seq = lead + ctx + tgt
+        counted = ([False] * len(ctx) + cnt)[1 - len(lead):]     # aligned with seq[1:]
         for a in range(0, len(seq) - 1, C):
             tg = seq[a + 1:a + C + 1]
             inp = seq[a:a + C][:len(tg)]
