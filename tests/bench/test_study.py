@@ -558,13 +558,15 @@ def test_finished_is_true_only_when_every_run_has_its_final_evaluation(tmp_path)
     assert st.main(["finished"]) == 1
 
 
-def test_backlog_trains_the_judge_scores_the_fine_blocks_then_adds_did_seeds(tmp_path):
-    """benchmarks/backlog.sh with a stand-in ``python`` that logs its arguments: the 2000-step
-    judge trained on both cores (THREADS), then -- once it has finished -- its report and
-    archive, stage rescore-fine under it, the report regenerated from the archive and the
-    n-gram judges' table, in that order; then the DID variable-length seeds 6 and 7 (run,
-    equal, archive, report over seeds 0-7). The judge stage is skipped once its report is
-    committed; the judge unfinished: nothing scored, a non-zero exit; STAGES picks stages."""
+def test_backlog_trains_the_judge_then_rescores_the_did_study_and_retrains_the_tree_pair(
+        tmp_path):
+    """benchmarks/backlog.sh with a stand-in ``python`` that logs its arguments: the 16000-step
+    judge trained on both cores (THREADS), then -- once it has finished -- its report against
+    the archived 8000-step judge, its archive, the DID study's samples scored under it, the
+    study's report and the judges' table, in that order. The judge stage is skipped once its
+    report is committed; the judge unfinished: nothing scored, a non-zero exit. STAGES picks
+    stages: tree-prefix (not a default) trains the TDLM pair again in a fresh folder and
+    samples stage prefix on it into a results folder of its own."""
     import shutil
     import stat
     import subprocess
@@ -585,33 +587,36 @@ def test_backlog_trains_the_judge_scores_the_fine_blocks_then_adds_did_seeds(tmp
         p = subprocess.run(["bash", str(tmp_path / "benchmarks" / "backlog.sh")],
                            env={**env, **kw}, capture_output=True, text=True, timeout=60,
                            cwd=tmp_path)
-        return p, [c for c in log.read_text().splitlines() if not c.startswith("-c ")]
+        calls = log.read_text().splitlines() if log.exists() else []
+        return p, [c for c in calls if not c.startswith("-c ")]
     p, calls = run()
     assert p.returncode == 0 and "failed=0" in p.stdout, p.stdout + p.stderr
-    tree = "benchmarks/scheduling.py --scale cpu --pair tree"
-    did = ["benchmarks/did_study.py run --seeds --variable-seeds 6 7 --lanes 2",
-           "benchmarks/did_study.py equal --seeds --variable-seeds 6 7",
-           "benchmarks/study.py archive runs/did-study benchmarks/results/runs/did-study",
-           "benchmarks/did_study.py report --work benchmarks/results/runs/did-study "
-           "--variable-seeds 0 1 2 3 4 5 6 7"]
+    J = "runs/judge-16000"
+    did = "benchmarks/results/runs/did-study"
     assert calls == [
-        "benchmarks/judge.py run --threads 2 --budget 2000 --work runs/judge-2000",
-        "benchmarks/study.py finished runs/judge-2000/ar-judge",
-        "benchmarks/judge.py report --work runs/judge-2000 --budget 2000 --short  "
-        "--out benchmarks/results/judge-2000",
-        "benchmarks/study.py archive runs/judge-2000 benchmarks/results/runs/judge-2000",
-        f"{tree} --work runs/sched-paper --judge runs/judge-2000/ar-judge --stage rescore-fine",
-        f"{tree} --work benchmarks/results/runs/sched-paper --judge "
-        "benchmarks/results/runs/judge/ar-judge --stage report",
-        "benchmarks/judges.py", *did], calls
-    p, calls = run(THREADS="1", FINISHED="", STAGES="judge")
-    assert p.returncode == 1 and "judge-2000 is not finished: nothing scored" in p.stdout
-    assert calls == ["benchmarks/judge.py run --threads 1 --budget 2000 --work runs/judge-2000",
-                     "benchmarks/study.py finished runs/judge-2000/ar-judge"]
-    (tmp_path / "benchmarks" / "results" / "judge-2000").mkdir(parents=True)
-    (tmp_path / "benchmarks" / "results" / "judge-2000" / "judge.json").write_text("{}")
+        f"benchmarks/judge.py run --threads 2 --budget 16000 --work {J}",
+        f"benchmarks/study.py finished {J}/ar-judge",
+        f"benchmarks/judge.py report --work {J} --budget 16000 --short "
+        "benchmarks/results/runs/judge/ar-judge --out benchmarks/results/judge-16000",
+        f"benchmarks/study.py archive {J} benchmarks/results/runs/judge-16000",
+        f"benchmarks/did_study.py sample --work {did} --judge {J}/ar-judge",
+        f"benchmarks/did_study.py report --work {did}",
+        f"benchmarks/judges.py --work runs/judges --ar-judge {J}/ar-judge "
+        "--short-context 3 --short-context 15 --short-context 63"], calls
+    p, calls = run(THREADS="1", FINISHED="")
+    assert p.returncode == 1 and "judge-16000 is not finished: nothing scored" in p.stdout
+    assert calls == [f"benchmarks/judge.py run --threads 1 --budget 16000 --work {J}",
+                     f"benchmarks/study.py finished {J}/ar-judge"]
+    (tmp_path / "benchmarks" / "results" / "judge-16000").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "judge-16000" / "judge.json").write_text("{}")
     p, calls = run()
-    assert p.returncode == 0 and calls == did, calls
+    assert p.returncode == 0 and calls == [], calls
+    p, calls = run(STAGES="judge tree-prefix")
+    tree = "benchmarks/scheduling.py --scale cpu --pair tree --work runs/sched-tree2"
+    assert p.returncode == 0 and calls == [
+        f"{tree} --stage run-levels --threads 2",
+        f"{tree} --judge runs/judge-2000/ar-judge --out "
+        "benchmarks/results/scheduling_cpu_tree_prefix --stage prefix"], calls
 
 
 def _sched_rows(costs, k=2, entropy=5.0, saved=0.25):
