@@ -107,52 +107,83 @@ class Pipeline:
         """Decoded texts of :meth:`sample`."""
         return [self.tokenizer.decode(ids) for ids in self.sample(num, steps, **kw).sequences()]
 
-    @torch.no_grad()
-    def nelbo(self, texts: Sequence[str], seed: int = 0, repeats: int = 4) -> dict:
-        """NELBO (nats/token, averaged over ``repeats`` noise draws) of texts, each encoded and
-        cut/padded to the model's sequence length as in training: packed layout, text + EOS
-        cut into blocks; crop_pad layout, BOS + text + EOS cut into windows. Padding is not
-        scored."""
+    def nelbo_rows(self, texts: Sequence[str]) -> list[list[int]]:
+        """The rows :meth:`nelbo` scores, laid out as the model's training data
+        (:mod:`tdlm.data.layouts`): ``packed``, the texts joined into one stream (each text +
+        EOS) cut into blocks of L; ``packed_bos``, the same stream in blocks of L-1 tokens each
+        after a BOS; the last block of these two is shorter when the stream does not fill it
+        (scored as a shorter row, never padded: packed training rows have no padding);
+        ``crop_pad``, each text as BOS + text + EOS cut into windows of L (the last one
+        padded, as in training); ``varlen``, each text as BOS + up to L-1 tokens per window,
+        no EOS (scored as a ragged batch, as in training)."""
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
             raise ConfigError("nelbo: no texts given")
+        L, tok, layout = self.cfg.data.seq_len, self.tokenizer, self.cfg.data.layout
+        enc = [tok.encode(t) for t in texts]
+        if layout in ("packed", "packed_bos"):
+            stream = [i for toks in enc for i in toks + [tok.eos_id]]
+            if layout == "packed":
+                return [stream[i:i + L] for i in range(0, len(stream), L)]
+            return [[tok.bos_id] + stream[i:i + L - 1] for i in range(0, len(stream), L - 1)]
+        rows = []
+        for toks in enc:
+            if layout == "varlen":
+                rows += [[tok.bos_id] + toks[i:i + L - 1]
+                         for i in range(0, max(len(toks), 1), L - 1)]
+            else:
+                toks = [tok.bos_id] + toks + [tok.eos_id]
+                rows += [toks[i:i + L] for i in range(0, len(toks), L)]
+        return rows
+
+    @torch.no_grad()
+    def nelbo(self, texts: Sequence[str], seed: int = 0, repeats: int = 4,
+              batch_rows: int = 32) -> dict:
+        """NELBO (nats/token, averaged over ``repeats`` noise draws) of texts laid out as in
+        training (:meth:`nelbo_rows`), scored ``batch_rows`` rows at a time: rows of one length
+        as a dense batch, ``varlen`` rows as a ragged one, ``crop_pad`` rows padded to L with
+        the padding not scored; totals pooled over tokens. The time draw is antithetic within
+        each batch, so a larger ``batch_rows`` (or more ``repeats``) lowers the variance."""
         if repeats < 1:
             raise ConfigError(f"repeats must be >= 1, got {repeats}")
-        L = self.cfg.data.seq_len
-        tok = self.tokenizer
-        ids = []
-        layout = self.cfg.data.layout
-        for t in texts:
-            toks = tok.encode(t)
-            if layout in ("packed_bos", "varlen"):
-                # BOS-led windows: [BOS] + up to L-1 tokens (varlen: no EOS, as in training)
-                if layout == "packed_bos":
-                    toks = toks + [tok.eos_id]
-                for i in range(0, max(len(toks), 1), L - 1):
-                    ids.append([tok.bos_id] + toks[i:i + L - 1])
-                continue
-            toks = toks + [tok.eos_id]
-            if layout == "crop_pad":
-                toks = [tok.bos_id] + toks
-            for i in range(0, len(toks), L):
-                ids.append(toks[i:i + L])
-        x = torch.full((len(ids), L), tok.pad_id, dtype=torch.long)
-        valid = torch.zeros((len(ids), L), dtype=torch.bool)
-        for i, row in enumerate(ids):
-            x[i, :len(row)] = torch.tensor(row)
-            valid[i, :len(row)] = True
-        batch = {"input_ids": x.to(self.device), "valid": valid.to(self.device)}
-        gen = torch.Generator(device=self.device).manual_seed(seed)
+        batch_rows = _posint("batch_rows", batch_rows)
+        rows = self.nelbo_rows(texts)
+        L, pad = self.cfg.data.seq_len, self.tokenizer.pad_id
+        batches = []
+        if self.cfg.data.layout == "varlen":
+            from .data.batches import collate_ragged
+            for i in range(0, len(rows), batch_rows):
+                grp = rows[i:i + batch_rows]
+                batches.append(collate_ragged([(r, [True] * len(r)) for r in grp]))
+        else:
+            padded = self.cfg.data.layout == "crop_pad"
+            by_len: dict = {}
+            for r in rows:
+                by_len.setdefault(L if padded else len(r), []).append(r)
+            for n, group in by_len.items():
+                for i in range(0, len(group), batch_rows):
+                    grp = group[i:i + batch_rows]
+                    x = torch.full((len(grp), n), pad, dtype=torch.long)
+                    valid = torch.zeros((len(grp), n), dtype=torch.bool)
+                    for j, r in enumerate(grp):
+                        x[j, :len(r)] = torch.tensor(r)
+                        valid[j, :len(r)] = True
+                    batches.append({"input_ids": x, "valid": valid})
+        dev = self.device
+        batches = [{k: v.to(dev) for k, v in b.items()} for b in batches]
+        gen = torch.Generator(device=dev).manual_seed(seed)
         self.model.eval()
         tot, n = 0.0, 0.0
         for _ in range(repeats):
-            terms = self.family.nelbo(self.model, batch, gen)
-            tot += terms.nll.sum().item()
-            n += terms.n_tokens.sum().item()
+            for b in batches:
+                terms = self.family.nelbo(self.model, b, gen)
+                tot += terms.nll.sum().item()
+                n += terms.n_tokens.sum().item()
         per_tok = tot / max(n, 1)
         return {"nelbo_per_token": per_tok, "ppl_bound": math.exp(min(per_tok, 700)),
-                "tokens": int(n / repeats), **self.family.eval_conventions()}
+                "tokens": int(n / repeats), "rows": len(rows), "layout": self.cfg.data.layout,
+                **self.family.eval_conventions()}
 
 
 def load(path: str | Path, device: str = "cpu", use_ema: bool = True,

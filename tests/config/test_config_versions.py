@@ -51,11 +51,47 @@ def test_v1_export_loads_and_reproduces_its_outputs(fam):
     assert pipe.cfg.family.name == fam
     ids = pipe.generate_ids(num=2, steps=4, seed=0, seq_len=16)
     assert [list(map(int, r)) for r in ids] == EXPECTED[fam]["sample_ids"]
+    want = EXPECTED[fam]["nelbo"]
+    # scored the way the fixture's code scored it (each text cut into rows and padded to L, one
+    # batch), the same bound to float32 rounding: matmul kernels differ across CPUs (the
+    # fixture was written on another machine), so floats agree to ~1e-7 relative, not bit for bit
+    old = v1_nelbo(pipe, TEXT, seed=0, repeats=2)
+    assert old == {k: pytest.approx(v, rel=1e-5) for k, v in want.items()
+                   if k in ("nelbo_per_token", "tokens")}
+    # Pipeline.nelbo now lays the text out as training does (no padding on packed / varlen
+    # layouts since session 23): the same tokens scored, the same conventions reported
     nel = pipe.nelbo([TEXT], seed=0, repeats=2)
-    # the same bound to float32 rounding: matmul kernels differ across CPUs (the fixture was
-    # written on another machine), so floats agree to ~1e-7 relative, not bit for bit
-    assert nel == {k: (pytest.approx(v, rel=1e-5) if isinstance(v, float) else v)
-                   for k, v in EXPECTED[fam]["nelbo"].items()}
+    assert nel["tokens"] == want["tokens"] and nel["layout"] == pipe.cfg.data.layout
+    assert {k: v for k, v in nel.items() if k in want and not isinstance(v, float)} == {
+        k: v for k, v in want.items() if not isinstance(v, float)}
+    if pipe.cfg.data.layout == "crop_pad":      # one padded row, as before: the same bound
+        assert nel["nelbo_per_token"] == pytest.approx(want["nelbo_per_token"], rel=1e-5)
+
+
+@torch.no_grad()
+def v1_nelbo(pipe, text, seed, repeats):
+    """NELBO/token as tdlm 37baf4c's ``Pipeline.nelbo`` computed it for one text: BOS-led
+    windows (packed_bos, varlen) or text + EOS (crop_pad: BOS in front) cut into rows of at
+    most L, padded to L with ``valid`` marking the tokens, one batch, ``repeats`` draws."""
+    L, tok, layout = pipe.cfg.data.seq_len, pipe.tokenizer, pipe.cfg.data.layout
+    toks = tok.encode(text)
+    if layout in ("packed_bos", "varlen"):
+        toks = toks + ([tok.eos_id] if layout == "packed_bos" else [])
+        rows = [[tok.bos_id] + toks[i:i + L - 1] for i in range(0, max(len(toks), 1), L - 1)]
+    else:
+        toks = ([tok.bos_id] if layout == "crop_pad" else []) + toks + [tok.eos_id]
+        rows = [toks[i:i + L] for i in range(0, len(toks), L)]
+    x = torch.full((len(rows), L), tok.pad_id, dtype=torch.long)
+    valid = torch.zeros((len(rows), L), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        x[i, :len(r)], valid[i, :len(r)] = torch.tensor(r), True
+    gen = torch.Generator().manual_seed(seed)
+    pipe.model.eval()
+    tot = n = 0.0
+    for _ in range(repeats):
+        t = pipe.family.nelbo(pipe.model, {"input_ids": x, "valid": valid}, gen)
+        tot, n = tot + t.nll.sum().item(), n + t.n_tokens.sum().item()
+    return {"nelbo_per_token": tot / n, "tokens": int(n / repeats)}
 
 
 @pytest.mark.parametrize("fam", ["mdlm", "tdlm", "ar", "did"])
