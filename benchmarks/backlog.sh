@@ -20,11 +20,12 @@
 #           scores kept in samples/earlier-judges), the study's report, and the n-gram /
 #           AR judges' table (benchmarks/judges.py) under it.
 #   tree-prefix  (not in the default STAGES: ~3 h) the TDLM scheduling pair trained again in a
-#           fresh work folder (the archived pair's weights are gone) and stage prefix sampled
-#           on it under session 22's prefix convention (the prefix shown at level h as its
-#           height-h ancestors), results in benchmarks/results/scheduling_cpu_tree_prefix.
-#           The committed scheduling_cpu_tree.md marks its prefix section biased until then;
-#           replacing that section needs the report to name the retrained pair (not done).
+#           fresh work folder (the archived pair's weights are gone), stage prefix sampled on
+#           it under session 22's prefix convention (the prefix shown at level h as its
+#           height-h ancestors; the committed rows, sampled before, are replaced: stage prefix
+#           re-samples a search of an earlier convention), the new pair archived, and
+#           scheduling_cpu_tree.md regenerated from the archive (its prefix section names the
+#           retrained pair's NELBOs, prefix/pair.json, and the judge, the 2000-step one).
 # The exit status is non-zero when a command failed.
 set -u
 cd "$(dirname "$0")/.."
@@ -64,8 +65,11 @@ if has tree-prefix; then
   { python benchmarks/scheduling.py --scale cpu --pair tree --work $W --stage run-levels \
       --threads "$THREADS" \
     && python benchmarks/scheduling.py --scale cpu --pair tree --work $W \
-      --judge runs/judge-2000/ar-judge --out benchmarks/results/scheduling_cpu_tree_prefix \
-      --stage prefix; } || fail tree-prefix
+      --judge runs/judge-2000/ar-judge --stage prefix \
+    && python benchmarks/study.py archive $W benchmarks/results/runs/sched-tree2 \
+    && python benchmarks/scheduling.py --scale cpu --pair tree \
+      --work benchmarks/results/runs/sched-paper --judge benchmarks/results/runs/judge/ar-judge \
+      --stage report; } || fail tree-prefix
 fi
 echo "[backlog] done $(date +%T), failed=$FAILED"
 exit $FAILED

@@ -317,11 +317,23 @@ def stage_search(work: Path) -> None:
 PREFIX_MASKS = ["LHHHHHHL", "LLHHHHHH", "HHHHHHLL", "HHHLLHHH"]
 
 
+def write_pair(work: Path, part: str) -> None:
+    """``<OUT>/<part>/pair.json``: the NELBOs of the pair a stage samples (their final
+    evaluations), for the report to name (:func:`pair_note`): the pair of the tables, or
+    another training of it (a pair trained again after its weights were lost)."""
+    fins = {r: work / r / "final_eval" / "metrics.json" for r in (HEAVY_RUN, LIGHT_RUN)}
+    if all(f.exists() for f in fins.values()):
+        (OUT / part).mkdir(parents=True, exist_ok=True)
+        (OUT / part / "pair.json").write_text(json.dumps(
+            {r: json.loads(f.read_text())["nelbo_per_token"] for r, f in fins.items()}))
+
+
 def stage_prefix(work: Path) -> None:
     _need(work, HEAVY_RUN, LIGHT_RUN, "judge")
     _gate(work, HEAVY_RUN, LIGHT_RUN)
     if _done(work, "prefix"):
         return
+    write_pair(work, "prefix")
     sh(["schedule", "search", *models(work), "--judge", str(work / "judge"), "--steps", str(T),
         "--segments", str(SEGMENTS), "--light-segments", "-1", "--masks", ",".join(PREFIX_MASKS),
         "--num", str(NUM_PREFIX), "--seeds", str(SEEDS), "--prefix-from-val", str(PREFIX),
@@ -483,11 +495,7 @@ def stage_fine(work: Path) -> None:
     _need(work, HEAVY_RUN, LIGHT_RUN, *(() if SCORE_LATER else ("judge",)))
     _gate(work, HEAVY_RUN, LIGHT_RUN)
     picks = fine_picks()
-    # the pair the blocks sample (its final evaluations), for the report to name
-    fins = {r: work / r / "final_eval" / "metrics.json" for r in (HEAVY_RUN, LIGHT_RUN)}
-    if all(f.exists() for f in fins.values()):
-        (OUT / "fine" / "pair.json").write_text(json.dumps(
-            {r: json.loads(f.read_text())["nelbo_per_token"] for r, f in fins.items()}))
+    write_pair(work, "fine")
     print("[fine] " + ", ".join(f"{run_length(p['mask'])} ({100 * p['predicted']:+.1f}%)"
                                 for p in picks), flush=True)
     for part in fine_parts():
@@ -551,7 +559,8 @@ def _done(work: Path, part: str, rescore_only: bool = False) -> bool:
     rows, the old pair's, dropped), unless ``rescore_only`` (stage rescore: scoring the kept
     samples under another judge needs neither the models nor the training that sampled them,
     and file times say nothing on a fresh clone: nothing is dropped). Its search.json names
-    the judge's final checkpoint: done;
+    the judge's final checkpoint: done; stage prefix sampled under an earlier
+    ``PREFIX_CONVENTION`` (a search.json without one: 1): not done, whatever the judge;
     another checkpoint (an earlier judge) and it kept its samples: re-scored now, done;
     another without samples: not done (its partial.jsonl names the old judge, so the search
     starts over). A search sampled without a judge (``--score-later``) is scored like one by
@@ -564,6 +573,15 @@ def _done(work: Path, part: str, rescore_only: bool = False) -> bool:
         (OUT / part / "partial.jsonl").unlink(missing_ok=True)     # its rows are the old pair's
         return False
     meta = json.loads(sj.read_text())
+    from tdlm.sampling.options import PREFIX_CONVENTION
+    if (part == "prefix" and not rescore_only
+            and (meta.get("prefix_convention") or 1) < PREFIX_CONVENTION):
+        # the samples themselves are biased (a TDLM prefix shown as leaves at every level):
+        # re-scoring them would not do
+        print(f"[{part}] sampled under prefix convention {meta.get('prefix_convention') or 1} "
+              f"(now {PREFIX_CONVENTION}): sampled again", flush=True)
+        (OUT / part / "partial.jsonl").unlink(missing_ok=True)
+        return False
     if SCORE_LATER:                       # sampling only: done once sampled, scored or not
         print(f"[{part}] sampled" + ("" if meta.get("judge") else " (not scored yet)"),
               flush=True)
@@ -900,10 +918,10 @@ def fine_rows() -> tuple[list[dict], list]:
     return rows, seeds
 
 
-def fine_pair_note(evals: dict) -> str:
-    """Which training of the pair stage fine sampled (``fine/pair.json``, its NELBOs): the
-    one the tables above read (``evals``) or another one; '' when unknown."""
-    pair = OUT / "fine" / "pair.json"
+def pair_note(part: str, evals: dict) -> str:
+    """Which training of the pair stage ``part`` (fine, prefix) sampled (``<part>/pair.json``,
+    its NELBOs): the one the tables above read (``evals``) or another one; '' when unknown."""
+    pair = OUT / part / "pair.json"
     if not pair.exists() or "heavy" not in evals:
         return ""
     pj = json.loads(pair.read_text())
@@ -935,7 +953,7 @@ def fine_entropy_lines(sampled: list[str], evals: dict) -> list[str]:
     out = ["", "## The target at step granularity (stage fine)", "",
            f"{len(sampled)} of {len(fine_parts())} blocks of seeds sampled ({len(seeds)} seeds "
            f"x {NUM} samples), none scored yet: `--stage rescore-fine` with a judge linked "
-           f"scores them.{fine_pair_note(evals)} The entropy half of the target needs no judge "
+           f"scores them.{pair_note('fine', evals)} The entropy half of the target needs no judge "
            "(unigram entropy of each sample's own tokens, mean per seed), paired with "
            "heavy-only by seed:"]
     if href is None:
@@ -975,7 +993,7 @@ def fine_lines(evals: dict) -> list[str]:
     picks = json.loads(pf.read_text())
     pred = {p["mask"]: p["predicted"] for p in picks["picks"]}
     t = _t95(seeds)
-    same = fine_pair_note(evals)
+    same = pair_note("fine", evals)
     metas = [json.loads((OUT / p / "search.json").read_text()) for p in sampled]
     judges = sorted({m["judge"].get("label", "?") for m in metas if m.get("judge")})
     jf = OUT / "fine" / "judge.json"
@@ -1228,6 +1246,10 @@ def stage_report(work: Path) -> None:
                          f"{delta(r) if r is not href else '-'} |")
         pm = json.loads((OUT / "prefix" / "search.json").read_text()) \
             if (OUT / "prefix" / "search.json").exists() else {}
+        note = pair_note("prefix", evals).strip()
+        judge = (pm.get("judge") or {}).get("label")
+        if note or judge:
+            lines += ["", " ".join(x for x in (note, f"Judge: {judge}." if judge else "") if x)]
         if (pm.get("prefix_convention") or 1) < 2:
             lines += ["", "**Sampled before session 22's prefix fix** (`search.json` records no "
                       "`prefix_convention`): a TDLM sampler then showed the clamped prefix as "

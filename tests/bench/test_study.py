@@ -565,8 +565,8 @@ def test_backlog_trains_the_judge_then_rescores_the_did_study_and_retrains_the_t
     the archived 8000-step judge, its archive, the DID study's samples scored under it, the
     study's report and the judges' table, in that order. The judge stage is skipped once its
     report is committed; the judge unfinished: nothing scored, a non-zero exit. STAGES picks
-    stages: tree-prefix (not a default) trains the TDLM pair again in a fresh folder and
-    samples stage prefix on it into a results folder of its own."""
+    stages: tree-prefix (not a default) trains the TDLM pair again in a fresh folder, samples
+    stage prefix on it, archives it and regenerates the tree report from the archive."""
     import shutil
     import stat
     import subprocess
@@ -615,8 +615,11 @@ def test_backlog_trains_the_judge_then_rescores_the_did_study_and_retrains_the_t
     tree = "benchmarks/scheduling.py --scale cpu --pair tree --work runs/sched-tree2"
     assert p.returncode == 0 and calls == [
         f"{tree} --stage run-levels --threads 2",
-        f"{tree} --judge runs/judge-2000/ar-judge --out "
-        "benchmarks/results/scheduling_cpu_tree_prefix --stage prefix"], calls
+        f"{tree} --judge runs/judge-2000/ar-judge --stage prefix",
+        "benchmarks/study.py archive runs/sched-tree2 benchmarks/results/runs/sched-tree2",
+        "benchmarks/scheduling.py --scale cpu --pair tree --work "
+        "benchmarks/results/runs/sched-paper --judge benchmarks/results/runs/judge/ar-judge "
+        "--stage report"], calls
 
 
 def _sched_rows(costs, k=2, entropy=5.0, saved=0.25):
@@ -1122,6 +1125,58 @@ def test_scheduling_search_done_only_under_the_linked_judge(tmp_path, monkeypatc
     for r in ("tdlm-heavy", "tdlm-light"):
         os.utime(work / r / "final_eval" / "metrics.json", (t - 10, t - 10))
     assert sch._done(work, "search")
+
+
+def test_prefix_stage_sampled_under_an_earlier_convention_is_sampled_again(
+        tmp_path, monkeypatch, capsys):
+    """Stage prefix's search, scored by the linked judge and with its samples kept, is not
+    done when it was sampled under an earlier prefix convention (none recorded: 1): its samples
+    are biased, so re-scoring would not do; under the current one it is done. The report's
+    prefix section names the training of the pair it sampled (prefix/pair.json) and its judge."""
+    from tdlm.sampling.options import PREFIX_CONVENTION
+    sch = _load("scheduling")
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "judge" / "final_eval").mkdir(parents=True)
+    ck = work / "judge" / "checkpoints" / "step_0002000"
+    (work / "judge" / "final_eval" / "metrics.json").write_text(json.dumps({"checkpoint": str(ck)}))
+    calls = []
+    monkeypatch.setattr(sch, "OUT", out)
+    monkeypatch.setattr(sch, "sh", calls.append)
+    (out / "prefix" / "samples").mkdir(parents=True)
+    rows = [{"mask": "HH"}, {"mask": "LH"}]
+    for r in rows:
+        (out / "prefix" / "samples" / f"{r['mask']}.jsonl.gz").write_bytes(b"")
+    (out / "prefix" / "partial.jsonl").write_text("{}\n")
+
+    def sampled(conv):
+        (out / "prefix" / "search.json").write_text(json.dumps(
+            {"judge": {"path": str(ck), "label": "ar-test"}, "rows": rows,
+             **({"prefix_convention": conv} if conv else {})}))
+    sampled(None)
+    assert not sch._done(work, "prefix") and calls == []
+    assert "prefix convention 1" in capsys.readouterr().out
+    assert not (out / "prefix" / "partial.jsonl").exists()
+    sampled(PREFIX_CONVENTION - 1)
+    assert not sch._done(work, "prefix")
+    sampled(PREFIX_CONVENTION)
+    assert sch._done(work, "prefix") and calls == []
+    sampled(None)                                   # the rule is stage prefix's only
+    (out / "search" / "samples").mkdir(parents=True)
+    (out / "search" / "search.json").write_text((out / "prefix" / "search.json").read_text())
+    assert sch._done(work, "search")
+    # the report's note: which training of the pair
+    (work / "tdlm-heavy" / "final_eval").mkdir(parents=True)
+    (work / "tdlm-light" / "final_eval").mkdir(parents=True)
+    (work / "tdlm-heavy" / "final_eval" / "metrics.json").write_text('{"nelbo_per_token": 5.33}')
+    (work / "tdlm-light" / "final_eval" / "metrics.json").write_text('{"nelbo_per_token": 5.47}')
+    monkeypatch.setattr(sch, "HEAVY_RUN", "tdlm-heavy")
+    monkeypatch.setattr(sch, "LIGHT_RUN", "tdlm-light")
+    sch.write_pair(work, "prefix")
+    evals = {"heavy": {"nelbo_per_token": 5.3267}, "light": {"nelbo_per_token": 5.4584}}
+    note = sch.pair_note("prefix", evals)
+    assert "another training of the pair" in note and "heavy 5.3300 / light 5.4700" in note
+    assert "Sampled from the pair above." in sch.pair_note(
+        "prefix", {"heavy": {"nelbo_per_token": 5.33}, "light": {"nelbo_per_token": 5.47}})
 
 
 def _additive_rows(a, href, segments):
