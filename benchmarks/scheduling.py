@@ -63,6 +63,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study import T95, claim, latest_step, read_run, run_queue  # noqa: E402
+from tdlm.sampling.options import PREFIX_CONVENTION  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -333,11 +334,11 @@ def stage_prefix(work: Path) -> None:
     _gate(work, HEAVY_RUN, LIGHT_RUN)
     if _done(work, "prefix"):
         return
-    write_pair(work, "prefix")
     sh(["schedule", "search", *models(work), "--judge", str(work / "judge"), "--steps", str(T),
         "--segments", str(SEGMENTS), "--light-segments", "-1", "--masks", ",".join(PREFIX_MASKS),
         "--num", str(NUM_PREFIX), "--seeds", str(SEEDS), "--prefix-from-val", str(PREFIX),
         "--out", str(OUT / "prefix")])
+    write_pair(work, "prefix")              # once its rows are this pair's
 
 
 #: stage ``more``: how many unsearched schedules at ``MORE_LIGHT`` light segments to sample, the
@@ -495,7 +496,6 @@ def stage_fine(work: Path) -> None:
     _need(work, HEAVY_RUN, LIGHT_RUN, *(() if SCORE_LATER else ("judge",)))
     _gate(work, HEAVY_RUN, LIGHT_RUN)
     picks = fine_picks()
-    write_pair(work, "fine")
     print("[fine] " + ", ".join(f"{run_length(p['mask'])} ({100 * p['predicted']:+.1f}%)"
                                 for p in picks), flush=True)
     for part in fine_parts():
@@ -517,6 +517,14 @@ def stage_fine(work: Path) -> None:
                 "--out", str(OUT / part)])
         finally:
             os.close(fd)
+    if all(_sampled_by_pair(work, part) for part in fine_parts()):
+        write_pair(work, "fine")            # once every block's rows are this pair's
+
+
+def _sampled_by_pair(work: Path, part: str) -> bool:
+    """A search of ``part`` exists and is not older than the pair's final evaluations."""
+    sj = OUT / part / "search.json"
+    return sj.exists() and not _older_than_pair(sj, work)
 
 
 def run_length(mask: str) -> str:
@@ -553,6 +561,19 @@ def stage_rescore_fine(work: Path) -> None:
     stage_rescore(work, fine_parts())
 
 
+def _supersede(folder: Path) -> None:
+    """A search to be sampled again: its stopped rows (``partial.jsonl``) dropped, its results
+    (search.json, search.csv, pair.json) moved to ``superseded/`` (replacing an earlier move),
+    so that a stop part-way through the new search resumes it instead of finding the old
+    results and starting over again."""
+    (folder / "partial.jsonl").unlink(missing_ok=True)
+    old = folder / "superseded"
+    for name in ("search.json", "search.csv", "pair.json"):
+        if (folder / name).exists():
+            old.mkdir(exist_ok=True)
+            (folder / name).replace(old / name)
+
+
 def _done(work: Path, part: str, rescore_only: bool = False) -> bool:
     """Whether stage ``part``'s search is done for the pair and under the linked judge. No
     search yet: not done. Older than the pair's final evaluations: not done (its partial
@@ -570,17 +591,16 @@ def _done(work: Path, part: str, rescore_only: bool = False) -> bool:
         return False
     if not rescore_only and _older_than_pair(sj, work):
         print(f"[{part}] older than the pair's models: sampled again", flush=True)
-        (OUT / part / "partial.jsonl").unlink(missing_ok=True)     # its rows are the old pair's
+        _supersede(OUT / part)                                    # its rows are the old pair's
         return False
     meta = json.loads(sj.read_text())
-    from tdlm.sampling.options import PREFIX_CONVENTION
     if (part == "prefix" and not rescore_only
             and (meta.get("prefix_convention") or 1) < PREFIX_CONVENTION):
         # the samples themselves are biased (a TDLM prefix shown as leaves at every level):
         # re-scoring them would not do
         print(f"[{part}] sampled under prefix convention {meta.get('prefix_convention') or 1} "
               f"(now {PREFIX_CONVENTION}): sampled again", flush=True)
-        (OUT / part / "partial.jsonl").unlink(missing_ok=True)
+        _supersede(OUT / part)
         return False
     if SCORE_LATER:                       # sampling only: done once sampled, scored or not
         print(f"[{part}] sampled" + ("" if meta.get("judge") else " (not scored yet)"),
@@ -1250,7 +1270,7 @@ def stage_report(work: Path) -> None:
         judge = (pm.get("judge") or {}).get("label")
         if note or judge:
             lines += ["", " ".join(x for x in (note, f"Judge: {judge}." if judge else "") if x)]
-        if (pm.get("prefix_convention") or 1) < 2:
+        if (pm.get("prefix_convention") or 1) < PREFIX_CONVENTION:
             lines += ["", "**Sampled before session 22's prefix fix** (`search.json` records no "
                       "`prefix_convention`): a TDLM sampler then showed the clamped prefix as "
                       "leaves at the coarse level too, an input no training row holds (at level "

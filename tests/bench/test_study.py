@@ -1122,6 +1122,13 @@ def test_scheduling_search_done_only_under_the_linked_judge(tmp_path, monkeypatc
     os.utime(work / "tdlm-light" / "final_eval" / "metrics.json", (t + 10, t + 10))
     assert not sch._done(work, "search") and "older than the pair" in capsys.readouterr().out
     assert not (out / "search" / "partial.jsonl").exists()
+    # the old results moved aside, so a stop part-way through the new search resumes it
+    assert not (out / "search" / "search.json").exists()
+    assert (out / "search" / "superseded" / "search.json").exists()
+    (out / "search" / "partial.jsonl").write_text('{"settings": {}}\n')    # the new search
+    assert not sch._done(work, "search")
+    assert (out / "search" / "partial.jsonl").exists()
+    scored_by(new)                                  # the new search's results
     for r in ("tdlm-heavy", "tdlm-light"):
         os.utime(work / r / "final_eval" / "metrics.json", (t - 10, t - 10))
     assert sch._done(work, "search")
@@ -1156,6 +1163,9 @@ def test_prefix_stage_sampled_under_an_earlier_convention_is_sampled_again(
     assert not sch._done(work, "prefix") and calls == []
     assert "prefix convention 1" in capsys.readouterr().out
     assert not (out / "prefix" / "partial.jsonl").exists()
+    assert (out / "prefix" / "superseded" / "search.json").exists()
+    (out / "prefix" / "partial.jsonl").write_text('{"settings": {}}\n')    # a stop part-way
+    assert not sch._done(work, "prefix") and (out / "prefix" / "partial.jsonl").exists()
     sampled(PREFIX_CONVENTION - 1)
     assert not sch._done(work, "prefix")
     sampled(PREFIX_CONVENTION)

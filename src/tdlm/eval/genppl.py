@@ -407,8 +407,9 @@ def _context_and_targets(i: int, r: dict, judge: Judge, retokenise: bool):
 
 
 def _windows(items: list, judge: Judge) -> list:
-    """Windows of at most ``judge.context`` inputs over ``[BOS] + ctx + tgt``, each
-    ``(item index, inputs, targets, count mask)``; windows that count no target are dropped."""
+    """Windows of at most ``judge.context`` inputs over ``[BOS] + ctx + tgt`` (``ctx + tgt``
+    when ``ctx`` already opens with BOS), each ``(item index, inputs, targets, count mask)``;
+    windows that count no target are dropped."""
     windows = []
     C = judge.context
     for i, (ctx, tgt, cnt) in enumerate(items):

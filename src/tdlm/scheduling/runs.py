@@ -74,6 +74,7 @@ def search_to_files(sampler, light: str, heavy: str, judge, out, steps: int, seg
                 "light_segments": light_segments, "num": num, "seeds": list(seeds),
                 "batch": batch, "temperature": temperature, "top_p": top_p,
                 "masks": list(masks), "prefix_from_val": prefix_from_val,
+                "prefix_convention": PREFIX_CONVENTION if prefix_from_val else None,
                 "judge": _judge_key(judge)}
     done = _resume_rows(out / "partial.jsonl", settings)
 
