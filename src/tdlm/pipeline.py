@@ -112,7 +112,8 @@ class Pipeline:
         (:mod:`tdlm.data.layouts`): ``packed``, the texts joined into one stream (each text +
         EOS) cut into blocks of L; ``packed_bos``, the same stream in blocks of L-1 tokens each
         after a BOS; the last block of these two is shorter when the stream does not fill it
-        (scored as a shorter row, never padded: packed training rows have no padding);
+        (scored as a shorter row, never padded: packed training rows have no padding; training
+        drops that partial block, so it is the one row per call of a length never trained on);
         ``crop_pad``, each text as BOS + text + EOS cut into windows of L (the last one
         padded, as in training); ``varlen``, each text as BOS + up to L-1 tokens per window,
         no EOS (scored as a ragged batch, as in training)."""
