@@ -158,6 +158,12 @@ def test_windows_longer_than_the_judge_context(runs):
     assert sum(ps[1]["token_nll"]) == pytest.approx(ps[1]["nll"], rel=1e-12)
     assert "token_nll" not in generative_perplexity([ids], j, sample_vocab_hash=h)[
         "per_sample"][0]
+    # a sample that opens with its sampler's BOS (= EOS): that BOS is the judge's context and no
+    # second one is added, so the windows and every token's NLL are the ones above
+    assert j.bos_id == j.eos_id
+    lead = generative_perplexity([[j.bos_id] + ids], j, sample_vocab_hash=h, per_token=True)
+    assert lead["tokens"] == 80 and lead["leading_eos_moved_to_context"] == 1
+    assert lead["per_sample"][0]["token_nll"] == pytest.approx(per_tok, rel=1e-5, abs=1e-5)
 
 
 def brute_position_matched(a, b):
