@@ -26,9 +26,11 @@ sys.path.insert(0, str(ROOT.parent / "src"))
 
 
 @torch.no_grad()
-def padded_nelbo(pipe, texts, seed: int) -> float:
-    """The pre-session-23 method: each text cut into rows of at most L (BOS-led windows on
-    packed_bos / varlen; text + EOS, BOS in front on crop_pad), padded to L, one batch."""
+def padded_nelbo(pipe, texts, seed: int, repeats: int = 1) -> dict:
+    """The pre-session-23 method (as tdlm had it since v1; tests/config checks the v1
+    fixtures' bounds with it): each text cut into rows of at most L (BOS-led windows on
+    packed_bos / varlen; text + EOS, BOS in front on crop_pad), padded to L, one batch,
+    ``repeats`` draws from one generator seeded with ``seed``. {nelbo_per_token, tokens}."""
     L, tok, layout = pipe.cfg.data.seq_len, pipe.tokenizer, pipe.cfg.data.layout
     rows = []
     for t in texts:
@@ -44,9 +46,12 @@ def padded_nelbo(pipe, texts, seed: int) -> float:
     for i, r in enumerate(rows):
         x[i, :len(r)], valid[i, :len(r)] = torch.tensor(r), True
     pipe.model.eval()
-    t = pipe.family.nelbo(pipe.model, {"input_ids": x, "valid": valid},
-                          torch.Generator().manual_seed(seed))
-    return t.nll.sum().item() / t.n_tokens.sum().item()
+    gen = torch.Generator().manual_seed(seed)
+    tot = n = 0.0
+    for _ in range(repeats):
+        t = pipe.family.nelbo(pipe.model, {"input_ids": x, "valid": valid}, gen)
+        tot, n = tot + t.nll.sum().item(), n + t.n_tokens.sum().item()
+    return {"nelbo_per_token": tot / n, "tokens": int(n / repeats)}
 
 
 def main(argv=None) -> int:
@@ -67,7 +72,7 @@ def main(argv=None) -> int:
     per = {"layout": [], "padded": []}
     for s in range(a.seeds):
         per["layout"].append(pipe.nelbo(texts, seed=s, repeats=1)["nelbo_per_token"])
-        per["padded"].append(padded_nelbo(pipe, texts, s))
+        per["padded"].append(padded_nelbo(pipe, texts, s)["nelbo_per_token"])
         print(f"seed {s}: layout {per['layout'][-1]:.4f}, padded {per['padded'][-1]:.4f}",
               flush=True)
     n = a.seeds

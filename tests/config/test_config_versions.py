@@ -8,6 +8,7 @@ and score the same, and resume the runs to the same step-3 records.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import warnings
@@ -21,7 +22,7 @@ from tdlm.config import (BackboneConfig, DataConfig, RunConfig, TrainConfig, fam
                          field_docs, get_preset, section_names)
 from tdlm.errors import ConfigError
 
-from paths import FIXTURES
+from paths import FIXTURES, REPO
 
 FIX = FIXTURES / "v1"
 EXPECTED = json.loads((FIX / "expected.json").read_text())
@@ -68,30 +69,16 @@ def test_v1_export_loads_and_reproduces_its_outputs(fam):
         assert nel["nelbo_per_token"] == pytest.approx(want["nelbo_per_token"], rel=1e-5)
 
 
-@torch.no_grad()
 def v1_nelbo(pipe, text, seed, repeats):
-    """NELBO/token as tdlm 37baf4c's ``Pipeline.nelbo`` computed it for one text: BOS-led
-    windows (packed_bos, varlen) or text + EOS (crop_pad: BOS in front) cut into rows of at
-    most L, padded to L with ``valid`` marking the tokens, one batch, ``repeats`` draws."""
-    L, tok, layout = pipe.cfg.data.seq_len, pipe.tokenizer, pipe.cfg.data.layout
-    toks = tok.encode(text)
-    if layout in ("packed_bos", "varlen"):
-        toks = toks + ([tok.eos_id] if layout == "packed_bos" else [])
-        rows = [[tok.bos_id] + toks[i:i + L - 1] for i in range(0, max(len(toks), 1), L - 1)]
-    else:
-        toks = ([tok.bos_id] if layout == "crop_pad" else []) + toks + [tok.eos_id]
-        rows = [toks[i:i + L] for i in range(0, len(toks), L)]
-    x = torch.full((len(rows), L), tok.pad_id, dtype=torch.long)
-    valid = torch.zeros((len(rows), L), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        x[i, :len(r)], valid[i, :len(r)] = torch.tensor(r), True
-    gen = torch.Generator().manual_seed(seed)
-    pipe.model.eval()
-    tot = n = 0.0
-    for _ in range(repeats):
-        t = pipe.family.nelbo(pipe.model, {"input_ids": x, "valid": valid}, gen)
-        tot, n = tot + t.nll.sum().item(), n + t.n_tokens.sum().item()
-    return {"nelbo_per_token": tot / n, "tokens": int(n / repeats)}
+    """NELBO/token as tdlm 37baf4c's ``Pipeline.nelbo`` computed it (until session 23): the
+    transcription benchmarks/pipeline_nelbo_layout.py compares the current method with."""
+    path = REPO / "benchmarks" / "pipeline_nelbo_layout.py"
+    if not path.is_file():
+        pytest.skip("no benchmarks/ folder (not a source checkout)")
+    spec = importlib.util.spec_from_file_location("bench_pipeline_nelbo_layout", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.padded_nelbo(pipe, [text], seed, repeats)
 
 
 @pytest.mark.parametrize("fam", ["mdlm", "tdlm", "ar", "did"])
