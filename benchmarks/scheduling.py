@@ -561,6 +561,21 @@ def stage_rescore_fine(work: Path) -> None:
     stage_rescore(work, fine_parts())
 
 
+def prefix_stale(work: Path, meta: dict) -> bool:
+    """Whether a prefix-conditional search (its search.json ``meta``) was sampled under a
+    prefix convention older than the one at which the pair's family last changed how it
+    shows a prefix (``Family.prefix_convention``; a search recording none: 1). Without the
+    heavy run's config at hand: older than the current ``PREFIX_CONVENTION``."""
+    was = meta.get("prefix_convention") or 1
+    cfg = work / HEAVY_RUN / "config.json"
+    if not cfg.exists():
+        return was < PREFIX_CONVENTION
+    from tdlm.config import RunConfig
+    from tdlm.families import get_family_class
+    name = RunConfig.from_dict(json.loads(cfg.read_text())).family.name
+    return was < get_family_class(name).prefix_convention
+
+
 def _supersede(folder: Path) -> None:
     """A search to be sampled again: its stopped rows (``partial.jsonl``) dropped, its results
     (search.json, search.csv, pair.json) moved to ``superseded/`` (replacing an earlier move),
@@ -580,8 +595,8 @@ def _done(work: Path, part: str, rescore_only: bool = False) -> bool:
     rows, the old pair's, dropped), unless ``rescore_only`` (stage rescore: scoring the kept
     samples under another judge needs neither the models nor the training that sampled them,
     and file times say nothing on a fresh clone: nothing is dropped). Its search.json names
-    the judge's final checkpoint: done; stage prefix sampled under an earlier
-    ``PREFIX_CONVENTION`` (a search.json without one: 1): not done, whatever the judge;
+    the judge's final checkpoint: done; stage prefix sampled under a prefix convention older
+    than the pair's family's (:func:`prefix_stale`): not done, whatever the judge;
     another checkpoint (an earlier judge) and it kept its samples: re-scored now, done;
     another without samples: not done (its partial.jsonl names the old judge, so the search
     starts over). A search sampled without a judge (``--score-later``) is scored like one by
@@ -594,8 +609,7 @@ def _done(work: Path, part: str, rescore_only: bool = False) -> bool:
         _supersede(OUT / part)                                    # its rows are the old pair's
         return False
     meta = json.loads(sj.read_text())
-    if (part == "prefix" and not rescore_only
-            and (meta.get("prefix_convention") or 1) < PREFIX_CONVENTION):
+    if part == "prefix" and not rescore_only and prefix_stale(work, meta):
         # the samples themselves are biased (a TDLM prefix shown as leaves at every level):
         # re-scoring them would not do
         print(f"[{part}] sampled under prefix convention {meta.get('prefix_convention') or 1} "
@@ -1270,7 +1284,7 @@ def stage_report(work: Path) -> None:
         judge = (pm.get("judge") or {}).get("label")
         if note or judge:
             lines += ["", " ".join(x for x in (note, f"Judge: {judge}." if judge else "") if x)]
-        if (pm.get("prefix_convention") or 1) < PREFIX_CONVENTION:
+        if prefix_stale(work, pm):
             lines += ["", "**Sampled before session 22's prefix fix** (`search.json` records no "
                       "`prefix_convention`): a TDLM sampler then showed the clamped prefix as "
                       "leaves at the coarse level too, an input no training row holds (at level "

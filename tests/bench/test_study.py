@@ -1170,6 +1170,16 @@ def test_prefix_stage_sampled_under_an_earlier_convention_is_sampled_again(
     assert not sch._done(work, "prefix")
     sampled(PREFIX_CONVENTION)
     assert sch._done(work, "prefix") and calls == []
+    # with the pair's config at hand, stale only for a family whose prefix handling changed
+    # since (Family.prefix_convention): TDLM's did in session 22, MDLM's never did
+    from tdlm.config import get_preset
+    monkeypatch.setattr(sch, "HEAVY_RUN", "heavy")
+    (work / "heavy").mkdir()
+    for preset, stale in (("tiny", False), ("tdlm-tiny", True)):
+        (work / "heavy" / "config.json").write_text(get_preset(preset).to_json())
+        assert sch.prefix_stale(work, {}) is stale, preset
+        assert sch.prefix_stale(work, {"prefix_convention": PREFIX_CONVENTION}) is False
+    (work / "heavy" / "config.json").unlink()
     sampled(None)                                   # the rule is stage prefix's only
     (out / "search" / "samples").mkdir(parents=True)
     (out / "search" / "search.json").write_text((out / "prefix" / "search.json").read_text())

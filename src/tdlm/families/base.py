@@ -70,6 +70,10 @@ class Family:
     # the field names of ``SampleOptions`` (set by ``register``)
     sample_options: frozenset = frozenset()
     reports_forwards = False    # its sampler records forward passes in a ForwardLog
+    # the ``sampling.options.PREFIX_CONVENTION`` at which this family's sampler last changed
+    # how it shows a clamped prefix to the model: prefix-conditional results recorded under
+    # an earlier convention are stale for it (TDLM: 2), not for a family that never changed
+    prefix_convention = 1
     layouts: tuple = ("packed", "crop_pad", "packed_bos")   # data layouts it trains on
     # published checkpoint layouts this family imports (``tdlm convert --from NAME``):
     # NAME -> fn(state, hub_config, vocab_size) -> (RunConfig, state_dict, notes)

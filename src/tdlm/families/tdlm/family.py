@@ -150,6 +150,7 @@ class TreeDiffusion(Family):
     SampleOptions = TDLMSampleOptions
     discrete_time = True
     schedulable = True
+    prefix_convention = 2       # session 22: a prefix shown at level h as its height-h ancestors
 
     def __init__(self, cfg: RunConfig, tree=None, **resources):
         super().__init__(cfg)
