@@ -98,7 +98,7 @@ def search_to_files(sampler, light: str, heavy: str, judge, out, steps: int, seg
             "segments": segments, "light_segments": light_segments, "num": num, "seeds": seeds,
             "temperature": temperature, "top_p": top_p, "gumbel": "float64",
             "prefix_from_val": prefix_from_val,
-            "prefix_convention": PREFIX_CONVENTION if prefix_from_val else None,
+            "prefix_convention": settings["prefix_convention"],
             "judge": judge.info() if judge is not None else None,
             "sample_vocab_hash": (vocab_ids_hash(sampler.tokenizer.hf)
                                   if hasattr(sampler.tokenizer, "hf") else None)}
