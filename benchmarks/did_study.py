@@ -404,24 +404,37 @@ def collect(a) -> dict:
     return res
 
 
+def _generated(work: Path, name: str, steps: int):
+    """The generated ids of every sample in ``samples/<name>-T<steps>.jsonl``
+    (:func:`tdlm.eval.genppl.generated_ids`: past the clamped prefix and the sampler's BOS,
+    the tokens the judge scores) and their leading-EOS counts; None when the file is missing."""
+    from tdlm.eval.genppl import generated_ids, leading_eos
+    f = work / "samples" / f"{name}-T{steps}.jsonl"
+    if not f.exists():
+        return None
+    recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    return [generated_ids(r) for r in recs], [leading_eos(r) for r in recs]
+
+
 def length_matched_entropy(work: Path, setting: str, seed: int, steps: int) -> dict:
     """Where the two sides' samples differ in mean length (variable length: DID's end, MDLM's
-    fill the window), the mean per-sample unigram entropy of positions 1..k of every sample
-    (position 0: the BOS), k = the shorter side's mean length - 1: a unigram entropy grows with
-    the number of tokens it is taken over, so the full-sample figures mix length into it.
-    ``{}`` when the samples are missing or the means are within 5%."""
+    fill the window), the mean per-sample unigram entropy of the first k generated tokens of
+    every sample (past the sampler's BOS, when it clamps one), k = the shorter side's mean
+    generated length: a unigram entropy grows with the number of tokens it is taken over, so
+    the full-sample figures mix length into it. ``{}`` when the samples are missing or the
+    means are within 5%."""
     from tdlm.eval.genppl import unigram_entropy
     ids = {}
     for side in SIDES:
-        f = work / "samples" / f"{SETTINGS[setting][side][0]}-s{seed}-T{steps}.jsonl"
-        if not f.exists():
+        g = _generated(work, f"{SETTINGS[setting][side][0]}-s{seed}", steps)
+        if g is None:
             return {}
-        ids[side] = [json.loads(x)["ids"] for x in f.read_text().splitlines() if x.strip()]
+        ids[side] = g[0]
     mean = {x: sum(map(len, v)) / len(v) for x, v in ids.items()}
     if max(mean.values()) <= 1.05 * min(mean.values()):
         return {}
-    k = int(min(mean.values())) - 1
-    return {"entropy_first_k": {"k": k, **{x: sum(unigram_entropy(r[1:k + 1]) for r in v) / len(v)
+    k = int(min(mean.values()))
+    return {"entropy_first_k": {"k": k, **{x: sum(unigram_entropy(r[:k]) for r in v) / len(v)
                                            for x, v in ids.items()}}}
 
 
@@ -451,6 +464,13 @@ def _samples(work: Path, setting: str, seed: int, a) -> dict:
             rec.update(gen_ppl=gp["gen_ppl"], gen_ppl_ci95=gp.get("gen_ppl_ci95"),
                        entropy=gp["entropy"] if not isinstance(
                 gp["entropy"], dict) else gp["entropy"]["mean"], judged_tokens=gp.get("tokens"))
+        gen = _generated(work, name, a.sample_steps)
+        if gen is not None:
+            # the entropy of the samples' own generated tokens (judge-free, so every judge's
+            # rows share it), and the tokens the sampler clamps before them (its BOS)
+            from tdlm.eval.genppl import unigram_entropy
+            rec.update(entropy=sum(map(unigram_entropy, gen[0])) / len(gen[0]),
+                       clamped_lead=sum(gen[1]) / len(gen[1]))
         out[side] = rec
     t = work / "samples" / f"timing-{setting}-s{seed}-T{a.sample_steps}.json"
     if t.exists():
@@ -461,7 +481,12 @@ def _samples(work: Path, setting: str, seed: int, a) -> dict:
                              mean_length=tm[side]["mean_length"])
         out["timing"] = {k: tm[k] for k in ("ratio", "ratio_range", "rounds", "num")}
         if all("mean_length" in out.get(x, {}) for x in SIDES):
-            per_tok = {x: out[x]["seconds_per_sample"] / out[x]["mean_length"] for x in SIDES}
+            # per generated token: a timed sample's length counts the BOS its sampler clamps
+            # (DID's always, MDLM's when it keeps position 0), which is not generated
+            for x in SIDES:
+                out[x]["generated_length"] = out[x]["mean_length"] - out[x].get("clamped_lead", 0)
+            per_tok = {x: out[x]["seconds_per_sample"] / out[x]["generated_length"]
+                       for x in SIDES}
             out["timing"]["per_token_ratio"] = per_tok["did"] / per_tok["mdlm"]
     out.update(length_matched_entropy(work, setting, seed, a.sample_steps))
     j = work / "samples" / "judge.json"
@@ -614,9 +639,10 @@ def markdown(res: dict) -> str:
             L.append(f"| sampling s/sample at {sp['did']['steps']} steps ({how}) | "
                      f"{sp['did']['seconds_per_sample']:.2f} / {sp['mdlm']['seconds_per_sample']:.2f}"
                      f"; ratio {ratio:.3f} | <= {t} ({'met' if ratio <= t else 'missed'}) |")
-            if "mean_length" in sp["did"]:
-                L.append(f"| mean sample length of the timed samples (tokens) | "
-                         f"{sp['did']['mean_length']:.1f} / {sp['mdlm']['mean_length']:.1f} | |")
+            if "generated_length" in sp["did"]:
+                L.append(f"| mean generated tokens per timed sample (past a clamped BOS) | "
+                         f"{sp['did']['generated_length']:.1f} / "
+                         f"{sp['mdlm']['generated_length']:.1f} | |")
             if tm and "per_token_ratio" in tm and abs(tm["per_token_ratio"] - ratio) > 0.02:
                 L.append(f"| sampling time per token (the target is per sample) | "
                          f"{tm['per_token_ratio']:.3f} | |")
@@ -625,7 +651,8 @@ def markdown(res: dict) -> str:
                          f"{sp['did']['gen_ppl']:.1f}{_ci(sp['did'])} / "
                          f"{sp['mdlm']['gen_ppl']:.1f}{_ci(sp['mdlm'])} = "
                          f"{sp['did']['gen_ppl'] / sp['mdlm']['gen_ppl']:.3f} | |")
-                L.append(f"| entropy (nats) | {sp['did']['entropy']:.3f} / "
+                L.append(f"| unigram entropy of the generated tokens (nats) | "
+                         f"{sp['did']['entropy']:.3f} / "
                          f"{sp['mdlm']['entropy']:.3f} | |")
             for side in SIDES:
                 sf, be = sp[side].get("sampled_from"), sp[side].get("bos_effect")
@@ -643,8 +670,8 @@ def markdown(res: dict) -> str:
                              f"{b['gen_ppl'] / o['gen_ppl']:.3f} | |")
             if sp.get("entropy_first_k"):
                 e = sp["entropy_first_k"]
-                L.append(f"| entropy of positions 1-{e['k']} of every sample (length-matched; "
-                         f"nats) | {e['did']:.3f} / {e['mdlm']:.3f} | |")
+                L.append(f"| entropy of the first {e['k']} generated tokens of every sample "
+                         f"(length-matched; nats) | {e['did']:.3f} / {e['mdlm']:.3f} | |")
             if sp.get("judge"):
                 L.append(f"| judge's own validation NLL/token | {sp['judge']['nelbo_per_token']:.3f}"
                          f" ({sp['judge']['judge']}, {Path(sp['judge']['checkpoint']).name}) | |")

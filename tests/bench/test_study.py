@@ -1522,7 +1522,8 @@ def test_scheduling_trains_its_pair_with_the_threads_asked(tmp_path, monkeypatch
 def test_did_memory_runs_on_the_largest_batches_and_entropy_is_length_matched(tmp_path):
     """The memory stage steps on the run's largest batches (a run's peak is set by them), in
     the order they come, ties to the earlier; samples of different mean lengths get a
-    length-matched entropy over positions 1..k (k = the shorter mean - 1), by hand."""
+    length-matched entropy over their first k generated tokens (past a clamped BOS; k = the
+    shorter mean generated length), by hand."""
     import torch
     ds = _load("did_study")
     sizes = [5, 9, 2, 9, 7, 1]
@@ -1531,14 +1532,20 @@ def test_did_memory_runs_on_the_largest_batches_and_entropy_is_length_matched(tm
     assert ds.largest_batches(iter({"input_ids": torch.zeros(4)} for _ in range(5)), 5, 2) == [0, 1]
     d = tmp_path / "samples"
     d.mkdir()
-    did = [[0, 1, 1, 2], [0, 3, 3, 3]]                     # mean length 4: k = 3
-    mdlm = [[0, 1, 2, 3, 4, 5, 6, 7], [0, 4, 4, 5, 5, 6, 6, 7]]
+    EOT = "<|endoftext|>"
+    # DID's samples open with the BOS its sampler clamps (id 0, decoded as EOT), MDLM's
+    # (crop_pad, from all masks) with a generated token: only generated tokens count
+    did = [[0, 1, 1, 2], [0, 3, 3, 3]]                     # 3 generated tokens each: k = 3
+    mdlm = [[1, 2, 3, 4, 5, 6, 7, 8], [4, 4, 5, 5, 6, 6, 7, 7]]
     for name, rows in (("did-s0", did), ("mdlm-s0", mdlm)):
-        (d / f"{name}-T8.jsonl").write_text("".join(json.dumps({"ids": r}) + "\n" for r in rows))
+        (d / f"{name}-T8.jsonl").write_text("".join(json.dumps(
+            {"ids": r, "text": (EOT if r[0] == 0 else "") + "x" * len(r)}) + "\n" for r in rows))
     e = ds.length_matched_entropy(tmp_path, "fixed", 0, 8)["entropy_first_k"]
     h = lambda ps: -sum(p * math.log(p) for p in ps)         # noqa: E731
     assert e["k"] == 3
     assert e["did"] == pytest.approx((h([1 / 3, 2 / 3]) + 0.0) / 2)
     assert e["mdlm"] == pytest.approx((h([1 / 3] * 3) + h([2 / 3, 1 / 3])) / 2)
-    (d / "mdlm-s0-T8.jsonl").write_text(json.dumps({"ids": [0, 1, 2, 3]}) + "\n")
+    gen, lead = ds._generated(tmp_path, "did-s0", 8)
+    assert gen == [[1, 1, 2], [3, 3, 3]] and lead == [1, 1]
+    (d / "mdlm-s0-T8.jsonl").write_text(json.dumps({"ids": [1, 2, 3], "text": "abc"}) + "\n")
     assert ds.length_matched_entropy(tmp_path, "fixed", 0, 8) == {}   # equal lengths

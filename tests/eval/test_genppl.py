@@ -112,6 +112,10 @@ def test_token_pooled_nll_and_first_eos(runs):
     assert lo < res["gen_ppl"] < hi
     assert [p["tokens"] for p in ps] == [20, 7, 6]
     assert ps[1]["entropy"] == pytest.approx(unigram_entropy(b))
+    # the entropy is taken over the tokens the judge scores as generated: c's two leading EOS
+    # (a sampler's start token, moved to the context) are not part of it
+    assert ps[2]["entropy"] == pytest.approx(unigram_entropy(c[2:]))
+    assert ps[2]["entropy"] != pytest.approx(unigram_entropy(c))
     # the other counting rules
     r2 = generative_perplexity([b, c], j, sample_vocab_hash=h, eos="mdlm")
     assert r2["tokens"] == (15 + 1) + (8 + 1)      # non-EOS tokens + the first EOS
@@ -255,6 +259,20 @@ def test_hugging_face_gpt2_judge(hf_judge_dir):
     res_t = generative_perplexity(texts, j)                    # text only: retokenised
     assert res_t["retokenised"] and res_t["tokens"] == res["tokens"]
     assert res_t["nll_per_token"] == pytest.approx(res["nll_per_token"], rel=1e-5)
+
+
+def test_generated_ids_skip_the_prefix_and_leading_eos_by_ids_or_by_text():
+    from tdlm.eval.genppl import EOT, generated_ids, leading_eos, sample_entropy
+    # a clamped 2-token prefix, then the sampler's BOS (= EOS, id 0) and a document boundary
+    r = {"ids": [5, 6, 0, 0, 7, 8, 0, 9], "prefix_len": 2, "prefix_text": "ab",
+         "text": "ab" + EOT + EOT + "cd" + EOT + "e"}
+    assert leading_eos(r, eos=0) == leading_eos(r) == 2     # by ids / by the text's markers
+    assert generated_ids(r, eos=0) == generated_ids(r) == [7, 8, 0, 9]
+    assert sample_entropy(r) == pytest.approx(unigram_entropy([7, 8, 0, 9]))
+    # an EOS inside the generated text is text; no prefix, no leading EOS: all ids
+    assert generated_ids({"ids": [7, 0, 0], "text": "c" + EOT + EOT}) == [7, 0, 0]
+    assert leading_eos({"ids": [0, 7]}) == 0 and leading_eos({"ids": [0, 7]}, eos=0) == 1
+    assert generated_ids({"text": "x"}) is None and sample_entropy({"text": "x"}) is None
 
 
 def test_unigram_entropy():

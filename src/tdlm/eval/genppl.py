@@ -325,14 +325,52 @@ def unigram_entropy(ids: Sequence[int]) -> float:
     return -sum(c / n * math.log(c / n) for c in Counter(int(i) for i in ids).values())
 
 
-def sample_entropy(r: dict) -> Optional[float]:
-    """:func:`unigram_entropy` of a genppl record's generated ids (``ids`` past its
-    ``prefix_len`` clamped prefix tokens): the sample's own tokens, so no judge is needed.
-    None for a record without ids (its entropy is that of the judge's retokenisation)."""
+def leading_eos(r: dict, eos: Optional[int] = None) -> int:
+    """How many EOS/BOS tokens open a genppl record's generated part (past its ``prefix_len``
+    clamped prefix): the sampler's start token (BOS = EOS in these tokenizers) or a document
+    boundary, which the scorer treats as context (:func:`_scored`). Counted on the ids when
+    ``eos`` (the ids' EOS id) is given, else as the leading ``<|endoftext|>`` markers of the
+    generated text, which needs no tokenizer; 0 for a record with neither."""
+    k = int(r.get("prefix_len", 0) or 0)
+    ids = r.get("ids")
+    if eos is not None and ids is not None:
+        g = list(ids)[k:]
+        n = 0
+        while n < len(g) and int(g[n]) == eos:
+            n += 1
+        return n
+    text = r.get("text")
+    if text is None:
+        return 0
+    pt = r.get("prefix_text") or ""
+    if k and pt and text.startswith(pt):
+        text = text[len(pt):]
+    n = 0
+    while text.startswith(EOT):
+        text, n = text[len(EOT):], n + 1
+    return n
+
+
+def generated_ids(r: dict, eos: Optional[int] = None) -> Optional[list[int]]:
+    """A genppl record's generated ids as the judge scores them: past its ``prefix_len``
+    clamped prefix tokens and past its leading EOS/BOS tokens (:func:`leading_eos`). None for
+    a record without ids."""
     ids = r.get("ids")
     if ids is None:
         return None
-    return unigram_entropy(list(ids)[int(r.get("prefix_len", 0) or 0):])
+    k = int(r.get("prefix_len", 0) or 0)
+    return [int(v) for v in list(ids)[k + leading_eos(r, eos):]]
+
+
+def sample_entropy(r: dict, eos: Optional[int] = None) -> Optional[float]:
+    """:func:`unigram_entropy` of a genppl record's generated ids (:func:`generated_ids`: past
+    the clamped prefix and the leading EOS/BOS the scorer moves to the context), so the entropy
+    is taken over the tokens the gen PPL scores -- a sampler's start token is not text, and
+    counting it would tilt a comparison between samplers that clamp one and samplers that do
+    not, the more the shorter the samples. No judge is needed. None for a record without ids
+    (its entropy is that of the judge's retokenisation)."""
+    g = generated_ids(r, eos)
+    return None if g is None else unigram_entropy(g)
 
 
 def _retokenise(text: str, judge: Judge) -> list[int]:
@@ -398,7 +436,13 @@ def _context_and_targets(i: int, r: dict, judge: Judge, retokenise: bool):
         if ids is None:
             raise ConfigError(f"sample {i} has no ids")
         ctx, tgt = list(ids)[:k], list(ids)[k:]
-    ent = sample_entropy(r) if ids is not None else unigram_entropy(tgt)
+    if ids is not None:
+        ent = sample_entropy(r, None if retokenise else judge.eos_id)
+    else:
+        lead = 0
+        while lead < len(tgt) and tgt[lead] == judge.eos_id:
+            lead += 1
+        ent = unigram_entropy(tgt[lead:])
     bad = [v for v in ctx + tgt if not 0 <= v < judge.vocab_size]
     if bad:
         raise ConfigError(f"sample {i} holds token id {bad[0]}, outside the judge's "
