@@ -91,6 +91,7 @@ RUNS = {
                                    "train.max_steps=1000", "train.eval_every=500"]),
 }
 LINKS: dict = {}                          # run name -> an existing finished run folder
+REGENERATE = ""                           # the report's command from the archived runs
 STEM = "scheduling"
 TITLE = "heavy 6 blocks vs light 2 blocks, tiny MDLMs"
 #: the per-t profile: t values, validation batches x sequences, trajectory samples
@@ -1108,6 +1109,25 @@ def model_facts(cfg) -> dict:
     return {"family": cfg.family.name, "blocks": cfg.backbone.n_layers}
 
 
+def report_run(work: Path, name: str, run: str) -> Path:
+    """The run folder stage report reads for ``name`` (heavy, light, judge): ``work/run``; for
+    an archived pair, whose judge is not linked, ``LINKS["judge"]`` or, when that run is gone,
+    its archived copy under benchmarks/results/runs (``study.py archive`` keeps configs and
+    evaluations). A missing one is a one-line error naming it."""
+    rd = work / run
+    if name == "judge" and not rd.exists():
+        rd = Path(LINKS["judge"])
+        arch = RESULTS / rd if rd.parts[:1] == ("runs",) else None
+        if not (rd / "config.json").exists() and arch and (arch / "config.json").exists():
+            rd = arch
+    if not (rd / "config.json").exists():
+        raise SystemExit(f"scheduling.py: the {name} run {rd} is missing" + (
+            f" (the pair in {work} links none): pass --judge <a finished or archived AR run>"
+            if name == "judge" else ": train the pair first (--stage train) or pass --work "
+            "<its archive under benchmarks/results/runs>"))
+    return rd
+
+
 def stage_report(work: Path) -> None:
     from tdlm.api import load
     from tdlm.config.run import RunConfig
@@ -1125,9 +1145,7 @@ def stage_report(work: Path) -> None:
     meta = json.loads((OUT / "search" / "search.json").read_text())
     evals = {}
     for name, run in (("heavy", HEAVY_RUN), ("light", LIGHT_RUN), ("judge", "judge")):
-        rd = work / run
-        if name == "judge" and not rd.exists():       # an archived pair: the judge unlinked
-            rd = Path(LINKS["judge"])
+        rd = report_run(work, name, run)
         # config and parameter count from config.json (the model built on the meta device):
         # the report regenerates from an archived run (no weights) as from a live one
         cfg = RunConfig.from_dict(json.loads((rd / "config.json").read_text()))
@@ -1169,7 +1187,9 @@ def stage_report(work: Path) -> None:
         f"{'fine, ' if _fine_sampled() else ''}report; the pair "
         f"trained by stage run{'-levels' if (HEAVY_RUN, LIGHT_RUN) == PAIRS['tree'] else ''}). "
         f"Machine: {os.cpu_count()} shared CPU cores, no GPU, torch {torch.__version__}, 1 "
-        f"thread, python {platform.python_version()}.", "",
+        f"thread, python {platform.python_version()}." + (
+            f" Regenerated from the archived runs (configs, logs, evaluations; no weights) by "
+            f"`{REGENERATE}`." if REGENERATE else ""), "",
         "## Setup", "",
         *setup_lines(),
         "* Judge: this library's AR model trained on the same data (table below), **not GPT-2 "
@@ -1364,6 +1384,9 @@ def main() -> None:
              else work)
     globals()["COMMAND"] = (f"python benchmarks/scheduling.py --scale {a.scale} --work {shown}"
                             + (f" --pair {a.pair}" if a.pair != "main" else ""))
+    if (RESULTS / "runs" / work.name / HEAVY_RUN / "config.json").exists():
+        globals()["REGENERATE"] = COMMAND.replace(
+            f"--work {shown}", f"--work benchmarks/results/runs/{work.name}") + " --stage report"
     work.mkdir(parents=True, exist_ok=True)
     OUT.mkdir(parents=True, exist_ok=True)
     if a.stage in ("run", "run-levels"):

@@ -913,6 +913,39 @@ def test_scheduling_report_waits_for_its_search(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out.md").exists()
 
 
+def test_scheduling_report_names_a_missing_run_and_finds_an_archived_judge(tmp_path,
+                                                                            monkeypatch):
+    """Stage report on a work folder without the pair, or an archived pair whose judge link
+    points to a run that is gone: a one-line error naming it, not a traceback; a judge path
+    under runs/ whose archive (study.py archive: benchmarks/results/runs/...) exists is read
+    from the archive; a linked judge in the work folder comes first."""
+    sch = _load("scheduling")
+    out = tmp_path / "out"
+    for st, f in (("analyze", "step_importance.csv"), ("analyze", "step_importance_trajectory.csv"),
+                  ("search", "search.csv")):
+        (out / st).mkdir(parents=True, exist_ok=True)
+        (out / st / f).write_text("mask\n")
+    (out / "search" / "search.json").write_text("{}")
+    monkeypatch.setattr(sch, "OUT", out)
+    monkeypatch.setattr(sch, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(sch, "LINKS", {"judge": "runs/gone/ar-judge"})
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit, match=f"the heavy run .*{sch.HEAVY_RUN} is missing: train the pair"):
+        sch.stage_report(work)
+    with pytest.raises(SystemExit, match=r"the judge run runs/gone/ar-judge is missing .*--judge"):
+        sch.report_run(work, "judge", "judge")
+    arch = tmp_path / "results" / "runs" / "gone" / "ar-judge"
+    arch.mkdir(parents=True)
+    (arch / "config.json").write_text("{}")
+    assert sch.report_run(work, "judge", "judge") == arch
+    (work / "judge").mkdir(parents=True)
+    (work / "judge" / "config.json").write_text("{}")
+    assert sch.report_run(work, "judge", "judge") == work / "judge"
+    (work / sch.HEAVY_RUN).mkdir()
+    (work / sch.HEAVY_RUN / "config.json").write_text("{}")
+    assert sch.report_run(work, "heavy", sch.HEAVY_RUN) == work / sch.HEAVY_RUN
+
+
 def test_scheduling_rescore_stage_rescores_each_finished_search(tmp_path, monkeypatch, capsys):
     """Stage rescore: stops while the judge is unfinished; then one ``tdlm schedule rescore``
     per finished search scored by another judge that kept its samples, under the linked
