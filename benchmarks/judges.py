@@ -53,7 +53,9 @@ TREE = RESULTS / "scheduling_cpu_tree"
 DID = RESULTS / "runs" / "did-study" / "samples"
 #: the AR transformer judges of the same data whose own NLL is committed (judge.py report):
 #: steps -> (label, archived run)
-AR_JUDGES = {8000: ("AR judge, 8000 steps (judge.md; scored the coarse search and DID)",
+AR_JUDGES = {16000: ("AR judge, 16000 steps (judge-16000/judge.md)",
+                     RESULTS / "runs" / "judge-16000" / "ar-judge"),
+             8000: ("AR judge, 8000 steps (judge.md; scored the coarse search and DID)",
                     RESULTS / "runs" / "judge" / "ar-judge"),
              4000: ("AR judge, 4000 steps", RESULTS / "runs" / "judge-4000" / "ar-judge"),
              2000: ("AR judge, 2000 steps (judge-2000/judge.md; no better than the 4-gram; "
@@ -349,7 +351,11 @@ def ladder(nll: dict) -> dict | None:
     doubling of the steps and, for three doublings L(n), L(2n), L(4n), the asymptote of a power
     law ``L(m) = L_inf + A m^-alpha`` through them: the gains shrink by ``r = 2^-alpha`` per
     doubling, so ``L_inf = L(4n) - d r / (1 - r)`` with ``d = L(2n) - L(4n)``; none when the
-    gains do not shrink (r >= 1: no convergence in sight from these points)."""
+    gains do not shrink (r >= 1: no convergence in sight from these points). With three
+    doublings or more, ``predicted``: the longest judge's NLL as the power law through the
+    three judges before it predicts it, ``L(8n) = L(4n) - d r`` (a check of the extrapolation
+    against a measured point); ``last_rel``: the relative gain of the last doubling, the
+    doubling rule's reading (judge.py: converged under 1% either way)."""
     st = sorted(nll)
     if len(st) < 2:
         return None
@@ -361,12 +367,32 @@ def ladder(nll: dict) -> dict | None:
         r = d2 / d1 if d1 > 0 else float("inf")
         out["r"] = r
         out["asymptote"] = (nll[st[-1]] - d2 * r / (1 - r)) if 0 < r < 1 else None
+        out["last_rel"] = gains[-1]["rel"]
+    if len(gains) >= 3 and gains[-3]["nats"] > 0:
+        d0, d1 = gains[-3]["nats"], gains[-2]["nats"]
+        out["predicted"] = {"steps": gains[-1]["to"],
+                            "nll": nll[gains[-2]["to"]] - d1 * (d1 / d0),
+                            "measured": nll[gains[-1]["to"]]}
+    elif gains:
+        out["last_rel"] = gains[-1]["rel"]
     return out
 
 
 def _pct(c: dict) -> str:
     lo, hi = c["ci95"]
     return f"{100 * c['mean']:+.2f}% +- {100 * (hi - c['mean']):.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+
+
+def _ar_state(lad: dict | None) -> str:
+    """The intro's sentence on the AR judges' convergence, from the doubling ladder: the last
+    doubling's gain against judge.py's doubling rule (under 1% either way)."""
+    if not lad or not lad.get("gains"):
+        return ""
+    g = lad["gains"][-1]
+    ok = abs(g["rel"]) < 0.01
+    return (f" The AR transformer judges of the same data are {'' if ok else 'not '}converged "
+            f"by the doubling rule (judge.py: under 1% either way): {g['from']} -> {g['to']} "
+            f"steps {100 * g['rel']:.2f}% better.")
 
 
 def markdown(res: dict) -> str:
@@ -376,8 +402,7 @@ def markdown(res: dict) -> str:
          "Interpolated modified Kneser-Ney (Chen & Goodman 1999; `tdlm.eval.ngram`, `tdlm ngram`)"
          " fitted in closed form on the bundled corpus's training split with the AR judge's "
          "tokenizer (bpe-8k): a judge with no training budget to converge, scoring local fluency "
-         "(n-1 tokens of context). The AR transformer judges of the same data are not converged "
-         "(judge.md: 5.09% better from 4000 to 8000 steps).", "",
+         "(n-1 tokens of context)." + _ar_state(res.get("ar_ladder")), "",
          "## The judges' own validation NLL (nats/token, the same validation split)", "",
          "| judge | NLL/token |", "|---|---|"]
     for n, m in res["ngram"].items():
@@ -391,8 +416,13 @@ def markdown(res: dict) -> str:
             f"{g['from']} -> {g['to']} steps {g['nats']:.4f} nats ({100 * g['rel']:.2f}%)"
             for g in lad["gains"]) + "."]
         if "r" in lad:
+            pr = lad.get("predicted")
+            if pr:
+                L[-1] += (f" The power law through the three judges before the {pr['steps']}-step"
+                          f" one predicted it at {pr['nll']:.4f} nats; measured "
+                          f"{pr['measured']:.4f} ({pr['measured'] - pr['nll']:+.4f}).")
             L[-1] += (f" The gain per doubling shrinks by r = {lad['r']:.2f}: a power law "
-                      f"through the three points levels off at {lad['asymptote']:.3f} nats "
+                      f"through the last three points levels off at {lad['asymptote']:.3f} nats "
                       f"({lad['asymptote'] - res['ar_judges'][max(res['ar_judges'], key=int)]:+.3f} from "
                       "the longest judge)." if lad.get("asymptote") is not None else
                       f" The gain per doubling does not shrink (r = {lad['r']:.2f}): no "

@@ -81,6 +81,24 @@ def test_doubling_ladder_and_power_law_asymptote():
     # gains that grow: no asymptote
     assert j.ladder({2000: 4.0, 4000: 3.9, 8000: 3.7})["asymptote"] is None
     assert j.ladder({8000: 3.6}) is None
+    # a fourth judge: the law through the three before it predicts it (exactly, on the law);
+    # the asymptote comes from the last three points
+    nll[16000] = 3 + 8 * 16000 ** -0.5
+    lad = j.ladder(nll)
+    assert lad["predicted"]["steps"] == 16000
+    assert lad["predicted"]["nll"] == pytest.approx(nll[16000])
+    assert lad["asymptote"] == pytest.approx(3.0)
+    assert lad["last_rel"] == pytest.approx((nll[8000] - nll[16000]) / nll[8000])
+    off = {**nll, 16000: nll[16000] + 0.01}
+    assert j.ladder(off)["predicted"]["measured"] - j.ladder(off)["predicted"]["nll"] \
+        == pytest.approx(0.01)
+    assert "converged by the doubling rule" in j._ar_state(lad)        # 0.85%: under 1%
+    assert "8000 -> 16000 steps 0.85% better" in j._ar_state(lad)
+    assert "not converged by the doubling rule" in j._ar_state(
+        j.ladder({2000: 4.0, 4000: 3.9, 8000: 3.7}))                    # 5.1%
+    assert " converged by the doubling rule" in j._ar_state(
+        j.ladder({2000: 4.0, 4000: 3.9, 8000: 3.89}))
+    assert "not" not in j._ar_state(j.ladder({2000: 4.0, 4000: 3.9, 8000: 3.89}))
 
 
 def test_short_context_judge_equals_a_loop_over_truncated_prefixes():
