@@ -39,7 +39,8 @@ def compare_throughput(configs, steps: int = 5, warmup: int = 2, device: str = "
                        overrides=()) -> dict:
     """:func:`measure_throughput` of several presets or configs (a list, or ``{name: preset or
     RunConfig}``; ``overrides`` apply to each) timed round-robin, one step of each in turn, with
-    each one's step time (median per-round ratio), tokens and FLOPs relative to the first:
+    each one's step time (``step_ratio``: mean step time over the first's; the median of the
+    per-round ratios in ``step_ratio_median``), tokens and FLOPs relative to the first:
     ``tdlm.compare_throughput(["mdlm-cpu", "did-cpu"], steps=24)["did-cpu"]["step_ratio"]``."""
     from .config import get_preset
     from .train.throughput import compare_throughput as _ct

@@ -78,7 +78,8 @@ def test_reports_forwarded_tokens_and_training_flops_as_the_trainer_counts_them(
 
 def test_compare_times_round_robin_and_states_ratios_to_the_first(monkeypatch):
     """One step of each config in turn (every round, every other round reversed), the step
-    ratio as the median of the per-round ratios: a stand-in step sleeps 0.05 s for config a
+    ratio as mean step time over mean step time, and the median of the per-round ratios
+    beside it: a stand-in step sleeps 0.05 s for config a
     and 0.2 s for b (no real training, so the load of the machine cannot move the ratio
     much), so b's ratio is about 4."""
     from tdlm.train.throughput import compare_throughput
@@ -95,8 +96,12 @@ def test_compare_times_round_robin_and_states_ratios_to_the_first(monkeypatch):
     assert order == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2), ("b", 3), ("a", 3)]
     assert r["a"]["step_ratio"] == 1.0 and len(r["b"]["step_s"]) == 3
     assert 3.0 < r["b"]["step_ratio"] < 4.2, r["b"]["step_ratio"]
+    # step_ratio: mean over mean (the time both take); the per-round median beside it
+    assert r["b"]["step_ratio"] == pytest.approx(sum(r["b"]["step_s"]) / sum(r["a"]["step_s"]))
+    per = sorted(x / y for x, y in zip(r["b"]["step_s"], r["a"]["step_s"]))
+    assert r["b"]["step_ratio_median"] == per[1]
     lo, hi = r["b"]["step_ratio_range"]
-    assert lo <= r["b"]["step_ratio"] <= hi
+    assert [lo, hi] == [per[0], per[-1]] and lo <= r["b"]["step_ratio_median"] <= hi
     assert r["b"]["flops_ratio"] is None           # nothing forwarded: no FLOPs to compare
 
 

@@ -131,17 +131,22 @@ def compare_throughput(cfgs: dict, steps: int = 5, warmup: int = 2, device: str 
 
 
 def _ratios(out: dict) -> dict:
-    """Adds to every row, against the first config ``0``, per timed round ``r``::
+    """Adds to every row, against the first config ``0``, over the timed rounds ``r``::
 
-        step_ratio = median_r (step_s[name][r] / step_s[0][r])       (range: step_ratio_range)
+        step_ratio = sum_r step_s[name][r] / sum_r step_s[0][r]     (mean step time / mean)
+        step_ratio_median = median_r (step_s[name][r] / step_s[0][r])  (range: step_ratio_range)
         flops_ratio = train_flops_per_step[name] / train_flops_per_step[0]
         tokens_ratio = forwarded_tokens_per_step[name] / forwarded_tokens_per_step[0]
 
-    (1.0 for the first config; None where the first has no FLOPs or tokens counted)."""
+    ``step_ratio`` is the ratio of the time both take over the same rounds, as the tokens and
+    FLOPs ratios are of means per step; the median of the per-round ratios flatters a config
+    whose step times are right-skewed (batches of varying length). 1.0 for the first config;
+    None where the first has no FLOPs or tokens counted."""
     first = out[next(iter(out))]
     for row in out.values():
         ratios = sorted(a / b for a, b in zip(row["step_s"], first["step_s"]))
-        row["step_ratio"] = statistics.median(ratios)
+        row["step_ratio"] = sum(row["step_s"]) / sum(first["step_s"])
+        row["step_ratio_median"] = statistics.median(ratios)
         row["step_ratio_range"] = [ratios[0], ratios[-1]]
         t0 = first["forwarded_tokens_per_step"]
         row["tokens_ratio"] = row["forwarded_tokens_per_step"] / t0 if t0 else None
