@@ -212,23 +212,31 @@ def stage_memory(a) -> None:
 def sample_timing(pipes: dict, num: int, steps: int, rounds: int) -> dict:
     """Seconds per sample of each side's ``Pipeline.sample(num, steps)``, one side after the
     other in each round (the first, untimed call of each warms up), with the per-round ratio
-    DID/MDLM: ``{side: {"seconds_per_sample": median, "per_round": [...], "mean_length"},
+    DID/MDLM: ``{side: {"seconds_per_sample": median, "per_round": [...], "mean_length",
+    "lead_eos": mean leading EOS/BOS tokens of the timed samples (a clamped BOS)},
     "ratio": median per-round ratio, "ratio_range": [min, max], "rounds", "num", "steps"}``."""
     import statistics
     import torch
+    from tdlm.eval.genppl import leading_eos
     torch.set_num_threads(1)
     per = {side: [] for side in pipes}
     lengths = {side: [] for side in pipes}
+    lead = {side: [] for side in pipes}
     for r in range(rounds + 1):
         for side, pipe in pipes.items():
             t0 = time.perf_counter()
             res = pipe.sample(num, steps, seed=1000 + r)
             if r:
                 per[side].append((time.perf_counter() - t0) / num)
-                lengths[side] += [len(x) for x in res.sequences()]
+                seqs = [list(map(int, x)) for x in res.sequences()]
+                lengths[side] += [len(x) for x in seqs]
+                eos = getattr(getattr(pipe, "tokenizer", None), "eos_id", None)
+                lead[side] += [0 if eos is None else
+                               leading_eos({"ids": x}, eos) for x in seqs]
     ratios = [d / m for d, m in zip(per["did"], per["mdlm"])]
     return {**{side: {"seconds_per_sample": statistics.median(v), "per_round": v,
-                      "mean_length": sum(lengths[side]) / len(lengths[side])}
+                      "mean_length": sum(lengths[side]) / len(lengths[side]),
+                      "lead_eos": sum(lead[side]) / len(lead[side])}
                for side, v in per.items()},
             "ratio": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
             "rounds": rounds, "num": num, "steps": steps}
@@ -407,35 +415,41 @@ def collect(a) -> dict:
 def _generated(work: Path, name: str, steps: int):
     """The generated ids of every sample in ``samples/<name>-T<steps>.jsonl``
     (:func:`tdlm.eval.genppl.generated_ids`: past the clamped prefix and the sampler's BOS,
-    the tokens the judge scores) and their leading-EOS counts; None when the file is missing."""
-    from tdlm.eval.genppl import generated_ids, leading_eos
+    the tokens the judge scores); None when the file is missing."""
+    from tdlm.eval.genppl import generated_ids
     f = work / "samples" / f"{name}-T{steps}.jsonl"
     if not f.exists():
         return None
-    recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-    return [generated_ids(r) for r in recs], [leading_eos(r) for r in recs]
+    return [generated_ids(json.loads(x)) for x in f.read_text().splitlines() if x.strip()]
 
 
 def length_matched_entropy(work: Path, setting: str, seed: int, steps: int) -> dict:
     """Where the two sides' samples differ in mean length (variable length: DID's end, MDLM's
-    fill the window), the mean per-sample unigram entropy of the first k generated tokens of
-    every sample (past the sampler's BOS, when it clamps one), k = the shorter side's mean
-    generated length: a unigram entropy grows with the number of tokens it is taken over, so
-    the full-sample figures mix length into it. ``{}`` when the samples are missing or the
-    means are within 5%."""
+    fill the window), entropies at equal lengths: a unigram entropy grows with the number of
+    tokens it is taken over, so the full-sample figures mix length into it. The shorter side's
+    samples at their own generated lengths n_i, against the longer side's samples cut to each
+    n_i: ``mean_i mean_j H(long_j[:n_i])`` (past the sampler's BOS, when it clamps one), i.e.
+    the longer side read at the shorter side's length distribution. ``{}`` when the samples
+    are missing or the means are within 5%."""
     from tdlm.eval.genppl import unigram_entropy
     ids = {}
     for side in SIDES:
         g = _generated(work, f"{SETTINGS[setting][side][0]}-s{seed}", steps)
         if g is None:
             return {}
-        ids[side] = g[0]
+        ids[side] = g
     mean = {x: sum(map(len, v)) / len(v) for x, v in ids.items()}
     if max(mean.values()) <= 1.05 * min(mean.values()):
         return {}
-    k = int(min(mean.values()))
-    return {"entropy_first_k": {"k": k, **{x: sum(unigram_entropy(r[:k]) for r in v) / len(v)
-                                           for x, v in ids.items()}}}
+    short = min(mean, key=mean.get)
+    long_ = next(x for x in SIDES if x != short)
+    ns = [len(r) for r in ids[short]]
+    ent = {short: sum(map(unigram_entropy, ids[short])) / len(ns),
+           long_: sum(unigram_entropy(r[:n]) for n in ns for r in ids[long_])
+           / (len(ns) * len(ids[long_]))}
+    return {"entropy_length_paired": {"shorter": short, "mean_length": mean[short],
+                                      "cut_short": sum(1 for n in ns for r in ids[long_]
+                                                       if len(r) < n), **ent}}
 
 
 def _samples(work: Path, setting: str, seed: int, a) -> dict:
@@ -467,10 +481,9 @@ def _samples(work: Path, setting: str, seed: int, a) -> dict:
         gen = _generated(work, name, a.sample_steps)
         if gen is not None:
             # the entropy of the samples' own generated tokens (judge-free, so every judge's
-            # rows share it), and the tokens the sampler clamps before them (its BOS)
+            # rows share it)
             from tdlm.eval.genppl import unigram_entropy
-            rec.update(entropy=sum(map(unigram_entropy, gen[0])) / len(gen[0]),
-                       clamped_lead=sum(gen[1]) / len(gen[1]))
+            rec["entropy"] = sum(map(unigram_entropy, gen)) / len(gen)
         out[side] = rec
     t = work / "samples" / f"timing-{setting}-s{seed}-T{a.sample_steps}.json"
     if t.exists():
@@ -479,15 +492,18 @@ def _samples(work: Path, setting: str, seed: int, a) -> dict:
             out.setdefault(side, {"num": tm["num"], "steps": tm["steps"]})
             out[side].update(seconds_per_sample=tm[side]["seconds_per_sample"],
                              mean_length=tm[side]["mean_length"])
+            if "lead_eos" in tm[side]:
+                # generated tokens: a timed sample's length counts the BOS its sampler clamps
+                # (DID's always, MDLM's when it keeps position 0), which is not generated
+                out[side]["generated_length"] = tm[side]["mean_length"] - tm[side]["lead_eos"]
         out["timing"] = {k: tm[k] for k in ("ratio", "ratio_range", "rounds", "num")}
         if all("mean_length" in out.get(x, {}) for x in SIDES):
-            # per generated token: a timed sample's length counts the BOS its sampler clamps
-            # (DID's always, MDLM's when it keeps position 0), which is not generated
-            for x in SIDES:
-                out[x]["generated_length"] = out[x]["mean_length"] - out[x].get("clamped_lead", 0)
-            per_tok = {x: out[x]["seconds_per_sample"] / out[x]["generated_length"]
-                       for x in SIDES}
+            gen = all("generated_length" in out[x] for x in SIDES)
+            key = "generated_length" if gen else "mean_length"
+            per_tok = {x: out[x]["seconds_per_sample"] / out[x][key] for x in SIDES}
             out["timing"]["per_token_ratio"] = per_tok["did"] / per_tok["mdlm"]
+            out["timing"]["per_token_of"] = ("generated token" if gen else
+                                             "sequence token, with any BOS its sampler clamped")
     out.update(length_matched_entropy(work, setting, seed, a.sample_steps))
     j = work / "samples" / "judge.json"
     if j.exists():
@@ -639,12 +655,17 @@ def markdown(res: dict) -> str:
             L.append(f"| sampling s/sample at {sp['did']['steps']} steps ({how}) | "
                      f"{sp['did']['seconds_per_sample']:.2f} / {sp['mdlm']['seconds_per_sample']:.2f}"
                      f"; ratio {ratio:.3f} | <= {t} ({'met' if ratio <= t else 'missed'}) |")
-            if "generated_length" in sp["did"]:
+            if "generated_length" in sp["did"] and "generated_length" in sp["mdlm"]:
                 L.append(f"| mean generated tokens per timed sample (past a clamped BOS) | "
                          f"{sp['did']['generated_length']:.1f} / "
                          f"{sp['mdlm']['generated_length']:.1f} | |")
+            elif "mean_length" in sp["did"]:
+                L.append(f"| mean sample length of the timed samples (tokens, with any BOS "
+                         f"the sampler clamped) | {sp['did']['mean_length']:.1f} / "
+                         f"{sp['mdlm']['mean_length']:.1f} | |")
             if tm and "per_token_ratio" in tm and abs(tm["per_token_ratio"] - ratio) > 0.02:
-                L.append(f"| sampling time per token (the target is per sample) | "
+                L.append(f"| sampling time per token (the target is per sample; per "
+                         f"{tm.get('per_token_of', 'sequence token')}) | "
                          f"{tm['per_token_ratio']:.3f} | |")
             if "gen_ppl" in sp["did"] and "gen_ppl" in sp["mdlm"]:
                 L.append(f"| generative perplexity (95% CI over samples) | "
@@ -668,10 +689,13 @@ def markdown(res: dict) -> str:
                              f"prediction, as before), same model and seed: gen PPL | "
                              f"{b['gen_ppl']:.1f} / {o['gen_ppl']:.1f} = "
                              f"{b['gen_ppl'] / o['gen_ppl']:.3f} | |")
-            if sp.get("entropy_first_k"):
-                e = sp["entropy_first_k"]
-                L.append(f"| entropy of the first {e['k']} generated tokens of every sample "
-                         f"(length-matched; nats) | {e['did']:.3f} / {e['mdlm']:.3f} | |")
+            if sp.get("entropy_length_paired"):
+                e = sp["entropy_length_paired"]
+                lo = e["shorter"].upper()
+                hi = next(x for x in SIDES if x != e["shorter"]).upper()
+                L.append(f"| entropy at equal lengths ({lo}'s samples at their own lengths, "
+                         f"mean {e['mean_length']:.1f} tokens; {hi}'s samples each cut to every "
+                         f"one of those lengths; nats) | {e['did']:.3f} / {e['mdlm']:.3f} | |")
             if sp.get("judge"):
                 L.append(f"| judge's own validation NLL/token | {sp['judge']['nelbo_per_token']:.3f}"
                          f" ({sp['judge']['judge']}, {Path(sp['judge']['checkpoint']).name}) | |")

@@ -353,7 +353,8 @@ def ladder(nll: dict) -> dict | None:
     doubling, so ``L_inf = L(4n) - d r / (1 - r)`` with ``d = L(2n) - L(4n)``; none when the
     gains do not shrink (r >= 1: no convergence in sight from these points). With three
     doublings or more, ``predicted``: the longest judge's NLL as the power law through the
-    three judges before it predicts it, ``L(8n) = L(4n) - d r`` (a check of the extrapolation
+    three judges before it predicts it, ``L(8n) = L(4n) - d r`` (only where their gains
+    shrink, 0 < r < 1, and the doublings are consecutive; a check of the extrapolation
     against a measured point); ``last_rel``: the relative gain of the last doubling, the
     doubling rule's reading (judge.py: converged under 1% either way)."""
     st = sorted(nll)
@@ -362,19 +363,24 @@ def ladder(nll: dict) -> dict | None:
     gains = [{"from": a, "to": b, "nats": nll[a] - nll[b], "rel": (nll[a] - nll[b]) / nll[a]}
              for a, b in zip(st, st[1:]) if b == 2 * a]
     out = {"gains": gains}
-    if len(gains) >= 2:
+    if gains:
+        out["last_rel"] = gains[-1]["rel"]
+
+    def chained(k):                     # the last k gains are consecutive doublings
+        g = gains[-k:]
+        return len(g) == k and all(a["to"] == b["from"] for a, b in zip(g, g[1:]))
+    if chained(2):
         d1, d2 = gains[-2]["nats"], gains[-1]["nats"]
         r = d2 / d1 if d1 > 0 else float("inf")
         out["r"] = r
         out["asymptote"] = (nll[st[-1]] - d2 * r / (1 - r)) if 0 < r < 1 else None
-        out["last_rel"] = gains[-1]["rel"]
-    if len(gains) >= 3 and gains[-3]["nats"] > 0:
+    if chained(3) and 0 < gains[-2]["nats"] < gains[-3]["nats"]:
+        # a power law passes through the three points before the last only when their
+        # gains shrink (0 < r < 1)
         d0, d1 = gains[-3]["nats"], gains[-2]["nats"]
         out["predicted"] = {"steps": gains[-1]["to"],
                             "nll": nll[gains[-2]["to"]] - d1 * (d1 / d0),
                             "measured": nll[gains[-1]["to"]]}
-    elif gains:
-        out["last_rel"] = gains[-1]["rel"]
     return out
 
 
@@ -390,9 +396,12 @@ def _ar_state(lad: dict | None) -> str:
         return ""
     g = lad["gains"][-1]
     ok = abs(g["rel"]) < 0.01
+    moved = (f"{100 * g['rel']:.2f}% better" if g["rel"] >= 0 else
+             f"{-100 * g['rel']:.2f}% worse" + (": past its best, overfitting"
+                                                 if g["rel"] <= -0.01 else ""))
     return (f" The AR transformer judges of the same data are {'' if ok else 'not '}converged "
             f"by the doubling rule (judge.py: under 1% either way): {g['from']} -> {g['to']} "
-            f"steps {100 * g['rel']:.2f}% better.")
+            f"steps {moved}.")
 
 
 def markdown(res: dict) -> str:

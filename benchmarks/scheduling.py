@@ -1109,6 +1109,13 @@ def model_facts(cfg) -> dict:
     return {"family": cfg.family.name, "blocks": cfg.backbone.n_layers}
 
 
+def _repo_relative(path: str) -> str:
+    """``path`` relative to the repository root when it lies inside it (as a command run from
+    the root names it), else as given."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT.parent)) if p.is_relative_to(ROOT.parent) else path
+
+
 def report_run(work: Path, name: str, run: str) -> Path:
     """The run folder stage report reads for ``name`` (heavy, light, judge): ``work/run``; for
     an archived pair, whose judge is not linked, ``LINKS["judge"]`` or, when that run is gone,
@@ -1116,15 +1123,18 @@ def report_run(work: Path, name: str, run: str) -> Path:
     evaluations). A missing one is a one-line error naming it."""
     rd = work / run
     if name == "judge" and not rd.exists():
+        if not LINKS.get("judge"):
+            raise SystemExit(f"scheduling.py: no judge run in {work} and none linked: pass "
+                             "--judge <a finished or archived AR run>")
         rd = Path(LINKS["judge"])
         arch = RESULTS / rd if rd.parts[:1] == ("runs",) else None
         if not (rd / "config.json").exists() and arch and (arch / "config.json").exists():
             rd = arch
     if not (rd / "config.json").exists():
         raise SystemExit(f"scheduling.py: the {name} run {rd} is missing" + (
-            f" (the pair in {work} links none): pass --judge <a finished or archived AR run>"
-            if name == "judge" else ": train the pair first (--stage train) or pass --work "
-            "<its archive under benchmarks/results/runs>"))
+            " (nor archived under benchmarks/results/runs): pass --judge <a finished or "
+            "archived AR run>" if name == "judge" else ": train the pair first (--stage train) "
+            "or pass --work <its archive under benchmarks/results/runs>"))
     return rd
 
 
@@ -1384,9 +1394,11 @@ def main() -> None:
              else work)
     globals()["COMMAND"] = (f"python benchmarks/scheduling.py --scale {a.scale} --work {shown}"
                             + (f" --pair {a.pair}" if a.pair != "main" else ""))
-    if (RESULTS / "runs" / work.name / HEAVY_RUN / "config.json").exists():
-        globals()["REGENERATE"] = COMMAND.replace(
-            f"--work {shown}", f"--work benchmarks/results/runs/{work.name}") + " --stage report"
+    if work.resolve().is_relative_to(RESULTS / "runs"):     # this report is from the archive
+        globals()["REGENERATE"] = (COMMAND.replace(f"--work {shown}",
+                                                   f"--work benchmarks/results/runs/{work.name}")
+                                   + (f" --judge {_repo_relative(a.judge)}" if a.judge else "")
+                                   + " --stage report")
     work.mkdir(parents=True, exist_ok=True)
     OUT.mkdir(parents=True, exist_ok=True)
     if a.stage in ("run", "run-levels"):

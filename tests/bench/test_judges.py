@@ -99,6 +99,15 @@ def test_doubling_ladder_and_power_law_asymptote():
     assert " converged by the doubling rule" in j._ar_state(
         j.ladder({2000: 4.0, 4000: 3.9, 8000: 3.89}))
     assert "not" not in j._ar_state(j.ladder({2000: 4.0, 4000: 3.9, 8000: 3.89}))
+    # no power law through points whose gains do not shrink: no prediction, no asymptote
+    bad = j.ladder({2000: 4.0, 4000: 3.9, 8000: 3.95, 16000: 3.96})
+    assert "predicted" not in bad and bad["asymptote"] is None
+    assert "0.25% worse" in j._ar_state(bad) and "overfitting" not in j._ar_state(bad)
+    assert "overfitting" in j._ar_state(j.ladder({4000: 3.9, 8000: 3.8, 16000: 3.9}))
+    # gains that are not consecutive doublings are not chained into a law
+    gap = j.ladder({1000: 5.0, 2000: 4.5, 8000: 4.0, 16000: 3.8})
+    assert [g["from"] for g in gap["gains"]] == [1000, 8000]
+    assert "r" not in gap and "predicted" not in gap
 
 
 def test_short_context_judge_equals_a_loop_over_truncated_prefixes():

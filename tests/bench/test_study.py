@@ -473,20 +473,22 @@ def test_did_sampling_timing_is_round_robin_with_per_round_ratios():
     order = []
 
     class Res:
-        def __init__(self, n, length):
-            self.rows = [[0] * length for _ in range(n)]
+        def __init__(self, n, length, bos):
+            self.rows = [[0] * bos + [5] * (length - bos) for _ in range(n)]
 
         def sequences(self):
             return self.rows
 
     class Fake:
+        tokenizer = type("Tok", (), {"eos_id": 0})()
+
         def __init__(self, name, per_sample, length):
             self.name, self.per, self.length = name, per_sample, length
 
         def sample(self, num, steps, seed=0):
             order.append((self.name, seed))
             _t.sleep(self.per * num)
-            return Res(num, self.length)
+            return Res(num, self.length, 1 if self.name == "did" else 0)   # DID clamps a BOS
 
     t = ds.sample_timing({"did": Fake("did", 0.01, 100), "mdlm": Fake("mdlm", 0.04, 256)},
                          num=2, steps=8, rounds=3)
@@ -494,6 +496,7 @@ def test_did_sampling_timing_is_round_robin_with_per_round_ratios():
     assert len(t["did"]["per_round"]) == 3 and t["rounds"] == 3
     assert t["ratio"] == pytest.approx(0.25, rel=0.3)
     assert t["did"]["mean_length"] == 100 and t["mdlm"]["mean_length"] == 256
+    assert t["did"]["lead_eos"] == 1 and t["mdlm"]["lead_eos"] == 0
 
 
 def test_tdlm_default_tree_note_matches_the_committed_ablations():
@@ -934,6 +937,10 @@ def test_scheduling_report_names_a_missing_run_and_finds_an_archived_judge(tmp_p
         sch.stage_report(work)
     with pytest.raises(SystemExit, match=r"the judge run runs/gone/ar-judge is missing .*--judge"):
         sch.report_run(work, "judge", "judge")
+    monkeypatch.setattr(sch, "LINKS", {})                   # tiny scale: no judge linked
+    with pytest.raises(SystemExit, match=r"no judge run in .* and none linked: pass --judge"):
+        sch.report_run(work, "judge", "judge")
+    monkeypatch.setattr(sch, "LINKS", {"judge": "runs/gone/ar-judge"})
     arch = tmp_path / "results" / "runs" / "gone" / "ar-judge"
     arch.mkdir(parents=True)
     (arch / "config.json").write_text("{}")
@@ -1554,9 +1561,9 @@ def test_scheduling_trains_its_pair_with_the_threads_asked(tmp_path, monkeypatch
 
 def test_did_memory_runs_on_the_largest_batches_and_entropy_is_length_matched(tmp_path):
     """The memory stage steps on the run's largest batches (a run's peak is set by them), in
-    the order they come, ties to the earlier; samples of different mean lengths get a
-    length-matched entropy over their first k generated tokens (past a clamped BOS; k = the
-    shorter mean generated length), by hand."""
+    the order they come, ties to the earlier; samples of different mean lengths get an
+    entropy at equal lengths (the shorter side's samples at their own generated lengths, the
+    longer side's cut to each of them; past a clamped BOS), by hand."""
     import torch
     ds = _load("did_study")
     sizes = [5, 9, 2, 9, 7, 1]
@@ -1568,17 +1575,18 @@ def test_did_memory_runs_on_the_largest_batches_and_entropy_is_length_matched(tm
     EOT = "<|endoftext|>"
     # DID's samples open with the BOS its sampler clamps (id 0, decoded as EOT), MDLM's
     # (crop_pad, from all masks) with a generated token: only generated tokens count
-    did = [[0, 1, 1, 2], [0, 3, 3, 3]]                     # 3 generated tokens each: k = 3
+    did = [[0, 1, 1, 2], [0, 3, 3]]                         # 3 and 2 generated tokens
     mdlm = [[1, 2, 3, 4, 5, 6, 7, 8], [4, 4, 5, 5, 6, 6, 7, 7]]
     for name, rows in (("did-s0", did), ("mdlm-s0", mdlm)):
         (d / f"{name}-T8.jsonl").write_text("".join(json.dumps(
             {"ids": r, "text": (EOT if r[0] == 0 else "") + "x" * len(r)}) + "\n" for r in rows))
-    e = ds.length_matched_entropy(tmp_path, "fixed", 0, 8)["entropy_first_k"]
+    e = ds.length_matched_entropy(tmp_path, "fixed", 0, 8)["entropy_length_paired"]
     h = lambda ps: -sum(p * math.log(p) for p in ps)         # noqa: E731
-    assert e["k"] == 3
+    assert e["shorter"] == "did" and e["mean_length"] == 2.5 and e["cut_short"] == 0
     assert e["did"] == pytest.approx((h([1 / 3, 2 / 3]) + 0.0) / 2)
-    assert e["mdlm"] == pytest.approx((h([1 / 3] * 3) + h([2 / 3, 1 / 3])) / 2)
-    gen, lead = ds._generated(tmp_path, "did-s0", 8)
-    assert gen == [[1, 1, 2], [3, 3, 3]] and lead == [1, 1]
+    # each MDLM sample cut to 3 and to 2 tokens: [1,2,3] [1,2] [4,4,5] [4,4]
+    assert e["mdlm"] == pytest.approx((h([1 / 3] * 3) + h([1 / 2] * 2) + h([2 / 3, 1 / 3]) + 0) / 4)
+    assert ds._generated(tmp_path, "did-s0", 8) == [[1, 1, 2], [3, 3]]
     (d / "mdlm-s0-T8.jsonl").write_text(json.dumps({"ids": [1, 2, 3], "text": "abc"}) + "\n")
+    (d / "did-s0-T8.jsonl").write_text(json.dumps({"ids": [0, 1, 2, 3], "text": EOT + "abc"}) + "\n")
     assert ds.length_matched_entropy(tmp_path, "fixed", 0, 8) == {}   # equal lengths

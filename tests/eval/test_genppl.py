@@ -273,6 +273,13 @@ def test_generated_ids_skip_the_prefix_and_leading_eos_by_ids_or_by_text():
     assert generated_ids({"ids": [7, 0, 0], "text": "c" + EOT + EOT}) == [7, 0, 0]
     assert leading_eos({"ids": [0, 7]}) == 0 and leading_eos({"ids": [0, 7]}, eos=0) == 1
     assert generated_ids({"text": "x"}) is None and sample_entropy({"text": "x"}) is None
+    # a prefix whose text is not the start of the sample's (it ends inside a multi-byte
+    # character), or a prefix without its text: the generated part is not located in the
+    # text, so nothing is skipped (the ids, given eos, still tell)
+    r2 = {"ids": [0, 5, 0, 7], "prefix_len": 2, "prefix_text": EOT + "\ufffd",
+          "text": EOT + "\u65e5" + EOT + "x"}
+    assert leading_eos(r2) == 0 and leading_eos(r2, eos=0) == 1
+    assert leading_eos({"ids": [0, 5, 7], "prefix_len": 1, "text": EOT + "ab"}) == 0
 
 
 def test_unigram_entropy():

@@ -329,8 +329,11 @@ def leading_eos(r: dict, eos: Optional[int] = None) -> int:
     """How many EOS/BOS tokens open a genppl record's generated part (past its ``prefix_len``
     clamped prefix): the sampler's start token (BOS = EOS in these tokenizers) or a document
     boundary, which the scorer treats as context (:func:`_scored`). Counted on the ids when
-    ``eos`` (the ids' EOS id) is given, else as the leading ``<|endoftext|>`` markers of the
-    generated text, which needs no tokenizer; 0 for a record with neither."""
+    ``eos`` (the ids' EOS id) is given; else as the leading ``<|endoftext|>`` markers of the
+    generated text, which needs no tokenizer but needs the generated text located: with a
+    clamped prefix, ``prefix_text`` must be the start of ``text`` (it is not when the prefix
+    ends inside a multi-byte character), else 0 (not located: nothing is skipped); 0 for a
+    record with neither ids and ``eos`` nor text."""
     k = int(r.get("prefix_len", 0) or 0)
     ids = r.get("ids")
     if eos is not None and ids is not None:
@@ -342,8 +345,10 @@ def leading_eos(r: dict, eos: Optional[int] = None) -> int:
     text = r.get("text")
     if text is None:
         return 0
-    pt = r.get("prefix_text") or ""
-    if k and pt and text.startswith(pt):
+    if k:
+        pt = r.get("prefix_text")
+        if not pt or not text.startswith(pt):
+            return 0
         text = text[len(pt):]
     n = 0
     while text.startswith(EOT):
@@ -364,11 +369,13 @@ def generated_ids(r: dict, eos: Optional[int] = None) -> Optional[list[int]]:
 
 def sample_entropy(r: dict, eos: Optional[int] = None) -> Optional[float]:
     """:func:`unigram_entropy` of a genppl record's generated ids (:func:`generated_ids`: past
-    the clamped prefix and the leading EOS/BOS the scorer moves to the context), so the entropy
-    is taken over the tokens the gen PPL scores -- a sampler's start token is not text, and
-    counting it would tilt a comparison between samplers that clamp one and samplers that do
-    not, the more the shorter the samples. No judge is needed. None for a record without ids
-    (its entropy is that of the judge's retokenisation)."""
+    the clamped prefix and the leading EOS/BOS the scorer moves to the context) -- a
+    sampler's start token is not text, and counting it would tilt a comparison between
+    samplers that clamp one and samplers that do not, the more the shorter the samples. Every
+    generated token after them counts, those after a first EOS too (which ``eos="first"``
+    does not score). ``eos``: the ids' EOS id (counting on the ids; else on the text). No
+    judge is needed. None for a record without ids (its entropy is that of the judge's
+    retokenisation)."""
     g = generated_ids(r, eos)
     return None if g is None else unigram_entropy(g)
 

@@ -343,7 +343,7 @@ def segment_search(sampler, judge, steps: int, segments: int, light_segments: Op
                "saved_blocks": 1 - cost["blocks"] / cost["ref_blocks"],
                "saved_full": 1 - cost["full"] / cost["ref_full"],
                **(score_samples(by_seed, judge, vh) if judge is not None
-                  else entropy_columns(by_seed)),
+                  else entropy_columns(by_seed, sampler.tokenizer.eos_id)),
                "forward_calls": cost["calls"]}
         row["seconds"] = time.perf_counter() - t0
         if keep:
@@ -385,14 +385,15 @@ def score_samples(by_seed: dict, judge, vocab_hash=None) -> dict:
     return row
 
 
-def entropy_columns(by_seed: dict) -> dict:
+def entropy_columns(by_seed: dict, eos: Optional[int] = None) -> dict:
     """The judge-free columns of a search row from its samples ``{seed: [genppl records]}``:
     ``entropy`` (mean unigram entropy of the samples' generated ids, nats, over all seeds)
     and ``entropy_seed_<s>`` (over seed ``s``'s samples) -- the values :func:`score_samples`
     gives for samples in the judge's own vocabulary (:func:`tdlm.eval.genppl.sample_entropy`),
-    so a search sampled without a judge (``--score-later``) reports its entropy at once."""
+    so a search sampled without a judge (``--score-later``) reports its entropy at once.
+    ``eos``: the samples' EOS id (leading EOS counted on the ids; else on the text)."""
     from ..eval.genppl import sample_entropy
-    ents = {s: [sample_entropy(r) for r in recs] for s, recs in by_seed.items()}
+    ents = {s: [sample_entropy(r, eos) for r in recs] for s, recs in by_seed.items()}
     if any(e is None for v in ents.values() for e in v) or not any(ents.values()):
         return {}                   # records without ids: only a judge's retokenisation
     every = [e for v in ents.values() for e in v]
