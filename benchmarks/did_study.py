@@ -222,6 +222,8 @@ def sample_timing(pipes: dict, num: int, steps: int, rounds: int) -> dict:
     per = {side: [] for side in pipes}
     lengths = {side: [] for side in pipes}
     lead = {side: [] for side in pipes}
+    eos = {side: getattr(getattr(p, "tokenizer", None), "eos_id", None)
+           for side, p in pipes.items()}
     for r in range(rounds + 1):
         for side, pipe in pipes.items():
             t0 = time.perf_counter()
@@ -230,9 +232,8 @@ def sample_timing(pipes: dict, num: int, steps: int, rounds: int) -> dict:
                 per[side].append((time.perf_counter() - t0) / num)
                 seqs = [list(map(int, x)) for x in res.sequences()]
                 lengths[side] += [len(x) for x in seqs]
-                eos = getattr(getattr(pipe, "tokenizer", None), "eos_id", None)
-                lead[side] += [0 if eos is None else
-                               leading_eos({"ids": x}, eos) for x in seqs]
+                lead[side] += [0 if eos[side] is None else
+                               leading_eos({"ids": x}, eos[side]) for x in seqs]
     ratios = [d / m for d, m in zip(per["did"], per["mdlm"])]
     return {**{side: {"seconds_per_sample": statistics.median(v), "per_round": v,
                       "mean_length": sum(lengths[side]) / len(lengths[side]),
@@ -476,12 +477,11 @@ def _samples(work: Path, setting: str, seed: int, a) -> dict:
         if g.exists():
             gp = json.loads(g.read_text())
             rec.update(gen_ppl=gp["gen_ppl"], gen_ppl_ci95=gp.get("gen_ppl_ci95"),
-                       entropy=gp["entropy"] if not isinstance(
-                gp["entropy"], dict) else gp["entropy"]["mean"], judged_tokens=gp.get("tokens"))
+                       judged_tokens=gp.get("tokens"))
         gen = _generated(work, name, a.sample_steps)
         if gen is not None:
             # the entropy of the samples' own generated tokens (judge-free, so every judge's
-            # rows share it)
+            # rows share it, and one scored under an earlier rule does not stand for it)
             from tdlm.eval.genppl import unigram_entropy
             rec["entropy"] = sum(map(unigram_entropy, gen)) / len(gen)
         out[side] = rec

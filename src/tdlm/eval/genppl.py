@@ -337,11 +337,7 @@ def leading_eos(r: dict, eos: Optional[int] = None) -> int:
     k = int(r.get("prefix_len", 0) or 0)
     ids = r.get("ids")
     if eos is not None and ids is not None:
-        g = list(ids)[k:]
-        n = 0
-        while n < len(g) and int(g[n]) == eos:
-            n += 1
-        return n
+        return _lead([int(v) for v in list(ids)[k:]], eos)
     text = r.get("text")
     if text is None:
         return 0
@@ -390,13 +386,19 @@ def _retokenise(text: str, judge: Judge) -> list[int]:
     return out
 
 
+def _lead(seq: Sequence[int], eos: int) -> int:
+    """How many ``eos`` tokens open ``seq``."""
+    n = 0
+    while n < len(seq) and seq[n] == eos:
+        n += 1
+    return n
+
+
 def _scored(targets: list[int], eos: int, mode: str) -> tuple[list[int], list[bool], int]:
     """(targets kept, count mask, leading EOS tokens moved to the context). Leading EOS
     tokens (a sample that opens on a document boundary, or on the BOS its sampler starts
     from: BOS = EOS in these tokenizers) are context in every mode, not generated text."""
-    lead = 0
-    while lead < len(targets) and targets[lead] == eos:
-        lead += 1
+    lead = _lead(targets, eos)
     t = targets[lead:]
     if mode == "none":
         return t, [True] * len(t), lead
@@ -443,13 +445,8 @@ def _context_and_targets(i: int, r: dict, judge: Judge, retokenise: bool):
         if ids is None:
             raise ConfigError(f"sample {i} has no ids")
         ctx, tgt = list(ids)[:k], list(ids)[k:]
-    if ids is not None:
-        ent = sample_entropy(r, None if retokenise else judge.eos_id)
-    else:
-        lead = 0
-        while lead < len(tgt) and tgt[lead] == judge.eos_id:
-            lead += 1
-        ent = unigram_entropy(tgt[lead:])
+    ent = (sample_entropy(r, None if retokenise else judge.eos_id) if ids is not None
+           else unigram_entropy(tgt[_lead(tgt, judge.eos_id):]))
     bad = [v for v in ctx + tgt if not 0 <= v < judge.vocab_size]
     if bad:
         raise ConfigError(f"sample {i} holds token id {bad[0]}, outside the judge's "
