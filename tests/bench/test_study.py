@@ -499,6 +499,32 @@ def test_did_sampling_timing_is_round_robin_with_per_round_ratios():
     assert t["did"]["lead_eos"] == 1 and t["mdlm"]["lead_eos"] == 0
 
 
+def test_did_sampling_ratios_per_sample_mean_and_per_token(tmp_path):
+    """The study's sampling figures from a timing file: the ratio of the mean times beside the
+    median per-round ratio; per token over generated tokens when the timing recorded the timed
+    samples' leading BOS, else over sequence tokens (a timing from before it), said so."""
+    import types
+    ds = _load("did_study")
+    d = tmp_path / "samples"
+    d.mkdir()
+    tm = {"did": {"seconds_per_sample": 1.0, "per_round": [1.0, 2.0], "mean_length": 101.0},
+          "mdlm": {"seconds_per_sample": 4.0, "per_round": [4.0, 4.0], "mean_length": 256.0},
+          "ratio": 0.375, "ratio_range": [0.25, 0.5], "rounds": 2, "num": 2, "steps": 8}
+    f = d / "timing-variable-s0-T8.json"
+    f.write_text(json.dumps(tm))
+    a = types.SimpleNamespace(sample_steps=8, samples=2)
+    out = ds._samples(tmp_path, "variable", 0, a)
+    assert out["timing"]["mean_ratio"] == pytest.approx(3.0 / 8.0)
+    assert out["timing"]["per_token_ratio"] == pytest.approx((1.0 / 101) / (4.0 / 256))
+    assert out["timing"]["per_token_of"].startswith("sequence token")
+    tm["did"]["lead_eos"], tm["mdlm"]["lead_eos"] = 1.0, 0.0
+    f.write_text(json.dumps(tm))
+    out = ds._samples(tmp_path, "variable", 0, a)
+    assert out["did"]["generated_length"] == 100.0
+    assert out["timing"]["per_token_ratio"] == pytest.approx((1.0 / 100) / (4.0 / 256))
+    assert out["timing"]["per_token_of"] == "generated token"
+
+
 def test_tdlm_default_tree_note_matches_the_committed_ablations():
     """TDLMConfig's docstring gives the parity study's ablation figures as the reason for its
     default tree: every committed ablation NELBO (3 decimals) is in it, and the default is the
