@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import statistics
@@ -62,7 +63,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import T95, claim, latest_step, read_run, run_queue  # noqa: E402
+from study import (T95, claim, latest_step, read_run, run_queue,  # noqa: E402
+                   seeds_for_half_width)
 from tdlm.sampling.options import PREFIX_CONVENTION  # noqa: E402
 
 torch.set_num_threads(1)
@@ -765,7 +767,8 @@ def _placement_lines(sr, paired, seeds, t) -> list[str]:
                    f"saved): best named placement **{best['name']}** ({100 * m_b:+.1f}% +- "
                    f"{100 * se_b:.1f}%); sandwich {100 * m_sw:+.1f}% +- {100 * se_sw:.1f}%, rank "
                    f"{ranked.index(sw) + 1 if sw else '-'} of {len(ranked)}; the worst, "
-                   f"{last['name']}, " + _vs_best(dm, dse, t, "the placements are "))
+                   f"{last['name']}, " + _vs_best(dm, dse, t, "the placements are ",
+                                                             len(seeds)))
     if worst:
         # light-middle counts as the most costly only where the worst is told apart from the
         # best; with no count telling its placements apart the reading is undecided
@@ -1083,19 +1086,28 @@ def fine_lines(evals: dict) -> list[str]:
         w = ok[-1][3]
         dm, dse = paired_change(w, best, seeds)
         out.append(f"* The placements at this saving: the costliest, {run_length(w['mask'])}, "
-                   + _vs_best(dm, dse, t))
+                   + _vs_best(dm, dse, t, n=len(seeds)))
     return out
 
 
-def _vs_best(dm: float, dse: float, t: float, lead: str = "") -> str:
+def _vs_best(dm: float, dse: float, t: float, lead: str = "", n: int = 0) -> str:
     """A placement's paired cost over the best one (mean ``dm``, s.e. ``dse``, Student ``t``)
-    and whether the 95% CI tells them apart (optimistic: both picked on the same seeds)."""
+    and whether the 95% CI tells them apart (optimistic: both picked on the same seeds); when
+    it does not and the ``n`` seeds are given, how many seeds would, were the difference as
+    large (the per-seed spread ``dse * sqrt(n)`` held: ``study.seeds_for_half_width``)."""
+    if abs(dm) > t * dse:
+        return (_ci_text(dm, dse, t) + f" more than the best (paired): {lead}told apart (95% CI "
+                "excludes 0; best and worst picked on the same seeds, so optimistic).")
+    need = seeds_for_half_width(dse * math.sqrt(n), abs(dm)) if n > 1 and dm else None
+    return (_ci_text(dm, dse, t) + f" more than the best (paired): {lead}**not** told apart "
+            "at this s.e. (95% CI includes 0)"
+            + (f"; a difference this large would take about {need} seeds at this spread."
+               if need else "."))
+
+
+def _ci_text(dm: float, dse: float, t: float) -> str:
     return (f"costs {100 * dm:+.1f}% +- {100 * dse:.1f}% (s.e.; 95% CI "
-            f"[{100 * (dm - t * dse):+.1f}%, {100 * (dm + t * dse):+.1f}%]) more than the best "
-            f"(paired): {lead}"
-            + ("told apart (95% CI excludes 0; best and worst picked on the same seeds, so "
-               "optimistic)." if abs(dm) > t * dse else
-               "**not** told apart at this s.e. (95% CI includes 0)."))
+            f"[{100 * (dm - t * dse):+.1f}%, {100 * (dm + t * dse):+.1f}%])")
 
 
 def _by_cost(cost: float, mask: str) -> tuple:

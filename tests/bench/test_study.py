@@ -928,6 +928,24 @@ def test_more_section_compares_predicted_and_measured(tmp_path, monkeypatch):
     assert "super-additively" not in txt and "sub-additively" not in txt
 
 
+def test_scheduling_placements_not_told_apart_say_how_many_seeds_would(tmp_path):
+    """A placement's cost over the best that the 95% CI does not tell apart comes with the
+    seeds a difference this large would need at the same per-seed spread: the smallest n
+    whose t-interval half-width t_{n-1} sd / sqrt(n) is at most the difference."""
+    sch = _load("scheduling")
+    st = _load("study")
+    n, dm, dse = 16, 0.025, 0.017
+    t = st.T95[n - 1]
+    txt = sch._vs_best(dm, dse, t, n=n)
+    sd = dse * math.sqrt(n)
+    need = next(k for k in range(2, 1000) if st.T95.get(k - 1, 1.96) * sd / math.sqrt(k) <= dm)
+    assert need == 31 and f"would take about {need} seeds at this spread" in txt
+    assert "**not** told apart" in txt and "[-1.1%, +6.1%]" in txt
+    told = sch._vs_best(0.05, 0.017, t, n=n)
+    assert "told apart (95% CI excludes 0" in told and "seeds" not in told.split("optimistic")[1]
+    assert "would take" not in sch._vs_best(dm, dse, t)        # seeds not given: no estimate
+
+
 def test_scheduling_report_waits_for_its_search(tmp_path, monkeypatch, capsys):
     """Stage report before the search has run (the prefix lane finishing first): a one-line
     note and no report file, not a traceback; with the profile only, it still waits."""
