@@ -460,8 +460,24 @@ def fine_masks(rows: list[dict], seeds, segments: int, steps: int, n_light: int,
 
 
 def fine_parts() -> list[str]:
-    """The stage's search folders (relative to ``OUT``), one per block of seeds."""
-    return [f"fine/seeds-{first:02d}" for first in range(0, FINE_SEEDS, FINE_BLOCK)]
+    """The stage's search folders (relative to ``OUT``), one per block of seeds: the blocks of
+    ``FINE_SEEDS`` seeds and any other block already sampled (a run with more seeds,
+    ``--fine-seeds``), so the report reads every sampled block whatever it is given."""
+    planned = {f"fine/seeds-{first:02d}" for first in range(0, FINE_SEEDS, FINE_BLOCK)}
+    found = {f"fine/{d.name}" for d in (OUT / "fine").glob("seeds-*")
+             if (d / "search.json").exists()}
+    return sorted(planned | found, key=lambda p: int(p.rsplit("-", 1)[1]))
+
+
+def fine_seed_total() -> int:
+    """How many seeds stage fine plans or has sampled: seeds 0..``FINE_SEEDS``-1 and those of
+    every block sampled (a run with more seeds)."""
+    seeds = set(range(FINE_SEEDS))
+    for p in fine_parts():
+        sj = OUT / p / "search.json"
+        if sj.exists():
+            seeds |= set(json.loads(sj.read_text()).get("seeds", []))
+    return len(seeds)
 
 
 def _fine_sampled() -> bool:
@@ -1048,8 +1064,9 @@ def fine_lines(evals: dict) -> list[str]:
            f"light run) and the named sandwich and light-first; {NUM} samples x {len(seeds)} "
            f"seeds each ({seeds[0]}-{seeds[-1]}), heavy-only with the same seeds, in blocks of "
            f"{FINE_BLOCK} seeds (`{OUT.name}/fine/`).{same} Judge: {'; '.join(judges)}"
-           + ("" if len(seeds) == FINE_SEEDS else
-              f" ({len(seeds)} of {FINE_SEEDS} seeds sampled and scored so far)") + ".", "",
+           + ("" if len(seeds) == fine_seed_total() else
+              f" ({len(seeds)} of {fine_seed_total()} seeds sampled and scored so far)") + ".",
+           "",
            "| schedule (steps) | name | block FLOPs saved | predicted | gen PPL (pooled) | "
            "entropy | paired change vs heavy-only (+- s.e.) | 95% CI |",
            "|---|---|---|---|---|---|---|---|"]
@@ -1381,6 +1398,10 @@ def main() -> None:
                          "needed); --stage rescore scores them once one is linked")
     ap.add_argument("--force", action="store_true",
                     help="search schedules even when the light model is not clearly worse")
+    ap.add_argument("--fine-seeds", type=int, default=FINE_SEEDS,
+                    help=f"stage fine: seeds 0..N-1 in blocks of {FINE_BLOCK} (default "
+                         f"{FINE_SEEDS}; more to tell placements apart: the report says how "
+                         "many a difference needs)")
     ap.add_argument("--smoke", action="store_true",
                     help="every stage at a few samples, one seed pair, T=16 and a 4-point "
                          "profile (checks the pipeline end to end; needs --out)")
@@ -1389,8 +1410,11 @@ def main() -> None:
         ap.error("--smoke writes its results apart: give --out")
     if a.threads < 1:
         ap.error(f"--threads must be at least 1, not {a.threads}")
+    if a.fine_seeds < 2:
+        ap.error(f"--fine-seeds must be at least 2 (a paired s.e.), not {a.fine_seeds}")
     globals().update(LANES=a.lanes, THREADS=a.threads, SMOKE_STEPS=a.steps,
-                     FORCE=a.force or a.smoke, SCORE_LATER=a.score_later)
+                     FORCE=a.force or a.smoke, SCORE_LATER=a.score_later,
+                     FINE_SEEDS=a.fine_seeds)
     use_scale(a.scale)
     use_pair(a.pair)
     if a.out is not None:

@@ -946,6 +946,28 @@ def test_scheduling_placements_not_told_apart_say_how_many_seeds_would(tmp_path)
     assert "would take" not in sch._vs_best(dm, dse, t)        # seeds not given: no estimate
 
 
+def test_scheduling_fine_blocks_are_the_planned_and_every_sampled_one(tmp_path, monkeypatch):
+    """Stage fine's blocks: those of --fine-seeds and any block already sampled (a run with
+    more seeds), in seed order, so a report made with the default reads them all; the seed
+    total counts both."""
+    sch = _load("scheduling")
+    monkeypatch.setattr(sch, "OUT", tmp_path)
+    monkeypatch.setattr(sch, "FINE_SEEDS", 8)
+    monkeypatch.setattr(sch, "FINE_BLOCK", 4)
+    assert sch.fine_parts() == ["fine/seeds-00", "fine/seeds-04"]
+    assert sch.fine_seed_total() == 8
+    for first in (8, 12):
+        d = tmp_path / "fine" / f"seeds-{first:02d}"
+        d.mkdir(parents=True)
+        (d / "search.json").write_text(json.dumps({"seeds": list(range(first, first + 4))}))
+    (tmp_path / "fine" / "seeds-16").mkdir()                 # not sampled: not a block
+    assert sch.fine_parts() == ["fine/seeds-00", "fine/seeds-04", "fine/seeds-08",
+                                "fine/seeds-12"]
+    assert sch.fine_seed_total() == 16
+    monkeypatch.setattr(sch, "FINE_SEEDS", 20)
+    assert sch.fine_parts()[-1] == "fine/seeds-16" and sch.fine_seed_total() == 20
+
+
 def test_scheduling_report_waits_for_its_search(tmp_path, monkeypatch, capsys):
     """Stage report before the search has run (the prefix lane finishing first): a one-line
     note and no report file, not a traceback; with the profile only, it still waits."""
