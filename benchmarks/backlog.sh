@@ -10,7 +10,7 @@
 # where the studies were -- on the same machine: runs/ (weights, checkpoints) is lost with a
 # machine change, and a run that cannot finish within one session is lost with it.
 #
-# Stages (session 23's plan; the earlier stages -- the 2000-step judge, its rescoring of the
+# Stages (session 24's plan; the earlier stages -- the 2000-step judge, its rescoring of the
 # fine blocks, DID variable-length seeds 6 and 7 -- are done and committed):
 #   judge   the next doubling of the AR judge: 16000 steps (its own cosine schedule, ~6 h of
 #           2 cores at ~3,100 tokens/s; started in session 22, runs/judge-16000, checkpoints
@@ -26,6 +26,10 @@
 #           re-samples a search of an earlier convention), the new pair archived, and
 #           scheduling_cpu_tree.md regenerated from the archive (its prefix section names the
 #           retrained pair's NELBOs, prefix/pair.json, and the judge, the 2000-step one).
+#   tree-fine  (not a default; after tree-prefix, which trains the pair: ~1.5 h) stage fine
+#           again at 32 seeds on that pair, two lanes: the committed 16 seeds (another training)
+#           are superseded; the report said a difference as large as the one seen between the
+#           placements needs about 31 seeds to be told apart. Then the tree report again.
 # The exit status is non-zero when a command failed.
 set -u
 cd "$(dirname "$0")/.."
@@ -70,6 +74,19 @@ if has tree-prefix; then
     && python benchmarks/scheduling.py --scale cpu --pair tree \
       --work benchmarks/results/runs/sched-paper --judge benchmarks/results/runs/judge/ar-judge \
       --stage report; } || fail tree-prefix
+fi
+if has tree-fine; then
+  # two lanes (one thread each) share the blocks through lock files
+  echo "[backlog] TDLM pair, stage fine at 32 seeds start $(date +%T)"
+  fine() { python benchmarks/scheduling.py --scale cpu --pair tree --work $W \
+             --judge runs/judge-2000/ar-judge --stage fine --fine-seeds 32; }
+  fine & lane=$!
+  fine; r2=$?
+  wait $lane; r1=$?
+  { [ $r1 -eq 0 ] && [ $r2 -eq 0 ] \
+    && python benchmarks/scheduling.py --scale cpu --pair tree \
+      --work benchmarks/results/runs/sched-paper --judge benchmarks/results/runs/judge/ar-judge \
+      --stage report; } || fail tree-fine
 fi
 echo "[backlog] done $(date +%T), failed=$FAILED"
 exit $FAILED

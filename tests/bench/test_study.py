@@ -649,6 +649,11 @@ def test_backlog_trains_the_judge_then_rescores_the_did_study_and_retrains_the_t
         "benchmarks/scheduling.py --scale cpu --pair tree --work "
         "benchmarks/results/runs/sched-paper --judge benchmarks/results/runs/judge/ar-judge "
         "--stage report"], calls
+    # stage fine at 32 seeds: two lanes on the retrained pair, then the report
+    p, calls = run(STAGES="tree-fine")
+    fine = f"{tree} --judge runs/judge-2000/ar-judge --stage fine --fine-seeds 32"
+    assert p.returncode == 0 and calls == [fine, fine, calls[-1]], calls
+    assert calls[-1].endswith("--stage report") and "sched-paper" in calls[-1]
 
 
 def _sched_rows(costs, k=2, entropy=5.0, saved=0.25):
