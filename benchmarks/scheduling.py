@@ -463,10 +463,14 @@ def fine_parts() -> list[str]:
     """The stage's search folders (relative to ``OUT``), one per block of seeds: the blocks of
     ``FINE_SEEDS`` seeds and any other block already sampled (a run with more seeds,
     ``--fine-seeds``), so the report reads every sampled block whatever it is given."""
-    planned = {f"fine/seeds-{first:02d}" for first in range(0, FINE_SEEDS, FINE_BLOCK)}
     found = {f"fine/{d.name}" for d in (OUT / "fine").glob("seeds-*")
              if (d / "search.json").exists()}
-    return sorted(planned | found, key=lambda p: int(p.rsplit("-", 1)[1]))
+    return sorted(set(fine_planned()) | found, key=lambda p: int(p.rsplit("-", 1)[1]))
+
+
+def fine_planned() -> list[str]:
+    """The blocks of seeds 0..``FINE_SEEDS``-1, the ones stage fine samples."""
+    return [f"fine/seeds-{first:02d}" for first in range(0, FINE_SEEDS, FINE_BLOCK)]
 
 
 def fine_seed_total() -> int:
@@ -517,7 +521,7 @@ def stage_fine(work: Path) -> None:
     picks = fine_picks()
     print("[fine] " + ", ".join(f"{run_length(p['mask'])} ({100 * p['predicted']:+.1f}%)"
                                 for p in picks), flush=True)
-    for part in fine_parts():
+    for part in fine_planned():
         # claimed like a study's run (study.claim), in the work folder (runs/), not beside
         # the committed results; released when closed or when this process ends
         fd = claim(work, f"{OUT.name}-{part.replace('/', '-')}")
@@ -538,6 +542,11 @@ def stage_fine(work: Path) -> None:
             os.close(fd)
     if all(_sampled_by_pair(work, part) for part in fine_parts()):
         write_pair(work, "fine")            # once every block's rows are this pair's
+    stale = [p for p in fine_parts() if (OUT / p / "search.json").exists()
+             and _older_than_pair(OUT / p / "search.json", work)]
+    if stale:                               # blocks beyond --fine-seeds, of an earlier pair
+        print(f"[fine] {', '.join(stale)}: sampled before this pair: a larger --fine-seeds "
+              "samples them again", flush=True)
 
 
 def _sampled_by_pair(work: Path, part: str) -> bool:

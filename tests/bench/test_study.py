@@ -969,6 +969,7 @@ def test_scheduling_fine_blocks_are_the_planned_and_every_sampled_one(tmp_path, 
     assert sch.fine_parts() == ["fine/seeds-00", "fine/seeds-04", "fine/seeds-08",
                                 "fine/seeds-12"]
     assert sch.fine_seed_total() == 16
+    assert sch.fine_planned() == ["fine/seeds-00", "fine/seeds-04"]    # what stage fine samples
     monkeypatch.setattr(sch, "FINE_SEEDS", 20)
     assert sch.fine_parts()[-1] == "fine/seeds-16" and sch.fine_seed_total() == 20
 
@@ -1397,6 +1398,16 @@ def test_stage_fine_samples_seed_blocks_that_lanes_share(tmp_path, monkeypatch):
     sch.stage_fine(work)
     assert [c[c.index("--seed") + 1] for c in calls] == ["0", "4", "8", "12"]
     assert all(c[c.index("--masks") + 1] == masks for c in calls)
+    # a block sampled beyond --fine-seeds (a larger run earlier) is read, never sampled by a
+    # smaller run (no block of 0 or fewer seeds)
+    monkeypatch.setattr(sch, "FINE_SEEDS", 8)
+    (out / "fine" / "seeds-12").mkdir(parents=True, exist_ok=True)
+    (out / "fine" / "seeds-12" / "search.json").write_text(json.dumps({"seeds": [12, 13]}))
+    calls.clear()
+    sch.stage_fine(work)
+    assert [c[c.index("--seed") + 1] for c in calls] == ["0", "4"]
+    assert "fine/seeds-12" in sch.fine_parts()
+    monkeypatch.setattr(sch, "FINE_SEEDS", 16)
     (out / "fine" / "picks.json").unlink()
     with pytest.raises(SystemExit, match="needs the search"):
         sch.stage_fine(work)
