@@ -58,8 +58,9 @@ def cmd_info(args) -> int:
                   f"preset's batch after {t['warmup']} untimed ones, {t['threads']} thread(s), "
                   f"{t['device']}, measured now, the presets round-robin (one step of each in "
                   "turn); step x: mean step time / the first preset's over the same rounds; "
-                  "tok x, FLOPs x: tokens the backbone forwarded and training FLOPs per step / the first preset's -- per step, so presets with different "
-                  "batches read different data tokens (the parity study's figures: "
+                  "tok x, FLOPs x: tokens the backbone forwarded and training FLOPs per step "
+                  "/ the first preset's -- per step, so presets with different batches read "
+                  "different data tokens (the parity study's figures: "
                   "benchmarks/results/parity.md)")
     return 0
 
